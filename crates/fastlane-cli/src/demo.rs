@@ -1,0 +1,285 @@
+//! The demo app (DESIGN §5): the seed articles' scenarios, each on the lane
+//! that fits it — and, on purpose, the `async fn` + blocking-call bug they
+//! are about (`/test2`, `/ping`, `/slow/async-blocking`, `/cpu/async-blocking`,
+//! `/stream/blocking`, `/?action=2`), so that you can see what it does.
+
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use fastlane::extract::{Json, Query};
+use fastlane::{ApiError, Background};
+use futures_util::StreamExt as _;
+use serde::Deserialize;
+
+/// The longest sleep or computation a demo route accepts: it keeps the demo
+/// safe to expose to curious clients.
+pub const MAX_SECS: f64 = 60.0;
+
+/// The demo's routes, in the order `fastlane demo` prints them.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET  /fast", "returns `ok` at once"),
+    (
+        "GET  /test1",
+        "returns `test1` at once (must answer while /test2 runs)",
+    ),
+    (
+        "GET  /test2?secs=8",
+        "async fn calling std::thread::sleep: the seeds' bug, left in on purpose",
+    ),
+    (
+        "GET  /ping?secs=5",
+        "async fn: prints Hello, blocks, prints bye",
+    ),
+    (
+        "GET  /slow/async-blocking?secs=N",
+        "async fn + std::thread::sleep(N)",
+    ),
+    (
+        "GET  /slow/sync?secs=N",
+        "fastlane::sync handler sleeping N s on the blocking lane",
+    ),
+    (
+        "GET  /slow/async?secs=N",
+        "tokio::time::sleep(N): the correct async wait",
+    ),
+    (
+        "GET  /cpu/async-blocking?ms=N",
+        "async fn busy loop of N ms CPU",
+    ),
+    (
+        "GET  /cpu/offload?ms=N",
+        "the same busy loop on the CPU lane",
+    ),
+    (
+        "GET  /stream/blocking?chunks=N&secs=S",
+        "streaming body whose producer blocks S s before each chunk",
+    ),
+    (
+        "POST /profile",
+        r#"{"name": "..", "work_ms": 2000}: computes in the background, answers {} at once"#,
+    ),
+    (
+        "GET  /?action=N&secs=15",
+        "background task: 1 sync-blocking, 2 async-blocking, 3 async-sleeping",
+    ),
+];
+
+/// Builds the demo router.
+pub fn app() -> Router {
+    Router::new()
+        .route("/fast", get(|| async { "ok" }))
+        .route("/test1", get(|| async { "test1" }))
+        .route("/test2", get(test2))
+        .route("/ping", get(ping))
+        .route("/slow/async-blocking", get(slow_async_blocking))
+        .route("/slow/sync", get(fastlane::sync(slow_sync)))
+        .route("/slow/async", get(slow_async))
+        .route("/cpu/async-blocking", get(cpu_async_blocking))
+        .route("/cpu/offload", get(fastlane::cpu(cpu_offload)))
+        .route("/stream/blocking", get(stream_blocking))
+        .route("/profile", post(profile))
+        .route("/", get(action))
+}
+
+#[derive(Debug, Deserialize)]
+struct SecsParam {
+    secs: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MsParam {
+    ms: Option<u64>,
+}
+
+/// A duration in seconds from the query, with a default, capped.
+fn secs(field: &str, value: Option<f64>, default: f64) -> Result<Duration, ApiError> {
+    let v = value.unwrap_or(default);
+    if !v.is_finite() || v < 0.0 {
+        return Err(ApiError::unprocessable(
+            field,
+            "must be a number of seconds, 0 or more",
+        ));
+    }
+    if v > MAX_SECS {
+        return Err(ApiError::unprocessable(
+            field,
+            format!("must be at most {MAX_SECS} (seconds)"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn millis(field: &str, value: Option<u64>, default: u64) -> Result<Duration, ApiError> {
+    let v = value.unwrap_or(default);
+    let max = (MAX_SECS * 1000.0) as u64;
+    if v > max {
+        return Err(ApiError::unprocessable(
+            field,
+            format!("must be at most {max} (milliseconds)"),
+        ));
+    }
+    Ok(Duration::from_millis(v))
+}
+
+/// Keeps one core busy for `d`: the stand-in for real computation.
+pub fn burn_cpu(d: Duration) -> u64 {
+    let start = Instant::now();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    while start.elapsed() < d {
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+        }
+    }
+    std::hint::black_box(x)
+}
+
+async fn test2(Query(q): Query<SecsParam>) -> Result<&'static str, ApiError> {
+    let d = secs("secs", q.secs, 8.0)?;
+    // The bug, on purpose: a blocking sleep inside an async fn.
+    std::thread::sleep(d);
+    Ok("test2")
+}
+
+async fn ping(Query(q): Query<SecsParam>) -> Result<&'static str, ApiError> {
+    let d = secs("secs", q.secs, 5.0)?;
+    println!("Hello");
+    std::thread::sleep(d);
+    println!("bye");
+    Ok("pong")
+}
+
+async fn slow_async_blocking(Query(q): Query<SecsParam>) -> Result<String, ApiError> {
+    let d = secs("secs", q.secs, 1.0)?;
+    std::thread::sleep(d);
+    Ok(format!(
+        "slept {:.3} s blocking the async lane",
+        d.as_secs_f64()
+    ))
+}
+
+fn slow_sync(Query(q): Query<SecsParam>) -> Result<String, ApiError> {
+    let d = secs("secs", q.secs, 1.0)?;
+    std::thread::sleep(d);
+    Ok(format!(
+        "slept {:.3} s on the blocking lane",
+        d.as_secs_f64()
+    ))
+}
+
+async fn slow_async(Query(q): Query<SecsParam>) -> Result<String, ApiError> {
+    let d = secs("secs", q.secs, 1.0)?;
+    tokio::time::sleep(d).await;
+    Ok(format!("waited {:.3} s asynchronously", d.as_secs_f64()))
+}
+
+async fn cpu_async_blocking(Query(q): Query<MsParam>) -> Result<String, ApiError> {
+    let d = millis("ms", q.ms, 100)?;
+    let x = burn_cpu(d);
+    Ok(format!(
+        "computed {} ms on the async lane ({x:x})",
+        d.as_millis()
+    ))
+}
+
+fn cpu_offload(Query(q): Query<MsParam>) -> Result<String, ApiError> {
+    let d = millis("ms", q.ms, 100)?;
+    let x = burn_cpu(d);
+    Ok(format!(
+        "computed {} ms on the CPU lane ({x:x})",
+        d.as_millis()
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamParams {
+    chunks: Option<u32>,
+    secs: Option<f64>,
+}
+
+async fn stream_blocking(Query(q): Query<StreamParams>) -> Result<Body, ApiError> {
+    let chunks = q.chunks.unwrap_or(3);
+    if !(1..=1000).contains(&chunks) {
+        return Err(ApiError::unprocessable(
+            "chunks",
+            "must be between 1 and 1000",
+        ));
+    }
+    let d = secs("secs", q.secs, 1.0)?;
+    if d.as_secs_f64() * f64::from(chunks) > MAX_SECS {
+        return Err(ApiError::unprocessable(
+            "secs",
+            format!("chunks × secs must be at most {MAX_SECS} s"),
+        ));
+    }
+    // A synchronous generator behind a streaming body: each chunk is
+    // produced by a blocking sleep inside the body's poll.
+    let stream = futures_util::stream::iter(0..chunks).map(move |i| {
+        std::thread::sleep(d);
+        Ok::<_, std::convert::Infallible>(Bytes::from(format!("chunk {i}\n")))
+    });
+    Ok(Body::from_stream(stream))
+}
+
+#[derive(Debug, Deserialize)]
+struct Profile {
+    name: String,
+    work_ms: Option<u64>,
+}
+
+async fn profile(
+    bg: Background,
+    Json(p): Json<Profile>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let work = millis("work_ms", p.work_ms, 2000)?;
+    let name = p.name;
+    bg.spawn_cpu(move || {
+        let started = Instant::now();
+        burn_cpu(work);
+        tracing::info!(%name, ms = started.elapsed().as_millis() as u64, "profile computed");
+    });
+    Ok(axum::Json(serde_json::json!({})))
+}
+
+#[derive(Debug, Deserialize)]
+struct ActionParams {
+    action: Option<u8>,
+    secs: Option<f64>,
+}
+
+async fn action(bg: Background, Query(q): Query<ActionParams>) -> Result<String, ApiError> {
+    let Some(action) = q.action else {
+        return Ok("fastlane demo: try /fast, /test1, /test2?secs=8, /slow/sync?secs=2, or /?action=1..3\n".into());
+    };
+    let d = secs("secs", q.secs, 15.0)?;
+    let what = match action {
+        1 => {
+            bg.spawn_blocking(move || {
+                std::thread::sleep(d);
+                tracing::info!("action 1 done: sync-blocking background task on the blocking lane");
+            });
+            "sync-blocking background task scheduled on the blocking lane"
+        }
+        2 => {
+            bg.spawn(async move {
+                // The bug, on purpose: blocking inside an async background task.
+                std::thread::sleep(d);
+                tracing::info!("action 2 done: async background task that blocked its thread");
+            });
+            "async background task that blocks scheduled"
+        }
+        3 => {
+            bg.spawn(async move {
+                tokio::time::sleep(d).await;
+                tracing::info!("action 3 done: async background task that slept");
+            });
+            "async background task that sleeps scheduled"
+        }
+        _ => return Err(ApiError::unprocessable("action", "must be 1, 2 or 3")),
+    };
+    Ok(format!("{what} ({:.1} s)\n", d.as_secs_f64()))
+}

@@ -1,0 +1,145 @@
+//! The `fastlane` command: `demo` serves the demo app, `probe` tests
+//! concurrency against any HTTP/1.1 server.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use fastlane_cli::{demo, probe};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fastlane",
+    version,
+    about = "fastlane: slow work never blocks fast requests"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the demo app (the seed articles' scenarios) on 127.0.0.1:8000.
+    Demo {
+        #[command(flatten)]
+        serve: fastlane::ServeArgs,
+    },
+    /// Send requests concurrently and show whether they ran in parallel.
+    Probe {
+        /// Requests to send in all (default: one per URL).
+        #[arg(short = 'n', long = "total", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        total: Option<u32>,
+        /// Requests in flight at once (default: all of them).
+        #[arg(short = 'c', long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        concurrency: Option<u32>,
+        /// Seconds before a request counts as failed.
+        #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        timeout: u64,
+        /// Write a timeline chart (SVG, one bar per request) to this file.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<std::path::PathBuf>,
+        /// URLs to request (http:// only), used in turn.
+        #[arg(required = true, value_name = "URL")]
+        urls: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("fastlane: could not start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Demo { serve } => runtime.block_on(run_demo(serve)),
+        Command::Probe {
+            total,
+            concurrency,
+            timeout,
+            svg,
+            urls,
+        } => {
+            let total = total.map_or(urls.len(), |n| n as usize);
+            let config = probe::ProbeConfig {
+                concurrency: concurrency.map_or(total, |c| c as usize),
+                urls,
+                total,
+                timeout: Duration::from_secs(timeout),
+                progress: true,
+            };
+            runtime.block_on(run_probe(config, svg))
+        }
+    }
+}
+
+async fn run_demo(serve: fastlane::ServeArgs) -> ExitCode {
+    fastlane::init_logging();
+    let base = fastlane::Config {
+        // The demo's routes sleep up to 60 s; let them finish.
+        request_timeout: Some(Duration::from_secs(90)),
+        expose_internal: true,
+        ..fastlane::Config::default()
+    };
+    let config = serve.apply(base);
+    let server = match fastlane::Server::new(demo::app())
+        .config(config)
+        .bind()
+        .await
+    {
+        Ok(server) => server,
+        Err(err) => {
+            eprintln!("fastlane demo: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = server.local_addr();
+    println!("fastlane demo on http://{addr}\n");
+    for (route, what) in demo::ROUTES {
+        println!("  {route:<40} {what}");
+    }
+    println!("  {:<40} Prometheus metrics", "GET  /metrics");
+    println!("\ntry:  curl 'http://{addr}/slow/sync?secs=2' & curl 'http://{addr}/test1'");
+    println!("      fastlane probe -n 2 -c 2 'http://{addr}/slow/sync?secs=2'\n");
+    match server.serve().await {
+        Ok(report) if report.is_clean() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("fastlane demo: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_probe(config: probe::ProbeConfig, svg: Option<std::path::PathBuf>) -> ExitCode {
+    for url in &config.urls {
+        if !url.starts_with("http://") {
+            eprintln!("fastlane probe: `{url}` is not an http:// URL (https is not supported)");
+            return ExitCode::from(2);
+        }
+    }
+    let result = probe::run(&config).await;
+    print!("{}", result.table());
+    println!("\n{}", result.verdict());
+    if let Some(path) = svg {
+        if let Err(err) = std::fs::write(&path, result.svg()) {
+            eprintln!(
+                "fastlane probe: could not write --svg {}: {err}",
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+        println!("timeline written to {}", path.display());
+    }
+    if result.samples.iter().all(|s| s.outcome.is_ok()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,333 @@
+//! `fastlane probe`: send requests concurrently, show when each ran, and say
+//! whether they overlapped — the script every reader of the seed articles
+//! writes by hand with httpx and `asyncio.gather`.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::Semaphore;
+
+/// What to send.
+#[derive(Debug, Clone)]
+pub struct ProbeConfig {
+    /// The URLs, used in turn (request i goes to `urls[i % urls.len()]`).
+    pub urls: Vec<String>,
+    /// How many requests in all.
+    pub total: usize,
+    /// How many may be in flight at once.
+    pub concurrency: usize,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// One request's outcome.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Which URL.
+    pub url: String,
+    /// When it was sent, from the start of the probe.
+    pub start: Duration,
+    /// When its whole response had arrived (or it failed).
+    pub end: Duration,
+    /// The status, or the error.
+    pub outcome: Result<u16, String>,
+}
+
+impl Sample {
+    /// How long it took.
+    pub fn duration(&self) -> Duration {
+        self.end.saturating_sub(self.start)
+    }
+}
+
+/// All the samples, in the order the requests were sent.
+#[derive(Debug, Clone)]
+pub struct ProbeResult {
+    /// One per request.
+    pub samples: Vec<Sample>,
+    /// From the first send to the last response.
+    pub wall: Duration,
+}
+
+/// Sends the requests and collects their timings.
+pub async fn run(config: &ProbeConfig) -> ProbeResult {
+    let bar = if config.progress {
+        ProgressBar::new(config.total as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} responses",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let origin = Instant::now();
+    let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let mut handles = Vec::with_capacity(config.total);
+    for i in 0..config.total {
+        let url = config.urls[i % config.urls.len()].clone();
+        let permits = permits.clone();
+        let bar = bar.clone();
+        let timeout = config.timeout;
+        handles.push(tokio::spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let start = origin.elapsed();
+            let outcome = match tokio::time::timeout(timeout, fastlane::client::get(&url)).await {
+                Ok(Ok(response)) => Ok(response.status.as_u16()),
+                Ok(Err(err)) => Err(err.to_string()),
+                Err(_) => Err(format!("timed out after {:.1} s", timeout.as_secs_f64())),
+            };
+            let end = origin.elapsed();
+            bar.inc(1);
+            Sample {
+                url,
+                start,
+                end,
+                outcome,
+            }
+        }));
+    }
+    let mut samples = Vec::with_capacity(handles.len());
+    for handle in handles {
+        match handle.await {
+            Ok(sample) => samples.push(sample),
+            Err(err) => samples.push(Sample {
+                url: String::new(),
+                start: Duration::ZERO,
+                end: origin.elapsed(),
+                outcome: Err(format!("probe task failed: {err}")),
+            }),
+        }
+    }
+    bar.finish_and_clear();
+    let wall = samples.iter().map(|s| s.end).max().unwrap_or_default();
+    ProbeResult { samples, wall }
+}
+
+impl ProbeResult {
+    /// The most requests that were in flight at the same moment.
+    pub fn max_overlap(&self) -> usize {
+        // Sweep over start (+1) and end (-1) events; an end at the same
+        // instant as a start counts first, so back-to-back is not overlap.
+        let mut events: Vec<(Duration, i32)> = Vec::with_capacity(self.samples.len() * 2);
+        for s in &self.samples {
+            events.push((s.start, 1));
+            events.push((s.end, -1));
+        }
+        events.sort();
+        let (mut now, mut max) = (0i32, 0i32);
+        for (_, delta) in events {
+            now += delta;
+            max = max.max(now);
+        }
+        usize::try_from(max).unwrap_or(0)
+    }
+
+    /// One line that says whether the requests ran in parallel.
+    pub fn verdict(&self) -> String {
+        let n = self.samples.len();
+        let sum: Duration = self.samples.iter().map(Sample::duration).sum();
+        let overlap = self.max_overlap();
+        let failed = self.samples.iter().filter(|s| s.outcome.is_err()).count();
+        let mut line = if n < 2 {
+            "one request: nothing to compare".to_owned()
+        } else if overlap <= 1 {
+            format!(
+                "ran one after another: never more than one in flight; total {:.2} s = the sum of their durations ({:.2} s)",
+                self.wall.as_secs_f64(),
+                sum.as_secs_f64()
+            )
+        } else {
+            format!(
+                "overlapped (ran in parallel): up to {overlap} in flight at once; total {:.2} s against {:.2} s if one after another",
+                self.wall.as_secs_f64(),
+                sum.as_secs_f64()
+            )
+        };
+        if failed > 0 {
+            let _ = write!(line, "; {failed} of {n} failed");
+        }
+        line
+    }
+
+    /// The per-request table.
+    pub fn table(&self) -> String {
+        let width = self
+            .samples
+            .iter()
+            .map(|s| s.url.len())
+            .max()
+            .unwrap_or(3)
+            .clamp(3, 60);
+        let mut out = format!(
+            "{:>4}  {:<width$}  {:>9}  {:>9}  {:>9}  status\n",
+            "#", "url", "start", "end", "took"
+        );
+        for (i, s) in self.samples.iter().enumerate() {
+            let status = match &s.outcome {
+                Ok(code) => code.to_string(),
+                Err(err) => format!("error: {err}"),
+            };
+            let _ = writeln!(
+                out,
+                "{:>4}  {:<width$}  {:>8.3}s  {:>8.3}s  {:>8.3}s  {status}",
+                i + 1,
+                s.url,
+                s.start.as_secs_f64(),
+                s.end.as_secs_f64(),
+                s.duration().as_secs_f64()
+            );
+        }
+        out
+    }
+
+    /// A timeline chart: one bar (`<rect>`) per request on a time axis.
+    pub fn svg(&self) -> String {
+        const LEFT: f64 = 60.0;
+        const WIDTH: f64 = 760.0;
+        const ROW: f64 = 22.0;
+        const TOP: f64 = 40.0;
+        let span = self.wall.as_secs_f64().max(0.001);
+        let rows = self.samples.len();
+        let height = TOP + ROW * rows as f64 + 40.0;
+        let x = |t: Duration| LEFT + t.as_secs_f64() / span * WIDTH;
+        let mut svg = String::new();
+        let _ = writeln!(
+            svg,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" viewBox="0 0 {w} {height}" font-family="sans-serif" font-size="12">"#,
+            w = LEFT + WIDTH + 40.0
+        );
+        let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+        let _ = writeln!(
+            svg,
+            r#"<text x="{LEFT}" y="20" font-size="14">{}</text>"#,
+            escape(&self.verdict())
+        );
+        // Time axis with about eight ticks at a round step.
+        let step = nice_step(span / 8.0);
+        let axis_y = TOP + ROW * rows as f64 + 8.0;
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{LEFT}" y1="{axis_y}" x2="{}" y2="{axis_y}" stroke="#333"/>"##,
+            LEFT + WIDTH
+        );
+        let mut t = 0.0;
+        while t <= span + 1e-9 {
+            let tx = LEFT + t / span * WIDTH;
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{tx:.1}" y1="{TOP}" x2="{tx:.1}" y2="{axis_y}" stroke="#ddd"/><text x="{tx:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+                axis_y + 16.0,
+                format_secs(t)
+            );
+            t += step;
+        }
+        for (i, s) in self.samples.iter().enumerate() {
+            let y = TOP + ROW * i as f64 + 3.0;
+            let x0 = x(s.start);
+            let w = (x(s.end) - x0).max(1.0);
+            let color = match s.outcome {
+                Ok(code) if code < 400 => "#2e8b57",
+                Ok(code) if code < 500 => "#e69500",
+                _ => "#c0392b",
+            };
+            let label = match &s.outcome {
+                Ok(code) => format!("{code} {:.3}s", s.duration().as_secs_f64()),
+                Err(_) => format!("error {:.3}s", s.duration().as_secs_f64()),
+            };
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">#{}</text><rect x="{x0:.1}" y="{y:.1}" width="{w:.1}" height="{:.1}" fill="{color}"><title>{}</title></rect><text x="{:.1}" y="{:.1}" fill="white">{}</text>"#,
+                LEFT - 6.0,
+                y + 13.0,
+                i + 1,
+                ROW - 6.0,
+                escape(&format!("{} — {label}", s.url)),
+                x0 + 4.0,
+                y + 13.0,
+                escape(&label)
+            );
+        }
+        svg.push_str("</svg>\n");
+        svg
+    }
+}
+
+fn nice_step(raw: f64) -> f64 {
+    let raw = raw.max(1e-3);
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let normalized = raw / magnitude;
+    let nice = if normalized <= 1.0 {
+        1.0
+    } else if normalized <= 2.0 {
+        2.0
+    } else if normalized <= 5.0 {
+        5.0
+    } else {
+        10.0
+    };
+    nice * magnitude
+}
+
+fn format_secs(t: f64) -> String {
+    if t == 0.0 {
+        "0".to_owned()
+    } else if t < 1.0 {
+        format!("{:.0}ms", t * 1000.0)
+    } else {
+        format!("{t:.1}s")
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(start_ms: u64, end_ms: u64) -> Sample {
+        Sample {
+            url: "http://x/".into(),
+            start: Duration::from_millis(start_ms),
+            end: Duration::from_millis(end_ms),
+            outcome: Ok(200),
+        }
+    }
+
+    #[test]
+    fn overlapping_requests_are_called_parallel() {
+        let r = ProbeResult {
+            samples: vec![sample(0, 2000), sample(5, 2005)],
+            wall: Duration::from_millis(2005),
+        };
+        assert_eq!(r.max_overlap(), 2);
+        assert!(r.verdict().starts_with("overlapped"), "{}", r.verdict());
+        let svg = r.svg();
+        assert_eq!(svg.matches("<rect x=").count(), 2, "{svg}");
+    }
+
+    #[test]
+    fn back_to_back_requests_are_called_serial() {
+        let r = ProbeResult {
+            samples: vec![sample(0, 2000), sample(2000, 4000)],
+            wall: Duration::from_millis(4000),
+        };
+        assert_eq!(r.max_overlap(), 1);
+        assert!(
+            r.verdict().starts_with("ran one after another"),
+            "{}",
+            r.verdict()
+        );
+    }
+}

@@ -1,0 +1,55 @@
+//! fastlane: an axum application server in which slow work never blocks fast
+//! requests and background work is never lost.
+//!
+//! # Layout
+//!
+//! * [`Server`] (`server/`) accepts connections and serves an axum `Router`
+//!   over HTTP/1.1 and HTTP/2 with request logging, metrics, limits, panic
+//!   recovery and graceful shutdown. [`Config`] and [`ServeArgs`] configure it.
+//! * Lanes (`lane/`): [`sync`] and [`cpu`] put plain `fn` handlers on the
+//!   bounded blocking and CPU lanes; [`blocking`] and [`compute`] do the same
+//!   for a closure inside an async handler. A full lane answers `503` at once.
+//! * [`Background`] (`background/`) schedules work to run after the response,
+//!   on the lane that fits it, drained on shutdown.
+//! * [`extract`]: `Query` and `Json` whose rejections are JSON [`ApiError`]s.
+//! * `metrics/`: the Prometheus registry behind `GET /metrics`.
+//! * [`client`]: a minimal HTTP/1.1 client, for tests and the probe.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use axum::{routing::get, Router};
+//! use fastlane::{Background, Server};
+//!
+//! async fn hello(bg: Background) -> &'static str {
+//!     bg.spawn_blocking(|| std::thread::sleep(std::time::Duration::from_secs(1)));
+//!     "hello"
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let app = Router::new().route("/", get(hello));
+//!     Server::new(app).serve().await?;
+//!     Ok(())
+//! }
+//! ```
+
+mod api_error;
+mod background;
+pub mod client;
+mod error;
+pub mod extract;
+mod lane;
+mod metrics;
+mod server;
+mod telemetry;
+
+pub use api_error::ApiError;
+pub use background::{Background, TaskResult};
+pub use error::Error;
+pub use lane::{blocking, compute, cpu, sync, LaneConfig, LaneError, LaneHandler, Lanes};
+pub use server::{
+    BoundServer, Config, CutWork, RouteTimeout, ServeArgs, Server, ServerHandle, SetTimeout,
+    ShutdownReport,
+};
+pub use telemetry::init_logging;

@@ -1,0 +1,234 @@
+//! Prometheus metrics of one server: requests, latency, lanes, background.
+//!
+//! Every name starts with `fastlane_`. Routes are labelled by their matched
+//! pattern (`/users/{id}`), never by the raw path, and unmatched requests
+//! share one label, so a scan of random URLs cannot blow up the series count.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::lane::{LaneGauges, PoolGauges};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    method: String,
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LaneLabels {
+    lane: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabels {
+    lane: &'static str,
+    outcome: &'static str,
+}
+
+/// How a background task ended, for the metrics.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum TaskOutcome {
+    Ok,
+    Failed,
+    Panicked,
+}
+
+impl TaskOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            TaskOutcome::Ok => "ok",
+            TaskOutcome::Failed => "error",
+            TaskOutcome::Panicked => "panic",
+        }
+    }
+}
+
+type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // From 1 ms (a fast route) to 60 s (the longest default timeout).
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ])
+}
+
+/// The metrics of one server. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Metrics {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: HistogramFamily,
+    in_flight: Gauge,
+    tasks: Family<TaskLabels, Counter>,
+    tasks_pending: Gauge,
+    lanes: LaneGauges,
+}
+
+impl Metrics {
+    pub(crate) fn new(lanes: &crate::LaneConfig) -> Self {
+        let mut registry = Registry::with_prefix("fastlane");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by method, route and status",
+            requests.clone(),
+        );
+        let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from request to response headers, by method and route",
+            latency.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "http_requests_in_flight",
+            "Requests being handled now",
+            in_flight.clone(),
+        );
+        let tasks = Family::<TaskLabels, Counter>::default();
+        registry.register(
+            "background_tasks",
+            "Background tasks finished, by lane and outcome",
+            tasks.clone(),
+        );
+        let tasks_pending = Gauge::default();
+        registry.register(
+            "background_tasks_pending",
+            "Background tasks scheduled or running, not yet finished",
+            tasks_pending.clone(),
+        );
+
+        let threads = Family::<LaneLabels, Gauge>::default();
+        let busy = Family::<LaneLabels, Gauge>::default();
+        let queued = Family::<LaneLabels, Gauge>::default();
+        let rejected = Family::<LaneLabels, Counter>::default();
+        let completed = Family::<LaneLabels, Counter>::default();
+        let max_threads = Family::<LaneLabels, Gauge>::default();
+        let queue_limit = Family::<LaneLabels, Gauge>::default();
+        let gauges_for = |lane: &'static str, max: usize, limit: usize| {
+            let labels = LaneLabels { lane };
+            max_threads
+                .get_or_create(&labels)
+                .set(i64::try_from(max).unwrap_or(i64::MAX));
+            queue_limit
+                .get_or_create(&labels)
+                .set(i64::try_from(limit).unwrap_or(i64::MAX));
+            PoolGauges {
+                threads: threads.get_or_create(&labels).clone(),
+                busy: busy.get_or_create(&labels).clone(),
+                queued: queued.get_or_create(&labels).clone(),
+                rejected: rejected.get_or_create(&labels).clone(),
+                completed: completed.get_or_create(&labels).clone(),
+            }
+        };
+        let lane_gauges = LaneGauges {
+            blocking: gauges_for("blocking", lanes.blocking_threads, lanes.blocking_queue),
+            cpu: gauges_for("cpu", lanes.cpu_threads, lanes.cpu_queue),
+        };
+        registry.register("lane_threads", "Threads alive in the lane", threads);
+        registry.register("lane_busy", "Jobs running in the lane now", busy);
+        registry.register(
+            "lane_queued",
+            "Jobs waiting for a thread of the lane",
+            queued,
+        );
+        registry.register(
+            "lane_rejected",
+            "Jobs refused because the lane was full (answered 503)",
+            rejected,
+        );
+        registry.register("lane_completed", "Jobs the lane finished", completed);
+        registry.register("lane_max_threads", "The lane's thread cap", max_threads);
+        registry.register("lane_queue_limit", "The lane's queue limit", queue_limit);
+
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                requests,
+                latency,
+                in_flight,
+                tasks,
+                tasks_pending,
+                lanes: lane_gauges,
+            }),
+        }
+    }
+
+    pub(crate) fn lane_gauges(&self) -> LaneGauges {
+        self.inner.lanes.clone()
+    }
+
+    pub(crate) fn request_started(&self) {
+        self.inner.in_flight.inc();
+    }
+
+    pub(crate) fn request_finished(
+        &self,
+        method: &http::Method,
+        route: &str,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        self.inner.in_flight.dec();
+        let method = method.as_str().to_owned();
+        let route = route.to_owned();
+        self.inner
+            .latency
+            .get_or_create(&RouteLabels {
+                method: method.clone(),
+                route: route.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
+        self.inner
+            .requests
+            .get_or_create(&RequestLabels {
+                method,
+                route,
+                status,
+            })
+            .inc();
+    }
+
+    pub(crate) fn task_scheduled(&self) {
+        self.inner.tasks_pending.inc();
+    }
+
+    pub(crate) fn task_finished(&self, lane: &'static str, outcome: TaskOutcome) {
+        self.inner.tasks_pending.dec();
+        self.inner
+            .tasks
+            .get_or_create(&TaskLabels {
+                lane,
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub(crate) fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        out
+    }
+}

@@ -1,0 +1,215 @@
+use std::time::Duration;
+
+use crate::LaneConfig;
+
+/// How a [`Server`](crate::Server) listens and what limits it applies.
+///
+/// Every limit has a default chosen for a public-facing API server, and a
+/// reason, given on each field. Build one in code, or from command-line flags
+/// with [`ServeArgs`](crate::ServeArgs).
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+///
+/// let config = fastlane::Config {
+///     port: 8080,
+///     request_timeout: Some(Duration::from_secs(10)),
+///     ..fastlane::Config::default()
+/// };
+/// assert_eq!(config.host, "127.0.0.1");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Address to listen on. Default `127.0.0.1`: reachable from this machine
+    /// only until you choose otherwise (`0.0.0.0` for all interfaces).
+    pub host: String,
+    /// Port to listen on; `0` picks a free one. Default `8000`, as uvicorn.
+    pub port: u16,
+    /// Time a handler has to produce its response headers before the client
+    /// gets `504`. Default 60 s: longer than any interactive request should
+    /// take (long work belongs in background tasks or jobs), short enough
+    /// that a stuck request does not hold a connection for ever. `None`
+    /// disables it; [`RouteTimeout`](crate::RouteTimeout) sets it per route.
+    pub request_timeout: Option<Duration>,
+    /// Time a client has to send the request headers. Default 10 s: a real
+    /// client sends them in one go, a slowloris attacker never finishes.
+    pub header_read_timeout: Duration,
+    /// Largest request body accepted, in bytes, answered `413` beyond.
+    /// Default 2 MiB, as axum: enough for JSON APIs; raise it for uploads.
+    pub body_limit: usize,
+    /// How long a graceful shutdown waits for in-flight requests and
+    /// background tasks before it cuts them and reports what was cut.
+    /// Default 30 s, as gunicorn's `--graceful-timeout` and Kubernetes'
+    /// termination grace period.
+    pub grace_period: Duration,
+    /// Sizes of the blocking and CPU lanes.
+    pub lanes: LaneConfig,
+    /// Serve `GET /metrics` (Prometheus) on the app's own address. Default
+    /// off: it reveals route names and load to whoever can reach the port.
+    /// The demo turns it on.
+    pub expose_internal: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".to_owned(),
+            port: 8000,
+            request_timeout: Some(Duration::from_secs(60)),
+            header_read_timeout: Duration::from_secs(10),
+            body_limit: 2 * 1024 * 1024,
+            grace_period: Duration::from_secs(30),
+            lanes: LaneConfig::default(),
+            expose_internal: false,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the values that can be wrong; the error names the setting.
+    pub fn validate(&self) -> Result<(), crate::Error> {
+        let bad = |what: &str| Err(crate::Error::Config(what.to_owned()));
+        if self.lanes.blocking_threads == 0 {
+            return bad("lanes.blocking_threads must be at least 1");
+        }
+        if self.lanes.cpu_threads == 0 {
+            return bad("lanes.cpu_threads must be at least 1");
+        }
+        if !(0..=19).contains(&self.lanes.cpu_nice) {
+            return bad("lanes.cpu_nice must be between 0 and 19");
+        }
+        if self.header_read_timeout.is_zero() {
+            return bad("header_read_timeout must be more than 0");
+        }
+        if self.request_timeout.is_some_and(|t| t.is_zero()) {
+            return bad("request_timeout must be more than 0 (use None to disable it)");
+        }
+        Ok(())
+    }
+}
+
+/// Command-line flags for a server's [`Config`], to `#[command(flatten)]` into
+/// an app's own clap arguments. Every flag also reads a `FASTLANE_*`
+/// environment variable.
+///
+/// # Examples
+///
+/// ```
+/// use clap::Parser;
+///
+/// #[derive(Parser)]
+/// struct Cli {
+///     #[command(flatten)]
+///     serve: fastlane::ServeArgs,
+/// }
+///
+/// let cli = Cli::try_parse_from(["app", "--port", "9000", "--blocking-threads", "8"])?;
+/// let config = cli.serve.into_config();
+/// assert_eq!((config.port, config.lanes.blocking_threads), (9000, 8));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long, env = "FASTLANE_HOST")]
+    pub host: Option<String>,
+    /// Port to listen on; 0 picks a free port [default: 8000].
+    #[arg(long, short, env = "FASTLANE_PORT")]
+    pub port: Option<u16>,
+    /// Seconds a handler has to answer before the client gets 504; 0 disables [default: 60].
+    #[arg(long, env = "FASTLANE_REQUEST_TIMEOUT", value_parser = parse_secs)]
+    pub request_timeout: Option<f64>,
+    /// Seconds a client has to send its request headers [default: 10].
+    #[arg(long, env = "FASTLANE_HEADER_READ_TIMEOUT", value_parser = parse_positive_secs)]
+    pub header_read_timeout: Option<f64>,
+    /// Seconds a graceful shutdown waits for requests and background tasks [default: 30].
+    #[arg(long, alias = "graceful-timeout", env = "FASTLANE_GRACE_PERIOD", value_parser = parse_secs)]
+    pub grace_period: Option<f64>,
+    /// Largest request body in bytes [default: 2097152].
+    #[arg(long, env = "FASTLANE_BODY_LIMIT")]
+    pub body_limit: Option<usize>,
+    /// Threads of the blocking lane.
+    #[arg(long, env = "FASTLANE_BLOCKING_THREADS", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub blocking_threads: Option<u32>,
+    /// Jobs that may wait for a blocking thread before requests get 503.
+    #[arg(long, env = "FASTLANE_BLOCKING_QUEUE")]
+    pub blocking_queue: Option<usize>,
+    /// Threads of the CPU lane (default: one per core).
+    #[arg(long, env = "FASTLANE_CPU_THREADS", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub cpu_threads: Option<u32>,
+    /// Jobs that may wait for a CPU thread before requests get 503.
+    #[arg(long, env = "FASTLANE_CPU_QUEUE")]
+    pub cpu_queue: Option<usize>,
+    /// Nice value added to CPU-lane threads (0-19).
+    #[arg(long, env = "FASTLANE_CPU_NICE", value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub cpu_nice: Option<i32>,
+}
+
+fn parse_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !v.is_finite() || !(0.0..=86_400.0).contains(&v) {
+        return Err(format!("`{s}` must be between 0 and 86400 seconds"));
+    }
+    Ok(v)
+}
+
+fn parse_positive_secs(s: &str) -> Result<f64, String> {
+    let v = parse_secs(s)?;
+    if v == 0.0 {
+        return Err("must be more than 0 seconds".to_owned());
+    }
+    Ok(v)
+}
+
+impl ServeArgs {
+    /// The configuration these flags describe (defaults for the rest).
+    pub fn into_config(self) -> Config {
+        self.apply(Config::default())
+    }
+
+    /// Applies these flags on top of `base`: a flag given on the command line
+    /// (or its environment variable) wins, the app's own value stays for
+    /// everything that was not given.
+    pub fn apply(self, base: Config) -> Config {
+        let mut config = base;
+        if let Some(host) = self.host {
+            config.host = host;
+        }
+        if let Some(port) = self.port {
+            config.port = port;
+        }
+        if let Some(secs) = self.request_timeout {
+            config.request_timeout = (secs > 0.0).then(|| Duration::from_secs_f64(secs));
+        }
+        if let Some(secs) = self.header_read_timeout {
+            config.header_read_timeout = Duration::from_secs_f64(secs);
+        }
+        if let Some(secs) = self.grace_period {
+            config.grace_period = Duration::from_secs_f64(secs);
+        }
+        if let Some(bytes) = self.body_limit {
+            config.body_limit = bytes;
+        }
+        let lanes = &mut config.lanes;
+        if let Some(n) = self.blocking_threads {
+            lanes.blocking_threads = n as usize;
+        }
+        if let Some(n) = self.blocking_queue {
+            lanes.blocking_queue = n;
+        }
+        if let Some(n) = self.cpu_threads {
+            lanes.cpu_threads = n as usize;
+        }
+        if let Some(n) = self.cpu_queue {
+            lanes.cpu_queue = n;
+        }
+        if let Some(n) = self.cpu_nice {
+            lanes.cpu_nice = n;
+        }
+        config
+    }
+}

@@ -1,0 +1,421 @@
+//! The server: accepts connections, serves an axum `Router` over HTTP/1.1
+//! and HTTP/2, and shuts down gracefully.
+//!
+//! Every connection runs as a tokio task with the server's lanes in scope.
+//! Shutdown (SIGINT/SIGTERM, or [`ServerHandle::shutdown`]) stops accepting,
+//! asks every connection to finish its current requests (HTTP/1.1: close
+//! after the response; HTTP/2: GOAWAY), waits for requests and background
+//! tasks up to the grace period, and reports whatever it had to cut.
+
+mod config;
+mod middleware;
+mod report;
+mod state;
+mod timeout;
+mod tracker;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::DefaultBodyLimit;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tower::Service;
+
+pub use config::{Config, ServeArgs};
+pub use report::{CutWork, ShutdownReport};
+pub(crate) use state::RequestState;
+pub use timeout::{RouteTimeout, SetTimeout};
+
+use crate::metrics::Metrics;
+use crate::{Error, Lanes};
+use state::ServerState;
+
+type ShutdownSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Serves an axum [`Router`] with lanes, limits, metrics and graceful
+/// shutdown.
+///
+/// # Examples
+///
+/// ```no_run
+/// use axum::{routing::get, Router};
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let app = Router::new()
+///         .route("/", get(|| async { "hello" }))
+///         .route("/report", get(fastlane::sync(|| {
+///             std::thread::sleep(std::time::Duration::from_secs(1)); // blocking is fine here
+///             "report"
+///         })));
+///     let report = fastlane::Server::new(app).serve().await?;
+///     std::process::exit(if report.is_clean() { 0 } else { 1 });
+/// }
+/// ```
+#[must_use = "a server does nothing until `serve` is awaited"]
+pub struct Server {
+    router: Router,
+    config: Config,
+    shutdown: Option<ShutdownSignal>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A server for `router` with the default [`Config`].
+    pub fn new(router: Router) -> Self {
+        Self {
+            router,
+            config: Config::default(),
+            shutdown: None,
+        }
+    }
+
+    /// Replaces the configuration.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Shuts down gracefully when `signal` completes, instead of on
+    /// SIGINT/SIGTERM.
+    pub fn shutdown_on<F>(mut self, signal: F) -> Self
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.shutdown = Some(Box::pin(signal));
+        self
+    }
+
+    /// Binds the configured address and returns the bound server, whose
+    /// [`local_addr`](BoundServer::local_addr) is known (useful with port 0).
+    pub async fn bind(self) -> Result<BoundServer, Error> {
+        self.config.validate()?;
+        let addr = format!("{}:{}", self.config.host, self.config.port);
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| Error::Bind { addr, source })?;
+        self.from_listener(listener)
+    }
+
+    /// Serves on an already bound listener (inherited from a supervisor, or
+    /// bound by a test).
+    pub fn from_listener(self, listener: TcpListener) -> Result<BoundServer, Error> {
+        self.config.validate()?;
+        let local_addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: "listener".into(),
+            source,
+        })?;
+        let metrics = Metrics::new(&self.config.lanes);
+        let lanes = Lanes::with_gauges(self.config.lanes.clone(), metrics.lane_gauges());
+        lanes.install_fallback();
+        let state = Arc::new(ServerState {
+            config: self.config,
+            lanes,
+            metrics,
+            tracker: Default::default(),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        let router = self
+            .router
+            .layer(DefaultBodyLimit::max(state.config.body_limit))
+            .layer(middleware::TrackLayer {
+                state: state.clone(),
+            });
+        let (stop_tx, _) = watch::channel(false);
+        Ok(BoundServer {
+            listener,
+            local_addr,
+            router,
+            state,
+            signal: self.shutdown,
+            stop: Arc::new(stop_tx),
+        })
+    }
+
+    /// Binds and serves until shut down; returns what the shutdown cut.
+    pub async fn serve(self) -> Result<ShutdownReport, Error> {
+        self.bind().await?.serve().await
+    }
+}
+
+/// A server that is listening; [`serve`](Self::serve) runs it.
+#[must_use = "a bound server does nothing until `serve` is awaited"]
+pub struct BoundServer {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    router: Router,
+    state: Arc<ServerState>,
+    signal: Option<ShutdownSignal>,
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl std::fmt::Debug for BoundServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundServer")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Controls a running server from elsewhere (a test, an admin task).
+#[derive(Debug, Clone)]
+pub struct ServerHandle {
+    stop: Arc<watch::Sender<bool>>,
+    state: Arc<ServerState>,
+}
+
+impl ServerHandle {
+    /// Starts a graceful shutdown, as SIGTERM would.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// The server's lanes.
+    pub fn lanes(&self) -> Lanes {
+        self.state.lanes.clone()
+    }
+
+    /// The metrics in Prometheus text format, as `GET /metrics` serves them.
+    pub fn metrics(&self) -> String {
+        self.state.metrics.render()
+    }
+}
+
+impl BoundServer {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle to shut the server down from elsewhere.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            stop: self.stop.clone(),
+            state: self.state.clone(),
+        }
+    }
+
+    /// Serves until shutdown, then drains and returns what was cut.
+    pub async fn serve(self) -> Result<ShutdownReport, Error> {
+        let BoundServer {
+            listener,
+            local_addr,
+            router,
+            state,
+            signal,
+            stop,
+        } = self;
+        let signal = match signal {
+            Some(signal) => signal,
+            None => os_signals()?,
+        };
+        let builder = Arc::new(http_builder(&state));
+        tracing::info!(addr = %local_addr, "fastlane listening on http://{local_addr}");
+
+        let mut stop_rx = stop.subscribe();
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut signal => break,
+                () = stopped(&mut stop_rx) => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        let conn = serve_connection(stream, builder.clone(), router.clone(), state.clone(), stop.subscribe());
+                        tokio::spawn(state.lanes.scope(conn));
+                    }
+                    Err(err) => accept_error(local_addr, err).await,
+                },
+            }
+        }
+
+        // Stop accepting: new connections are refused from here on.
+        drop(listener);
+        stop.send_replace(true);
+        let grace = state.config.grace_period;
+        tracing::info!(
+            requests = state.tracker.requests_in_flight(),
+            background_tasks = state.tracker.tasks_pending(),
+            grace_s = grace.as_secs_f64(),
+            "shutting down: draining in-flight requests and background tasks"
+        );
+        let started = Instant::now();
+        let drained = tokio::time::timeout(grace, state.tracker.idle())
+            .await
+            .is_ok();
+        let (requests, tasks) = if drained {
+            Default::default()
+        } else {
+            state.tracker.snapshot()
+        };
+        let report = ShutdownReport {
+            requests,
+            tasks,
+            drained_in: started.elapsed(),
+        };
+        if report.is_clean() {
+            tracing::info!(
+                drained_in_s = report.drained_in.as_secs_f64(),
+                "shutdown complete: nothing was cut"
+            );
+        } else {
+            for cut in report.cut() {
+                tracing::error!("shutdown cut {cut}");
+            }
+            tracing::error!(
+                requests = report.requests.len(),
+                background_tasks = report.tasks.len(),
+                "shutdown: the grace period of {:.1} s ended with work still running",
+                grace.as_secs_f64()
+            );
+        }
+        state.lanes.close();
+        Ok(report)
+    }
+}
+
+/// Completes once shutdown has been asked for.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is dropped here, before any other await:
+    // holding it would make the connection future `!Send`.
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+fn http_builder(state: &ServerState) -> auto::Builder<ScopedExecutor> {
+    let mut builder = auto::Builder::new(ScopedExecutor {
+        lanes: state.lanes.clone(),
+    });
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.config.header_read_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// Spawns HTTP/2 stream tasks with the server's lanes in scope, so that
+/// [`blocking`](crate::blocking) finds them there too.
+#[derive(Clone)]
+struct ScopedExecutor {
+    lanes: Lanes,
+}
+
+impl<F> hyper::rt::Executor<F> for ScopedExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        TokioExecutor::new().execute(self.lanes.scope(fut));
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    builder: Arc<auto::Builder<ScopedExecutor>>,
+    router: Router,
+    state: Arc<ServerState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    state.tracker.connection_opened();
+    let service_state = state.clone();
+    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+        dispatch(router.clone(), service_state.clone(), req)
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(err) = result {
+        // Clients that go away mid-request are normal; not worth a warning.
+        tracing::debug!(error = %err, "connection ended with an error");
+    }
+    state.tracker.connection_closed();
+}
+
+async fn dispatch(
+    mut router: Router,
+    state: Arc<ServerState>,
+    req: http::Request<Incoming>,
+) -> Result<Response, Infallible> {
+    if state.config.expose_internal
+        && req.uri().path() == "/metrics"
+        && req.method() == http::Method::GET
+    {
+        return Ok(metrics_response(&state));
+    }
+    // `Router` is always ready (its `poll_ready` returns `Ready` at once).
+    router.call(req.map(Body::new)).await
+}
+
+fn metrics_response(state: &ServerState) -> Response {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn accept_error(addr: SocketAddr, err: std::io::Error) {
+    use std::io::ErrorKind::*;
+    // A connection reset before accept completed is the client's business.
+    if matches!(
+        err.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted
+    ) {
+        return;
+    }
+    // Anything else is usually EMFILE (out of file descriptors): log it and
+    // back off a little so the loop does not spin while connections close.
+    tracing::error!(error = %Error::Listener { addr, source: err }, "accept failed; retrying in 50 ms");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+fn os_signals() -> Result<ShutdownSignal, Error> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
+        Ok(Box::pin(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }))
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(Box::pin(async {
+            let _ = tokio::signal::ctrl_c().await;
+        }))
+    }
+}

@@ -1,0 +1,70 @@
+use std::fmt;
+use std::time::Duration;
+
+/// One request or background task that was still running when the grace
+/// period of a graceful shutdown ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CutWork {
+    /// `"request"` or `"background task"`.
+    pub kind: &'static str,
+    /// The HTTP method of the request (for a task: of the request that
+    /// scheduled it).
+    pub method: String,
+    /// The matched route of the request (for a task: of the request that
+    /// scheduled it).
+    pub route: String,
+    /// The lane it ran on: `"async"`, `"blocking"` or `"cpu"`.
+    pub lane: &'static str,
+    /// How long it had been running; `None` if it never started.
+    pub running_for: Option<Duration>,
+    /// How long it waited before it started (for a lane that was full).
+    pub waiting_for: Duration,
+}
+
+impl fmt::Display for CutWork {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} {} ({} lane)",
+            self.kind, self.method, self.route, self.lane
+        )?;
+        match self.running_for {
+            Some(d) => write!(f, ", had run {:.1} s", d.as_secs_f64()),
+            None => write!(
+                f,
+                ", never started (waited {:.1} s)",
+                self.waiting_for.as_secs_f64()
+            ),
+        }
+    }
+}
+
+/// What a graceful shutdown left unfinished.
+///
+/// [`Server::serve`](crate::Server::serve) returns it; a command-line app
+/// should exit non-zero when [`is_clean`](Self::is_clean) is false (the
+/// `fastlane` binary does), so that a supervisor or CI sees that work was cut.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Requests still being handled when the grace period ended.
+    pub requests: Vec<CutWork>,
+    /// Background tasks still scheduled or running when the grace period
+    /// ended.
+    pub tasks: Vec<CutWork>,
+    /// How long the drain took.
+    pub drained_in: Duration,
+}
+
+impl ShutdownReport {
+    /// True when everything in flight finished within the grace period.
+    pub fn is_clean(&self) -> bool {
+        self.requests.is_empty() && self.tasks.is_empty()
+    }
+
+    /// Every cut request and task.
+    pub fn cut(&self) -> impl Iterator<Item = &CutWork> {
+        self.requests.iter().chain(self.tasks.iter())
+    }
+}

@@ -1,0 +1,138 @@
+//! State shared by a server's connections, requests and background tasks.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::config::Config;
+use super::tracker::Tracker;
+use crate::metrics::Metrics;
+use crate::Lanes;
+
+pub(crate) type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+#[derive(Debug)]
+pub(crate) struct ServerState {
+    pub(crate) config: Config,
+    pub(crate) lanes: Lanes,
+    pub(crate) metrics: Metrics,
+    pub(crate) tracker: Tracker,
+    pub(crate) runtime: tokio::runtime::Handle,
+}
+
+impl ServerState {
+    /// Starts a background task on the runtime, with these lanes current.
+    pub(crate) fn start_task(&self, task: Task) {
+        self.runtime.spawn(self.lanes.scope(task));
+    }
+}
+
+/// Sentinel values of [`RequestState::timeout`].
+const TIMEOUT_UNSET: u64 = u64::MAX;
+const TIMEOUT_NONE: u64 = u64::MAX - 1;
+
+/// One request, from the moment it is routed until its response body is
+/// done. Background tasks it schedules wait here until then.
+pub(crate) struct RequestState {
+    pub(crate) server: Arc<ServerState>,
+    pub(crate) id: u64,
+    pub(crate) method: http::Method,
+    pub(crate) route: Arc<str>,
+    pub(crate) started: Instant,
+    /// A per-route timeout set by [`RouteTimeout`](crate::RouteTimeout), in
+    /// milliseconds; [`TIMEOUT_UNSET`] means "use the server's".
+    timeout: AtomicU64,
+    /// `Some` until the response is done; then the tasks are started and
+    /// later ones start at once.
+    pending: Mutex<Option<Vec<Task>>>,
+}
+
+impl std::fmt::Debug for RequestState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestState")
+            .field("id", &self.id)
+            .field("method", &self.method)
+            .field("route", &self.route)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RequestState {
+    pub(crate) fn new(
+        server: Arc<ServerState>,
+        method: http::Method,
+        route: Arc<str>,
+        started: Instant,
+    ) -> Self {
+        let id = server.tracker.add_request(&method, &route, started);
+        server.metrics.request_started();
+        Self {
+            server,
+            id,
+            method,
+            route,
+            started,
+            timeout: AtomicU64::new(TIMEOUT_UNSET),
+            pending: Mutex::new(Some(Vec::new())),
+        }
+    }
+
+    pub(crate) fn set_timeout(&self, timeout: Option<Duration>) {
+        let value = match timeout {
+            Some(d) => u64::try_from(d.as_millis())
+                .unwrap_or(TIMEOUT_NONE - 1)
+                .min(TIMEOUT_NONE - 1),
+            None => TIMEOUT_NONE,
+        };
+        self.timeout.store(value, Ordering::Relaxed);
+    }
+
+    /// The timeout that applies: the route's own if it set one, else the
+    /// server's.
+    pub(crate) fn timeout(&self) -> Option<Duration> {
+        match self.timeout.load(Ordering::Relaxed) {
+            TIMEOUT_UNSET => self.server.config.request_timeout,
+            TIMEOUT_NONE => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Queues a background task until the response is done, or starts it
+    /// now if it already is.
+    pub(crate) fn schedule(&self, task: Task) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        match pending.as_mut() {
+            Some(tasks) => tasks.push(task),
+            None => {
+                drop(pending);
+                self.server.start_task(task);
+            }
+        }
+    }
+
+    /// The response is done (or will never be sent): the request leaves the
+    /// in-flight list and its background tasks start.
+    pub(crate) fn finish(&self) {
+        let tasks = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(tasks) = tasks {
+            self.server.tracker.remove_request(self.id);
+            for task in tasks {
+                self.server.start_task(task);
+            }
+        }
+    }
+}
+
+impl Drop for RequestState {
+    fn drop(&mut self) {
+        // If the response never completed (client gone, timeout), the work
+        // the handler scheduled still runs: it was accepted, it is not lost.
+        self.finish();
+    }
+}
