@@ -21,50 +21,17 @@ pub const MAX_SECS: f64 = 60.0;
 /// The demo's routes, in the order `fastlane demo` prints them.
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET  /fast", "returns `ok` at once"),
-    (
-        "GET  /test1",
-        "returns `test1` at once (must answer while /test2 runs)",
-    ),
-    (
-        "GET  /test2?secs=8",
-        "async fn calling std::thread::sleep: the seeds' bug, left in on purpose",
-    ),
-    (
-        "GET  /ping?secs=5",
-        "async fn: prints Hello, blocks, prints bye",
-    ),
-    (
-        "GET  /slow/async-blocking?secs=N",
-        "async fn + std::thread::sleep(N)",
-    ),
-    (
-        "GET  /slow/sync?secs=N",
-        "fastlane::sync handler sleeping N s on the blocking lane",
-    ),
-    (
-        "GET  /slow/async?secs=N",
-        "tokio::time::sleep(N): the correct async wait",
-    ),
-    (
-        "GET  /cpu/async-blocking?ms=N",
-        "async fn busy loop of N ms CPU",
-    ),
-    (
-        "GET  /cpu/offload?ms=N",
-        "the same busy loop on the CPU lane",
-    ),
-    (
-        "GET  /stream/blocking?chunks=N&secs=S",
-        "streaming body whose producer blocks S s before each chunk",
-    ),
-    (
-        "POST /profile",
-        r#"{"name": "..", "work_ms": 2000}: computes in the background, answers {} at once"#,
-    ),
-    (
-        "GET  /?action=N&secs=15",
-        "background task: 1 sync-blocking, 2 async-blocking, 3 async-sleeping",
-    ),
+    ("GET  /test1", "returns `test1` at once (must answer while /test2 runs)"),
+    ("GET  /test2?secs=8", "async fn calling std::thread::sleep: the seeds' bug, left in on purpose"),
+    ("GET  /ping?secs=5", "async fn: prints Hello, blocks, prints bye"),
+    ("GET  /slow/async-blocking?secs=N", "async fn + std::thread::sleep(N)"),
+    ("GET  /slow/sync?secs=N", "fastlane::sync handler sleeping N s on the blocking lane"),
+    ("GET  /slow/async?secs=N", "tokio::time::sleep(N): the correct async wait"),
+    ("GET  /cpu/async-blocking?ms=N", "async fn busy loop of N ms CPU"),
+    ("GET  /cpu/offload?ms=N", "the same busy loop on the CPU lane"),
+    ("GET  /stream/blocking?chunks=N&secs=S", "streaming body whose producer blocks S s before each chunk"),
+    ("POST /profile", r#"{"name": "..", "work_ms": 2000}: computes in the background, answers {} at once"#),
+    ("GET  /?action=N&secs=15", "background task: 1 sync-blocking, 2 async-blocking, 3 async-sleeping"),
 ];
 
 /// Builds the demo router.
@@ -98,16 +65,10 @@ struct MsParam {
 fn secs(field: &str, value: Option<f64>, default: f64) -> Result<Duration, ApiError> {
     let v = value.unwrap_or(default);
     if !v.is_finite() || v < 0.0 {
-        return Err(ApiError::unprocessable(
-            field,
-            "must be a number of seconds, 0 or more",
-        ));
+        return Err(ApiError::unprocessable(field, "must be a number of seconds, 0 or more"));
     }
     if v > MAX_SECS {
-        return Err(ApiError::unprocessable(
-            field,
-            format!("must be at most {MAX_SECS} (seconds)"),
-        ));
+        return Err(ApiError::unprocessable(field, format!("must be at most {MAX_SECS} (seconds)")));
     }
     Ok(Duration::from_secs_f64(v))
 }
@@ -116,10 +77,7 @@ fn millis(field: &str, value: Option<u64>, default: u64) -> Result<Duration, Api
     let v = value.unwrap_or(default);
     let max = (MAX_SECS * 1000.0) as u64;
     if v > max {
-        return Err(ApiError::unprocessable(
-            field,
-            format!("must be at most {max} (milliseconds)"),
-        ));
+        return Err(ApiError::unprocessable(field, format!("must be at most {max} (milliseconds)")));
     }
     Ok(Duration::from_millis(v))
 }
@@ -156,19 +114,13 @@ async fn ping(Query(q): Query<SecsParam>) -> Result<&'static str, ApiError> {
 async fn slow_async_blocking(Query(q): Query<SecsParam>) -> Result<String, ApiError> {
     let d = secs("secs", q.secs, 1.0)?;
     std::thread::sleep(d);
-    Ok(format!(
-        "slept {:.3} s blocking the async lane",
-        d.as_secs_f64()
-    ))
+    Ok(format!("slept {:.3} s blocking the async lane", d.as_secs_f64()))
 }
 
 fn slow_sync(Query(q): Query<SecsParam>) -> Result<String, ApiError> {
     let d = secs("secs", q.secs, 1.0)?;
     std::thread::sleep(d);
-    Ok(format!(
-        "slept {:.3} s on the blocking lane",
-        d.as_secs_f64()
-    ))
+    Ok(format!("slept {:.3} s on the blocking lane", d.as_secs_f64()))
 }
 
 async fn slow_async(Query(q): Query<SecsParam>) -> Result<String, ApiError> {
@@ -180,19 +132,13 @@ async fn slow_async(Query(q): Query<SecsParam>) -> Result<String, ApiError> {
 async fn cpu_async_blocking(Query(q): Query<MsParam>) -> Result<String, ApiError> {
     let d = millis("ms", q.ms, 100)?;
     let x = burn_cpu(d);
-    Ok(format!(
-        "computed {} ms on the async lane ({x:x})",
-        d.as_millis()
-    ))
+    Ok(format!("computed {} ms on the async lane ({x:x})", d.as_millis()))
 }
 
 fn cpu_offload(Query(q): Query<MsParam>) -> Result<String, ApiError> {
     let d = millis("ms", q.ms, 100)?;
     let x = burn_cpu(d);
-    Ok(format!(
-        "computed {} ms on the CPU lane ({x:x})",
-        d.as_millis()
-    ))
+    Ok(format!("computed {} ms on the CPU lane ({x:x})", d.as_millis()))
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,17 +150,11 @@ struct StreamParams {
 async fn stream_blocking(Query(q): Query<StreamParams>) -> Result<Body, ApiError> {
     let chunks = q.chunks.unwrap_or(3);
     if !(1..=1000).contains(&chunks) {
-        return Err(ApiError::unprocessable(
-            "chunks",
-            "must be between 1 and 1000",
-        ));
+        return Err(ApiError::unprocessable("chunks", "must be between 1 and 1000"));
     }
     let d = secs("secs", q.secs, 1.0)?;
     if d.as_secs_f64() * f64::from(chunks) > MAX_SECS {
-        return Err(ApiError::unprocessable(
-            "secs",
-            format!("chunks × secs must be at most {MAX_SECS} s"),
-        ));
+        return Err(ApiError::unprocessable("secs", format!("chunks × secs must be at most {MAX_SECS} s")));
     }
     // A synchronous generator behind a streaming body: each chunk is
     // produced by a blocking sleep inside the body's poll.
@@ -231,10 +171,7 @@ struct Profile {
     work_ms: Option<u64>,
 }
 
-async fn profile(
-    bg: Background,
-    Json(p): Json<Profile>,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
+async fn profile(bg: Background, Json(p): Json<Profile>) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let work = millis("work_ms", p.work_ms, 2000)?;
     let name = p.name;
     bg.spawn_cpu(move || {
@@ -253,7 +190,9 @@ struct ActionParams {
 
 async fn action(bg: Background, Query(q): Query<ActionParams>) -> Result<String, ApiError> {
     let Some(action) = q.action else {
-        return Ok("fastlane demo: try /fast, /test1, /test2?secs=8, /slow/sync?secs=2, or /?action=1..3\n".into());
+        return Ok(
+            "fastlane demo: try /fast, /test1, /test2?secs=8, /slow/sync?secs=2, or /?action=1..3\n".into()
+        );
     };
     let d = secs("secs", q.secs, 15.0)?;
     let what = match action {

@@ -8,11 +8,7 @@ use clap::{Parser, Subcommand};
 use fastlane_cli::{demo, probe};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "fastlane",
-    version,
-    about = "fastlane: slow work never blocks fast requests"
-)]
+#[command(name = "fastlane", version, about = "fastlane: slow work never blocks fast requests")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,10 +43,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("fastlane: could not start the runtime: {err}");
@@ -59,13 +52,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Demo { serve } => runtime.block_on(run_demo(serve)),
-        Command::Probe {
-            total,
-            concurrency,
-            timeout,
-            svg,
-            urls,
-        } => {
+        Command::Probe { total, concurrency, timeout, svg, urls } => {
             let total = total.map_or(urls.len(), |n| n as usize);
             let config = probe::ProbeConfig {
                 concurrency: concurrency.map_or(total, |c| c as usize),
@@ -88,11 +75,7 @@ async fn run_demo(serve: fastlane::ServeArgs) -> ExitCode {
         ..fastlane::Config::default()
     };
     let config = serve.apply(base);
-    let server = match fastlane::Server::new(demo::app())
-        .config(config)
-        .bind()
-        .await
-    {
+    let server = match fastlane::Server::new(demo::app()).config(config).bind().await {
         Ok(server) => server,
         Err(err) => {
             eprintln!("fastlane demo: {err}");
@@ -129,10 +112,7 @@ async fn run_probe(config: probe::ProbeConfig, svg: Option<std::path::PathBuf>) 
     println!("\n{}", result.verdict());
     if let Some(path) = svg {
         if let Err(err) = std::fs::write(&path, result.svg()) {
-            eprintln!(
-                "fastlane probe: could not write --svg {}: {err}",
-                path.display()
-            );
+            eprintln!("fastlane probe: could not write --svg {}: {err}", path.display());
             return ExitCode::FAILURE;
         }
         println!("timeline written to {}", path.display());

@@ -55,16 +55,10 @@ pub struct ProbeResult {
 
 /// Sends the requests and collects their timings.
 pub async fn run(config: &ProbeConfig) -> ProbeResult {
-    let bar = if config.progress {
-        ProgressBar::new(config.total as u64)
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = if config.progress { ProgressBar::new(config.total as u64) } else { ProgressBar::hidden() };
     bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} responses",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} responses")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(Duration::from_millis(100));
     let origin = Instant::now();
@@ -85,12 +79,7 @@ pub async fn run(config: &ProbeConfig) -> ProbeResult {
             };
             let end = origin.elapsed();
             bar.inc(1);
-            Sample {
-                url,
-                start,
-                end,
-                outcome,
-            }
+            Sample { url, start, end, outcome }
         }));
     }
     let mut samples = Vec::with_capacity(handles.len());
@@ -158,17 +147,9 @@ impl ProbeResult {
 
     /// The per-request table.
     pub fn table(&self) -> String {
-        let width = self
-            .samples
-            .iter()
-            .map(|s| s.url.len())
-            .max()
-            .unwrap_or(3)
-            .clamp(3, 60);
-        let mut out = format!(
-            "{:>4}  {:<width$}  {:>9}  {:>9}  {:>9}  status\n",
-            "#", "url", "start", "end", "took"
-        );
+        let width = self.samples.iter().map(|s| s.url.len()).max().unwrap_or(3).clamp(3, 60);
+        let mut out =
+            format!("{:>4}  {:<width$}  {:>9}  {:>9}  {:>9}  status\n", "#", "url", "start", "end", "took");
         for (i, s) in self.samples.iter().enumerate() {
             let status = match &s.outcome {
                 Ok(code) => code.to_string(),
@@ -204,11 +185,7 @@ impl ProbeResult {
             w = LEFT + WIDTH + 40.0
         );
         let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-        let _ = writeln!(
-            svg,
-            r#"<text x="{LEFT}" y="20" font-size="14">{}</text>"#,
-            escape(&self.verdict())
-        );
+        let _ = writeln!(svg, r#"<text x="{LEFT}" y="20" font-size="14">{}</text>"#, escape(&self.verdict()));
         // Time axis with about eight ticks at a round step.
         let step = nice_step(span / 8.0);
         let axis_y = TOP + ROW * rows as f64 + 8.0;
@@ -286,10 +263,7 @@ fn format_secs(t: f64) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 #[cfg(test)]
@@ -324,10 +298,6 @@ mod tests {
             wall: Duration::from_millis(4000),
         };
         assert_eq!(r.max_overlap(), 1);
-        assert!(
-            r.verdict().starts_with("ran one after another"),
-            "{}",
-            r.verdict()
-        );
+        assert!(r.verdict().starts_with("ran one after another"), "{}", r.verdict());
     }
 }

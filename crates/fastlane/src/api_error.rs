@@ -44,12 +44,7 @@ struct Body<'a> {
 impl ApiError {
     /// An error with any status and message.
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            field: None,
-            retry_after: None,
-        }
+        Self { status, message: message.into(), field: None, retry_after: None }
     }
 
     /// `400 Bad Request`.
@@ -62,10 +57,7 @@ impl ApiError {
     pub fn unprocessable(field: impl Into<String>, message: impl AsRef<str>) -> Self {
         let field = field.into();
         let message = format!("invalid value for `{field}`: {}", message.as_ref());
-        Self {
-            field: Some(field),
-            ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, message)
-        }
+        Self { field: Some(field), ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, message) }
     }
 
     /// `503 Service Unavailable` with `Retry-After: 1`: the server is
@@ -120,19 +112,12 @@ impl std::error::Error for ApiError {}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body {
-            error: &self.message,
-            field: self.field.as_deref(),
-            status: self.status.as_u16(),
-        };
+        let body = Body { error: &self.message, field: self.field.as_deref(), status: self.status.as_u16() };
         // Serializing a struct of strings cannot fail.
         let json = serde_json::to_vec(&body).unwrap_or_default();
         let mut response = (self.status, json).into_response();
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(after) = self.retry_after {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));

@@ -75,6 +75,11 @@ pub async fn get(url: &str) -> Result<Response, ClientError> {
     request(Method::GET, url, None).await
 }
 
+/// `GET url`, taking the URL by value: handy for `tokio::spawn`.
+pub async fn get_owned(url: String) -> Result<Response, ClientError> {
+    request(Method::GET, &url, None).await
+}
+
 /// `POST url` with a JSON body.
 pub async fn post_json(url: &str, body: &serde_json::Value) -> Result<Response, ClientError> {
     let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
@@ -90,10 +95,7 @@ pub async fn request(
     let target = Target::parse(url)?;
     let stream = TcpStream::connect(&target.authority)
         .await
-        .map_err(|source| ClientError::Connect {
-            addr: target.authority.clone(),
-            source,
-        })?;
+        .map_err(|source| ClientError::Connect { addr: target.authority.clone(), source })?;
     let _ = stream.set_nodelay(true);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     // The connection task ends when the response is read (or fails).
@@ -101,9 +103,7 @@ pub async fn request(
         let _ = conn.await;
     });
 
-    let mut builder = http::Request::builder()
-        .method(method)
-        .uri(target.path_and_query);
+    let mut builder = http::Request::builder().method(method).uri(target.path_and_query);
     let headers = builder.headers_mut().expect("a fresh builder has headers");
     if let Ok(host) = HeaderValue::from_str(&target.authority) {
         headers.insert(http::header::HOST, host);
@@ -119,18 +119,11 @@ pub async fn request(
     };
     let req = builder
         .body(Full::new(payload))
-        .map_err(|e| ClientError::InvalidUrl {
-            url: url.to_owned(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| ClientError::InvalidUrl { url: url.to_owned(), reason: e.to_string() })?;
     let response = sender.send_request(req).await?;
     let (parts, body) = response.into_parts();
     let body = body.collect().await?.to_bytes();
-    Ok(Response {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    })
+    Ok(Response { status: parts.status, headers: parts.headers, body })
 }
 
 struct Target {
@@ -140,13 +133,9 @@ struct Target {
 
 impl Target {
     fn parse(url: &str) -> Result<Self, ClientError> {
-        let invalid = |reason: &str| ClientError::InvalidUrl {
-            url: url.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let uri: Uri = url
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| invalid(&e.to_string()))?;
+        let invalid =
+            |reason: &str| ClientError::InvalidUrl { url: url.to_owned(), reason: reason.to_owned() };
+        let uri: Uri = url.parse().map_err(|e: http::uri::InvalidUri| invalid(&e.to_string()))?;
         match uri.scheme_str() {
             Some("http") => {}
             Some("https") => return Err(invalid("https is not supported; use http://")),
@@ -156,9 +145,6 @@ impl Target {
         let host = uri.host().ok_or_else(|| invalid("missing host"))?;
         let port = uri.port_u16().unwrap_or(80);
         let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-        Ok(Self {
-            authority: format!("{host}:{port}"),
-            path_and_query,
-        })
+        Ok(Self { authority: format!("{host}:{port}"), path_and_query })
     }
 }

@@ -49,7 +49,12 @@ pub use background::{Background, TaskResult};
 pub use error::Error;
 pub use lane::{blocking, compute, cpu, sync, LaneConfig, LaneError, LaneHandler, Lanes};
 pub use server::{
-    BoundServer, Config, CutWork, RouteTimeout, ServeArgs, Server, ServerHandle, SetTimeout,
-    ShutdownReport,
+    BoundServer, Config, CutWork, RouteTimeout, ServeArgs, Server, ServerHandle, SetTimeout, ShutdownReport,
+    SpawnedServer,
 };
 pub use telemetry::init_logging;
+
+/// The README's code blocks, compiled as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -162,10 +162,7 @@ impl Background {
 
     fn register(&self, lane: &'static str) -> (u64, &RequestState) {
         let request = &*self.request;
-        let id = request
-            .server
-            .tracker
-            .add_task(&request.method, &request.route, lane);
+        let id = request.server.tracker.add_task(&request.method, &request.route, lane);
         request.server.metrics.task_scheduled();
         (id, request)
     }
@@ -186,9 +183,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Background {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         match parts.extensions.get::<Arc<RequestState>>() {
-            Some(request) => Ok(Background {
-                request: request.clone(),
-            }),
+            Some(request) => Ok(Background { request: request.clone() }),
             None => Err(ApiError::internal(
                 "the Background extractor needs the app to be served by fastlane::Server",
             )),

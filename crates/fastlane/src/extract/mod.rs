@@ -25,7 +25,7 @@ use crate::ApiError;
 /// async fn handler(Query(p): Query<Params>) -> String {
 ///     format!("{}", p.secs.unwrap_or(1))
 /// }
-/// # let _ = axum::routing::get(handler);
+/// # let _: axum::routing::MethodRouter = axum::routing::get(handler);
 /// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Query<T>(pub T);
@@ -37,22 +37,20 @@ where
     /// Parses a query string (without the `?`).
     pub fn parse(query: &str) -> Result<Self, ApiError> {
         let deserializer = serde_urlencoded::Deserializer::new(form_urlencoded_pairs(query));
-        serde_path_to_error::deserialize(deserializer)
-            .map(Query)
-            .map_err(|err| {
-                let field = err.path().to_string();
-                let inner = err.into_inner().to_string();
-                if field == "." {
-                    // Missing fields carry their name in serde's message.
-                    ApiError::new(
-                        http::StatusCode::UNPROCESSABLE_ENTITY,
-                        format!("invalid query string: {inner}"),
-                    )
-                    .with_field(missing_field_name(&inner).unwrap_or_default())
-                } else {
-                    ApiError::unprocessable(field, inner)
-                }
-            })
+        serde_path_to_error::deserialize(deserializer).map(Query).map_err(|err| {
+            let field = err.path().to_string();
+            let inner = err.into_inner().to_string();
+            if field == "." {
+                // Missing fields carry their name in serde's message.
+                ApiError::new(
+                    http::StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("invalid query string: {inner}"),
+                )
+                .with_field(missing_field_name(&inner).unwrap_or_default())
+            } else {
+                ApiError::unprocessable(field, inner)
+            }
+        })
     }
 }
 
@@ -93,7 +91,7 @@ where
 /// async fn handler(Json(p): Json<Profile>) -> String {
 ///     p.name
 /// }
-/// # let _ = axum::routing::post(handler);
+/// # let _: axum::routing::MethodRouter = axum::routing::post(handler);
 /// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Json<T>(pub T);
@@ -111,14 +109,8 @@ where
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|v| {
-                let mime = v
-                    .split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_ascii_lowercase();
-                mime == "application/json"
-                    || (mime.starts_with("application/") && mime.ends_with("+json"))
+                let mime = v.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+                mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
             })
             .unwrap_or(false);
         if !is_json {
@@ -129,10 +121,7 @@ where
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             let status = rejection.status();
-            ApiError::new(
-                status,
-                format!("could not read the request body: {}", rejection.body_text()),
-            )
+            ApiError::new(status, format!("could not read the request body: {}", rejection.body_text()))
         })?;
         Self::from_bytes(&bytes)
     }
@@ -161,8 +150,7 @@ impl<T: DeserializeOwned> Json<T> {
                 ApiError::bad_request(format!("the body is not valid JSON: {inner}"))
             }
         })?;
-        de.end()
-            .map_err(|err| ApiError::bad_request(format!("the body is not valid JSON: {err}")))?;
+        de.end().map_err(|err| ApiError::bad_request(format!("the body is not valid JSON: {err}")))?;
         Ok(Json(value))
     }
 }

@@ -22,24 +22,15 @@ enum Kind {
 
 impl LaneError {
     pub(crate) fn full(lane: &'static str) -> Self {
-        Self {
-            lane,
-            kind: Kind::Full,
-        }
+        Self { lane, kind: Kind::Full }
     }
 
     pub(crate) fn panicked(lane: &'static str, message: String) -> Self {
-        Self {
-            lane,
-            kind: Kind::Panicked(message),
-        }
+        Self { lane, kind: Kind::Panicked(message) }
     }
 
     pub(crate) fn shutdown(lane: &'static str) -> Self {
-        Self {
-            lane,
-            kind: Kind::Shutdown,
-        }
+        Self { lane, kind: Kind::Shutdown }
     }
 
     /// The lane's name: `"blocking"` or `"cpu"`.
@@ -76,11 +67,7 @@ impl LaneError {
 impl fmt::Display for LaneError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            Kind::Full => write!(
-                f,
-                "the {} lane is full (all threads busy, queue at its limit)",
-                self.lane
-            ),
+            Kind::Full => write!(f, "the {} lane is full (all threads busy, queue at its limit)", self.lane),
             Kind::Panicked(m) => write!(f, "work on the {} lane panicked: {m}", self.lane),
             Kind::Shutdown => write!(f, "the {} lane is shutting down", self.lane),
         }
@@ -96,9 +83,7 @@ impl axum::response::IntoResponse for LaneError {
             Kind::Full | Kind::Shutdown => ApiError::unavailable(self.to_string()),
             // The panic message may carry internals; the log has it, the client
             // gets a generic message.
-            Kind::Panicked(_) => {
-                ApiError::internal(format!("work on the {} lane panicked", self.lane))
-            }
+            Kind::Panicked(_) => ApiError::internal(format!("work on the {} lane panicked", self.lane)),
         };
         err.into_response()
     }

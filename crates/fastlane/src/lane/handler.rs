@@ -44,10 +44,7 @@ pub struct LaneHandler<F> {
 /// # let _ = app;
 /// ```
 pub fn sync<F>(f: F) -> LaneHandler<F> {
-    LaneHandler {
-        f,
-        lane: LaneKind::Blocking,
-    }
+    LaneHandler { f, lane: LaneKind::Blocking }
 }
 
 /// Runs a CPU-heavy synchronous handler on the CPU lane (one low-priority
@@ -68,19 +65,12 @@ pub fn sync<F>(f: F) -> LaneHandler<F> {
 /// # let _ = app;
 /// ```
 pub fn cpu<F>(f: F) -> LaneHandler<F> {
-    LaneHandler {
-        f,
-        lane: LaneKind::Cpu,
-    }
+    LaneHandler { f, lane: LaneKind::Cpu }
 }
 
 /// The lanes to run on: those the server put in the request, or the current.
 fn lanes_of(parts: &http::request::Parts) -> Lanes {
-    parts
-        .extensions
-        .get::<Lanes>()
-        .cloned()
-        .unwrap_or_else(Lanes::current)
+    parts.extensions.get::<Lanes>().cloned().unwrap_or_else(Lanes::current)
 }
 
 async fn run_on_lane<R, G>(lanes: Lanes, lane: LaneKind, call: G) -> Response
@@ -103,11 +93,7 @@ where
     type Future = Pin<Box<dyn Future<Output = Response> + Send>>;
 
     fn call(self, req: Request, _state: S) -> Self::Future {
-        let lanes = req
-            .extensions()
-            .get::<Lanes>()
-            .cloned()
-            .unwrap_or_else(Lanes::current);
+        let lanes = req.extensions().get::<Lanes>().cloned().unwrap_or_else(Lanes::current);
         Box::pin(run_on_lane(lanes, self.lane, self.f))
     }
 }
@@ -161,15 +147,6 @@ impl_lane_handler!([T1, T2, T3, T4, T5, T6, T7, T8, T9], T10);
 impl_lane_handler!([T1, T2, T3, T4, T5, T6, T7, T8, T9, T10], T11);
 impl_lane_handler!([T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11], T12);
 impl_lane_handler!([T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12], T13);
-impl_lane_handler!(
-    [T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13],
-    T14
-);
-impl_lane_handler!(
-    [T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14],
-    T15
-);
-impl_lane_handler!(
-    [T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14, T15],
-    T16
-);
+impl_lane_handler!([T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13], T14);
+impl_lane_handler!([T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14], T15);
+impl_lane_handler!([T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14, T15], T16);

@@ -144,13 +144,7 @@ impl Lanes {
             },
             gauges.cpu,
         );
-        Self {
-            inner: Arc::new(Inner {
-                blocking,
-                cpu,
-                config,
-            }),
-        }
+        Self { inner: Arc::new(Inner { blocking, cpu, config }) }
     }
 
     /// The lanes of the current context: those of the fastlane server whose
@@ -164,9 +158,7 @@ impl Lanes {
         if let Some(lanes) = FALLBACK.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
             return lanes.clone();
         }
-        DEFAULT
-            .get_or_init(|| Lanes::new(LaneConfig::default()))
-            .clone()
+        DEFAULT.get_or_init(|| Lanes::new(LaneConfig::default())).clone()
     }
 
     /// The sizes these lanes were built with.
@@ -201,8 +193,7 @@ impl Lanes {
     {
         let pool = self.pool(lane);
         let rx = pool.try_run(f)?;
-        rx.await
-            .unwrap_or_else(|_| Err(LaneError::shutdown(pool.name())))
+        rx.await.unwrap_or_else(|_| Err(LaneError::shutdown(pool.name())))
     }
 
     /// Like [`run`](Self::run) but waits for room instead of failing when the

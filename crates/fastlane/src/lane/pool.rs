@@ -86,20 +86,12 @@ impl Pool {
     pub(crate) fn new(config: PoolConfig, gauges: PoolGauges) -> Self {
         let max_threads = config.max_threads.max(1);
         let permits = max_threads.saturating_add(config.queue_limit);
-        let config = PoolConfig {
-            max_threads,
-            ..config
-        };
+        let config = PoolConfig { max_threads, ..config };
         Self {
             shared: Arc::new(Shared {
                 admission: Arc::new(Semaphore::new(permits)),
                 config,
-                state: Mutex::new(State {
-                    queue: VecDeque::new(),
-                    threads: 0,
-                    idle: 0,
-                    shutdown: false,
-                }),
+                state: Mutex::new(State { queue: VecDeque::new(), threads: 0, idle: 0, shutdown: false }),
                 work_ready: Condvar::new(),
                 gauges,
             }),
@@ -112,10 +104,7 @@ impl Pool {
 
     /// Runs `f` on the pool if there is room now, else fails with
     /// [`LaneError::is_full`] without waiting.
-    pub(crate) fn try_run<F, T>(
-        &self,
-        f: F,
-    ) -> Result<oneshot::Receiver<Result<T, LaneError>>, LaneError>
+    pub(crate) fn try_run<F, T>(&self, f: F) -> Result<oneshot::Receiver<Result<T, LaneError>>, LaneError>
     where
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
@@ -144,8 +133,7 @@ impl Pool {
             .await
             .map_err(|_| LaneError::shutdown(self.name()))?;
         let rx = self.submit(permit, f)?;
-        rx.await
-            .unwrap_or_else(|_| Err(LaneError::shutdown(self.name())))
+        rx.await.unwrap_or_else(|_| Err(LaneError::shutdown(self.name())))
     }
 
     fn submit<F, T>(
@@ -192,9 +180,7 @@ impl Pool {
     fn spawn_thread(&self) {
         let shared = Arc::clone(&self.shared);
         let name = format!("fastlane-{}", shared.config.name);
-        let spawned = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || worker(shared));
+        let spawned = std::thread::Builder::new().name(name).spawn(move || worker(shared));
         if let Err(err) = spawned {
             // The queued job is still there and any live thread will take it;
             // with no thread at all it waits for the next successful start.
@@ -219,9 +205,7 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic never happens while the lock is held (jobs run unlocked and
         // inside catch_unwind), so a poisoned lock still holds sane state.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -303,12 +287,7 @@ mod tests {
     #[tokio::test]
     async fn a_panic_is_an_error_and_the_thread_survives() {
         let pool = pool(1, 0);
-        let err = pool
-            .try_run(|| panic!("boom"))
-            .unwrap()
-            .await
-            .unwrap()
-            .unwrap_err();
+        let err = pool.try_run(|| panic!("boom")).unwrap().await.unwrap().unwrap_err();
         assert!(err.is_panic());
         assert_eq!(err.panic_message(), Some("boom"));
         assert_eq!(pool.try_run(|| 7).unwrap().await.unwrap().unwrap(), 7);
@@ -336,9 +315,7 @@ mod tests {
         let mut handles = Vec::new();
         for i in 0..2_000u64 {
             let pool = pool.clone();
-            handles.push(tokio::spawn(async move {
-                pool.run_when_ready(move || i * 2).await.unwrap()
-            }));
+            handles.push(tokio::spawn(async move { pool.run_when_ready(move || i * 2).await.unwrap() }));
         }
         let mut sum = 0;
         for h in handles {

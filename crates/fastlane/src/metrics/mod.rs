@@ -62,9 +62,7 @@ type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
     // From 1 ms (a fast route) to 60 s (the longest default timeout).
-    Histogram::new([
-        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    ])
+    Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
 }
 
 /// The metrics of one server. Cheap to clone.
@@ -100,11 +98,7 @@ impl Metrics {
             latency.clone(),
         );
         let in_flight = Gauge::default();
-        registry.register(
-            "http_requests_in_flight",
-            "Requests being handled now",
-            in_flight.clone(),
-        );
+        registry.register("http_requests_in_flight", "Requests being handled now", in_flight.clone());
         let tasks = Family::<TaskLabels, Counter>::default();
         registry.register(
             "background_tasks",
@@ -127,12 +121,8 @@ impl Metrics {
         let queue_limit = Family::<LaneLabels, Gauge>::default();
         let gauges_for = |lane: &'static str, max: usize, limit: usize| {
             let labels = LaneLabels { lane };
-            max_threads
-                .get_or_create(&labels)
-                .set(i64::try_from(max).unwrap_or(i64::MAX));
-            queue_limit
-                .get_or_create(&labels)
-                .set(i64::try_from(limit).unwrap_or(i64::MAX));
+            max_threads.get_or_create(&labels).set(i64::try_from(max).unwrap_or(i64::MAX));
+            queue_limit.get_or_create(&labels).set(i64::try_from(limit).unwrap_or(i64::MAX));
             PoolGauges {
                 threads: threads.get_or_create(&labels).clone(),
                 busy: busy.get_or_create(&labels).clone(),
@@ -147,16 +137,8 @@ impl Metrics {
         };
         registry.register("lane_threads", "Threads alive in the lane", threads);
         registry.register("lane_busy", "Jobs running in the lane now", busy);
-        registry.register(
-            "lane_queued",
-            "Jobs waiting for a thread of the lane",
-            queued,
-        );
-        registry.register(
-            "lane_rejected",
-            "Jobs refused because the lane was full (answered 503)",
-            rejected,
-        );
+        registry.register("lane_queued", "Jobs waiting for a thread of the lane", queued);
+        registry.register("lane_rejected", "Jobs refused because the lane was full (answered 503)", rejected);
         registry.register("lane_completed", "Jobs the lane finished", completed);
         registry.register("lane_max_threads", "The lane's thread cap", max_threads);
         registry.register("lane_queue_limit", "The lane's queue limit", queue_limit);
@@ -194,19 +176,9 @@ impl Metrics {
         let route = route.to_owned();
         self.inner
             .latency
-            .get_or_create(&RouteLabels {
-                method: method.clone(),
-                route: route.clone(),
-            })
+            .get_or_create(&RouteLabels { method: method.clone(), route: route.clone() })
             .observe(elapsed.as_secs_f64());
-        self.inner
-            .requests
-            .get_or_create(&RequestLabels {
-                method,
-                route,
-                status,
-            })
-            .inc();
+        self.inner.requests.get_or_create(&RequestLabels { method, route, status }).inc();
     }
 
     pub(crate) fn task_scheduled(&self) {
@@ -215,13 +187,7 @@ impl Metrics {
 
     pub(crate) fn task_finished(&self, lane: &'static str, outcome: TaskOutcome) {
         self.inner.tasks_pending.dec();
-        self.inner
-            .tasks
-            .get_or_create(&TaskLabels {
-                lane,
-                outcome: outcome.as_str(),
-            })
-            .inc();
+        self.inner.tasks.get_or_create(&TaskLabels { lane, outcome: outcome.as_str() }).inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -148,9 +148,7 @@ pub struct ServeArgs {
 }
 
 fn parse_secs(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .parse()
-        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
     if !v.is_finite() || !(0.0..=86_400.0).contains(&v) {
         return Err(format!("`{s}` must be between 0 and 86400 seconds"));
     }

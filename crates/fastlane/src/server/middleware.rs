@@ -44,10 +44,7 @@ impl<S> Layer<S> for TrackLayer {
     type Service = Track<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Track {
-            inner,
-            state: self.state.clone(),
-        }
+        Track { inner, state: self.state.clone() }
     }
 }
 
@@ -76,12 +73,7 @@ where
             Some(path) => Arc::from(path.as_str()),
             None => Arc::from(UNMATCHED),
         };
-        let request = Arc::new(RequestState::new(
-            self.state.clone(),
-            req.method().clone(),
-            route,
-            started,
-        ));
+        let request = Arc::new(RequestState::new(self.state.clone(), req.method().clone(), route, started));
 
         if let Some(declared) = declared_length(&req) {
             let limit = self.state.config.body_limit;
@@ -91,9 +83,7 @@ where
                     format!("the request body is {declared} bytes; the limit is {limit} bytes"),
                 );
                 return ResponseFuture {
-                    state: State::Done {
-                        response: Some(error.into_response()),
-                    },
+                    state: State::Done { response: Some(error.into_response()) },
                     request,
                     sleep: None,
                 };
@@ -104,25 +94,14 @@ where
         req.extensions_mut().insert(self.state.lanes.clone());
         let inner = match catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
             Ok(future) => State::Running { future },
-            Err(payload) => State::Done {
-                response: Some(panicked(&request, &*payload)),
-            },
+            Err(payload) => State::Done { response: Some(panicked(&request, &*payload)) },
         };
-        ResponseFuture {
-            state: inner,
-            request,
-            sleep: None,
-        }
+        ResponseFuture { state: inner, request, sleep: None }
     }
 }
 
 fn declared_length(req: &Request) -> Option<u64> {
-    req.headers()
-        .get(http::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
+    req.headers().get(http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 fn panicked(request: &RequestState, payload: &(dyn std::any::Any + Send)) -> Response {
@@ -175,8 +154,7 @@ where
                             // runs on the first poll), so this is the right
                             // deadline.
                             if let Some(timeout) = this.request.timeout() {
-                                let deadline =
-                                    tokio::time::Instant::from_std(this.request.started + timeout);
+                                let deadline = tokio::time::Instant::from_std(this.request.started + timeout);
                                 *this.sleep = Some(Box::pin(tokio::time::sleep_until(deadline)));
                             }
                         }
@@ -220,10 +198,7 @@ where
 fn finish(request: &Arc<RequestState>, response: Response) -> Response {
     let elapsed = request.started.elapsed();
     let status = response.status().as_u16();
-    request
-        .server
-        .metrics
-        .request_finished(&request.method, &request.route, status, elapsed);
+    request.server.metrics.request_finished(&request.method, &request.route, status, elapsed);
     // One human-readable line per request, as the seed article's
     // `log_requests` middleware prints it: `GET /users/{id} 200 1.3ms`.
     tracing::info!(
@@ -235,10 +210,7 @@ fn finish(request: &Arc<RequestState>, response: Response) -> Response {
         elapsed.as_secs_f64() * 1000.0
     );
     let (parts, body) = response.into_parts();
-    let body = TrackedBody {
-        inner: body,
-        request: Some(request.clone()),
-    };
+    let body = TrackedBody { inner: body, request: Some(request.clone()) };
     Response::from_parts(parts, Body::new(body))
 }
 

@@ -72,20 +72,14 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
+        f.debug_struct("Server").field("config", &self.config).finish_non_exhaustive()
     }
 }
 
 impl Server {
     /// A server for `router` with the default [`Config`].
     pub fn new(router: Router) -> Self {
-        Self {
-            router,
-            config: Config::default(),
-            shutdown: None,
-        }
+        Self { router, config: Config::default(), shutdown: None }
     }
 
     /// Replaces the configuration.
@@ -109,9 +103,7 @@ impl Server {
     pub async fn bind(self) -> Result<BoundServer, Error> {
         self.config.validate()?;
         let addr = format!("{}:{}", self.config.host, self.config.port);
-        let listener = TcpListener::bind(&addr)
-            .await
-            .map_err(|source| Error::Bind { addr, source })?;
+        let listener = TcpListener::bind(&addr).await.map_err(|source| Error::Bind { addr, source })?;
         self.from_listener(listener)
     }
 
@@ -119,10 +111,8 @@ impl Server {
     /// bound by a test).
     pub fn from_listener(self, listener: TcpListener) -> Result<BoundServer, Error> {
         self.config.validate()?;
-        let local_addr = listener.local_addr().map_err(|source| Error::Bind {
-            addr: "listener".into(),
-            source,
-        })?;
+        let local_addr =
+            listener.local_addr().map_err(|source| Error::Bind { addr: "listener".into(), source })?;
         let metrics = Metrics::new(&self.config.lanes);
         let lanes = Lanes::with_gauges(self.config.lanes.clone(), metrics.lane_gauges());
         lanes.install_fallback();
@@ -136,9 +126,7 @@ impl Server {
         let router = self
             .router
             .layer(DefaultBodyLimit::max(state.config.body_limit))
-            .layer(middleware::TrackLayer {
-                state: state.clone(),
-            });
+            .layer(middleware::TrackLayer { state: state.clone() });
         let (stop_tx, _) = watch::channel(false);
         Ok(BoundServer {
             listener,
@@ -169,9 +157,42 @@ pub struct BoundServer {
 
 impl std::fmt::Debug for BoundServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BoundServer")
-            .field("local_addr", &self.local_addr)
-            .finish_non_exhaustive()
+        f.debug_struct("BoundServer").field("local_addr", &self.local_addr).finish_non_exhaustive()
+    }
+}
+
+/// A server running on its own task; see [`BoundServer::spawn`].
+#[derive(Debug)]
+pub struct SpawnedServer {
+    addr: SocketAddr,
+    handle: ServerHandle,
+    task: tokio::task::JoinHandle<Result<ShutdownReport, Error>>,
+}
+
+impl SpawnedServer {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://{addr}{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Its handle.
+    pub fn handle(&self) -> &ServerHandle {
+        &self.handle
+    }
+
+    /// Shuts it down gracefully and waits for the drain to end.
+    pub async fn shutdown(self) -> Result<ShutdownReport, Error> {
+        self.handle.shutdown();
+        match self.task.await {
+            Ok(result) => result,
+            // The serve task panicked or was aborted: resume the panic here.
+            Err(err) => std::panic::resume_unwind(err.into_panic()),
+        }
     }
 }
 
@@ -207,22 +228,38 @@ impl BoundServer {
 
     /// A handle to shut the server down from elsewhere.
     pub fn handle(&self) -> ServerHandle {
-        ServerHandle {
-            stop: self.stop.clone(),
-            state: self.state.clone(),
-        }
+        ServerHandle { stop: self.stop.clone(), state: self.state.clone() }
+    }
+
+    /// Serves on a new tokio task and returns at once: for tests and for
+    /// apps that do other things beside serving.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new()?.block_on(async {
+    /// use axum::{routing::get, Router};
+    ///
+    /// let app = Router::new().route("/", get(|| async { "hi" }));
+    /// let config = fastlane::Config { port: 0, ..fastlane::Config::default() };
+    /// let server = fastlane::Server::new(app).config(config).bind().await?.spawn();
+    /// let response = fastlane::client::get(&server.url("/")).await?;
+    /// assert_eq!(response.text(), "hi");
+    /// assert!(server.shutdown().await?.is_clean());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn spawn(self) -> SpawnedServer {
+        let addr = self.local_addr;
+        let handle = self.handle();
+        let task = tokio::spawn(self.serve());
+        SpawnedServer { addr, handle, task }
     }
 
     /// Serves until shutdown, then drains and returns what was cut.
     pub async fn serve(self) -> Result<ShutdownReport, Error> {
-        let BoundServer {
-            listener,
-            local_addr,
-            router,
-            state,
-            signal,
-            stop,
-        } = self;
+        let BoundServer { listener, local_addr, router, state, signal, stop } = self;
         let signal = match signal {
             Some(signal) => signal,
             None => os_signals()?,
@@ -259,19 +296,9 @@ impl BoundServer {
             "shutting down: draining in-flight requests and background tasks"
         );
         let started = Instant::now();
-        let drained = tokio::time::timeout(grace, state.tracker.idle())
-            .await
-            .is_ok();
-        let (requests, tasks) = if drained {
-            Default::default()
-        } else {
-            state.tracker.snapshot()
-        };
-        let report = ShutdownReport {
-            requests,
-            tasks,
-            drained_in: started.elapsed(),
-        };
+        let drained = tokio::time::timeout(grace, state.tracker.idle()).await.is_ok();
+        let (requests, tasks) = if drained { Default::default() } else { state.tracker.snapshot() };
+        let report = ShutdownReport { requests, tasks, drained_in: started.elapsed() };
         if report.is_clean() {
             tracing::info!(
                 drained_in_s = report.drained_in.as_secs_f64(),
@@ -301,9 +328,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 fn http_builder(state: &ServerState) -> auto::Builder<ScopedExecutor> {
-    let mut builder = auto::Builder::new(ScopedExecutor {
-        lanes: state.lanes.clone(),
-    });
+    let mut builder = auto::Builder::new(ScopedExecutor { lanes: state.lanes.clone() });
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -363,10 +388,7 @@ async fn dispatch(
     state: Arc<ServerState>,
     req: http::Request<Incoming>,
 ) -> Result<Response, Infallible> {
-    if state.config.expose_internal
-        && req.uri().path() == "/metrics"
-        && req.method() == http::Method::GET
-    {
+    if state.config.expose_internal && req.uri().path() == "/metrics" && req.method() == http::Method::GET {
         return Ok(metrics_response(&state));
     }
     // `Router` is always ready (its `poll_ready` returns `Ready` at once).
@@ -375,10 +397,7 @@ async fn dispatch(
 
 fn metrics_response(state: &ServerState) -> Response {
     (
-        [(
-            http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         state.metrics.render(),
     )
         .into_response()
@@ -387,10 +406,7 @@ fn metrics_response(state: &ServerState) -> Response {
 async fn accept_error(addr: SocketAddr, err: std::io::Error) {
     use std::io::ErrorKind::*;
     // A connection reset before accept completed is the client's business.
-    if matches!(
-        err.kind(),
-        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted
-    ) {
+    if matches!(err.kind(), ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted) {
         return;
     }
     // Anything else is usually EMFILE (out of file descriptors): log it and

@@ -24,18 +24,10 @@ pub struct CutWork {
 
 impl fmt::Display for CutWork {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {} {} ({} lane)",
-            self.kind, self.method, self.route, self.lane
-        )?;
+        write!(f, "{} {} {} ({} lane)", self.kind, self.method, self.route, self.lane)?;
         match self.running_for {
             Some(d) => write!(f, ", had run {:.1} s", d.as_secs_f64()),
-            None => write!(
-                f,
-                ", never started (waited {:.1} s)",
-                self.waiting_for.as_secs_f64()
-            ),
+            None => write!(f, ", never started (waited {:.1} s)", self.waiting_for.as_secs_f64()),
         }
     }
 }

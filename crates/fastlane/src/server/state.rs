@@ -81,9 +81,7 @@ impl RequestState {
 
     pub(crate) fn set_timeout(&self, timeout: Option<Duration>) {
         let value = match timeout {
-            Some(d) => u64::try_from(d.as_millis())
-                .unwrap_or(TIMEOUT_NONE - 1)
-                .min(TIMEOUT_NONE - 1),
+            Some(d) => u64::try_from(d.as_millis()).unwrap_or(TIMEOUT_NONE - 1).min(TIMEOUT_NONE - 1),
             None => TIMEOUT_NONE,
         };
         self.timeout.store(value, Ordering::Relaxed);
@@ -115,11 +113,7 @@ impl RequestState {
     /// The response is done (or will never be sent): the request leaves the
     /// in-flight list and its background tasks start.
     pub(crate) fn finish(&self) {
-        let tasks = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let tasks = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(tasks) = tasks {
             self.server.tracker.remove_request(self.id);
             for task in tasks {

@@ -37,9 +37,7 @@ pub struct RouteTimeout {
 impl RouteTimeout {
     /// Answer `504` after `timeout`.
     pub fn new(timeout: Duration) -> Self {
-        Self {
-            timeout: Some(timeout),
-        }
+        Self { timeout: Some(timeout) }
     }
 
     /// No timeout for these routes (long polls, streams).
@@ -52,10 +50,7 @@ impl<S> Layer<S> for RouteTimeout {
     type Service = SetTimeout<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        SetTimeout {
-            inner,
-            timeout: self.timeout,
-        }
+        SetTimeout { inner, timeout: self.timeout }
     }
 }
 

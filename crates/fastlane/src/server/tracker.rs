@@ -137,18 +137,10 @@ impl Tracker {
             running_for: e.started.map(|s| now.saturating_duration_since(s)),
             waiting_for: e.started.unwrap_or(now).saturating_duration_since(e.since),
         };
-        let mut requests: Vec<_> = lock(&self.requests)
-            .values()
-            .map(|e| describe(e, "request"))
-            .collect();
-        let mut tasks: Vec<_> = lock(&self.tasks)
-            .values()
-            .map(|e| describe(e, "background task"))
-            .collect();
+        let mut requests: Vec<_> = lock(&self.requests).values().map(|e| describe(e, "request")).collect();
+        let mut tasks: Vec<_> = lock(&self.tasks).values().map(|e| describe(e, "background task")).collect();
         let longest_first = |a: &CutWork, b: &CutWork| {
-            b.running_for
-                .unwrap_or(Duration::ZERO)
-                .cmp(&a.running_for.unwrap_or(Duration::ZERO))
+            b.running_for.unwrap_or(Duration::ZERO).cmp(&a.running_for.unwrap_or(Duration::ZERO))
         };
         requests.sort_by(longest_first);
         tasks.sort_by(longest_first);

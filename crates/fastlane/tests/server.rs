@@ -1,0 +1,183 @@
+//! The server's built-in behaviour over real sockets: panics, timeouts,
+//! limits, metrics, HTTP/2.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use axum::routing::{get, post};
+use axum::Router;
+use fastlane::{client, Config, RouteTimeout};
+use support::start;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn panics() -> &'static str {
+    panic!("handler bug")
+}
+
+#[tokio::test]
+async fn a_panicking_handler_gives_500_json_and_the_server_lives_on() {
+    let app = Router::new()
+        .route("/panic", get(panics))
+        .route("/sync-panic", get(fastlane::sync(|| -> &'static str { panic!("sync bug") })))
+        .route("/ok", get(|| async { "ok" }));
+    let server = start(app, Config::default()).await;
+
+    for path in ["/panic", "/sync-panic"] {
+        let response = client::get(&server.url(path)).await.unwrap();
+        assert_eq!(response.status, 500, "{path}");
+        let body: serde_json::Value = response.json().unwrap();
+        assert_eq!(body["status"], 500);
+        assert!(body["error"].as_str().unwrap().contains("panicked"), "{body}");
+        // The next request on the same server succeeds.
+        let next = client::get(&server.url("/ok")).await.unwrap();
+        assert_eq!((next.status.as_u16(), next.text().as_str()), (200, "ok"));
+    }
+    assert!(server.shutdown().await.unwrap().is_clean());
+}
+
+#[tokio::test]
+async fn a_slow_handler_gets_504_at_its_route_timeout() {
+    let app = Router::new()
+        .route("/slow", get(|| async { tokio::time::sleep(Duration::from_secs(30)).await }))
+        .route(
+            "/patient",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                "done"
+            })
+            .layer(RouteTimeout::new(Duration::from_secs(10))),
+        )
+        .route(
+            "/impatient",
+            get(|| async { tokio::time::sleep(Duration::from_secs(30)).await })
+                .layer(RouteTimeout::new(Duration::from_millis(100))),
+        );
+    let config = Config { request_timeout: Some(Duration::from_millis(400)), ..Config::default() };
+    let server = start(app, config).await;
+
+    let started = Instant::now();
+    let response = client::get(&server.url("/slow")).await.unwrap();
+    assert_eq!(response.status, 504);
+    let body: serde_json::Value = response.json().unwrap();
+    assert!(body["error"].as_str().unwrap().contains("0.4 s"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A route's own, longer timeout wins over the server's.
+    let response = client::get(&server.url("/patient")).await.unwrap();
+    assert_eq!((response.status.as_u16(), response.text().as_str()), (200, "done"));
+
+    // And a shorter one too.
+    let started = Instant::now();
+    assert_eq!(client::get(&server.url("/impatient")).await.unwrap().status, 504);
+    assert!(started.elapsed() < Duration::from_millis(390), "{:?}", started.elapsed());
+    assert!(server.shutdown().await.unwrap().is_clean());
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_gets_413_json() {
+    let app = Router::new().route("/echo", post(|body: String| async move { body.len().to_string() }));
+    let config = Config { body_limit: 1024, ..Config::default() };
+    let server = start(app, config).await;
+
+    let small = client::request(
+        http::Method::POST,
+        &server.url("/echo"),
+        Some(("text/plain", vec![b'a'; 1000].into())),
+    )
+    .await
+    .unwrap();
+    assert_eq!((small.status.as_u16(), small.text().as_str()), (200, "1000"));
+
+    let large = client::request(
+        http::Method::POST,
+        &server.url("/echo"),
+        Some(("text/plain", vec![b'a'; 5000].into())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(large.status, 413);
+    let body: serde_json::Value = large.json().unwrap();
+    assert!(body["error"].as_str().unwrap().contains("limit is 1024 bytes"), "{body}");
+    assert!(server.shutdown().await.unwrap().is_clean());
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let app = Router::new().route("/", get(|| async { "hi" }));
+    let config = Config { header_read_timeout: Duration::from_millis(500), ..Config::default() };
+    let server = start(app, config).await;
+
+    let mut stream = tokio::net::TcpStream::connect(server.local_addr()).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap(); // no final CRLF
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the server kept the slow client's connection open");
+    assert!(started.elapsed() >= Duration::from_millis(400), "{:?}", started.elapsed());
+    // Other clients are served meanwhile and after.
+    assert_eq!(client::get(&server.url("/")).await.unwrap().text(), "hi");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn metrics_are_served_only_when_exposed() {
+    let app = Router::new().route("/users/{id}", get(|| async { "user" }));
+    let hidden = start(app.clone(), Config::default()).await;
+    assert_eq!(client::get(&hidden.url("/metrics")).await.unwrap().status, 404);
+    hidden.shutdown().await.unwrap();
+
+    let server = start(app, Config { expose_internal: true, ..Config::default() }).await;
+    for id in 0..3 {
+        assert_eq!(client::get(&server.url(&format!("/users/{id}"))).await.unwrap().status, 200);
+    }
+    client::get(&server.url("/nope")).await.unwrap();
+    let metrics = client::get(&server.url("/metrics")).await.unwrap().text();
+    // Labelled by the route pattern, not the raw path.
+    assert!(
+        metrics.contains(r#"fastlane_http_requests_total{method="GET",route="/users/{id}",status="200"} 3"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"route="<unmatched>",status="404""#), "{metrics}");
+    assert!(metrics.contains("fastlane_http_request_duration_seconds_bucket"), "{metrics}");
+    for lane in ["blocking", "cpu"] {
+        for name in ["lane_busy", "lane_queued", "lane_rejected_total", "lane_max_threads"] {
+            let needle = format!(r#"fastlane_{name}{{lane="{lane}"}}"#);
+            assert!(metrics.contains(&needle), "missing {needle}");
+        }
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_served() {
+    use http_body_util::{BodyExt, Empty};
+    let app = Router::new().route("/", get(|| async { "over h2" }));
+    let server = start(app, Config::default()).await;
+
+    let stream = tokio::net::TcpStream::connect(server.local_addr()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(server.url("/")).body(Empty::<bytes::Bytes>::new()).unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"over h2");
+    drop(sender);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn binding_a_taken_port_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let config = Config { port, ..Config::default() };
+    let err = fastlane::Server::new(Router::new()).config(config).bind().await.unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+}
