@@ -38,6 +38,7 @@ mod api_error;
 mod background;
 pub mod client;
 mod error;
+mod executor;
 pub mod extract;
 mod lane;
 mod metrics;
@@ -47,6 +48,7 @@ mod telemetry;
 pub use api_error::ApiError;
 pub use background::{Background, TaskResult};
 pub use error::Error;
+pub use executor::IsolationConfig;
 pub use lane::{blocking, compute, cpu, sync, LaneConfig, LaneError, LaneHandler, Lanes};
 pub use server::{
     BoundServer, Config, CutWork, RouteTimeout, ServeArgs, Server, ServerHandle, SetTimeout, ShutdownReport,

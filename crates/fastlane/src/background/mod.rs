@@ -20,6 +20,7 @@ use axum::extract::FromRequestParts;
 use futures_util::FutureExt;
 use http::request::Parts;
 
+use crate::executor::{Phase, Routed};
 use crate::lane::{panic_message, LaneKind};
 use crate::metrics::TaskOutcome;
 use crate::server::RequestState;
@@ -82,9 +83,10 @@ impl Background {
     {
         let (id, request) = self.register("async");
         let server = request.server.clone();
-        let route = request.route.clone();
+        let route = request.route.route.clone();
+        let route_id = request.route.id;
         let method = request.method.clone();
-        self.request.schedule(Box::pin(async move {
+        let task = async move {
             server.tracker.task_started(id);
             let outcome = match AssertUnwindSafe(task).catch_unwind().await {
                 Ok(result) => outcome_of(result.into_result(), &method, &route),
@@ -96,7 +98,10 @@ impl Background {
             };
             server.metrics.task_finished("async", outcome);
             server.tracker.remove_task(id);
-        }));
+        };
+        // Stalls inside the task are reported against the route that
+        // scheduled it.
+        self.request.schedule(Box::pin(Routed::new(task, route_id, Phase::Background)));
     }
 
     /// Runs a blocking closure on the blocking lane after the response. If the
@@ -132,7 +137,7 @@ impl Background {
         };
         let (id, request) = self.register(lane_name);
         let server = request.server.clone();
-        let route = request.route.clone();
+        let route = request.route.route.clone();
         let method = request.method.clone();
         self.request.schedule(Box::pin(async move {
             let tracker_server = server.clone();
@@ -162,7 +167,7 @@ impl Background {
 
     fn register(&self, lane: &'static str) -> (u64, &RequestState) {
         let request = &*self.request;
-        let id = request.server.tracker.add_task(&request.method, &request.route, lane);
+        let id = request.server.tracker.add_task(&request.method, &request.route.route, lane);
         request.server.metrics.task_scheduled();
         (id, request)
     }

@@ -65,6 +65,28 @@ fn latency_histogram() -> Histogram {
     Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
 }
 
+fn stall_histogram() -> Histogram {
+    // From the 10 ms default threshold to a minute.
+    Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
+}
+
+/// Numbers of the watched executor (see `executor/`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct IsolationGauges {
+    /// Runner threads alive.
+    pub(crate) threads: Gauge,
+    /// Runner threads stuck in a stall now.
+    pub(crate) stuck: Gauge,
+    /// The cap on runner threads.
+    pub(crate) max_threads: Gauge,
+    /// Runner threads started in all.
+    pub(crate) started: Counter,
+    /// Stuck threads given the lowest priority for burning CPU.
+    pub(crate) demoted: Counter,
+    /// Requests answered 503 because their route was stalling at the cap.
+    pub(crate) rejected: Counter,
+}
+
 /// The metrics of one server. Cheap to clone.
 #[derive(Debug, Clone)]
 pub(crate) struct Metrics {
@@ -80,6 +102,8 @@ struct Inner {
     tasks: Family<TaskLabels, Counter>,
     tasks_pending: Gauge,
     lanes: LaneGauges,
+    stalls: HistogramFamily,
+    isolation: IsolationGauges,
 }
 
 impl Metrics {
@@ -143,6 +167,28 @@ impl Metrics {
         registry.register("lane_max_threads", "The lane's thread cap", max_threads);
         registry.register("lane_queue_limit", "The lane's queue limit", queue_limit);
 
+        let stalls: HistogramFamily = Family::new_with_constructor(stall_histogram);
+        registry.register(
+            "stall_duration_seconds",
+            "Stalls (one poll over the threshold) by method and route, with their durations",
+            stalls.clone(),
+        );
+        let isolation = IsolationGauges::default();
+        registry.register("isolation_threads", "Runner threads alive", isolation.threads.clone());
+        registry.register("isolation_stuck_threads", "Runner threads stuck in a stall now", isolation.stuck.clone());
+        registry.register("isolation_max_threads", "The cap on runner threads", isolation.max_threads.clone());
+        registry.register("isolation_threads_started", "Runner threads started", isolation.started.clone());
+        registry.register(
+            "isolation_demoted",
+            "Stuck runner threads given the lowest OS priority for burning CPU",
+            isolation.demoted.clone(),
+        );
+        registry.register(
+            "isolation_rejected",
+            "Requests answered 503 because their route was stalling with every runner thread in use",
+            isolation.rejected.clone(),
+        );
+
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -152,12 +198,23 @@ impl Metrics {
                 tasks,
                 tasks_pending,
                 lanes: lane_gauges,
+                stalls,
+                isolation,
             }),
         }
     }
 
     pub(crate) fn lane_gauges(&self) -> LaneGauges {
         self.inner.lanes.clone()
+    }
+
+    pub(crate) fn isolation(&self) -> &IsolationGauges {
+        &self.inner.isolation
+    }
+
+    pub(crate) fn stall_ended(&self, route: &crate::executor::RouteInfo, took: Duration) {
+        let labels = RouteLabels { method: route.method.as_str().to_owned(), route: route.route.to_string() };
+        self.inner.stalls.get_or_create(&labels).observe(took.as_secs_f64());
     }
 
     pub(crate) fn request_started(&self) {

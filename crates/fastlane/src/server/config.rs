@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use crate::LaneConfig;
+use crate::{IsolationConfig, LaneConfig};
 
 /// How a [`Server`](crate::Server) listens and what limits it applies.
 ///
@@ -46,6 +46,8 @@ pub struct Config {
     pub grace_period: Duration,
     /// Sizes of the blocking and CPU lanes.
     pub lanes: LaneConfig,
+    /// Isolation of `async fn` handlers that block by mistake.
+    pub isolation: IsolationConfig,
     /// Serve `GET /metrics` (Prometheus) on the app's own address. Default
     /// off: it reveals route names and load to whoever can reach the port.
     /// The demo turns it on.
@@ -62,6 +64,7 @@ impl Default for Config {
             body_limit: 2 * 1024 * 1024,
             grace_period: Duration::from_secs(30),
             lanes: LaneConfig::default(),
+            isolation: IsolationConfig::default(),
             expose_internal: false,
         }
     }
@@ -79,6 +82,12 @@ impl Config {
         }
         if !(0..=19).contains(&self.lanes.cpu_nice) {
             return bad("lanes.cpu_nice must be between 0 and 19");
+        }
+        if self.isolation.stall_threshold.is_zero() {
+            return bad("isolation.stall_threshold must be more than 0");
+        }
+        if self.isolation.max_threads <= self.isolation.runners {
+            return bad("isolation.max_threads must be more than isolation.runners");
         }
         if self.header_read_timeout.is_zero() {
             return bad("header_read_timeout must be more than 0");
@@ -142,6 +151,15 @@ pub struct ServeArgs {
     /// Jobs that may wait for a CPU thread before requests get 503.
     #[arg(long, env = "FASTLANE_CPU_QUEUE")]
     pub cpu_queue: Option<usize>,
+    /// Milliseconds one poll of an async handler may take before it counts as a stall [default: 10].
+    #[arg(long, env = "FASTLANE_STALL_THRESHOLD_MS", value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub stall_threshold_ms: Option<u64>,
+    /// Most runner threads for async handlers, stuck ones included [default: 256].
+    #[arg(long, env = "FASTLANE_MAX_THREADS", value_parser = clap::value_parser!(u32).range(2..=100_000))]
+    pub max_threads: Option<u32>,
+    /// Run async handlers on tokio's workers, without stall isolation (as plain axum).
+    #[arg(long, env = "FASTLANE_NO_ISOLATION")]
+    pub no_isolation: bool,
     /// Nice value added to CPU-lane threads (0-19).
     #[arg(long, env = "FASTLANE_CPU_NICE", value_parser = clap::value_parser!(i32).range(0..=19))]
     pub cpu_nice: Option<i32>,
@@ -191,6 +209,15 @@ impl ServeArgs {
         }
         if let Some(bytes) = self.body_limit {
             config.body_limit = bytes;
+        }
+        if let Some(ms) = self.stall_threshold_ms {
+            config.isolation.stall_threshold = Duration::from_millis(ms);
+        }
+        if let Some(n) = self.max_threads {
+            config.isolation.max_threads = n as usize;
+        }
+        if self.no_isolation {
+            config.isolation.enabled = false;
         }
         let lanes = &mut config.lanes;
         if let Some(n) = self.blocking_threads {

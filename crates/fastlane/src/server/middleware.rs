@@ -29,6 +29,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::state::{RequestState, ServerState};
+use crate::executor::{enter_route, Phase};
 use crate::lane::panic_message;
 use crate::ApiError;
 
@@ -69,11 +70,26 @@ where
 
     fn call(&mut self, mut req: Request) -> Self::Future {
         let started = Instant::now();
-        let route: Arc<str> = match req.extensions().get::<MatchedPath>() {
-            Some(path) => Arc::from(path.as_str()),
-            None => Arc::from(UNMATCHED),
-        };
-        let request = Arc::new(RequestState::new(self.state.clone(), req.method().clone(), route, started));
+        let path = req.extensions().get::<MatchedPath>().map_or(UNMATCHED, MatchedPath::as_str);
+        let route = self.state.routes.get(req.method(), path);
+        let request = Arc::new(RequestState::new(self.state.clone(), route, started));
+
+        if let Some(executor) = &self.state.executor {
+            // Every runner is taken and this route is among those holding
+            // them: refuse it, so that the routes that behave still get the
+            // threads that free up.
+            if request.route.stalls.ongoing() > 0 && executor.saturated() {
+                request.route.stalls.rejected();
+                self.state.metrics.isolation().rejected.inc();
+                let error = ApiError::unavailable(format!(
+                    "{} {} is stalling its threads and all {} runner threads are in use; retry later",
+                    request.method,
+                    request.route.route,
+                    executor.max_threads()
+                ));
+                return ResponseFuture { state: State::Done { response: Some(error.into_response()) }, request, sleep: None };
+            }
+        }
 
         if let Some(declared) = declared_length(&req) {
             let limit = self.state.config.body_limit;
@@ -92,6 +108,7 @@ where
 
         req.extensions_mut().insert(request.clone());
         req.extensions_mut().insert(self.state.lanes.clone());
+        let _route = enter_route(request.route.id, Phase::Handler);
         let inner = match catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
             Ok(future) => State::Running { future },
             Err(payload) => State::Done { response: Some(panicked(&request, &*payload)) },
@@ -106,7 +123,7 @@ fn declared_length(req: &Request) -> Option<u64> {
 
 fn panicked(request: &RequestState, payload: &(dyn std::any::Any + Send)) -> Response {
     let message = panic_message(payload);
-    tracing::error!(method = %request.method, route = %request.route, panic = %message, "handler panicked; answered 500");
+    tracing::error!(method = %request.method, route = %request.route.route, panic = %message, "handler panicked; answered 500");
     ApiError::internal("the handler panicked; the error has been logged").into_response()
 }
 
@@ -143,6 +160,7 @@ where
                 .take()
                 .unwrap_or_else(|| ApiError::internal("polled after completion").into_response()),
             StateProj::Running { future } => {
+                let _route = enter_route(this.request.route.id, Phase::Handler);
                 let polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
                 match polled {
                     Ok(Poll::Ready(Ok(response))) => response,
@@ -167,7 +185,7 @@ where
                                 let timeout = this.request.timeout().unwrap_or_default();
                                 tracing::warn!(
                                     method = %this.request.method,
-                                    route = %this.request.route,
+                                    route = %this.request.route.route,
                                     timeout_s = timeout.as_secs_f64(),
                                     "request timed out; answered 504"
                                 );
@@ -198,14 +216,14 @@ where
 fn finish(request: &Arc<RequestState>, response: Response) -> Response {
     let elapsed = request.started.elapsed();
     let status = response.status().as_u16();
-    request.server.metrics.request_finished(&request.method, &request.route, status, elapsed);
+    request.server.metrics.request_finished(&request.method, &request.route.route, status, elapsed);
     // One human-readable line per request, as the seed article's
     // `log_requests` middleware prints it: `GET /users/{id} 200 1.3ms`.
     tracing::info!(
         target: "fastlane::request",
         "{} {} {} {:.1}ms",
         request.method,
-        request.route,
+        request.route.route,
         status,
         elapsed.as_secs_f64() * 1000.0
     );
@@ -232,6 +250,7 @@ impl http_body::Body for TrackedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = self.project();
+        let _route = this.request.as_ref().map(|r| enter_route(r.route.id, Phase::Body));
         let polled = this.inner.poll_frame(cx);
         if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = &polled {
             if let Some(request) = this.request.take() {

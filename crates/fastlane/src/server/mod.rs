@@ -26,7 +26,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -37,6 +37,7 @@ pub use report::{CutWork, ShutdownReport};
 pub(crate) use state::RequestState;
 pub use timeout::{RouteTimeout, SetTimeout};
 
+use crate::executor::{Executor, RouteTable};
 use crate::metrics::Metrics;
 use crate::{Error, Lanes};
 use state::ServerState;
@@ -116,12 +117,19 @@ impl Server {
         let metrics = Metrics::new(&self.config.lanes);
         let lanes = Lanes::with_gauges(self.config.lanes.clone(), metrics.lane_gauges());
         lanes.install_fallback();
+        let runtime = tokio::runtime::Handle::current();
+        let routes = Arc::new(RouteTable::default());
+        let executor = self.config.isolation.enabled.then(|| {
+            Executor::new(self.config.isolation.clone(), runtime.clone(), routes.clone(), metrics.clone())
+        });
         let state = Arc::new(ServerState {
             config: self.config,
             lanes,
             metrics,
             tracker: Default::default(),
-            runtime: tokio::runtime::Handle::current(),
+            runtime,
+            routes,
+            executor,
         });
         let router = self
             .router
@@ -278,7 +286,7 @@ impl BoundServer {
                     Ok((stream, _peer)) => {
                         let _ = stream.set_nodelay(true);
                         let conn = serve_connection(stream, builder.clone(), router.clone(), state.clone(), stop.subscribe());
-                        tokio::spawn(state.lanes.scope(conn));
+                        state.start_task(Box::pin(conn));
                     }
                     Err(err) => accept_error(local_addr, err).await,
                 },
@@ -316,6 +324,9 @@ impl BoundServer {
             );
         }
         state.lanes.close();
+        if let Some(executor) = &state.executor {
+            executor.shutdown();
+        }
         Ok(report)
     }
 }
@@ -327,8 +338,8 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
-fn http_builder(state: &ServerState) -> auto::Builder<ScopedExecutor> {
-    let mut builder = auto::Builder::new(ScopedExecutor { lanes: state.lanes.clone() });
+fn http_builder(state: &Arc<ServerState>) -> auto::Builder<StreamExecutor> {
+    let mut builder = auto::Builder::new(StreamExecutor { state: state.clone() });
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -338,26 +349,28 @@ fn http_builder(state: &ServerState) -> auto::Builder<ScopedExecutor> {
     builder
 }
 
-/// Spawns HTTP/2 stream tasks with the server's lanes in scope, so that
-/// [`blocking`](crate::blocking) finds them there too.
+/// Spawns HTTP/2 stream tasks where connections run (the watched executor),
+/// with the server's lanes in scope.
 #[derive(Clone)]
-struct ScopedExecutor {
-    lanes: Lanes,
+struct StreamExecutor {
+    state: Arc<ServerState>,
 }
 
-impl<F> hyper::rt::Executor<F> for ScopedExecutor
+impl<F> hyper::rt::Executor<F> for StreamExecutor
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
     fn execute(&self, fut: F) {
-        TokioExecutor::new().execute(self.lanes.scope(fut));
+        self.state.start_task(Box::pin(async move {
+            fut.await;
+        }));
     }
 }
 
 async fn serve_connection(
     stream: TcpStream,
-    builder: Arc<auto::Builder<ScopedExecutor>>,
+    builder: Arc<auto::Builder<StreamExecutor>>,
     router: Router,
     state: Arc<ServerState>,
     mut stop: watch::Receiver<bool>,
@@ -388,8 +401,12 @@ async fn dispatch(
     state: Arc<ServerState>,
     req: http::Request<Incoming>,
 ) -> Result<Response, Infallible> {
-    if state.config.expose_internal && req.uri().path() == "/metrics" && req.method() == http::Method::GET {
-        return Ok(metrics_response(&state));
+    if state.config.expose_internal && req.method() == http::Method::GET {
+        match req.uri().path() {
+            "/metrics" => return Ok(metrics_response(&state)),
+            "/_fastlane/stalls" => return Ok(axum::Json(state.routes.stall_rows()).into_response()),
+            _ => {}
+        }
     }
     // `Router` is always ready (its `poll_ready` returns `Ready` at once).
     router.call(req.map(Body::new)).await

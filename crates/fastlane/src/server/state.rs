@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::config::Config;
 use super::tracker::Tracker;
+use crate::executor::{Executor, RouteInfo, RouteTable};
 use crate::metrics::Metrics;
 use crate::Lanes;
 
@@ -20,12 +21,20 @@ pub(crate) struct ServerState {
     pub(crate) metrics: Metrics,
     pub(crate) tracker: Tracker,
     pub(crate) runtime: tokio::runtime::Handle,
+    pub(crate) routes: Arc<RouteTable>,
+    /// The watched executor; `None` when isolation is off.
+    pub(crate) executor: Option<Executor>,
 }
 
 impl ServerState {
-    /// Starts a background task on the runtime, with these lanes current.
+    /// Starts a task (a connection, a background task) with these lanes
+    /// current: on the watched executor, or on tokio without isolation.
     pub(crate) fn start_task(&self, task: Task) {
-        self.runtime.spawn(self.lanes.scope(task));
+        let task = self.lanes.scope(task);
+        match &self.executor {
+            Some(executor) => executor.spawn(task),
+            None => drop(self.runtime.spawn(task)),
+        }
     }
 }
 
@@ -39,7 +48,7 @@ pub(crate) struct RequestState {
     pub(crate) server: Arc<ServerState>,
     pub(crate) id: u64,
     pub(crate) method: http::Method,
-    pub(crate) route: Arc<str>,
+    pub(crate) route: Arc<RouteInfo>,
     pub(crate) started: Instant,
     /// A per-route timeout set by [`RouteTimeout`](crate::RouteTimeout), in
     /// milliseconds; [`TIMEOUT_UNSET`] means "use the server's".
@@ -54,19 +63,15 @@ impl std::fmt::Debug for RequestState {
         f.debug_struct("RequestState")
             .field("id", &self.id)
             .field("method", &self.method)
-            .field("route", &self.route)
+            .field("route", &self.route.route)
             .finish_non_exhaustive()
     }
 }
 
 impl RequestState {
-    pub(crate) fn new(
-        server: Arc<ServerState>,
-        method: http::Method,
-        route: Arc<str>,
-        started: Instant,
-    ) -> Self {
-        let id = server.tracker.add_request(&method, &route, started);
+    pub(crate) fn new(server: Arc<ServerState>, route: Arc<RouteInfo>, started: Instant) -> Self {
+        let method = route.method.clone();
+        let id = server.tracker.add_request(&method, &route.route, started);
         server.metrics.request_started();
         Self {
             server,

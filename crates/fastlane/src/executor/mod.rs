@@ -1,0 +1,413 @@
+//! The watched executor: isolation of `async fn` handlers that block by
+//! mistake.
+//!
+//! Why not run handlers on tokio's workers? A tokio worker that is stuck in a
+//! poll (a `std::thread::sleep`, a blocking driver, a busy loop inside an
+//! `async fn`) stalls every task queued behind it, and tokio has no way to
+//! notice or to hand those tasks to another thread. Go's runtime does (its
+//! `sysmon` hands a blocked thread's work to a fresh one), and so do we:
+//!
+//! * connection tasks (hyper + the router + the handlers), streaming bodies
+//!   and async background tasks run on *runner* threads fed from one shared
+//!   queue; the runners enter the tokio runtime, so tokio I/O, timers,
+//!   `tokio::spawn` and task-locals keep working inside handlers;
+//! * each runner publishes when its current poll began and which route it is
+//!   polling ([`slot`]);
+//! * a *monitor* thread looks at the runners every millisecond. A poll older
+//!   than the stall threshold is a stall: the monitor marks the runner stuck,
+//!   records the stall against the route and logs it, and makes sure an idle
+//!   runner is there to take the queue (starting one if needed, up to a cap);
+//! * a stuck runner that burns CPU (its thread CPU clock advances) is given
+//!   the lowest OS priority, so it cannot take the cores from healthy ones;
+//!   it retires when its poll returns, since an unprivileged process cannot
+//!   raise a priority back;
+//! * when the poll returns the runner reports how long the stall lasted, and
+//!   spare runners retire after a while without work.
+//!
+//! A task is never tied to a runner: whichever runner is free takes the next
+//! task, so one stuck poll holds up exactly one task, its own.
+
+mod monitor;
+pub(crate) mod slot;
+pub(crate) mod stalls;
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_task::Runnable;
+
+use crate::metrics::Metrics;
+pub(crate) use slot::{enter_route, Phase};
+use slot::{Slot, CURRENT, STUCK};
+pub(crate) use stalls::{RouteInfo, RouteTable, NO_ROUTE};
+
+/// How the isolation of async handlers is set up.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+///
+/// let isolation = fastlane::IsolationConfig {
+///     stall_threshold: Duration::from_millis(20),
+///     ..fastlane::IsolationConfig::default()
+/// };
+/// let config = fastlane::Config { isolation, ..fastlane::Config::default() };
+/// # let _ = config;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IsolationConfig {
+    /// Run handlers on the watched executor. Default on. Off, connections run
+    /// on tokio's workers as in plain axum, and a blocking `async fn`
+    /// handler stalls the requests that share its thread.
+    pub enabled: bool,
+    /// A poll longer than this is a stall. Default 10 ms: a healthy poll of a
+    /// request takes microseconds, so 10 ms is two orders of magnitude above
+    /// anything legitimate, and above the few milliseconds for which the OS
+    /// may preempt a healthy thread on a loaded machine, so preemption alone
+    /// rarely looks like a stall. Fast requests do not wait for it: while a
+    /// stall is going on the executor keeps idle runners ready.
+    pub stall_threshold: Duration,
+    /// Runner threads kept for healthy work. Default: the number of cores,
+    /// like tokio's workers.
+    pub runners: usize,
+    /// The most runner threads alive at once, stuck ones included. Default
+    /// 256: each stuck thread costs a stack (mostly untouched virtual memory)
+    /// and a kernel task; 256 blocked handlers at once is far past a bug
+    /// that needs fixing, and the cap keeps a flood of them from exhausting
+    /// the process. At the cap, new requests for the stalling routes get
+    /// `503` while other routes are still served.
+    pub max_threads: usize,
+}
+
+impl Default for IsolationConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self { enabled: true, stall_threshold: Duration::from_millis(10), runners: cores, max_threads: 256 }
+    }
+}
+
+/// While any stall is going on, keep this many runners idle: a new request
+/// may itself block, and the next one must still find a free runner at once.
+const SPARES_WHILE_STALLING: usize = 2;
+
+/// A spare runner (beyond [`IsolationConfig::runners`]) retires after this
+/// long without work. Long enough to ride out the gaps of a steady stream of
+/// blocking requests without creating a thread for each one.
+const SPARE_KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// The watched executor. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Executor {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: IsolationConfig,
+    runtime: tokio::runtime::Handle,
+    routes: Arc<RouteTable>,
+    metrics: Metrics,
+    epoch: Instant,
+    queue: Mutex<Queue>,
+    work_ready: Condvar,
+    /// Live runners, for the monitor.
+    slots: Mutex<Vec<Arc<Slot>>>,
+    /// Mirrors of the queue's counts, readable without its lock.
+    threads: AtomicUsize,
+    idle: AtomicUsize,
+    stuck: AtomicUsize,
+    shutdown: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    tasks: VecDeque<Runnable>,
+    threads: usize,
+    idle: usize,
+    shutdown: bool,
+}
+
+impl Executor {
+    /// Starts the monitor; runners start on demand.
+    pub(crate) fn new(
+        config: IsolationConfig,
+        runtime: tokio::runtime::Handle,
+        routes: Arc<RouteTable>,
+        metrics: Metrics,
+    ) -> Self {
+        let config = IsolationConfig {
+            runners: config.runners.max(1),
+            max_threads: config.max_threads.max(config.runners.max(1) + 1),
+            ..config
+        };
+        metrics.isolation().max_threads.set(config.max_threads as i64);
+        let shared = Arc::new(Shared {
+            config,
+            runtime,
+            routes,
+            metrics,
+            epoch: Instant::now(),
+            queue: Mutex::new(Queue::default()),
+            work_ready: Condvar::new(),
+            slots: Mutex::new(Vec::new()),
+            threads: AtomicUsize::new(0),
+            idle: AtomicUsize::new(0),
+            stuck: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+        });
+        monitor::start(shared.clone());
+        Self { shared }
+    }
+
+    /// Runs `future` on the runners.
+    pub(crate) fn spawn<F>(&self, future: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let shared = self.shared.clone();
+        let (runnable, task) = async_task::spawn(future, move |runnable| shared.schedule(runnable));
+        task.detach();
+        runnable.schedule();
+    }
+
+    /// True when stuck runners have taken every thread beyond the healthy
+    /// `runners`: no replacement can be started, so the routes that stall
+    /// must be refused to keep the remaining threads for the others.
+    pub(crate) fn saturated(&self) -> bool {
+        let s = &self.shared;
+        s.stuck.load(Ordering::Relaxed) + s.config.runners >= s.config.max_threads
+    }
+
+    pub(crate) fn max_threads(&self) -> usize {
+        self.shared.config.max_threads
+    }
+
+    /// Lets the runners finish the queue and exit; stops the monitor.
+    pub(crate) fn shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::Relaxed);
+        self.shared.lock().shutdown = true;
+        self.shared.work_ready.notify_all();
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // Nothing panics while holding this lock (tasks run unlocked).
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX >> 2)
+    }
+
+    fn schedule(self: &Arc<Self>, runnable: Runnable) {
+        let mut queue = self.lock();
+        if queue.shutdown && queue.threads == 0 {
+            // Too late: nobody will run it. Dropping cancels the task.
+            return;
+        }
+        queue.tasks.push_back(runnable);
+        let start_runner = queue.threads < self.config.runners;
+        let wake = queue.idle > 0;
+        if start_runner {
+            queue.threads += 1;
+        }
+        drop(queue);
+        if start_runner {
+            self.start_runner();
+        } else if wake {
+            self.work_ready.notify_one();
+        }
+    }
+
+    /// Starts one runner; the caller has counted it in `queue.threads`.
+    fn start_runner(self: &Arc<Self>) {
+        let shared = self.clone();
+        let slot = Arc::new(Slot::default());
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).push(slot.clone());
+        self.threads.fetch_add(1, Ordering::Relaxed);
+        self.metrics.isolation().threads.inc();
+        self.metrics.isolation().started.inc();
+        let spawned = std::thread::Builder::new()
+            .name("fastlane-runner".into())
+            .spawn(move || shared.run(slot));
+        if let Err(err) = spawned {
+            tracing::error!(error = %err, "could not start a runner thread");
+            self.lock().threads -= 1;
+            self.threads.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.isolation().threads.dec();
+        }
+    }
+
+    /// A runner thread's life.
+    fn run(self: Arc<Self>, slot: Arc<Slot>) {
+        let _runtime = self.runtime.enter();
+        monitor::publish_thread_ids(&slot);
+        CURRENT.with(|c| *c.borrow_mut() = Some(slot.clone()));
+        while let Some(runnable) = self.next(&slot) {
+            slot.poll_started.store(self.now_ns() + 1, Ordering::Release);
+            // A panic inside a task (hyper or a handler) must not take the
+            // runner down; handler panics are already answered 500 above us.
+            let _ = catch_unwind(AssertUnwindSafe(|| runnable.run()));
+            let started = slot.poll_started.swap(0, Ordering::AcqRel);
+            if started & STUCK != 0 {
+                let began = (started & !STUCK).saturating_sub(1);
+                let took = Duration::from_nanos(self.now_ns().saturating_sub(began));
+                self.stall_ended(&slot, took);
+            }
+        }
+        CURRENT.with(|c| c.borrow_mut().take());
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).retain(|s| !Arc::ptr_eq(s, &slot));
+        self.threads.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.isolation().threads.dec();
+    }
+
+    /// The next task for a runner, or `None` when it should retire.
+    fn next(&self, slot: &Slot) -> Option<Runnable> {
+        let mut queue = self.lock();
+        loop {
+            if slot.demoted.load(Ordering::Relaxed) {
+                // Its priority is at the floor: let a fresh thread take over.
+                queue.threads -= 1;
+                return None;
+            }
+            if let Some(runnable) = queue.tasks.pop_front() {
+                return Some(runnable);
+            }
+            if queue.shutdown {
+                queue.threads -= 1;
+                return None;
+            }
+            queue.idle += 1;
+            self.idle.fetch_add(1, Ordering::Relaxed);
+            let (next, waited) = self
+                .work_ready
+                .wait_timeout(queue, SPARE_KEEP_ALIVE)
+                .unwrap_or_else(|p| p.into_inner());
+            queue = next;
+            queue.idle -= 1;
+            self.idle.fetch_sub(1, Ordering::Relaxed);
+            let spare = queue.threads > self.config.runners;
+            if waited.timed_out() && queue.tasks.is_empty() && spare && self.stuck.load(Ordering::Relaxed) == 0 {
+                queue.threads -= 1;
+                return None;
+            }
+        }
+    }
+
+    /// Called by the monitor: makes sure idle runners are there to take the
+    /// queue while some are stuck.
+    fn ensure_spares(self: &Arc<Self>) {
+        let stuck = self.stuck.load(Ordering::Relaxed);
+        let mut queue = self.lock();
+        let healthy = queue.threads.saturating_sub(stuck);
+        let mut wanted = self.config.runners.saturating_sub(healthy);
+        if stuck > 0 {
+            let missing_spares = SPARES_WHILE_STALLING.saturating_sub(queue.idle);
+            wanted = wanted.max(queue.tasks.len().saturating_sub(queue.idle) + missing_spares);
+        }
+        let room = self.config.max_threads.saturating_sub(queue.threads);
+        let start = wanted.min(room);
+        queue.threads += start;
+        drop(queue);
+        for _ in 0..start {
+            self.start_runner();
+        }
+    }
+
+    fn stall_ended(&self, slot: &Slot, took: Duration) {
+        self.stuck.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.isolation().stuck.dec();
+        let route = self.routes.by_id(slot.stuck_route.load(Ordering::Relaxed));
+        let Some(route) = route else { return };
+        route.stalls.ended(took);
+        self.metrics.stall_ended(&route, took);
+        let cpu = slot.cpu_bound.swap(false, Ordering::Relaxed);
+        tracing::warn!(
+            target: "fastlane::stall",
+            method = %route.method,
+            route = %route.route,
+            ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+            "{}",
+            stall_message(&route, slot.stuck_phase(), took, Some(cpu), true)
+        );
+    }
+}
+
+/// The stall log line: what happened, where, and what to do about it.
+///
+/// `cpu` is `None` while it is not yet known whether the poll is blocked
+/// (asleep, waiting on I/O) or computing.
+pub(crate) fn stall_message(route: &RouteInfo, phase: Phase, took: Duration, cpu: Option<bool>, ended: bool) -> String {
+    let secs = took.as_secs_f64();
+    let amount = if secs >= 1.0 { format!("{secs:.1} s") } else { format!("{:.0} ms", secs * 1000.0) };
+    let what = match (ended, cpu) {
+        (true, Some(true)) => format!("kept its thread busy computing for {amount}"),
+        (true, _) => format!("blocked its thread for {amount}"),
+        (false, _) => format!("has held its thread in one poll for {amount} so far"),
+    };
+    let place = match phase {
+        Phase::Background => "in an async background task",
+        Phase::Body => "while producing its streaming response body",
+        Phase::Handler | Phase::Connection => "inside an async handler",
+    };
+    let fix = match (phase, cpu) {
+        (Phase::Background, Some(false)) => {
+            "schedule it with Background::spawn_blocking(..), or await fastlane::blocking(..) around the blocking call"
+        }
+        (Phase::Background, Some(true)) => "schedule it with Background::spawn_cpu(..), or await fastlane::compute(..)",
+        (Phase::Background, None) => "schedule it with Background::spawn_blocking(..) or Background::spawn_cpu(..)",
+        (Phase::Body, Some(true)) => "compute each chunk with fastlane::compute(..)",
+        (Phase::Body, _) => "produce each chunk with fastlane::blocking(..), or use an async source",
+        (_, Some(false)) => {
+            "move the blocking call into fastlane::blocking(..) or declare the route with fastlane::sync"
+        }
+        (_, Some(true)) => {
+            "move the computation into fastlane::compute(..) or declare the route with fastlane::cpu"
+        }
+        (_, None) => {
+            "move blocking calls into fastlane::blocking(..) and computation into fastlane::compute(..), \
+             or declare the route with fastlane::sync / fastlane::cpu"
+        }
+    };
+    let tail = if ended { "" } else { "; other requests are served by other threads meanwhile" };
+    if route.id == NO_ROUTE {
+        format!("a connection task {what} outside any route{tail}")
+    } else {
+        format!("{} {} {what} {place}: {fix}{tail}", route.method, route.route)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Marks every poll of the inner future as work for a route, so that a
+    /// stall inside it is reported against that route.
+    pub(crate) struct Routed<F> {
+        #[pin]
+        inner: F,
+        route: u32,
+        phase: Phase,
+    }
+}
+
+impl<F> Routed<F> {
+    pub(crate) fn new(inner: F, route: u32, phase: Phase) -> Self {
+        Self { inner, route, phase }
+    }
+}
+
+impl<F: Future> Future for Routed<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let _route = enter_route(*this.route, *this.phase);
+        this.inner.poll(cx)
+    }
+}

@@ -1,0 +1,174 @@
+//! The monitor thread: finds stuck polls, keeps spare runners, demotes hogs.
+//!
+//! It is a plain OS thread that never runs user code, so nothing a handler
+//! does can stop it from looking.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::slot::{Slot, STUCK};
+use super::{stall_message, Shared};
+
+/// How often the monitor looks. A stall is seen at most this long after it
+/// crosses the threshold; waking 1000 times a second costs a few
+/// microseconds of CPU per wake-up.
+const TICK: Duration = Duration::from_millis(1);
+
+/// How often a stuck thread's CPU clock is compared with the wall clock, and
+/// how much of that time it must have been on a CPU to count as computing
+/// (rather than asleep, or waiting in a syscall, or merely preempted).
+const CPU_CHECK_EVERY_NS: u64 = 5_000_000;
+const CPU_BOUND_SHARE: f64 = 0.5;
+
+/// The nice value a CPU-hogging stuck thread gets: the lowest priority, so
+/// that the scheduler runs every healthy thread first.
+const DEMOTED_NICE: i32 = 19;
+
+pub(super) fn start(shared: Arc<Shared>) {
+    let spawned = std::thread::Builder::new().name("fastlane-monitor".into()).spawn(move || run(&shared));
+    if let Err(err) = spawned {
+        tracing::error!(error = %err, "could not start the stall monitor: stalls will not be isolated");
+    }
+}
+
+fn run(shared: &Arc<Shared>) {
+    let threshold_ns = u64::try_from(shared.config.stall_threshold.as_nanos()).unwrap_or(u64::MAX).max(1);
+    let mut slots: Vec<Arc<Slot>> = Vec::new();
+    while !shared.shutdown.load(Ordering::Relaxed) {
+        std::thread::sleep(TICK);
+        slots.clear();
+        slots.extend(shared.slots.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
+        let now = shared.now_ns();
+        for slot in &slots {
+            let started = slot.poll_started.load(Ordering::Acquire);
+            if started == 0 {
+                continue;
+            }
+            if started & STUCK == 0 {
+                let began = started - 1;
+                if now.saturating_sub(began) > threshold_ns {
+                    mark_stuck(shared, slot, started, now);
+                }
+            } else {
+                check_cpu(shared, slot, started, now);
+            }
+        }
+        shared.ensure_spares();
+    }
+}
+
+fn mark_stuck(shared: &Shared, slot: &Slot, started: u64, now: u64) {
+    let route_id = slot.route();
+    let phase = slot.phase();
+    slot.stuck_route.store(route_id, Ordering::Relaxed);
+    slot.stuck_phase.store(phase as u8, Ordering::Relaxed);
+    slot.cpu_bound.store(false, Ordering::Relaxed);
+    slot.cpu_mark.store(thread_cpu_ns(slot).unwrap_or(0), Ordering::Relaxed);
+    slot.wall_mark.store(now, Ordering::Relaxed);
+    // Only this poll: if it ended meanwhile, the swap fails and nothing is
+    // recorded.
+    if slot.poll_started.compare_exchange(started, started | STUCK, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+        return;
+    }
+    shared.stuck.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.isolation().stuck.inc();
+    if let Some(route) = shared.routes.by_id(route_id) {
+        route.stalls.began();
+        let so_far = std::time::Duration::from_nanos(now.saturating_sub(started - 1));
+        tracing::warn!(
+            target: "fastlane::stall",
+            method = %route.method,
+            route = %route.route,
+            "{}",
+            stall_message(&route, phase, so_far, None, false)
+        );
+    }
+}
+
+/// Demotes a stuck thread that is burning CPU.
+fn check_cpu(shared: &Shared, slot: &Slot, started: u64, now: u64) {
+    if slot.demoted.load(Ordering::Relaxed) {
+        return;
+    }
+    let wall_mark = slot.wall_mark.load(Ordering::Relaxed);
+    let wall = now.saturating_sub(wall_mark);
+    if wall < CPU_CHECK_EVERY_NS {
+        return;
+    }
+    let Some(cpu) = thread_cpu_ns(slot) else { return };
+    let used = cpu.saturating_sub(slot.cpu_mark.load(Ordering::Relaxed));
+    slot.cpu_mark.store(cpu, Ordering::Relaxed);
+    slot.wall_mark.store(now, Ordering::Relaxed);
+    if (used as f64) < CPU_BOUND_SHARE * wall as f64 {
+        return;
+    }
+    slot.cpu_bound.store(true, Ordering::Relaxed);
+    // Still the same stuck poll? Then lower it. (If it just ended, the
+    // runner retires at its next look at `demoted` anyway.)
+    if slot.poll_started.load(Ordering::Acquire) != started {
+        return;
+    }
+    slot.demoted.store(true, Ordering::Relaxed);
+    if set_nice(slot.tid.load(Ordering::Relaxed), DEMOTED_NICE) {
+        shared.metrics.isolation().demoted.inc();
+    }
+}
+
+/// Records the calling runner's kernel thread id and CPU-time clock.
+#[allow(unsafe_code)]
+pub(super) fn publish_thread_ids(slot: &Slot) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid has no preconditions; pthread_getcpuclockid is given
+        // the calling thread's own handle and a valid out-pointer.
+        unsafe {
+            slot.tid.store(libc::syscall(libc::SYS_gettid) as i32, Ordering::Relaxed);
+            let mut clock: libc::clockid_t = 0;
+            if libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) == 0 {
+                slot.cpu_clock.store(clock, Ordering::Relaxed);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = slot;
+}
+
+/// The CPU time a runner thread has used, in nanoseconds.
+#[allow(unsafe_code)]
+fn thread_cpu_ns(slot: &Slot) -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let clock = slot.cpu_clock.load(Ordering::Relaxed);
+        if clock == 0 {
+            return None;
+        }
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: a valid out-pointer; a clock of a thread that has exited
+        // makes clock_gettime fail with EINVAL, which we handle.
+        let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+        (rc == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = slot;
+        None
+    }
+}
+
+#[allow(unsafe_code)]
+fn set_nice(tid: i32, nice: i32) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        if tid <= 0 {
+            return false;
+        }
+        // SAFETY: plain integers; affects only that thread's nice value.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (tid, nice);
+        false
+    }
+}

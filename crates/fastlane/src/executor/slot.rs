@@ -1,0 +1,116 @@
+//! What a runner thread publishes about itself for the monitor.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use super::stalls::NO_ROUTE;
+
+/// Set in [`Slot::poll_started`] by the monitor when it judges the current
+/// poll stuck. Packing the flag into the same word as the start time makes
+/// "this poll, and not the next one, is stuck" a single compare-and-swap.
+pub(crate) const STUCK: u64 = 1 << 63;
+
+/// What a runner is polling, as a tag for the stall message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Phase {
+    /// The connection itself (reading the next request, writing a response).
+    Connection = 0,
+    /// A request's handler (and its extractors and middleware).
+    Handler = 1,
+    /// A streaming response body.
+    Body = 2,
+    /// A background task scheduled by a request.
+    Background = 3,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Phase {
+        match v {
+            1 => Phase::Handler,
+            2 => Phase::Body,
+            3 => Phase::Background,
+            _ => Phase::Connection,
+        }
+    }
+}
+
+/// One runner thread's public state.
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    /// Nanoseconds since the executor's epoch at which the current poll
+    /// began, plus one (so that 0 means "not polling"); [`STUCK`] is or-ed in
+    /// by the monitor.
+    pub(crate) poll_started: AtomicU64,
+    /// The route being polled ([`NO_ROUTE`] outside a request).
+    route: AtomicU32,
+    phase: AtomicU8,
+    /// The route and phase when the poll was judged stuck: what the stall is
+    /// reported against when it ends.
+    pub(crate) stuck_route: AtomicU32,
+    pub(crate) stuck_phase: AtomicU8,
+    /// The monitor lowered this thread's priority; it retires after the poll.
+    pub(crate) demoted: AtomicBool,
+    /// The stuck poll was burning CPU (not sleeping or waiting on I/O).
+    pub(crate) cpu_bound: AtomicBool,
+    /// The monitor's bookkeeping for the CPU check: thread CPU time and wall
+    /// time (ns) when last looked at.
+    pub(crate) cpu_mark: AtomicU64,
+    pub(crate) wall_mark: AtomicU64,
+    /// The kernel's id of the thread (for setpriority) and its CPU-time
+    /// clock (for clock_gettime); both 0 until the runner has started.
+    pub(crate) tid: AtomicI32,
+    pub(crate) cpu_clock: AtomicI32,
+}
+
+impl Slot {
+    pub(crate) fn route(&self) -> u32 {
+        self.route.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn stuck_phase(&self) -> Phase {
+        Phase::from_u8(self.stuck_phase.load(Ordering::Relaxed))
+    }
+}
+
+thread_local! {
+    /// The slot of the runner this thread is, if it is one.
+    pub(crate) static CURRENT: RefCell<Option<Arc<Slot>>> = const { RefCell::new(None) };
+}
+
+/// While alive, the current runner (if any) is marked as polling `route` in
+/// `phase`; dropping it restores what was there before (polls nest: a
+/// connection polls a request, which polls its body).
+#[derive(Debug)]
+pub(crate) struct RouteGuard {
+    slot: Option<Arc<Slot>>,
+    route: u32,
+    phase: u8,
+}
+
+/// Marks the current runner thread as working for `route` in `phase`.
+pub(crate) fn enter_route(route: u32, phase: Phase) -> RouteGuard {
+    let slot = CURRENT.with(|c| c.borrow().clone());
+    match slot {
+        Some(slot) => {
+            let prev_route = slot.route.swap(route, Ordering::Relaxed);
+            let prev_phase = slot.phase.swap(phase as u8, Ordering::Relaxed);
+            RouteGuard { slot: Some(slot), route: prev_route, phase: prev_phase }
+        }
+        None => RouteGuard { slot: None, route: NO_ROUTE, phase: 0 },
+    }
+}
+
+impl Drop for RouteGuard {
+    fn drop(&mut self) {
+        if let Some(slot) = &self.slot {
+            slot.route.store(self.route, Ordering::Relaxed);
+            slot.phase.store(self.phase, Ordering::Relaxed);
+        }
+    }
+}

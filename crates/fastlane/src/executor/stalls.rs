@@ -1,0 +1,151 @@
+//! Routes and their stall record.
+//!
+//! Each (method, route pattern) gets one [`RouteInfo`], interned on first use
+//! and given a small integer id, so that a runner thread can publish "I am
+//! polling route 7" with one atomic store, and the monitor thread can name
+//! the route when that poll overruns.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// One route of the app, as the isolation machinery sees it.
+#[derive(Debug)]
+pub(crate) struct RouteInfo {
+    pub(crate) id: u32,
+    pub(crate) method: http::Method,
+    pub(crate) route: Arc<str>,
+    pub(crate) stalls: StallStats,
+}
+
+/// The stall record of one route. Atomics: written by runner threads and the
+/// monitor, read by the status endpoint, never behind a lock.
+#[derive(Debug, Default)]
+pub(crate) struct StallStats {
+    count: AtomicU64,
+    ongoing: AtomicU32,
+    last_us: AtomicU64,
+    worst_us: AtomicU64,
+    total_us: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl StallStats {
+    pub(crate) fn began(&self) {
+        self.ongoing.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn ended(&self, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.ongoing.fetch_sub(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.last_us.store(us, Ordering::Relaxed);
+        self.worst_us.fetch_max(us, Ordering::Relaxed);
+        self.total_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Stalls of this route going on right now.
+    pub(crate) fn ongoing(&self) -> u32 {
+        self.ongoing.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One row of `GET /_fastlane/stalls`.
+#[derive(Debug, Serialize)]
+pub(crate) struct StallRow {
+    method: String,
+    route: String,
+    /// Stalls that have ended.
+    count: u64,
+    /// Stalls going on now.
+    ongoing: u32,
+    last_ms: f64,
+    worst_ms: f64,
+    total_ms: f64,
+    /// Requests answered 503 because this route was stalling at the cap.
+    rejected: u64,
+}
+
+/// The id used when a runner polls something that is not a request of a
+/// known route (a connection reading its next request, a background task of
+/// a request without one).
+pub(crate) const NO_ROUTE: u32 = 0;
+
+/// Every route seen so far, by id and by name.
+#[derive(Debug)]
+pub(crate) struct RouteTable {
+    by_id: RwLock<Vec<Arc<RouteInfo>>>,
+    by_name: RwLock<HashMap<Box<str>, Vec<Arc<RouteInfo>>>>,
+}
+
+impl Default for RouteTable {
+    fn default() -> Self {
+        let none = Arc::new(RouteInfo {
+            id: NO_ROUTE,
+            method: http::Method::GET,
+            route: Arc::from("<connection>"),
+            stalls: StallStats::default(),
+        });
+        Self { by_id: RwLock::new(vec![none]), by_name: RwLock::default() }
+    }
+}
+
+impl RouteTable {
+    /// The route's info, interning it on first sight.
+    pub(crate) fn get(&self, method: &http::Method, route: &str) -> Arc<RouteInfo> {
+        {
+            let by_name = self.by_name.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(found) = by_name.get(route).and_then(|v| v.iter().find(|r| r.method == method)) {
+                return found.clone();
+            }
+        }
+        let mut by_name = self.by_name.write().unwrap_or_else(|p| p.into_inner());
+        let entries = by_name.entry(Box::from(route)).or_default();
+        if let Some(found) = entries.iter().find(|r| r.method == method) {
+            return found.clone();
+        }
+        let mut by_id = self.by_id.write().unwrap_or_else(|p| p.into_inner());
+        let info = Arc::new(RouteInfo {
+            id: u32::try_from(by_id.len()).unwrap_or(u32::MAX),
+            method: method.clone(),
+            route: Arc::from(route),
+            stalls: StallStats::default(),
+        });
+        by_id.push(info.clone());
+        entries.push(info.clone());
+        info
+    }
+
+    pub(crate) fn by_id(&self, id: u32) -> Option<Arc<RouteInfo>> {
+        self.by_id.read().unwrap_or_else(|p| p.into_inner()).get(id as usize).cloned()
+    }
+
+    /// Routes that have stalled, worst first.
+    pub(crate) fn stall_rows(&self) -> Vec<StallRow> {
+        let by_id = self.by_id.read().unwrap_or_else(|p| p.into_inner());
+        let ms = |us: &AtomicU64| us.load(Ordering::Relaxed) as f64 / 1000.0;
+        let mut rows: Vec<StallRow> = by_id
+            .iter()
+            .filter(|r| r.stalls.count.load(Ordering::Relaxed) > 0 || r.stalls.ongoing() > 0)
+            .map(|r| StallRow {
+                method: r.method.to_string(),
+                route: r.route.to_string(),
+                count: r.stalls.count.load(Ordering::Relaxed),
+                ongoing: r.stalls.ongoing(),
+                last_ms: ms(&r.stalls.last_us),
+                worst_ms: ms(&r.stalls.worst_us),
+                total_ms: ms(&r.stalls.total_us),
+                rejected: r.stalls.rejected.load(Ordering::Relaxed),
+            })
+            .collect();
+        rows.sort_by(|a, b| b.worst_ms.total_cmp(&a.worst_ms));
+        rows
+    }
+}
