@@ -27,6 +27,27 @@ async fn test1_answers_at_once_while_four_sync_handlers_sleep() {
 }
 
 #[tokio::test]
+async fn test1_answers_at_once_while_four_async_handlers_block_in_test2() {
+    // The seeds' bug itself: `/test2` is an async fn calling
+    // std::thread::sleep. Isolation keeps /test1 fast anyway.
+    let server = start(Config::default()).await;
+    let blockers: Vec<_> =
+        (0..4).map(|_| tokio::spawn(client::get_owned(server.url("/test2?secs=5")))).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    assert_eq!(client::get(&server.url("/test1")).await.unwrap().text(), "test1");
+    assert!(started.elapsed() < Duration::from_secs(1), "/test1 took {:?}", started.elapsed());
+    for blocker in blockers {
+        assert_eq!(blocker.await.unwrap().unwrap().text(), "test2");
+    }
+    let stalls: serde_json::Value =
+        client::get(&server.url("/_fastlane/stalls")).await.unwrap().json().unwrap();
+    assert_eq!(stalls[0]["route"], "/test2", "{stalls}");
+    assert_eq!(stalls[0]["count"], 4, "{stalls}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn two_sync_requests_overlap() {
     let server = start(Config::default()).await;
     let probe = fastlane_cli::probe::ProbeConfig {

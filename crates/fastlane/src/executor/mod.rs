@@ -235,9 +235,8 @@ impl Shared {
         self.threads.fetch_add(1, Ordering::Relaxed);
         self.metrics.isolation().threads.inc();
         self.metrics.isolation().started.inc();
-        let spawned = std::thread::Builder::new()
-            .name("fastlane-runner".into())
-            .spawn(move || shared.run(slot));
+        let spawned =
+            std::thread::Builder::new().name("fastlane-runner".into()).spawn(move || shared.run(slot));
         if let Err(err) = spawned {
             tracing::error!(error = %err, "could not start a runner thread");
             self.lock().threads -= 1;
@@ -287,15 +286,17 @@ impl Shared {
             }
             queue.idle += 1;
             self.idle.fetch_add(1, Ordering::Relaxed);
-            let (next, waited) = self
-                .work_ready
-                .wait_timeout(queue, SPARE_KEEP_ALIVE)
-                .unwrap_or_else(|p| p.into_inner());
+            let (next, waited) =
+                self.work_ready.wait_timeout(queue, SPARE_KEEP_ALIVE).unwrap_or_else(|p| p.into_inner());
             queue = next;
             queue.idle -= 1;
             self.idle.fetch_sub(1, Ordering::Relaxed);
             let spare = queue.threads > self.config.runners;
-            if waited.timed_out() && queue.tasks.is_empty() && spare && self.stuck.load(Ordering::Relaxed) == 0 {
+            if waited.timed_out()
+                && queue.tasks.is_empty()
+                && spare
+                && self.stuck.load(Ordering::Relaxed) == 0
+            {
                 queue.threads -= 1;
                 return None;
             }
@@ -345,7 +346,13 @@ impl Shared {
 ///
 /// `cpu` is `None` while it is not yet known whether the poll is blocked
 /// (asleep, waiting on I/O) or computing.
-pub(crate) fn stall_message(route: &RouteInfo, phase: Phase, took: Duration, cpu: Option<bool>, ended: bool) -> String {
+pub(crate) fn stall_message(
+    route: &RouteInfo,
+    phase: Phase,
+    took: Duration,
+    cpu: Option<bool>,
+    ended: bool,
+) -> String {
     let secs = took.as_secs_f64();
     let amount = if secs >= 1.0 { format!("{secs:.1} s") } else { format!("{:.0} ms", secs * 1000.0) };
     let what = match (ended, cpu) {

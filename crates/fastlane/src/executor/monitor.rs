@@ -68,7 +68,11 @@ fn mark_stuck(shared: &Shared, slot: &Slot, started: u64, now: u64) {
     slot.wall_mark.store(now, Ordering::Relaxed);
     // Only this poll: if it ended meanwhile, the swap fails and nothing is
     // recorded.
-    if slot.poll_started.compare_exchange(started, started | STUCK, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+    if slot
+        .poll_started
+        .compare_exchange(started, started | STUCK, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
+    {
         return;
     }
     shared.stuck.fetch_add(1, Ordering::Relaxed);

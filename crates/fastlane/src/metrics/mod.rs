@@ -175,8 +175,16 @@ impl Metrics {
         );
         let isolation = IsolationGauges::default();
         registry.register("isolation_threads", "Runner threads alive", isolation.threads.clone());
-        registry.register("isolation_stuck_threads", "Runner threads stuck in a stall now", isolation.stuck.clone());
-        registry.register("isolation_max_threads", "The cap on runner threads", isolation.max_threads.clone());
+        registry.register(
+            "isolation_stuck_threads",
+            "Runner threads stuck in a stall now",
+            isolation.stuck.clone(),
+        );
+        registry.register(
+            "isolation_max_threads",
+            "The cap on runner threads",
+            isolation.max_threads.clone(),
+        );
         registry.register("isolation_threads_started", "Runner threads started", isolation.started.clone());
         registry.register(
             "isolation_demoted",

@@ -87,7 +87,11 @@ where
                     request.route.route,
                     executor.max_threads()
                 ));
-                return ResponseFuture { state: State::Done { response: Some(error.into_response()) }, request, sleep: None };
+                return ResponseFuture {
+                    state: State::Done { response: Some(error.into_response()) },
+                    request,
+                    sleep: None,
+                };
             }
         }
 
