@@ -1,7 +1,9 @@
 //! The `fastlane` command's logic; `main.rs` only parses and dispatches.
 //!
 //! * [`demo`]: the demo app of the seed scenarios;
-//! * [`probe`]: the concurrency tester (`fastlane probe`).
+//! * [`probe`]: the concurrency tester (`fastlane probe`);
+//! * [`mixed`]: the fast-route-under-load benchmark (`fastlane bench mixed`).
 
 pub mod demo;
+pub mod mixed;
 pub mod probe;

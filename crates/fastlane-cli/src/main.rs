@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use fastlane_cli::{demo, probe};
+use fastlane_cli::{demo, mixed, probe};
 
 #[derive(Debug, Parser)]
 #[command(name = "fastlane", version, about = "fastlane: slow work never blocks fast requests")]
@@ -39,6 +39,37 @@ enum Command {
         #[arg(required = true, value_name = "URL")]
         urls: Vec<String>,
     },
+    /// Benchmarks (see bench/run.py for the full comparison with peers).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Probe a fast URL at a fixed rate (open loop) while N slow requests are in flight.
+    Mixed {
+        /// The fast URL to probe.
+        #[arg(long)]
+        fast: String,
+        /// The slow URL to keep in flight.
+        #[arg(long)]
+        load: Option<String>,
+        /// How many slow requests to keep in flight.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        concurrency: u32,
+        /// Probe requests per second.
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Seconds after which a probe request counts as failed.
+        #[arg(long, default_value_t = 20.0)]
+        timeout: f64,
+        /// Print one JSON object instead of a summary line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -62,6 +93,34 @@ fn main() -> ExitCode {
                 progress: true,
             };
             runtime.block_on(run_probe(config, svg))
+        }
+        Command::Bench(BenchCommand::Mixed { fast, load, concurrency, rate, duration, timeout, json }) => {
+            let valid = |v: f64| v.is_finite() && v > 0.0 && v <= 3600.0;
+            for (flag, value) in [("--rate", rate), ("--duration", duration), ("--timeout", timeout)] {
+                if !valid(value) {
+                    eprintln!("fastlane bench mixed: {flag} must be a number above 0 and at most 3600");
+                    return ExitCode::from(2);
+                }
+            }
+            let config = mixed::MixedConfig {
+                fast_url: fast,
+                rate,
+                duration: Duration::from_secs_f64(duration),
+                load_url: load,
+                load_concurrency: concurrency as usize,
+                timeout: Duration::from_secs_f64(timeout),
+            };
+            let result = runtime.block_on(mixed::run(&config));
+            if json {
+                println!("{}", serde_json::to_string(&result).unwrap_or_default());
+            } else {
+                let f = &result.fast;
+                println!(
+                    "fast: {} sent, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} errors, {} over 100 ms; load: {} ok, {} errors",
+                    f.sent, f.p50_ms, f.p99_ms, f.max_ms, f.errors, f.over_100ms, result.load_ok, result.load_errors
+                );
+            }
+            ExitCode::SUCCESS
         }
     }
 }

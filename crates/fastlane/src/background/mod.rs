@@ -167,7 +167,7 @@ impl Background {
 
     fn register(&self, lane: &'static str) -> (u64, &RequestState) {
         let request = &*self.request;
-        let id = request.server.tracker.add_task(&request.method, &request.route.route, lane);
+        let id = request.server.tracker.add_task(&request.route, lane);
         request.server.metrics.task_scheduled();
         (id, request)
     }

@@ -4,8 +4,6 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
-use super::stalls::NO_ROUTE;
-
 /// Set in [`Slot::poll_started`] by the monitor when it judges the current
 /// poll stuck. Packing the flag into the same word as the start time makes
 /// "this poll, and not the next one, is stuck" a single compare-and-swap.
@@ -88,29 +86,29 @@ thread_local! {
 /// connection polls a request, which polls its body).
 #[derive(Debug)]
 pub(crate) struct RouteGuard {
-    slot: Option<Arc<Slot>>,
-    route: u32,
-    phase: u8,
+    /// What to restore; `None` off the runners (nothing was marked).
+    previous: Option<(u32, u8)>,
 }
 
 /// Marks the current runner thread as working for `route` in `phase`.
 pub(crate) fn enter_route(route: u32, phase: Phase) -> RouteGuard {
-    let slot = CURRENT.with(|c| c.borrow().clone());
-    match slot {
-        Some(slot) => {
-            let prev_route = slot.route.swap(route, Ordering::Relaxed);
-            let prev_phase = slot.phase.swap(phase as u8, Ordering::Relaxed);
-            RouteGuard { slot: Some(slot), route: prev_route, phase: prev_phase }
-        }
-        None => RouteGuard { slot: None, route: NO_ROUTE, phase: 0 },
-    }
+    let previous = CURRENT.with(|c| {
+        c.borrow().as_ref().map(|slot| {
+            (slot.route.swap(route, Ordering::Relaxed), slot.phase.swap(phase as u8, Ordering::Relaxed))
+        })
+    });
+    RouteGuard { previous }
 }
 
 impl Drop for RouteGuard {
     fn drop(&mut self) {
-        if let Some(slot) = &self.slot {
-            slot.route.store(self.route, Ordering::Relaxed);
-            slot.phase.store(self.phase, Ordering::Relaxed);
+        if let Some((route, phase)) = self.previous {
+            CURRENT.with(|c| {
+                if let Some(slot) = c.borrow().as_ref() {
+                    slot.route.store(route, Ordering::Relaxed);
+                    slot.phase.store(phase, Ordering::Relaxed);
+                }
+            });
         }
     }
 }

@@ -10,15 +10,42 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 
-/// One route of the app, as the isolation machinery sees it.
+use crate::metrics::Metrics;
+
+/// One route of the app: its name, its stall record and its metric handles,
+/// resolved once so that a request costs no label allocation or lookup.
 #[derive(Debug)]
 pub(crate) struct RouteInfo {
     pub(crate) id: u32,
     pub(crate) method: http::Method,
     pub(crate) route: Arc<str>,
     pub(crate) stalls: StallStats,
+    latency: Histogram,
+    /// Request counters by status, looked up linearly: a route answers with
+    /// a handful of statuses.
+    statuses: RwLock<Vec<(u16, Counter)>>,
+    metrics: Metrics,
+}
+
+impl RouteInfo {
+    /// Counts an answered request.
+    pub(crate) fn answered(&self, status: u16, elapsed: Duration) {
+        self.latency.observe(elapsed.as_secs_f64());
+        {
+            let statuses = self.statuses.read().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, counter)) = statuses.iter().find(|(s, _)| *s == status) {
+                counter.inc();
+                return;
+            }
+        }
+        let counter = self.metrics.requests_counter(&self.method, &self.route, status);
+        counter.inc();
+        self.statuses.write().unwrap_or_else(|p| p.into_inner()).push((status, counter));
+    }
 }
 
 /// The stall record of one route. Atomics: written by runner threads and the
@@ -83,21 +110,23 @@ pub(crate) const NO_ROUTE: u32 = 0;
 pub(crate) struct RouteTable {
     by_id: RwLock<Vec<Arc<RouteInfo>>>,
     by_name: RwLock<HashMap<Box<str>, Vec<Arc<RouteInfo>>>>,
+    metrics: Metrics,
 }
 
-impl Default for RouteTable {
-    fn default() -> Self {
+impl RouteTable {
+    pub(crate) fn new(metrics: Metrics) -> Self {
         let none = Arc::new(RouteInfo {
             id: NO_ROUTE,
             method: http::Method::GET,
             route: Arc::from("<connection>"),
             stalls: StallStats::default(),
+            latency: Histogram::new([]),
+            statuses: RwLock::default(),
+            metrics: metrics.clone(),
         });
-        Self { by_id: RwLock::new(vec![none]), by_name: RwLock::default() }
+        Self { by_id: RwLock::new(vec![none]), by_name: RwLock::default(), metrics }
     }
-}
 
-impl RouteTable {
     /// The route's info, interning it on first sight.
     pub(crate) fn get(&self, method: &http::Method, route: &str) -> Arc<RouteInfo> {
         {
@@ -117,6 +146,9 @@ impl RouteTable {
             method: method.clone(),
             route: Arc::from(route),
             stalls: StallStats::default(),
+            latency: self.metrics.latency_histogram(method, route),
+            statuses: RwLock::default(),
+            metrics: self.metrics.clone(),
         });
         by_id.push(info.clone());
         entries.push(info.clone());

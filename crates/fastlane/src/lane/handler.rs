@@ -68,9 +68,13 @@ pub fn cpu<F>(f: F) -> LaneHandler<F> {
     LaneHandler { f, lane: LaneKind::Cpu }
 }
 
-/// The lanes to run on: those the server put in the request, or the current.
-fn lanes_of(parts: &http::request::Parts) -> Lanes {
-    parts.extensions.get::<Lanes>().cloned().unwrap_or_else(Lanes::current)
+/// The lanes to run on: those of the server serving the request, or the
+/// current ones outside a fastlane server.
+fn lanes_of(extensions: &http::Extensions) -> Lanes {
+    match extensions.get::<std::sync::Arc<crate::server::RequestState>>() {
+        Some(request) => request.server.lanes.clone(),
+        None => Lanes::current(),
+    }
 }
 
 async fn run_on_lane<R, G>(lanes: Lanes, lane: LaneKind, call: G) -> Response
@@ -93,7 +97,7 @@ where
     type Future = Pin<Box<dyn Future<Output = Response> + Send>>;
 
     fn call(self, req: Request, _state: S) -> Self::Future {
-        let lanes = req.extensions().get::<Lanes>().cloned().unwrap_or_else(Lanes::current);
+        let lanes = lanes_of(req.extensions());
         Box::pin(run_on_lane(lanes, self.lane, self.f))
     }
 }
@@ -114,7 +118,7 @@ macro_rules! impl_lane_handler {
             fn call(self, req: Request, state: S) -> Self::Future {
                 Box::pin(async move {
                     let (mut parts, body) = req.into_parts();
-                    let lanes = lanes_of(&parts);
+                    let lanes = lanes_of(&parts.extensions);
                     $(
                         let $ty = match $ty::from_request_parts(&mut parts, &state).await {
                             Ok(value) => value,

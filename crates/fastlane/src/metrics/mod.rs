@@ -229,21 +229,20 @@ impl Metrics {
         self.inner.in_flight.inc();
     }
 
-    pub(crate) fn request_finished(
-        &self,
-        method: &http::Method,
-        route: &str,
-        status: u16,
-        elapsed: Duration,
-    ) {
+    pub(crate) fn request_finished(&self) {
         self.inner.in_flight.dec();
-        let method = method.as_str().to_owned();
-        let route = route.to_owned();
-        self.inner
-            .latency
-            .get_or_create(&RouteLabels { method: method.clone(), route: route.clone() })
-            .observe(elapsed.as_secs_f64());
-        self.inner.requests.get_or_create(&RequestLabels { method, route, status }).inc();
+    }
+
+    /// The latency histogram of a route (resolved once per route).
+    pub(crate) fn latency_histogram(&self, method: &http::Method, route: &str) -> Histogram {
+        let labels = RouteLabels { method: method.as_str().to_owned(), route: route.to_owned() };
+        self.inner.latency.get_or_create(&labels).clone()
+    }
+
+    /// The request counter of a route and status (resolved once per pair).
+    pub(crate) fn requests_counter(&self, method: &http::Method, route: &str, status: u16) -> Counter {
+        let labels = RequestLabels { method: method.as_str().to_owned(), route: route.to_owned(), status };
+        self.inner.requests.get_or_create(&labels).clone()
     }
 
     pub(crate) fn task_scheduled(&self) {

@@ -118,7 +118,7 @@ impl Server {
         let lanes = Lanes::with_gauges(self.config.lanes.clone(), metrics.lane_gauges());
         lanes.install_fallback();
         let runtime = tokio::runtime::Handle::current();
-        let routes = Arc::new(RouteTable::default());
+        let routes = Arc::new(RouteTable::new(metrics.clone()));
         let executor = self.config.isolation.enabled.then(|| {
             Executor::new(self.config.isolation.clone(), runtime.clone(), routes.clone(), metrics.clone())
         });

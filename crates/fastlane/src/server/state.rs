@@ -71,7 +71,7 @@ impl std::fmt::Debug for RequestState {
 impl RequestState {
     pub(crate) fn new(server: Arc<ServerState>, route: Arc<RouteInfo>, started: Instant) -> Self {
         let method = route.method.clone();
-        let id = server.tracker.add_request(&method, &route.route, started);
+        let id = server.tracker.add_request(&route, started);
         server.metrics.request_started();
         Self {
             server,

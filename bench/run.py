@@ -1,0 +1,325 @@
+#!/usr/bin/env python3
+"""fastlane's benchmark runner: fastlane against axum, actix-web and
+FastAPI+uvicorn on the demo's routes, in one run, one server after another.
+
+    python3 bench/run.py                 # everything; writes docs/BENCHMARKS.md
+    python3 bench/run.py --duration 3    # a quicker, noisier pass
+
+It builds what it needs (fastlane and the Rust peers in release mode, a venv
+with FastAPI for the Python peer, wrk from Debian's packages if missing), runs:
+
+* mixed load: for each scenario, a fresh server; N slow requests kept in
+  flight while `fastlane bench mixed` probes GET /fast at --rate per second
+  (open loop, fresh connection each, latency from the scheduled send time);
+* throughput: wrk on GET /fast, rounds alternating between servers, median;
+
+and writes docs/BENCHMARKS.md and docs/bench-fast-p99.svg. Every server binds
+127.0.0.1 only; every load is bounded in time; only processes this script
+started are stopped, by their PID.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+VENV = BENCH / ".venv"
+FASTLANE = ROOT / "target" / "release" / "fastlane"
+PEER_TARGET = ROOT / "target" / "bench" / "release"
+PORT = 18080
+
+SCENARIOS = [
+    # (name, slow path, concurrency)
+    ("idle", None, 0),
+    ("control: 64 × /slow/async?secs=2", "/slow/async?secs=2", 64),
+    ("1 × /slow/async-blocking?secs=2", "/slow/async-blocking?secs=2", 1),
+    ("4 × /slow/async-blocking?secs=2", "/slow/async-blocking?secs=2", 4),
+    ("64 × /slow/async-blocking?secs=2", "/slow/async-blocking?secs=2", 64),
+    ("2 × /cpu/async-blocking?ms=1000", "/cpu/async-blocking?ms=1000", 2),
+    ("4 × /cpu/async-blocking?ms=1000", "/cpu/async-blocking?ms=1000", 4),
+    ("4 × /cpu/offload?ms=1000", "/cpu/offload?ms=1000", 4),
+]
+
+
+def log(msg):
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw):
+    log("$ " + " ".join(str(c) for c in cmd))
+    subprocess.run(cmd, check=True, **kw)
+
+
+def build():
+    run(["cargo", "build", "--release", "-q", "-p", "fastlane-cli"], cwd=ROOT)
+    run(["cargo", "build", "--release", "-q", "--target-dir", str(ROOT / "target" / "bench")], cwd=BENCH)
+    if not (VENV / "bin" / "uvicorn").exists():
+        run([sys.executable, "-m", "venv", str(VENV)])
+        run([str(VENV / "bin" / "pip"), "install", "-q", "-r", str(BENCH / "requirements.txt")])
+    if shutil.which("wrk") is None:
+        run(["apt-get", "update", "-qq"])
+        run(["apt-get", "install", "-y", "-qq", "wrk"])
+
+
+def servers():
+    port = str(PORT)
+    quiet = dict(os.environ, RUST_LOG="warn")
+    return [
+        ("fastlane", [str(FASTLANE), "demo", "--port", port], quiet, ROOT),
+        ("axum", [str(PEER_TARGET / "axum-peer"), port], os.environ.copy(), ROOT),
+        ("actix-web", [str(PEER_TARGET / "actix-peer"), port], os.environ.copy(), ROOT),
+        (
+            "FastAPI+uvicorn",
+            [str(VENV / "bin" / "uvicorn"), "fastapi_app:app", "--host", "127.0.0.1", "--port", port,
+             "--log-level", "warning"],
+            os.environ.copy(),
+            BENCH / "peers",
+        ),
+    ]
+
+
+class Server:
+    """One server process, started fresh and stopped by its PID."""
+
+    def __init__(self, name, cmd, env, cwd):
+        self.name = name
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/fast", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{name} did not start")
+
+    def memory_kib(self):
+        """Resident memory of the process and its children (uvicorn's pool)."""
+        total = 0
+        pids = [self.proc.pid]
+        try:
+            out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
+            pids += [int(p) for p in out.stdout.split()]
+        except OSError:
+            pass
+        for pid in pids:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+        return total
+
+    def stop(self):
+        if self.proc.poll() is None:
+            # The whole session: uvicorn's process pool children included.
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        time.sleep(0.3)
+
+
+def mixed(path, concurrency, args):
+    cmd = [str(FASTLANE), "bench", "mixed", "--json", "--fast", f"http://127.0.0.1:{PORT}/fast",
+           "--rate", str(args.rate), "--duration", str(args.duration), "--timeout", "20"]
+    if path:
+        cmd += ["--load", f"http://127.0.0.1:{PORT}{path}", "--concurrency", str(concurrency)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=args.duration + 60)
+    return json.loads(out.stdout)
+
+
+def wrk(seconds):
+    out = subprocess.run(["wrk", "-t2", "-c64", f"-d{seconds}s", f"http://127.0.0.1:{PORT}/fast"],
+                         capture_output=True, text=True, check=True, timeout=seconds + 30).stdout
+    for line in out.splitlines():
+        if line.startswith("Requests/sec:"):
+            return float(line.split()[1])
+    raise RuntimeError("wrk printed no Requests/sec:\n" + out)
+
+
+def fmt(v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:,.1f}" if v < 100 else f"{v:,.0f}"
+
+
+def chart(results, names, path):
+    """Grouped bars of /fast p99 per scenario, log scale."""
+    colors = {"fastlane": "#2e8b57", "axum": "#4a6fa5", "actix-web": "#b5651d", "FastAPI+uvicorn": "#8e44ad"}
+    left, top, row_h, bar_h, width = 300, 50, 18 * len(names) + 14, 16, 560
+    height = top + row_h * len(SCENARIOS) + 60
+    lo, hi = 1.0, 30000.0
+    x = lambda ms: left + width * (math.log10(max(ms, lo)) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
+    s = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 120}" height="{height}" '
+         f'font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>',
+         f'<text x="{left}" y="22" font-size="15">GET /fast p99 latency under each load (ms, log scale; lower is better)</text>']
+    for tick in [1, 10, 100, 1000, 10000]:
+        tx = x(tick)
+        s.append(f'<line x1="{tx:.1f}" y1="{top - 8}" x2="{tx:.1f}" y2="{height - 45}" stroke="#ddd"/>'
+                 f'<text x="{tx:.1f}" y="{height - 30}" text-anchor="middle">{tick:,}</text>')
+    for i, (scenario, _, _) in enumerate(SCENARIOS):
+        y0 = top + i * row_h
+        s.append(f'<text x="{left - 8}" y="{y0 + row_h / 2:.1f}" text-anchor="end">{scenario}</text>')
+        for j, name in enumerate(names):
+            r = results[name][scenario]["fast"]
+            p99 = r["p99_ms"]
+            y = y0 + j * 18
+            errs = r["errors"]
+            label = f"{fmt(p99)}" + (f" ({errs} errors)" if errs else "")
+            if p99 is None or (isinstance(p99, float) and math.isnan(p99)):
+                p99 = hi
+            s.append(f'<rect x="{left}" y="{y}" width="{max(x(p99) - left, 1):.1f}" height="{bar_h}" '
+                     f'fill="{colors.get(name, "#777")}"><title>{name}: {label} ms</title></rect>'
+                     f'<text x="{x(p99) + 4:.1f}" y="{y + 12}" font-size="11">{label}</text>')
+    for j, name in enumerate(names):
+        lx = left + j * 140
+        s.append(f'<rect x="{lx}" y="{height - 18}" width="12" height="12" fill="{colors.get(name, "#777")}"/>'
+                 f'<text x="{lx + 16}" y="{height - 8}">{name}</text>')
+    s.append("</svg>\n")
+    path.write_text("\n".join(s))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per mixed scenario (default 10)")
+    parser.add_argument("--rate", type=float, default=50.0, help="fast probes per second (default 50)")
+    parser.add_argument("--wrk-seconds", type=int, default=5, help="seconds per wrk round (default 5)")
+    parser.add_argument("--wrk-rounds", type=int, default=3, help="wrk rounds per server (default 3)")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    args = parser.parse_args()
+    command = "python3 bench/run.py" + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k != "out" and v != parser.get_default(k))
+
+    build()
+    specs = servers()
+    names = [s[0] for s in specs]
+    results = {name: {} for name in names}
+    memory = {}
+    for name, cmd, env, cwd in specs:
+        for scenario, path, conc in SCENARIOS:
+            server = Server(name, cmd, env, cwd)
+            try:
+                if scenario == "idle":
+                    memory[name] = server.memory_kib()
+                log(f"{name}: {scenario}")
+                results[name][scenario] = mixed(path, conc, args)
+                log(f"  -> {results[name][scenario]['fast']}")
+            finally:
+                server.stop()
+
+    throughput = {name: [] for name in names}
+    for round_ in range(args.wrk_rounds):
+        order = names if round_ % 2 == 0 else list(reversed(names))
+        for name, cmd, env, cwd in [s for n in order for s in specs if s[0] == n]:
+            server = Server(name, cmd, env, cwd)
+            try:
+                wrk(1)  # warm-up, not counted
+                rps = wrk(args.wrk_seconds)
+                throughput[name].append(rps)
+                log(f"wrk {name}: {rps:,.0f} req/s")
+            finally:
+                server.stop()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    chart(results, names, out.parent / "bench-fast-p99.svg")
+    write_report(out, command, args, names, results, throughput, memory)
+    log(f"wrote {out}")
+
+
+def write_report(out, command, args, names, results, throughput, memory):
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Produced by `{command}` on {now}, on this project's machine "
+        f"({os.cpu_count()} cores, {platform.system()} {platform.release()}), every server in the same run, "
+        "one after another. The machine is shared and noisy: compare within one run, as ratios.",
+        "",
+        "## A fast route while slow requests run",
+        "",
+        f"`fastlane bench mixed` probes `GET /fast` at {args.rate:g} requests/s for {args.duration:g} s "
+        "(open loop, a fresh connection each, latency from the scheduled send time, no warm-up) while the "
+        "slow requests of the scenario are kept in flight. Each scenario starts a fresh server. "
+        "Latencies in ms; `>100ms` counts probes slower than 100 ms or failed.",
+        "",
+    ]
+    header = "| scenario | " + " | ".join(f"{n} p50 / p99 / max | {n} >100ms" for n in names) + " |"
+    lines.append(header)
+    lines.append("|" + " --- |" * (1 + 2 * len(names)))
+    for scenario, _, _ in SCENARIOS:
+        cells = []
+        for n in names:
+            f = results[n][scenario]["fast"]
+            cells.append(f"{fmt(f['p50_ms'])} / **{fmt(f['p99_ms'])}** / {fmt(f['max_ms'])}")
+            cells.append(f"{f['over_100ms']}" + (f" ({f['errors']} errors)" if f["errors"] else ""))
+        lines.append(f"| {scenario} | " + " | ".join(cells) + " |")
+    lines += ["", "![GET /fast p99 per scenario](bench-fast-p99.svg)", ""]
+
+    fl = results["fastlane"]
+    control = fl["control: 64 × /slow/async?secs=2"]["fast"]["p99_ms"]
+    offload = fl["4 × /cpu/offload?ms=1000"]["fast"]["p99_ms"]
+    checks = []
+    for n in (1, 4, 64):
+        p99 = fl[f"{n} × /slow/async-blocking?secs=2"]["fast"]["p99_ms"]
+        bound = 2 * control + 10
+        checks.append((f"{n} × blocking: p99 {fmt(p99)} ≤ 2 × control {fmt(control)} + 10 = {fmt(bound)}",
+                       p99 <= bound, f"{p99 / control:.2f} × control"))
+    p99 = fl["4 × /cpu/async-blocking?ms=1000"]["fast"]["p99_ms"]
+    checks.append((f"4 × CPU hogs: p99 {fmt(p99)} ≤ 2 × offload {fmt(offload)} + 10 = {fmt(2 * offload + 10)}",
+                   p99 <= 2 * offload + 10, f"{p99 / offload:.2f} × offload"))
+    worst = max(r["fast"]["max_ms"] for r in fl.values())
+    failed = sum(r["fast"]["errors"] for r in fl.values())
+    checks.append((f"no fastlane /fast probe failed ({failed}) or took over 100 ms (slowest {fmt(worst)} ms)",
+                   failed == 0 and worst <= 100, ""))
+    lines += ["### fastlane against its targets (this run)", "", "| target | holds | ratio |", "| --- | --- | --- |"]
+    lines += [f"| {c} | {'yes' if ok else '**no**'} | {ratio} |" for c, ok, ratio in checks]
+
+    med = {n: statistics.median(v) for n, v in throughput.items()}
+    lines += [
+        "",
+        "## Hello-world throughput",
+        "",
+        f"`wrk -t2 -c64 -d{args.wrk_seconds}s` on `GET /fast`, {args.wrk_rounds} rounds alternating the order of "
+        "the servers, a fresh server per round (after a 1 s warm-up); the median round counts. wrk runs on the "
+        "same 2 cores as the server. fastlane runs with `RUST_LOG=warn` (no per-request log line), like the "
+        "peers, which log nothing per request.",
+        "",
+        "| server | requests/s (median) | rounds | fastlane ÷ this |",
+        "| --- | --- | --- | --- |",
+    ]
+    for n in names:
+        rounds = ", ".join(f"{v:,.0f}" for v in throughput[n])
+        lines.append(f"| {n} | {med[n]:,.0f} | {rounds} | {med['fastlane'] / med[n]:.2f} |")
+    lines += [
+        "",
+        "## Idle memory",
+        "",
+        "Resident memory of a fresh server (and its child processes) before any load.",
+        "",
+        "| server | RSS (MiB) |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {n} | {memory[n] / 1024:.1f} |" for n in names]
+    lines.append("")
+    out.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

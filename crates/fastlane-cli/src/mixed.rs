@@ -1,0 +1,159 @@
+//! `fastlane bench mixed`: how a fast route fares while slow requests run.
+//!
+//! Two things happen at once for `duration`:
+//! * **load**: `concurrency` clients each send the slow URL again and again
+//!   (closed loop: a new one as soon as the previous answered), so that
+//!   exactly that many slow requests are in flight;
+//! * **probe**: the fast URL is requested at a fixed rate on a fresh
+//!   connection each time (open loop: every request is sent at its scheduled
+//!   time whether or not earlier ones have answered). Latency is measured
+//!   from the *scheduled* send time, so a server that stalls is charged for
+//!   the whole wait, not just for the part after the client got through
+//!   (no coordinated omission).
+//!
+//! Measurement starts with the load, with no warm-up grace: a server that
+//! only isolates blocking handlers after seeing a few is charged for it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct MixedConfig {
+    /// The fast route, probed at `rate`.
+    pub fast_url: String,
+    /// Probe requests per second.
+    pub rate: f64,
+    /// How long to probe (and load).
+    pub duration: Duration,
+    /// The slow route kept in flight, if any.
+    pub load_url: Option<String>,
+    /// How many slow requests to keep in flight.
+    pub load_concurrency: usize,
+    /// A probe request slower than this counts as an error.
+    pub timeout: Duration,
+}
+
+/// Latency figures of the probe, in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeStats {
+    /// Probe requests sent.
+    pub sent: usize,
+    /// Failed or timed out.
+    pub errors: usize,
+    /// Slower than 100 ms (errors included).
+    pub over_100ms: usize,
+    /// Median latency of the successful ones.
+    pub p50_ms: f64,
+    /// 99th percentile (nearest rank) of the successful ones.
+    pub p99_ms: f64,
+    /// Slowest successful one.
+    pub max_ms: f64,
+}
+
+/// The result of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct MixedResult {
+    /// The fast route's figures.
+    pub fast: ProbeStats,
+    /// Slow requests that completed with a 2xx during the run.
+    pub load_ok: u64,
+    /// Slow requests that failed.
+    pub load_errors: u64,
+}
+
+/// Runs the load and the probe; returns when both are done (the load's
+/// requests in flight at the end are abandoned, not waited for).
+pub async fn run(config: &MixedConfig) -> MixedResult {
+    let start = Instant::now() + Duration::from_millis(20);
+    let deadline = start + config.duration;
+    let load_ok = Arc::new(AtomicU64::new(0));
+    let load_errors = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    if let Some(url) = &config.load_url {
+        for _ in 0..config.load_concurrency {
+            let (url, ok, errors) = (url.clone(), load_ok.clone(), load_errors.clone());
+            load.push(tokio::spawn(async move {
+                tokio::time::sleep_until(start).await;
+                while Instant::now() < deadline {
+                    let left = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
+                    match tokio::time::timeout(left, fastlane::client::get(&url)).await {
+                        Ok(Ok(r)) if r.status.is_success() => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => errors.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }));
+        }
+    }
+
+    let count = (config.rate * config.duration.as_secs_f64()).round().max(1.0) as usize;
+    let interval = Duration::from_secs_f64(1.0 / config.rate);
+    let mut probes = Vec::with_capacity(count);
+    for i in 0..count {
+        let at = start + interval.mul_f64(i as f64);
+        let (url, timeout) = (config.fast_url.clone(), config.timeout);
+        probes.push(tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            match tokio::time::timeout(timeout, fastlane::client::get(&url)).await {
+                Ok(Ok(r)) if r.status.is_success() => Some(Instant::now().saturating_duration_since(at)),
+                _ => None,
+            }
+        }));
+    }
+    let mut latencies = Vec::with_capacity(count);
+    let mut errors = 0;
+    for probe in probes {
+        match probe.await {
+            Ok(Some(latency)) => latencies.push(latency),
+            _ => errors += 1,
+        }
+    }
+    // The load stops at the deadline; requests still in flight then are
+    // abandoned (a blocking server may hold them for seconds).
+    tokio::time::sleep_until(deadline).await;
+    for task in &load {
+        task.abort();
+    }
+    MixedResult {
+        fast: stats(latencies, errors),
+        load_ok: load_ok.load(Ordering::Relaxed),
+        load_errors: load_errors.load(Ordering::Relaxed),
+    }
+}
+
+fn stats(mut latencies: Vec<Duration>, errors: usize) -> ProbeStats {
+    latencies.sort();
+    let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
+    let rank = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return f64::NAN;
+        }
+        let index = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1;
+        ms(latencies[index])
+    };
+    ProbeStats {
+        sent: latencies.len() + errors,
+        errors,
+        over_100ms: errors + latencies.iter().filter(|d| **d > Duration::from_millis(100)).count(),
+        p50_ms: rank(0.50),
+        p99_ms: rank(0.99),
+        max_ms: latencies.last().map_or(f64::NAN, |d| ms(*d)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let latencies: Vec<_> = (1..=100).map(Duration::from_millis).collect();
+        let s = stats(latencies, 2);
+        assert_eq!((s.sent, s.errors, s.over_100ms), (102, 2, 2));
+        assert_eq!((s.p50_ms, s.p99_ms, s.max_ms), (50.0, 99.0, 100.0));
+    }
+}
