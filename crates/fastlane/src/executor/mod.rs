@@ -79,10 +79,11 @@ pub struct IsolationConfig {
     pub runners: usize,
     /// The most runner threads alive at once, stuck ones included. Default
     /// 256: each stuck thread costs a stack (mostly untouched virtual memory)
-    /// and a kernel task; 256 blocked handlers at once is far past a bug
+    /// and a kernel task; 256 handlers blocked at once is far past a bug
     /// that needs fixing, and the cap keeps a flood of them from exhausting
-    /// the process. At the cap, new requests for the stalling routes get
-    /// `503` while other routes are still served.
+    /// the process. When stuck threads fill every place beyond `runners`, new
+    /// requests for the routes that are stalling get `503` at once, while
+    /// the `runners` healthy threads go on serving the other routes.
     pub max_threads: usize,
 }
 

@@ -24,7 +24,7 @@ use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http_body::Frame;
+use http_body::{Body as _, Frame};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
@@ -231,6 +231,12 @@ fn finish(request: &Arc<RequestState>, response: Response) -> Response {
         status,
         elapsed.as_secs_f64() * 1000.0
     );
+    // A body of known, exact size is a buffer, not a stream: nothing can
+    // block or stall while hyper writes it. If no background task waits for
+    // it either, the request is done now and the body needs no wrapper.
+    if response.body().size_hint().exact().is_some() && request.finish_if_no_tasks() {
+        return response;
+    }
     let (parts, body) = response.into_parts();
     let body = TrackedBody { inner: body, request: Some(request.clone()) };
     Response::from_parts(parts, Body::new(body))

@@ -42,6 +42,9 @@ use crate::metrics::Metrics;
 use crate::{Error, Lanes};
 use state::ServerState;
 
+/// The body limit axum's extractors apply when no `DefaultBodyLimit` is set.
+const AXUM_DEFAULT_BODY_LIMIT: usize = 2 * 1024 * 1024;
+
 type ShutdownSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Serves an axum [`Router`] with lanes, limits, metrics and graceful
@@ -131,10 +134,14 @@ impl Server {
             routes,
             executor,
         });
-        let router = self
-            .router
-            .layer(DefaultBodyLimit::max(state.config.body_limit))
-            .layer(middleware::TrackLayer { state: state.clone() });
+        // axum's extractors already refuse bodies over 2 MiB; a layer (one
+        // more boxed service per request) is only worth it for another limit.
+        let router = if state.config.body_limit == AXUM_DEFAULT_BODY_LIMIT {
+            self.router
+        } else {
+            self.router.layer(DefaultBodyLimit::max(state.config.body_limit))
+        };
+        let router = router.layer(middleware::TrackLayer { state: state.clone() });
         let (stop_tx, _) = watch::channel(false);
         Ok(BoundServer {
             listener,

@@ -117,6 +117,22 @@ impl RequestState {
 
     /// The response is done (or will never be sent): the request leaves the
     /// in-flight list and its background tasks start.
+    /// Finishes the request now if it has no background task waiting;
+    /// returns whether it did. For responses whose body is already complete,
+    /// this spares wrapping the body to find out when it ends.
+    pub(crate) fn finish_if_no_tasks(&self) -> bool {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        match pending.as_ref() {
+            Some(tasks) if tasks.is_empty() => {
+                *pending = None;
+                drop(pending);
+                self.server.tracker.remove_request(self.id);
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn finish(&self) {
         let tasks = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(tasks) = tasks {
