@@ -288,10 +288,13 @@ def write_report(out, command, args, names, results, throughput, memory):
     failed = sum(r["fast"]["errors"] for r in fl.values())
     checks.append((f"no fastlane /fast probe failed ({failed}) or took over 100 ms (slowest {fmt(worst)} ms)",
                    failed == 0 and worst <= 100, ""))
+    med = {n: statistics.median(v) for n, v in throughput.items()}
+    ratio = med["fastlane"] / med["axum"]
+    checks.append((f"hello-world throughput ≥ 0.85 × axum (median rounds: {med['fastlane']:,.0f} vs "
+                   f"{med['axum']:,.0f} req/s)", ratio >= 0.85, f"{ratio:.2f} × axum"))
     lines += ["### fastlane against its targets (this run)", "", "| target | holds | ratio |", "| --- | --- | --- |"]
     lines += [f"| {c} | {'yes' if ok else '**no**'} | {ratio} |" for c, ok, ratio in checks]
 
-    med = {n: statistics.median(v) for n, v in throughput.items()}
     lines += [
         "",
         "## Hello-world throughput",
