@@ -142,14 +142,24 @@ async fn run_demo(serve: fastlane::ServeArgs) -> ExitCode {
         }
     };
     let addr = server.local_addr();
+    if fastlane::worker_id().is_some() {
+        // The supervisor already printed the routes.
+        return demo_exit(server.serve().await);
+    }
     println!("fastlane demo on http://{addr}\n");
     for (route, what) in demo::ROUTES {
         println!("  {route:<40} {what}");
     }
     println!("  {:<40} Prometheus metrics", "GET  /metrics");
+    println!("  {:<40} routes that stalled (JSON)", "GET  /_fastlane/stalls");
+    println!("  {:<40} which worker process answered (JSON)", "GET  /_fastlane/worker");
     println!("\ntry:  curl 'http://{addr}/slow/sync?secs=2' & curl 'http://{addr}/test1'");
     println!("      fastlane probe -n 2 -c 2 'http://{addr}/slow/sync?secs=2'\n");
-    match server.serve().await {
+    demo_exit(server.serve().await)
+}
+
+fn demo_exit(result: Result<fastlane::ShutdownReport, fastlane::Error>) -> ExitCode {
+    match result {
         Ok(report) if report.is_clean() => ExitCode::SUCCESS,
         Ok(_) => ExitCode::FAILURE,
         Err(err) => {

@@ -1,85 +1,11 @@
 //! The `fastlane` binary as a user runs it: a real process, real signals.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod support;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// A `fastlane demo` child process on a free port, killed if the test fails.
-struct Demo {
-    child: Child,
-    addr: String,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Demo {
-    fn start(extra: &[&str]) -> Demo {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fastlane"))
-            .args(["demo", "--port", "0"])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start fastlane demo");
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let (addr_tx, addr_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stdout.lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("fastlane demo on http://") {
-                    let _ = addr_tx.send(rest.trim().to_owned());
-                }
-            }
-        });
-        let (err_tx, err_rx) = mpsc::channel();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                let _ = err_tx.send(line);
-            }
-        });
-        let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("the demo printed its address");
-        Demo { child, addr, stderr: err_rx }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn signal(&self, signal: i32) {
-        let pid = self.child.id() as i32;
-        #[allow(unsafe_code)]
-        // SAFETY: sends a signal to our own child process, by its PID.
-        let rc = unsafe { libc::kill(pid, signal) };
-        assert_eq!(rc, 0);
-    }
-
-    /// Waits for the exit and returns (exit code, all stderr lines).
-    fn wait(mut self, limit: Duration) -> (Option<i32>, Vec<String>) {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100)); // let the readers drain
-                let lines = self.stderr.try_iter().collect();
-                return (status.code(), lines);
-            }
-            assert!(Instant::now() < deadline, "the demo did not exit within {limit:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn get(url: &str) -> fastlane::client::Response {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(fastlane::client::get(url)).expect("request")
-}
+use support::{get, Demo};
 
 #[test]
 fn sigterm_drains_running_background_tasks_and_exits_zero() {

@@ -43,6 +43,7 @@ pub mod extract;
 mod lane;
 mod metrics;
 mod server;
+mod supervisor;
 mod telemetry;
 
 pub use api_error::ApiError;
@@ -54,6 +55,7 @@ pub use server::{
     BoundServer, Config, CutWork, RouteTimeout, ServeArgs, Server, ServerHandle, SetTimeout, ShutdownReport,
     SpawnedServer,
 };
+pub use supervisor::worker::worker_id;
 pub use telemetry::init_logging;
 
 /// The README's code blocks, compiled as doctests so that they stay true.

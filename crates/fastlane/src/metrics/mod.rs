@@ -107,8 +107,22 @@ struct Inner {
 }
 
 impl Metrics {
-    pub(crate) fn new(lanes: &crate::LaneConfig) -> Self {
-        let mut registry = Registry::with_prefix("fastlane");
+    /// `worker`: with `--workers`, this process's worker id and the
+    /// supervisor's restart count when it started; every series then carries
+    /// a `worker` label, so that scrapes say which worker answered.
+    pub(crate) fn new(lanes: &crate::LaneConfig, worker: Option<(u32, u64)>) -> Self {
+        let labels = worker
+            .map(|(id, _)| (std::borrow::Cow::Borrowed("worker"), std::borrow::Cow::Owned(id.to_string())));
+        let mut registry = Registry::with_prefix_and_labels("fastlane", labels.into_iter());
+        if let Some((_, restarts)) = worker {
+            let gauge = Gauge::<i64>::default();
+            gauge.set(i64::try_from(restarts).unwrap_or(i64::MAX));
+            registry.register(
+                "supervisor_worker_restarts",
+                "Worker restarts the supervisor had made when this worker started",
+                gauge,
+            );
+        }
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",

@@ -48,6 +48,22 @@ pub struct Config {
     pub lanes: LaneConfig,
     /// Isolation of `async fn` handlers that block by mistake.
     pub isolation: IsolationConfig,
+    /// Worker processes. Default 1: one process, no supervisor. Above 1, a
+    /// supervisor process binds the port and runs this many copies of the
+    /// program that share it (see `--workers`). Each has its own memory:
+    /// share state through a database or durable jobs, not statics.
+    pub workers: usize,
+    /// With workers: a worker whose I/O runtime has not answered its
+    /// heartbeat for this long is hung and is replaced. Default 30 s, as
+    /// gunicorn's `--timeout`; unlike gunicorn's, a slow or blocking handler
+    /// never makes a worker miss its heartbeat.
+    pub worker_timeout: Duration,
+    /// With workers: recycle a worker after it has served about this many
+    /// requests (checked twice a second), as gunicorn's `--max-requests`.
+    pub max_requests: Option<u64>,
+    /// With workers: add a random 0..=jitter to `max_requests` per worker,
+    /// so that workers do not all recycle at once.
+    pub max_requests_jitter: u64,
     /// Serve `GET /metrics` (Prometheus) on the app's own address. Default
     /// off: it reveals route names and load to whoever can reach the port.
     /// The demo turns it on.
@@ -65,6 +81,10 @@ impl Default for Config {
             grace_period: Duration::from_secs(30),
             lanes: LaneConfig::default(),
             isolation: IsolationConfig::default(),
+            workers: 1,
+            worker_timeout: Duration::from_secs(30),
+            max_requests: None,
+            max_requests_jitter: 0,
             expose_internal: false,
         }
     }
@@ -88,6 +108,12 @@ impl Config {
         }
         if self.isolation.max_threads <= self.isolation.runners {
             return bad("isolation.max_threads must be more than isolation.runners");
+        }
+        if self.workers == 0 {
+            return bad("workers must be at least 1");
+        }
+        if self.worker_timeout.is_zero() {
+            return bad("worker_timeout must be more than 0");
         }
         if self.header_read_timeout.is_zero() {
             return bad("header_read_timeout must be more than 0");
@@ -151,6 +177,18 @@ pub struct ServeArgs {
     /// Jobs that may wait for a CPU thread before requests get 503.
     #[arg(long, env = "FASTLANE_CPU_QUEUE")]
     pub cpu_queue: Option<usize>,
+    /// Worker processes under a supervisor; 1 runs a single process [default: 1].
+    #[arg(long, short = 'w', env = "FASTLANE_WORKERS", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: Option<u32>,
+    /// Seconds a worker's I/O runtime may go without answering before the supervisor replaces it [default: 30].
+    #[arg(long, alias = "worker-timeout", env = "FASTLANE_TIMEOUT", value_parser = parse_positive_secs)]
+    pub timeout: Option<f64>,
+    /// Recycle each worker after about this many requests.
+    #[arg(long, env = "FASTLANE_MAX_REQUESTS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_requests: Option<u64>,
+    /// Add up to this many requests, at random, to --max-requests per worker.
+    #[arg(long, env = "FASTLANE_MAX_REQUESTS_JITTER")]
+    pub max_requests_jitter: Option<u64>,
     /// Milliseconds one poll of an async handler may take before it counts as a stall [default: 10].
     #[arg(long, env = "FASTLANE_STALL_THRESHOLD_MS", value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub stall_threshold_ms: Option<u64>,
@@ -209,6 +247,18 @@ impl ServeArgs {
         }
         if let Some(bytes) = self.body_limit {
             config.body_limit = bytes;
+        }
+        if let Some(n) = self.workers {
+            config.workers = n as usize;
+        }
+        if let Some(secs) = self.timeout {
+            config.worker_timeout = Duration::from_secs_f64(secs);
+        }
+        if let Some(n) = self.max_requests {
+            config.max_requests = Some(n);
+        }
+        if let Some(n) = self.max_requests_jitter {
+            config.max_requests_jitter = n;
         }
         if let Some(ms) = self.stall_threshold_ms {
             config.isolation.stall_threshold = Duration::from_millis(ms);

@@ -34,13 +34,13 @@ use tower::Service;
 
 pub use config::{Config, ServeArgs};
 pub use report::{CutWork, ShutdownReport};
-pub(crate) use state::RequestState;
+pub(crate) use state::{RequestState, ServerState};
 pub use timeout::{RouteTimeout, SetTimeout};
 
 use crate::executor::{Executor, RouteTable};
 use crate::metrics::Metrics;
+use crate::supervisor::worker::WorkerEnv;
 use crate::{Error, Lanes};
-use state::ServerState;
 
 /// The body limit axum's extractors apply when no `DefaultBodyLimit` is set.
 const AXUM_DEFAULT_BODY_LIMIT: usize = 2 * 1024 * 1024;
@@ -102,10 +102,26 @@ impl Server {
         self
     }
 
+    /// Runs `n` worker processes under a supervisor (see
+    /// [`Config::workers`]): the same as `--workers n`.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.config.workers = n;
+        self
+    }
+
     /// Binds the configured address and returns the bound server, whose
     /// [`local_addr`](BoundServer::local_addr) is known (useful with port 0).
+    ///
+    /// In a worker process started by a supervisor, it takes the socket the
+    /// supervisor handed down instead of binding.
     pub async fn bind(self) -> Result<BoundServer, Error> {
         self.config.validate()?;
+        if let Some(worker) = WorkerEnv::from_env() {
+            let listener = worker
+                .listener()
+                .map_err(|source| Error::Bind { addr: "inherited listener".into(), source })?;
+            return self.from_listener(listener);
+        }
         let addr = format!("{}:{}", self.config.host, self.config.port);
         let listener = TcpListener::bind(&addr).await.map_err(|source| Error::Bind { addr, source })?;
         self.from_listener(listener)
@@ -117,12 +133,20 @@ impl Server {
         self.config.validate()?;
         let local_addr =
             listener.local_addr().map_err(|source| Error::Bind { addr: "listener".into(), source })?;
-        let metrics = Metrics::new(&self.config.lanes);
+        let worker = WorkerEnv::from_env();
+        let mode = match worker {
+            Some(env) => Mode::Worker(env),
+            None if self.config.workers > 1 => Mode::Supervisor,
+            None => Mode::Single,
+        };
+        let metrics = Metrics::new(&self.config.lanes, worker.map(|w| (w.id, w.restarts)));
         let lanes = Lanes::with_gauges(self.config.lanes.clone(), metrics.lane_gauges());
         lanes.install_fallback();
         let runtime = tokio::runtime::Handle::current();
         let routes = Arc::new(RouteTable::new(metrics.clone()));
-        let executor = self.config.isolation.enabled.then(|| {
+        // The supervisor serves no request: no runners, no monitor.
+        let isolate = self.config.isolation.enabled && !matches!(mode, Mode::Supervisor);
+        let executor = isolate.then(|| {
             Executor::new(self.config.isolation.clone(), runtime.clone(), routes.clone(), metrics.clone())
         });
         let state = Arc::new(ServerState {
@@ -133,6 +157,7 @@ impl Server {
             runtime,
             routes,
             executor,
+            served: Default::default(),
         });
         // axum's extractors already refuse bodies over 2 MiB; a layer (one
         // more boxed service per request) is only worth it for another limit.
@@ -150,6 +175,7 @@ impl Server {
             state,
             signal: self.shutdown,
             stop: Arc::new(stop_tx),
+            mode,
         })
     }
 
@@ -168,6 +194,18 @@ pub struct BoundServer {
     state: Arc<ServerState>,
     signal: Option<ShutdownSignal>,
     stop: Arc<watch::Sender<bool>>,
+    mode: Mode,
+}
+
+/// What this process is.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// One process serves (the default).
+    Single,
+    /// `--workers N`: this process only supervises the workers.
+    Supervisor,
+    /// A worker started by a supervisor.
+    Worker(WorkerEnv),
 }
 
 impl std::fmt::Debug for BoundServer {
@@ -274,11 +312,24 @@ impl BoundServer {
 
     /// Serves until shutdown, then drains and returns what was cut.
     pub async fn serve(self) -> Result<ShutdownReport, Error> {
-        let BoundServer { listener, local_addr, router, state, signal, stop } = self;
+        let handle = self.handle();
+        let BoundServer { listener, local_addr, router, state, signal, stop, mode } = self;
         let signal = match signal {
             Some(signal) => signal,
             None => os_signals()?,
         };
+        match mode {
+            Mode::Supervisor => {
+                tracing::info!(addr = %local_addr, "fastlane listening on http://{local_addr} with {} workers", state.config.workers);
+                let config = state.config.clone();
+                return crate::supervisor::supervise(listener, config, signal, stop.subscribe()).await;
+            }
+            Mode::Worker(env) => {
+                let max = state.config.max_requests.map(|n| n + jitter(state.config.max_requests_jitter));
+                crate::supervisor::worker::start_heartbeat(env, state.clone(), handle, max);
+            }
+            Mode::Single => {}
+        }
         let builder = Arc::new(http_builder(&state));
         tracing::info!(addr = %local_addr, "fastlane listening on http://{local_addr}");
 
@@ -313,7 +364,7 @@ impl BoundServer {
         let started = Instant::now();
         let drained = tokio::time::timeout(grace, state.tracker.idle()).await.is_ok();
         let (requests, tasks) = if drained { Default::default() } else { state.tracker.snapshot() };
-        let report = ShutdownReport { requests, tasks, drained_in: started.elapsed() };
+        let report = ShutdownReport { requests, tasks, drained_in: started.elapsed(), workers_failed: 0 };
         if report.is_clean() {
             tracing::info!(
                 drained_in_s = report.drained_in.as_secs_f64(),
@@ -412,6 +463,10 @@ async fn dispatch(
         match req.uri().path() {
             "/metrics" => return Ok(metrics_response(&state)),
             "/_fastlane/stalls" => return Ok(axum::Json(state.routes.stall_rows()).into_response()),
+            "/_fastlane/worker" => {
+                let body = serde_json::json!({ "worker": crate::worker_id(), "pid": std::process::id() });
+                return Ok(axum::Json(body).into_response());
+            }
             _ => {}
         }
     }
@@ -437,6 +492,18 @@ async fn accept_error(addr: SocketAddr, err: std::io::Error) {
     // back off a little so the loop does not spin while connections close.
     tracing::error!(error = %Error::Listener { addr, source: err }, "accept failed; retrying in 50 ms");
     tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// A random number in `0..=max`, different in every worker process.
+fn jitter(max: u64) -> u64 {
+    if max == 0 {
+        return 0;
+    }
+    use std::hash::{BuildHasher, Hasher};
+    // std's hasher is seeded randomly per process: enough randomness here.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.finish() % (max + 1)
 }
 
 fn os_signals() -> Result<ShutdownSignal, Error> {

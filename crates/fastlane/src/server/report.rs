@@ -47,12 +47,15 @@ pub struct ShutdownReport {
     pub tasks: Vec<CutWork>,
     /// How long the drain took.
     pub drained_in: Duration,
+    /// With `--workers`: workers that ended their drain with work cut, or
+    /// had to be killed (each one logged its own cuts).
+    pub workers_failed: usize,
 }
 
 impl ShutdownReport {
     /// True when everything in flight finished within the grace period.
     pub fn is_clean(&self) -> bool {
-        self.requests.is_empty() && self.tasks.is_empty()
+        self.requests.is_empty() && self.tasks.is_empty() && self.workers_failed == 0
     }
 
     /// Every cut request and task.

@@ -24,6 +24,8 @@ pub(crate) struct ServerState {
     pub(crate) routes: Arc<RouteTable>,
     /// The watched executor; `None` when isolation is off.
     pub(crate) executor: Option<Executor>,
+    /// Requests received so far (for `--max-requests`).
+    pub(crate) served: std::sync::atomic::AtomicU64,
 }
 
 impl ServerState {
@@ -72,6 +74,7 @@ impl RequestState {
     pub(crate) fn new(server: Arc<ServerState>, route: Arc<RouteInfo>, started: Instant) -> Self {
         let method = route.method.clone();
         let id = server.tracker.add_request(&route, started);
+        server.served.fetch_add(1, Ordering::Relaxed);
         server.metrics.request_started();
         Self {
             server,

@@ -1,0 +1,138 @@
+//! A `fastlane demo` child process for the tests that need real processes.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A `fastlane demo` child process on a free port, killed if the test fails.
+pub struct Demo {
+    child: Child,
+    addr: String,
+    stderr: mpsc::Receiver<String>,
+    /// Every stderr line so far, for looking while the process runs.
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Demo {
+    pub fn start(extra: &[&str]) -> Demo {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fastlane"))
+            .args(["demo", "--port", "0"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start fastlane demo");
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (addr_tx, addr_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("fastlane demo on http://") {
+                    let _ = addr_tx.send(rest.trim().to_owned());
+                }
+            }
+        });
+        let (err_tx, err_rx) = mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let log_writer = log.clone();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                log_writer.lock().unwrap().push(line.clone());
+                let _ = err_tx.send(line);
+            }
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("the demo printed its address");
+        Demo { child, addr, stderr: err_rx, log }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until a stderr line contains `needle`; returns when it appeared.
+    pub fn wait_for_log(&self, needle: &str, limit: Duration) -> Option<Instant> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.log.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                return Some(Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// How many stderr lines so far contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        send_signal(self.child.id(), signal);
+    }
+}
+
+/// Sends a signal to a process this test started (directly or through the
+/// demo's supervisor), by its PID.
+pub fn send_signal(pid: u32, signal: i32) {
+    {
+        let pid = pid as i32;
+        #[allow(unsafe_code)]
+        // SAFETY: sends a signal to our own child process, by its PID.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0);
+    }
+}
+
+impl Demo {
+    /// SIGTERM, then [`wait`](Self::wait) up to 20 s.
+    pub fn wait_after_term(self) -> (Option<i32>, Vec<String>) {
+        self.signal(libc::SIGTERM);
+        self.wait(Duration::from_secs(20))
+    }
+
+    /// Waits for the exit and returns (exit code, all stderr lines).
+    pub fn wait(mut self, limit: Duration) -> (Option<i32>, Vec<String>) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100)); // let the readers drain
+                let lines = self.stderr.try_iter().collect();
+                return (status.code(), lines);
+            }
+            assert!(Instant::now() < deadline, "the demo did not exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        // SIGTERM first, so that a supervisor takes its workers down with it.
+        if let Ok(None) = self.child.try_wait() {
+            send_signal(self.child.id(), libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn get(url: &str) -> fastlane::client::Response {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(fastlane::client::get(url)).expect("request")
+}

@@ -1,0 +1,361 @@
+//! `--workers N`: a supervisor process and N worker processes on one port.
+//!
+//! The supervisor binds the port, then starts N copies of the current
+//! program (same arguments) that inherit the listening socket, so all of them
+//! accept from one queue: a worker that dies loses only the requests it was
+//! handling, never the connections waiting to be accepted.
+//!
+//! Why the supervisor cannot be fooled by a blocked handler: gunicorn's
+//! arbiter judges a worker by a heartbeat that the worker's *event loop*
+//! sends, so one async task that blocks for longer than `--timeout` gets the
+//! worker killed (SIGABRT, "WORKER TIMEOUT") and its work lost. A fastlane
+//! worker's heartbeat comes from a thread of its own that asks the *I/O
+//! runtime* to run a tiny task; a handler or background task that blocks is
+//! isolated on its own runner thread and does not stop that. Only a worker
+//! whose runtime itself stops answering is hung, and before it is killed the
+//! supervisor logs what it was running.
+//!
+//! Signals: SIGTERM/SIGINT drain every worker within the grace period;
+//! SIGHUP starts a new set of workers and, once they are ready, drains the
+//! old ones (a graceful reload).
+
+pub(crate) mod worker;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::server::{Config, ShutdownReport};
+use crate::Error;
+use worker::{ENV_HEARTBEAT_FD, ENV_ID, ENV_LISTEN_FD, ENV_RESTARTS};
+
+/// A worker that dies younger than this is crash-looping: its restart waits.
+const HEALTHY_AFTER: Duration = Duration::from_secs(5);
+/// The first and the longest wait before restarting a crash-looping worker.
+const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long new workers of a reload get to report ready.
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// What the heartbeat thread of a worker last said.
+#[derive(Debug, Default)]
+struct Beat {
+    last_alive: Option<Instant>,
+    running: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Worker {
+    id: u32,
+    child: Child,
+    started: Instant,
+    beat: Arc<Mutex<Beat>>,
+}
+
+impl Worker {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn last_alive(&self) -> Option<Instant> {
+        self.beat.lock().unwrap_or_else(|p| p.into_inner()).last_alive
+    }
+
+    fn running(&self) -> Vec<String> {
+        self.beat.lock().unwrap_or_else(|p| p.into_inner()).running.clone()
+    }
+}
+
+struct Supervisor {
+    config: Config,
+    listen_fd: RawFd,
+    active: Vec<Worker>,
+    retiring: Vec<Worker>,
+    /// Worker ids waiting to be restarted, and when.
+    restarts_due: Vec<(u32, Instant)>,
+    backoff: HashMap<u32, Duration>,
+    restarts: u64,
+    failed: usize,
+}
+
+/// Runs the supervisor until shutdown; the listener stays open here and is
+/// shared by every worker.
+pub(crate) async fn supervise(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    signal: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<ShutdownReport, Error> {
+    use tokio::signal::unix::{signal as unix_signal, SignalKind};
+    let mut hangup = unix_signal(SignalKind::hangup()).map_err(Error::Signal)?;
+    let mut sup = Supervisor {
+        listen_fd: listener.as_raw_fd(),
+        config,
+        active: Vec::new(),
+        retiring: Vec::new(),
+        restarts_due: Vec::new(),
+        backoff: HashMap::new(),
+        restarts: 0,
+        failed: 0,
+    };
+    for id in 1..=sup.config.workers as u32 {
+        sup.start(id)?;
+    }
+    tracing::info!(workers = sup.config.workers, pid = std::process::id(), "supervisor running");
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            () = &mut signal => break,
+            () = stopped(&mut stop) => break,
+            _ = hangup.recv() => sup.reload().await,
+            _ = tick.tick() => sup.check(),
+        }
+    }
+    let report = sup.shutdown().await;
+    drop(listener);
+    Ok(ShutdownReport { drained_in: report, workers_failed: sup.failed, ..Default::default() })
+}
+
+impl Supervisor {
+    /// Starts worker `id`: this program again, with the socket and a pipe.
+    #[allow(unsafe_code)]
+    fn start(&mut self, id: u32) -> Result<(), Error> {
+        let spawn_error = |e: std::io::Error| Error::Config(format!("could not start worker {id}: {e}"));
+        let (read_fd, write_fd) = pipe().map_err(spawn_error)?;
+        let exe = std::env::current_exe().map_err(spawn_error)?;
+        let mut cmd = Command::new(exe);
+        cmd.args(std::env::args_os().skip(1))
+            .env(ENV_ID, id.to_string())
+            .env(ENV_LISTEN_FD, self.listen_fd.to_string())
+            .env(ENV_HEARTBEAT_FD, write_fd.to_string())
+            .env(ENV_RESTARTS, self.restarts.to_string());
+        let listen_fd = self.listen_fd;
+        // SAFETY: runs in the child between fork and exec and only calls
+        // fcntl, which is async-signal-safe, on two descriptors it owns.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                keep_on_exec(listen_fd)?;
+                keep_on_exec(write_fd)
+            });
+        }
+        let spawned = cmd.spawn();
+        // SAFETY: our copy of the write end; the child has its own now.
+        drop(unsafe { std::fs::File::from_raw_fd(write_fd) });
+        let child = match spawned {
+            Ok(child) => child,
+            Err(err) => {
+                // SAFETY: the read end is ours and unused.
+                drop(unsafe { std::fs::File::from_raw_fd(read_fd) });
+                return Err(spawn_error(err));
+            }
+        };
+        let beat = Arc::new(Mutex::new(Beat::default()));
+        read_beats(read_fd, beat.clone());
+        tracing::info!(worker = id, pid = child.id(), "worker started");
+        self.active.push(Worker { id, child, started: Instant::now(), beat });
+        Ok(())
+    }
+
+    /// One round: reap exits, restart what is due, find hung workers.
+    fn check(&mut self) {
+        let now = Instant::now();
+        let timeout = self.config.worker_timeout;
+        let mut index = 0;
+        while index < self.active.len() {
+            let worker = &mut self.active[index];
+            if let Ok(Some(status)) = worker.child.try_wait() {
+                let worker = self.active.remove(index);
+                let lived = now - worker.started;
+                let backoff = self.backoff.entry(worker.id).or_insert(Duration::ZERO);
+                *backoff = if lived < HEALTHY_AFTER {
+                    (*backoff * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX)
+                } else {
+                    Duration::ZERO
+                };
+                if status.success() {
+                    tracing::info!(
+                        worker = worker.id,
+                        pid = worker.pid(),
+                        "worker exited (recycled); starting a new one"
+                    );
+                } else {
+                    tracing::error!(
+                        worker = worker.id,
+                        pid = worker.pid(),
+                        %status,
+                        lived_s = lived.as_secs_f64(),
+                        restart_in_s = backoff.as_secs_f64(),
+                        "worker died; restarting it"
+                    );
+                }
+                self.restarts_due.push((worker.id, now + *backoff));
+                continue;
+            }
+            let silent_since = worker.last_alive().unwrap_or(worker.started);
+            if now.saturating_duration_since(silent_since) > timeout {
+                let running = worker.running();
+                tracing::error!(
+                    worker = worker.id,
+                    pid = worker.pid(),
+                    "worker hung: its I/O runtime has not answered for {:.1} s (--timeout); it was running: {}; killing it",
+                    now.saturating_duration_since(silent_since).as_secs_f64(),
+                    if running.is_empty() { "nothing".to_owned() } else { running.join(", ") }
+                );
+                let _ = worker.child.kill();
+                let _ = worker.child.wait();
+                let worker = self.active.remove(index);
+                self.restarts_due.push((worker.id, now));
+                continue;
+            }
+            index += 1;
+        }
+        self.retiring.retain_mut(|w| match w.child.try_wait() {
+            Ok(Some(status)) => {
+                tracing::info!(worker = w.id, pid = w.pid(), %status, "old worker drained and exited");
+                false
+            }
+            _ => true,
+        });
+        let due: Vec<u32> =
+            self.restarts_due.iter().filter(|(_, at)| *at <= now).map(|(id, _)| *id).collect();
+        self.restarts_due.retain(|(_, at)| *at > now);
+        for id in due {
+            self.restarts += 1;
+            if let Err(err) = self.start(id) {
+                tracing::error!(error = %err, "restart failed; trying again");
+                self.restarts_due.push((id, now + BACKOFF_MAX));
+            }
+        }
+    }
+
+    /// SIGHUP: new workers first, then the old ones drain.
+    async fn reload(&mut self) {
+        tracing::info!("SIGHUP: reloading workers");
+        let old = std::mem::take(&mut self.active);
+        for id in 1..=self.config.workers as u32 {
+            if let Err(err) = self.start(id) {
+                tracing::error!(error = %err, "reload: could not start a new worker; keeping the old ones");
+                let new = std::mem::replace(&mut self.active, old);
+                self.retiring.extend(new);
+                self.signal_all_retiring(libc::SIGTERM);
+                return;
+            }
+        }
+        let deadline = Instant::now() + READY_WITHIN;
+        while self.active.iter().any(|w| w.last_alive().is_none()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!("reload: new workers ready; draining the old ones");
+        self.retiring.extend(old);
+        self.signal_all_retiring(libc::SIGTERM);
+    }
+
+    fn signal_all_retiring(&self, sig: i32) {
+        for w in &self.retiring {
+            send_signal(w.pid(), sig);
+        }
+    }
+
+    /// SIGTERM to every worker; waits for them up to the grace period (plus
+    /// a margin for their own reports), then kills what is left.
+    async fn shutdown(&mut self) -> Duration {
+        let started = Instant::now();
+        let mut all: Vec<Worker> = self.active.drain(..).chain(self.retiring.drain(..)).collect();
+        tracing::info!(workers = all.len(), "supervisor shutting down: draining workers");
+        for w in &all {
+            send_signal(w.pid(), libc::SIGTERM);
+        }
+        let deadline = started + self.config.grace_period + Duration::from_secs(5);
+        while !all.is_empty() {
+            all.retain_mut(|w| match w.child.try_wait() {
+                Ok(Some(status)) => {
+                    if !status.success() {
+                        tracing::error!(worker = w.id, pid = w.pid(), %status, "worker ended its drain with work cut");
+                        self.failed += 1;
+                    }
+                    false
+                }
+                _ => true,
+            });
+            if Instant::now() >= deadline {
+                for w in &mut all {
+                    tracing::error!(
+                        worker = w.id,
+                        pid = w.pid(),
+                        "worker did not finish draining; killing it"
+                    );
+                    let _ = w.child.kill();
+                    let _ = w.child.wait();
+                    self.failed += 1;
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        started.elapsed()
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // Drop the guard before any other await (it would make this `!Send`).
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// A pipe whose ends both close on exec (the child keeps its end explicitly).
+#[allow(unsafe_code)]
+fn pipe() -> std::io::Result<(RawFd, RawFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: a valid two-element out-array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((fds[0], fds[1]))
+}
+
+/// Clears close-on-exec on a descriptor (in the child, before exec).
+#[allow(unsafe_code)]
+fn keep_on_exec(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: fcntl on a descriptor number; fails cleanly if it is invalid.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[allow(unsafe_code)]
+fn send_signal(pid: u32, sig: i32) {
+    // SAFETY: a signal to our own child process, by its PID.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// Reads a worker's status lines on a thread of its own until the pipe
+/// closes (the worker exited).
+#[allow(unsafe_code)]
+fn read_beats(fd: RawFd, beat: Arc<Mutex<Beat>>) {
+    // SAFETY: the read end of a pipe we created, owned by this reader only.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let spawned = std::thread::Builder::new().name("fastlane-beats".into()).spawn(move || {
+        for line in BufReader::new(file).lines().map_while(Result::ok) {
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            let mut beat = beat.lock().unwrap_or_else(|p| p.into_inner());
+            if value["alive"].as_bool() == Some(true) {
+                beat.last_alive = Some(Instant::now());
+            }
+            beat.running = value["running"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default();
+        }
+    });
+    if let Err(err) = spawned {
+        tracing::error!(error = %err, "could not start a heartbeat reader");
+    }
+}
