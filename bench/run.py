@@ -65,7 +65,7 @@ def run(cmd, **kw):
 def build():
     run(["cargo", "build", "--release", "-q", "-p", "fastlane-cli"], cwd=ROOT)
     run(["cargo", "build", "--release", "-q", "--target-dir", str(ROOT / "target" / "bench")], cwd=BENCH)
-    if not (VENV / "bin" / "uvicorn").exists():
+    if not (VENV / "bin" / "gunicorn").exists():
         run([sys.executable, "-m", "venv", str(VENV)])
         run([str(VENV / "bin" / "pip"), "install", "-q", "-r", str(BENCH / "requirements.txt")])
     if shutil.which("wrk") is None:
@@ -109,14 +109,14 @@ class Server:
         raise RuntimeError(f"{name} did not start")
 
     def memory_kib(self):
-        """Resident memory of the process and its children (uvicorn's pool)."""
+        """Resident memory of the process and all its descendants."""
         total = 0
-        pids = [self.proc.pid]
-        try:
-            out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
-            pids += [int(p) for p in out.stdout.split()]
-        except OSError:
-            pass
+        pids, frontier = [], [self.proc.pid]
+        while frontier:
+            pid = frontier.pop()
+            pids.append(pid)
+            out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+            frontier += [int(p) for p in out.stdout.split()]
         for pid in pids:
             try:
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -132,6 +132,22 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         time.sleep(0.3)
+
+
+def worker_servers(n):
+    """The same demo routes with N worker processes each: fastlane's
+    supervisor, uvicorn --workers and gunicorn with uvicorn workers."""
+    port = str(PORT)
+    quiet = dict(os.environ, RUST_LOG="warn")
+    py = os.environ.copy()
+    return [
+        ("fastlane --workers", [str(FASTLANE), "demo", "--port", port, "--workers", str(n)], quiet, ROOT),
+        ("uvicorn --workers", [str(VENV / "bin" / "uvicorn"), "fastapi_app:app", "--host", "127.0.0.1", "--port", port,
+                               "--workers", str(n), "--log-level", "warning"], py, BENCH / "peers"),
+        ("gunicorn -k uvicorn", [str(VENV / "bin" / "gunicorn"), "-w", str(n), "-k", "uvicorn.workers.UvicornWorker",
+                                 "-b", f"127.0.0.1:{port}", "--log-level", "warning", "fastapi_app:app"], py,
+         BENCH / "peers"),
+    ]
 
 
 def mixed(path, concurrency, args):
@@ -238,6 +254,15 @@ def main():
             finally:
                 server.stop()
 
+    worker_memory = {}
+    for name, cmd, env, cwd in worker_servers(2):
+        server = Server(name, cmd, env, cwd)
+        try:
+            time.sleep(2)  # every worker up, not only the first to answer
+            worker_memory[name] = server.memory_kib()
+        finally:
+            server.stop()
+
     throughput = {name: [] for name in names}
     for round_ in range(args.wrk_rounds):
         order = names if round_ % 2 == 0 else list(reversed(names))
@@ -254,13 +279,14 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     chart(results, names, out.parent / "bench-fast-p99.svg")
-    raw = {"command": command, "mixed": results, "throughput": throughput, "idle_rss_kib": memory}
+    raw = {"command": command, "mixed": results, "throughput": throughput, "idle_rss_kib": memory,
+           "idle_rss_kib_2_workers": worker_memory}
     (out.parent / "bench-results.json").write_text(json.dumps(raw, indent=1) + "\n")
-    write_report(out, command, args, names, results, throughput, memory)
+    write_report(out, command, args, names, results, throughput, memory, worker_memory)
     log(f"wrote {out}")
 
 
-def write_report(out, command, args, names, results, throughput, memory):
+def write_report(out, command, args, names, results, throughput, memory, worker_memory):
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Benchmarks",
@@ -338,6 +364,15 @@ def write_report(out, command, args, names, results, throughput, memory):
         "| --- | --- |",
     ]
     lines += [f"| {n} | {memory[n] / 1024:.1f} |" for n in names]
+    lines += [
+        "",
+        "With 2 worker processes (the whole process tree: supervisor or master and workers; the FastAPI app "
+        "starts its CPU process pool on first use, so none here), idle:",
+        "",
+        "| server | RSS total (MiB) | per worker (MiB) |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {n} | {kib / 1024:.1f} | {kib / 2048:.1f} |" for n, kib in worker_memory.items()]
     lines.append("")
     out.write_text("\n".join(lines))
 

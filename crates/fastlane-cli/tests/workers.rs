@@ -107,3 +107,16 @@ fn sigterm_drains_every_worker_and_the_exit_code_reports_cuts() {
     assert_eq!(code, Some(1), "{log}");
     assert!(log.contains("shutdown cut background task GET / (blocking lane)"), "{log}");
 }
+
+#[test]
+fn max_requests_recycles_workers_without_failing_requests() {
+    let demo = Demo::start(&["--workers", "2", "--max-requests", "20", "--max-requests-jitter", "5"]);
+    assert!(demo.wait_for_log("supervisor running", Duration::from_secs(10)).is_some());
+    let load = steady_load(&demo, 3.0);
+    let result = load.join().unwrap();
+    assert_eq!(result.fast.errors, 0, "{:?}", result.fast);
+    assert!(demo.count_log("max requests reached: recycling this worker") >= 1);
+    assert!(demo.wait_for_log("worker exited (recycled)", Duration::from_secs(5)).is_some());
+    let (code, _) = demo.wait_after_term();
+    assert_eq!(code, Some(0));
+}
