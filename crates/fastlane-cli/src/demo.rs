@@ -32,6 +32,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET  /stream/blocking?chunks=N&secs=S", "streaming body whose producer blocks S s before each chunk"),
     ("POST /profile", r#"{"name": "..", "work_ms": 2000}: computes in the background, answers {} at once"#),
     ("GET  /?action=N&secs=15", "background task: 1 sync-blocking, 2 async-blocking, 3 async-sleeping"),
+    (
+        "GET  /debug/hang-runtime?secs=N",
+        "blocks every tokio worker thread: a truly hung server (for --workers)",
+    ),
 ];
 
 /// Builds the demo router.
@@ -49,6 +53,7 @@ pub fn app() -> Router {
         .route("/stream/blocking", get(stream_blocking))
         .route("/profile", post(profile))
         .route("/", get(action))
+        .route("/debug/hang-runtime", get(hang_runtime))
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,6 +185,22 @@ async fn profile(bg: Background, Json(p): Json<Profile>) -> Result<axum::Json<se
         tracing::info!(%name, ms = started.elapsed().as_millis() as u64, "profile computed");
     });
     Ok(axum::Json(serde_json::json!({})))
+}
+
+/// What a really hung worker looks like: blocking tasks pushed onto tokio's
+/// own worker threads (where fastlane's isolation does not reach: they are
+/// the I/O runtime) stop the timers and the sockets of the whole process.
+/// The request itself then waits on a timer that cannot fire. Under
+/// `--workers`, the supervisor sees the runtime stop answering and replaces
+/// the worker; without workers the server stays hung for `secs`.
+async fn hang_runtime(Query(q): Query<SecsParam>) -> Result<&'static str, ApiError> {
+    let d = secs("secs", q.secs, 10.0)?;
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    for _ in 0..workers {
+        tokio::spawn(async move { std::thread::sleep(d) });
+    }
+    tokio::time::sleep(d).await;
+    Ok("the runtime was hung")
 }
 
 #[derive(Debug, Deserialize)]

@@ -120,3 +120,32 @@ fn max_requests_recycles_workers_without_failing_requests() {
     let (code, _) = demo.wait_after_term();
     assert_eq!(code, Some(0));
 }
+
+#[test]
+fn a_worker_whose_runtime_hangs_is_replaced_after_its_running_work_is_logged() {
+    let demo = Demo::start(&["--workers", "2", "--timeout", "2"]);
+    assert!(demo.wait_for_log("supervisor running", Duration::from_secs(10)).is_some());
+    let url = demo.url("/debug/hang-runtime?secs=30");
+    // The request hangs with its worker; don't wait for it.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _ = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(20), fastlane::client::get(&url)).await
+        });
+    });
+    let started = demo.count_log("worker started");
+    let hung = demo.wait_for_log("worker hung", Duration::from_secs(10));
+    assert!(hung.is_some(), "the supervisor never saw the hung worker");
+    assert_eq!(demo.count_log("it was running: request GET /debug/hang-runtime"), 1);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while demo.count_log("worker started") == started {
+        assert!(Instant::now() < deadline, "no replacement for the hung worker");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The other worker and the replacement serve.
+    for _ in 0..4 {
+        assert_eq!(get(&demo.url("/fast")).text(), "ok");
+    }
+    let (code, _) = demo.wait_after_term();
+    assert_eq!(code, Some(0));
+}
