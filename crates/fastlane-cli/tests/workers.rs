@@ -149,3 +149,41 @@ fn a_worker_whose_runtime_hangs_is_replaced_after_its_running_work_is_logged() {
     let (code, _) = demo.wait_after_term();
     assert_eq!(code, Some(0));
 }
+
+/// The pid in the newest "worker started worker=ID pid=PID" log line.
+fn started_pid(demo: &Demo, id: u32) -> Option<u32> {
+    let needle = format!("worker started worker={id} pid=");
+    let log = demo.log.lock().unwrap();
+    let line = log.iter().rev().find(|l| l.contains(&needle))?;
+    line.split(&needle).nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
+#[test]
+fn a_worker_that_keeps_dying_young_is_restarted_with_growing_delays() {
+    let demo = Demo::start(&["--workers", "2"]);
+    assert!(demo.wait_for_log("supervisor running", Duration::from_secs(10)).is_some());
+    let mut delays = Vec::new();
+    for _ in 0..3 {
+        let pid = started_pid(&demo, 1).expect("worker 1 started");
+        let before = demo.count_log("worker started worker=1 ");
+        send_signal(pid, libc::SIGKILL);
+        let killed = Instant::now();
+        let deadline = killed + Duration::from_secs(10);
+        while demo.count_log("worker started worker=1 ") == before {
+            assert!(Instant::now() < deadline, "worker 1 was not restarted");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        delays.push(killed.elapsed());
+    }
+    // 0.5 s, then 1 s, then 2 s (each restart died young: under 5 s).
+    assert!(delays[0] >= Duration::from_millis(400) && delays[0] < Duration::from_millis(1500), "{delays:?}");
+    assert!(delays[1] >= Duration::from_millis(900) && delays[1] < Duration::from_millis(2500), "{delays:?}");
+    assert!(
+        delays[2] >= Duration::from_millis(1900) && delays[2] < Duration::from_millis(4000),
+        "{delays:?}"
+    );
+    // Worker 2 was never touched and served throughout.
+    assert_eq!(get(&demo.url("/fast")).text(), "ok");
+    let (code, _) = demo.wait_after_term();
+    assert_eq!(code, Some(0));
+}

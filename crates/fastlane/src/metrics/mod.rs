@@ -119,7 +119,7 @@ impl Metrics {
             gauge.set(i64::try_from(restarts).unwrap_or(i64::MAX));
             registry.register(
                 "supervisor_worker_restarts",
-                "Worker restarts the supervisor had made when this worker started",
+                "Worker restarts the supervisor had made when this worker started (the max over workers is the current count)",
                 gauge,
             );
         }
