@@ -147,12 +147,17 @@ impl Pool {
     {
         let (tx, rx) = oneshot::channel();
         let name = self.name();
+        let gauges = self.shared.gauges.clone();
         let job: Job = Box::new(move || {
             let result = catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
                 let message = panic_message(&*payload);
                 tracing::error!(lane = name, panic = %message, "work on the {name} lane panicked; the thread lives on");
                 LaneError::panicked(name, message)
             });
+            // Counted and released before the caller hears of the result, so
+            // that what it reads next (metrics, a free slot) is up to date.
+            gauges.busy.dec();
+            gauges.completed.inc();
             // The permit is released only now that the work has finished.
             drop(permit);
             // The receiver may be gone (caller timed out): nothing to do then.
@@ -218,9 +223,8 @@ fn worker(shared: Arc<Shared>) {
             drop(state);
             shared.gauges.queued.dec();
             shared.gauges.busy.inc();
+            // The job itself counts itself done (see `submit`).
             job();
-            shared.gauges.busy.dec();
-            shared.gauges.completed.inc();
             state = shared.lock();
             continue;
         }

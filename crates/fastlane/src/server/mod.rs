@@ -42,6 +42,11 @@ use crate::metrics::Metrics;
 use crate::supervisor::worker::WorkerEnv;
 use crate::{Error, Lanes};
 
+/// On shutdown, a connection younger than this is left to receive its first
+/// request before it is asked to close. Older idle keep-alive connections
+/// close at once.
+const NEW_CONNECTION_SETTLE: Duration = Duration::from_millis(250);
+
 /// The body limit axum's extractors apply when no `DefaultBodyLimit` is set.
 const AXUM_DEFAULT_BODY_LIMIT: usize = 2 * 1024 * 1024;
 
@@ -434,6 +439,7 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
 ) {
     state.tracker.connection_opened();
+    let accepted = tokio::time::Instant::now();
     let service_state = state.clone();
     let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
         dispatch(router.clone(), service_state.clone(), req)
@@ -443,8 +449,17 @@ async fn serve_connection(
     let result = tokio::select! {
         result = conn.as_mut() => result,
         () = stopped(&mut stop) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+            // hyper closes a connection that has not sent a byte yet at once.
+            // A client that has just connected has its request on the wire:
+            // give it a moment to arrive so that it is answered, not reset.
+            let settle = tokio::time::sleep_until(accepted + NEW_CONNECTION_SETTLE);
+            tokio::select! {
+                result = conn.as_mut() => result,
+                () = settle => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
         }
     };
     if let Err(err) = result {

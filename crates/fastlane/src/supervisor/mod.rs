@@ -173,7 +173,11 @@ impl Supervisor {
                 let worker = self.active.remove(index);
                 let lived = now - worker.started;
                 let backoff = self.backoff.entry(worker.id).or_insert(Duration::ZERO);
-                *backoff = if lived < HEALTHY_AFTER {
+                // A clean exit is a recycle (--max-requests): replace it at
+                // once. Only failures that come young are a crash loop.
+                *backoff = if status.success() {
+                    Duration::ZERO
+                } else if lived < HEALTHY_AFTER {
                     (*backoff * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX)
                 } else {
                     Duration::ZERO
@@ -275,7 +279,10 @@ impl Supervisor {
         while !all.is_empty() {
             all.retain_mut(|w| match w.child.try_wait() {
                 Ok(Some(status)) => {
-                    if !status.success() {
+                    // A worker still starting (no heartbeat yet) may die of the
+                    // SIGTERM itself, before installing its handler: it had
+                    // nothing in flight, so nothing was cut.
+                    if !status.success() && w.last_alive().is_some() {
                         tracing::error!(worker = w.id, pid = w.pid(), %status, "worker ended its drain with work cut");
                         self.failed += 1;
                     }
