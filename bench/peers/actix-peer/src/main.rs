@@ -2,57 +2,11 @@
 //! `web::block` for sync work. The seeds' bug (`std::thread::sleep` in an
 //! async fn) is left in, as in the demo. Usage: `actix-peer PORT`.
 
-use std::time::{Duration, Instant};
 
 use actix_web::{web, App, HttpResponse, HttpServer};
 use futures_util::StreamExt;
-use serde::Deserialize;
+use peer_common::{burn, millis, secs, Action, Chunks, Ms, Profile, Secs};
 
-#[derive(Deserialize)]
-struct Secs {
-    secs: Option<f64>,
-}
-
-#[derive(Deserialize)]
-struct Ms {
-    ms: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct Chunks {
-    chunks: Option<u32>,
-    secs: Option<f64>,
-}
-
-#[derive(Deserialize)]
-struct Profile {
-    #[allow(dead_code)]
-    name: String,
-    work_ms: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct Action {
-    action: Option<u8>,
-    secs: Option<f64>,
-}
-
-fn secs(v: Option<f64>, default: f64) -> Duration {
-    Duration::from_secs_f64(v.unwrap_or(default).clamp(0.0, 60.0))
-}
-
-fn burn(d: Duration) -> u64 {
-    let start = Instant::now();
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    while start.elapsed() < d {
-        for _ in 0..10_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-        }
-    }
-    std::hint::black_box(x)
-}
 
 async fn fast() -> &'static str {
     "ok"
@@ -91,12 +45,12 @@ async fn slow_async(q: web::Query<Secs>) -> &'static str {
 }
 
 async fn cpu_async_blocking(q: web::Query<Ms>) -> &'static str {
-    burn(Duration::from_millis(q.ms.unwrap_or(100).min(60_000)));
+    burn(millis(q.ms, 100));
     "computed"
 }
 
 async fn cpu_offload(q: web::Query<Ms>) -> &'static str {
-    let d = Duration::from_millis(q.ms.unwrap_or(100).min(60_000));
+    let d = millis(q.ms, 100);
     let _ = web::block(move || burn(d)).await;
     "computed"
 }
@@ -111,7 +65,7 @@ async fn stream_blocking(q: web::Query<Chunks>) -> HttpResponse {
 }
 
 async fn profile(p: web::Json<Profile>) -> HttpResponse {
-    let d = Duration::from_millis(p.work_ms.unwrap_or(2000).min(60_000));
+    let d = millis(p.work_ms, 2000);
     actix_web::rt::spawn(async move {
         let _ = web::block(move || burn(d)).await;
     });

@@ -3,60 +3,14 @@
 //! seeds' bug (`std::thread::sleep` in an async fn) is left in, as in the
 //! demo. Usage: `axum-peer PORT`.
 
-use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::Query;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
-use serde::Deserialize;
+use peer_common::{burn, millis, secs, Action, Chunks, Ms, Profile, Secs};
 
-#[derive(Deserialize)]
-struct Secs {
-    secs: Option<f64>,
-}
-
-#[derive(Deserialize)]
-struct Ms {
-    ms: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct Chunks {
-    chunks: Option<u32>,
-    secs: Option<f64>,
-}
-
-#[derive(Deserialize)]
-struct Profile {
-    #[allow(dead_code)]
-    name: String,
-    work_ms: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct Action {
-    action: Option<u8>,
-    secs: Option<f64>,
-}
-
-fn secs(v: Option<f64>, default: f64) -> Duration {
-    Duration::from_secs_f64(v.unwrap_or(default).clamp(0.0, 60.0))
-}
-
-fn burn(d: Duration) -> u64 {
-    let start = Instant::now();
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    while start.elapsed() < d {
-        for _ in 0..10_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-        }
-    }
-    std::hint::black_box(x)
-}
 
 #[tokio::main]
 async fn main() {
@@ -105,14 +59,14 @@ async fn main() {
         .route(
             "/cpu/async-blocking",
             get(|Query(q): Query<Ms>| async move {
-                burn(Duration::from_millis(q.ms.unwrap_or(100).min(60_000)));
+                burn(millis(q.ms, 100));
                 "computed"
             }),
         )
         .route(
             "/cpu/offload",
             get(|Query(q): Query<Ms>| async move {
-                let d = Duration::from_millis(q.ms.unwrap_or(100).min(60_000));
+                let d = millis(q.ms, 100);
                 tokio::task::spawn_blocking(move || burn(d)).await.unwrap();
                 "computed"
             }),
@@ -131,7 +85,7 @@ async fn main() {
         .route(
             "/profile",
             post(|Json(p): Json<Profile>| async move {
-                let d = Duration::from_millis(p.work_ms.unwrap_or(2000).min(60_000));
+                let d = millis(p.work_ms, 2000);
                 tokio::task::spawn_blocking(move || burn(d));
                 Json(serde_json::json!({}))
             }),
