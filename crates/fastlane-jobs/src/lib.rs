@@ -1,0 +1,31 @@
+//! fastlane-jobs: durable jobs that survive crashes, for fastlane apps.
+//!
+//! # Layout
+//!
+//! * `job.rs`: the job model — [`NewJob`] (what to enqueue, with queue,
+//!   priority, run-at, attempts, timeout, unique key), [`Claimed`] (an
+//!   attempt handed to a worker, with its fencing token), [`JobInfo`],
+//!   [`JobState`] and the retry [`backoff`].
+//! * `sqlite/`: [`SqliteStore`], the embedded default (a file, no server).
+//!
+//! A PostgreSQL store with the same operations, the worker that runs job
+//! handlers on fastlane's lanes, and the CLI come next (see the project's
+//! issue on durable jobs).
+//!
+//! # The life of a job
+//!
+//! `enqueue` stores it `available` (or `scheduled` for later). `claim` gives
+//! it to one worker under a lease and a new fencing token; the worker renews
+//! the lease with `heartbeat` while it runs, and ends the attempt with
+//! `complete`, `fail` (retry with backoff, or dead) or `cancelled`. If the
+//! worker dies, the lease expires and the next `claim` takes the job over
+//! with a new token, so the dead attempt's late writes are rejected as
+//! [`Error::Fenced`].
+
+mod error;
+mod job;
+mod sqlite;
+
+pub use error::Error;
+pub use job::{backoff, Attempt, Claimed, JobId, JobInfo, JobState, NewJob, Stats};
+pub use sqlite::SqliteStore;

@@ -1,0 +1,95 @@
+//! Versioned schema migrations, applied in order on open.
+
+use sqlx::SqlitePool;
+
+use crate::Error;
+
+/// Each entry moves the schema from version `index` to `index + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: jobs and their attempts.
+    "CREATE TABLE fastlane_jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL,
+        queue TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        state TEXT NOT NULL,
+        priority INTEGER NOT NULL DEFAULT 0,
+        run_at INTEGER NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL,
+        timeout_ms INTEGER,
+        unique_key TEXT,
+        token INTEGER NOT NULL DEFAULT 0,
+        lease_until INTEGER,
+        worker TEXT,
+        progress INTEGER,
+        progress_message TEXT,
+        last_error TEXT,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        finished_at INTEGER
+    );
+    CREATE INDEX fastlane_jobs_due ON fastlane_jobs (queue, state, priority DESC, run_at, id);
+    CREATE UNIQUE INDEX fastlane_jobs_unique_pending ON fastlane_jobs (unique_key)
+        WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'available', 'running', 'retrying');
+    CREATE TABLE fastlane_attempts (
+        job_id INTEGER NOT NULL REFERENCES fastlane_jobs (id) ON DELETE CASCADE,
+        attempt INTEGER NOT NULL,
+        worker TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        finished_at INTEGER,
+        outcome TEXT,
+        error TEXT,
+        PRIMARY KEY (job_id, attempt)
+    );",
+];
+
+/// Brings the schema to the latest version; refuses a database that holds
+/// other tables but no fastlane schema, or a newer schema than this code.
+pub(super) async fn migrate(pool: &SqlitePool) -> Result<(), Error> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(super::classify)?;
+    let has_version: Option<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'fastlane_schema'",
+    )
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(super::classify)?;
+    let version: i64 = if has_version.is_some() {
+        sqlx::query_scalar("SELECT version FROM fastlane_schema")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(super::classify)?
+    } else {
+        let others: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(super::classify)?;
+        if others > 0 {
+            return Err(Error::NotAJobStore(
+                "this SQLite database holds other tables and no fastlane job schema; use a file of its own"
+                    .into(),
+            ));
+        }
+        sqlx::raw_sql("CREATE TABLE fastlane_schema (version INTEGER NOT NULL); INSERT INTO fastlane_schema VALUES (0);")
+            .execute(&mut *tx)
+            .await
+            .map_err(super::classify)?;
+        0
+    };
+    let latest = MIGRATIONS.len() as i64;
+    if version > latest {
+        return Err(Error::NotAJobStore(format!(
+            "the job store has schema version {version}, newer than this fastlane-jobs ({latest})"
+        )));
+    }
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        sqlx::raw_sql(migration).execute(&mut *tx).await.map_err(super::classify)?;
+        sqlx::query("UPDATE fastlane_schema SET version = ?")
+            .bind(index as i64 + 1)
+            .execute(&mut *tx)
+            .await
+            .map_err(super::classify)?;
+    }
+    tx.commit().await.map_err(super::classify)?;
+    Ok(())
+}
