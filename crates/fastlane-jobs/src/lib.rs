@@ -6,11 +6,13 @@
 //!   priority, run-at, attempts, timeout, unique key), [`Claimed`] (an
 //!   attempt handed to a worker, with its fencing token), [`JobInfo`],
 //!   [`JobState`] and the retry [`backoff`].
+//! * `store.rs`: the [`Store`] trait, the one contract of every backend.
 //! * `sqlite/`: [`SqliteStore`], the embedded default (a file, no server).
+//! * `postgres/`: [`PgStore`], for several processes or machines
+//!   (`FOR UPDATE SKIP LOCKED`).
 //!
-//! A PostgreSQL store with the same operations, the worker that runs job
-//! handlers on fastlane's lanes, and the CLI come next (see the project's
-//! issue on durable jobs).
+//! The worker that runs job handlers on fastlane's lanes and the CLI come
+//! next (see the project's issue on durable jobs).
 //!
 //! # The life of a job
 //!
@@ -24,8 +26,12 @@
 
 mod error;
 mod job;
+mod postgres;
 mod sqlite;
+mod store;
 
 pub use error::Error;
 pub use job::{backoff, Attempt, Claimed, JobId, JobInfo, JobState, NewJob, Stats};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
+pub use store::Store;

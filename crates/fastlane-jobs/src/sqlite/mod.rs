@@ -14,7 +14,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use crate::job::{backoff, now_ms, unix_ms, Attempt, Claimed, JobId, JobInfo, JobState, NewJob, Stats};
-use crate::Error;
+use crate::{Error, Store};
 
 /// A job store in a SQLite file (`sqlite://path/to/jobs.db`), created on
 /// first use.
@@ -64,8 +64,57 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
+    async fn finish(
+        &self,
+        id: JobId,
+        token: i64,
+        state: JobState,
+        outcome: &str,
+        error: Option<&str>,
+        retry_at: Option<i64>,
+    ) -> Result<(), Error> {
+        let now = now_ms();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
+        // The fencing check: only the attempt holding the current token may
+        // write; a zombie's late completion changes nothing.
+        let row = sqlx::query(
+            "UPDATE fastlane_jobs SET state = ?, lease_until = NULL, last_error = COALESCE(?, last_error), \
+             run_at = COALESCE(?, run_at), finished_at = CASE WHEN ? THEN NULL ELSE ? END \
+             WHERE id = ? AND token = ? AND state = 'running' RETURNING attempt",
+        )
+        .bind(state.as_str())
+        .bind(error)
+        .bind(retry_at)
+        .bind(retry_at.is_some())
+        .bind(now)
+        .bind(id)
+        .bind(token)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let Some(row) = row else {
+            return Err(Error::Fenced { job: id, token });
+        };
+        let attempt: i64 = row.get(0);
+        sqlx::query(
+            "UPDATE fastlane_attempts SET finished_at = ?, outcome = ?, error = ? WHERE job_id = ? AND attempt = ?",
+        )
+        .bind(now)
+        .bind(outcome)
+        .bind(error)
+        .bind(id)
+        .bind(attempt)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(())
+    }
+}
+
+impl Store for SqliteStore {
     /// Stores a job; returns its id.
-    pub async fn enqueue(&self, job: NewJob) -> Result<JobId, Error> {
+    async fn enqueue(&self, job: NewJob) -> Result<JobId, Error> {
         job.validate()?;
         let now = now_ms();
         let run_at = job.run_at.map_or(now, unix_ms);
@@ -111,7 +160,7 @@ impl SqliteStore {
     /// `lease`: the highest priority first, then the earliest. A running job
     /// whose lease has expired (its worker died) is due again: that is how a
     /// dead worker's jobs are recovered, within one lease period.
-    pub async fn claim(&self, queue: &str, worker: &str, lease: Duration) -> Result<Option<Claimed>, Error> {
+    async fn claim(&self, queue: &str, worker: &str, lease: Duration) -> Result<Option<Claimed>, Error> {
         let now = now_ms();
         let lease_until = now + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
@@ -202,7 +251,7 @@ impl SqliteStore {
     /// Extends the lease of a running attempt; returns whether the job has
     /// been asked to cancel. Fails with [`Error::Fenced`] if the attempt no
     /// longer owns the job.
-    pub async fn heartbeat(&self, id: JobId, token: i64, lease: Duration) -> Result<bool, Error> {
+    async fn heartbeat(&self, id: JobId, token: i64, lease: Duration) -> Result<bool, Error> {
         let lease_until = now_ms() + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
         let cancel: Option<i64> = sqlx::query_scalar(
             "UPDATE fastlane_jobs SET lease_until = ? WHERE id = ? AND token = ? AND state = 'running' \
@@ -218,7 +267,7 @@ impl SqliteStore {
     }
 
     /// Records progress (0-100 %) and a message for a running attempt.
-    pub async fn progress(&self, id: JobId, token: i64, percent: u8, message: &str) -> Result<(), Error> {
+    async fn progress(&self, id: JobId, token: i64, percent: u8, message: &str) -> Result<(), Error> {
         let done = sqlx::query(
             "UPDATE fastlane_jobs SET progress = ?, progress_message = ? WHERE id = ? AND token = ? AND state = 'running'",
         )
@@ -236,14 +285,14 @@ impl SqliteStore {
     }
 
     /// The attempt succeeded.
-    pub async fn complete(&self, id: JobId, token: i64) -> Result<(), Error> {
+    async fn complete(&self, id: JobId, token: i64) -> Result<(), Error> {
         self.finish(id, token, JobState::Succeeded, "succeeded", None, None).await
     }
 
     /// The attempt failed. A `retryable` failure with attempts left goes to
     /// `retrying` with exponential backoff and jitter; otherwise the job is
     /// dead.
-    pub async fn fail(&self, id: JobId, token: i64, error: &str, retryable: bool) -> Result<JobState, Error> {
+    async fn fail(&self, id: JobId, token: i64, error: &str, retryable: bool) -> Result<JobState, Error> {
         let row: Option<(i64, i64)> =
             sqlx::query_as("SELECT attempt, max_attempts FROM fastlane_jobs WHERE id = ?")
                 .bind(id)
@@ -262,13 +311,13 @@ impl SqliteStore {
     }
 
     /// The running attempt saw its cancellation and stopped.
-    pub async fn cancelled(&self, id: JobId, token: i64) -> Result<(), Error> {
+    async fn cancelled(&self, id: JobId, token: i64) -> Result<(), Error> {
         self.finish(id, token, JobState::Cancelled, "cancelled", None, None).await
     }
 
     /// Gives a job back without counting the attempt (a worker shutting
     /// down): it is available again at once, not after a lease expiry.
-    pub async fn release(&self, id: JobId, token: i64) -> Result<(), Error> {
+    async fn release(&self, id: JobId, token: i64) -> Result<(), Error> {
         let now = now_ms();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
         let done = sqlx::query(
@@ -295,56 +344,9 @@ impl SqliteStore {
         Ok(())
     }
 
-    async fn finish(
-        &self,
-        id: JobId,
-        token: i64,
-        state: JobState,
-        outcome: &str,
-        error: Option<&str>,
-        retry_at: Option<i64>,
-    ) -> Result<(), Error> {
-        let now = now_ms();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
-        // The fencing check: only the attempt holding the current token may
-        // write; a zombie's late completion changes nothing.
-        let row = sqlx::query(
-            "UPDATE fastlane_jobs SET state = ?, lease_until = NULL, last_error = COALESCE(?, last_error), \
-             run_at = COALESCE(?, run_at), finished_at = CASE WHEN ? THEN NULL ELSE ? END \
-             WHERE id = ? AND token = ? AND state = 'running' RETURNING attempt",
-        )
-        .bind(state.as_str())
-        .bind(error)
-        .bind(retry_at)
-        .bind(retry_at.is_some())
-        .bind(now)
-        .bind(id)
-        .bind(token)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(classify)?;
-        let Some(row) = row else {
-            return Err(Error::Fenced { job: id, token });
-        };
-        let attempt: i64 = row.get(0);
-        sqlx::query(
-            "UPDATE fastlane_attempts SET finished_at = ?, outcome = ?, error = ? WHERE job_id = ? AND attempt = ?",
-        )
-        .bind(now)
-        .bind(outcome)
-        .bind(error)
-        .bind(id)
-        .bind(attempt)
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
-        Ok(())
-    }
-
     /// Cancels a job: a pending one at once; a running one is asked to stop
     /// (its worker sees it at its next heartbeat). Returns the state after.
-    pub async fn cancel(&self, id: JobId) -> Result<JobState, Error> {
+    async fn cancel(&self, id: JobId) -> Result<JobState, Error> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
         let state: Option<String> = sqlx::query_scalar("SELECT state FROM fastlane_jobs WHERE id = ?")
             .bind(id)
@@ -377,7 +379,7 @@ impl SqliteStore {
     }
 
     /// A job with its attempts.
-    pub async fn get(&self, id: JobId) -> Result<JobInfo, Error> {
+    async fn get(&self, id: JobId) -> Result<JobInfo, Error> {
         let row = sqlx::query(
             "SELECT id, name, queue, state, payload, priority, attempt, max_attempts, run_at, progress, \
              progress_message, last_error FROM fastlane_jobs WHERE id = ?",
@@ -427,7 +429,7 @@ impl SqliteStore {
     /// Job counts by state. `scheduled` and `retrying` jobs whose time has
     /// come are counted as they are stored (they become `running` when
     /// claimed).
-    pub async fn stats(&self) -> Result<Stats, Error> {
+    async fn stats(&self) -> Result<Stats, Error> {
         let mut stats: Stats = JobState::ALL.into_iter().map(|s| (s, 0)).collect();
         let rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT state, COUNT(*) FROM fastlane_jobs GROUP BY state")

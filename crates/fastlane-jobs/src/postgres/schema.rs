@@ -1,0 +1,82 @@
+//! Versioned schema migrations for PostgreSQL, applied in order on open,
+//! under an advisory lock so that processes starting together migrate once.
+
+use sqlx::PgPool;
+
+use crate::Error;
+
+/// Any fixed number: the advisory lock that serializes migrations.
+const MIGRATION_LOCK: i64 = 0x6661_7374_6c61_6e65; // "fastlane"
+
+/// Each entry moves the schema from version `index` to `index + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: jobs and their attempts.
+    "CREATE TABLE fastlane_jobs (
+        id BIGSERIAL PRIMARY KEY,
+        name TEXT NOT NULL,
+        queue TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        state TEXT NOT NULL,
+        priority INTEGER NOT NULL DEFAULT 0,
+        run_at BIGINT NOT NULL,
+        attempt BIGINT NOT NULL DEFAULT 0,
+        max_attempts BIGINT NOT NULL,
+        timeout_ms BIGINT,
+        unique_key TEXT,
+        token BIGINT NOT NULL DEFAULT 0,
+        lease_until BIGINT,
+        worker TEXT,
+        progress BIGINT,
+        progress_message TEXT,
+        last_error TEXT,
+        cancel_requested BIGINT NOT NULL DEFAULT 0,
+        created_at BIGINT NOT NULL,
+        finished_at BIGINT
+    );
+    CREATE INDEX fastlane_jobs_due ON fastlane_jobs (queue, state, priority DESC, run_at, id);
+    CREATE UNIQUE INDEX fastlane_jobs_unique_pending ON fastlane_jobs (unique_key)
+        WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'available', 'running', 'retrying');
+    CREATE TABLE fastlane_attempts (
+        job_id BIGINT NOT NULL REFERENCES fastlane_jobs (id) ON DELETE CASCADE,
+        attempt BIGINT NOT NULL,
+        worker TEXT NOT NULL,
+        started_at BIGINT NOT NULL,
+        finished_at BIGINT,
+        outcome TEXT,
+        error TEXT,
+        PRIMARY KEY (job_id, attempt)
+    );",
+];
+
+/// Brings the schema to the latest version; refuses a newer one.
+pub(super) async fn migrate(pool: &PgPool) -> Result<(), Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(MIGRATION_LOCK).execute(&mut *tx).await?;
+    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS fastlane_schema (version BIGINT NOT NULL)")
+        .execute(&mut *tx)
+        .await?;
+    let version: Option<i64> =
+        sqlx::query_scalar("SELECT version FROM fastlane_schema").fetch_optional(&mut *tx).await?;
+    let version = match version {
+        Some(v) => v,
+        None => {
+            sqlx::query("INSERT INTO fastlane_schema VALUES (0)").execute(&mut *tx).await?;
+            0
+        }
+    };
+    let latest = MIGRATIONS.len() as i64;
+    if version > latest {
+        return Err(Error::NotAJobStore(format!(
+            "the job store has schema version {version}, newer than this fastlane-jobs ({latest})"
+        )));
+    }
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        sqlx::raw_sql(migration).execute(&mut *tx).await?;
+        sqlx::query("UPDATE fastlane_schema SET version = $1")
+            .bind(index as i64 + 1)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}

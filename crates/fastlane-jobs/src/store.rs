@@ -1,0 +1,74 @@
+//! The one trait every backend implements (sqlx's pattern: one contract,
+//! one test suite, several drivers).
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::job::{Claimed, JobId, JobInfo, JobState, NewJob, Stats};
+use crate::Error;
+
+/// A durable job store. Every operation is atomic; every write of a running
+/// attempt carries its fencing token and is rejected with
+/// [`Error::Fenced`] once another attempt owns the job.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// Stores a job; returns its id.
+    fn enqueue(&self, job: NewJob) -> impl Future<Output = Result<JobId, Error>> + Send;
+
+    /// Hands the next due job of `queue` to `worker` under a lease: highest
+    /// priority first, then the earliest due. A running job whose lease has
+    /// expired (its worker died) is due again, with a new attempt and token.
+    fn claim(
+        &self,
+        queue: &str,
+        worker: &str,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Option<Claimed>, Error>> + Send;
+
+    /// Extends a running attempt's lease; returns whether the job has been
+    /// asked to cancel.
+    fn heartbeat(
+        &self,
+        id: JobId,
+        token: i64,
+        lease: Duration,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
+
+    /// Records progress (0-100 %) and a message for a running attempt.
+    fn progress(
+        &self,
+        id: JobId,
+        token: i64,
+        percent: u8,
+        message: &str,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The attempt succeeded.
+    fn complete(&self, id: JobId, token: i64) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The attempt failed: `retrying` (with backoff) if `retryable` and
+    /// attempts are left, else `dead`. Returns the new state.
+    fn fail(
+        &self,
+        id: JobId,
+        token: i64,
+        error: &str,
+        retryable: bool,
+    ) -> impl Future<Output = Result<JobState, Error>> + Send;
+
+    /// The running attempt saw its cancellation and stopped.
+    fn cancelled(&self, id: JobId, token: i64) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Gives a running job back at once without counting the attempt (a
+    /// worker shutting down).
+    fn release(&self, id: JobId, token: i64) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Cancels a pending job at once, or asks a running one to stop.
+    /// Returns the state after.
+    fn cancel(&self, id: JobId) -> impl Future<Output = Result<JobState, Error>> + Send;
+
+    /// A job with its attempts.
+    fn get(&self, id: JobId) -> impl Future<Output = Result<JobInfo, Error>> + Send;
+
+    /// Job counts for every state.
+    fn stats(&self) -> impl Future<Output = Result<Stats, Error>> + Send;
+}
