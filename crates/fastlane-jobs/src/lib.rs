@@ -11,8 +11,13 @@
 //! * `postgres/`: [`PgStore`], for several processes or machines
 //!   (`FOR UPDATE SKIP LOCKED`).
 //!
-//! The worker that runs job handlers on fastlane's lanes and the CLI come
-//! next (see the project's issue on durable jobs).
+//! * `worker.rs`: the [`Registry`] of job types (async handlers, or
+//!   blocking / CPU handlers on fastlane's lanes) and the worker loop
+//!   ([`run_worker`]): per-queue concurrency, lease heartbeats, cancellation,
+//!   timeouts, panics as failures, release of unfinished jobs on shutdown.
+//!
+//! The CLI and `Server::jobs` come next (see the project's issue on durable
+//! jobs).
 //!
 //! # The life of a job
 //!
@@ -29,9 +34,13 @@ mod job;
 mod postgres;
 mod sqlite;
 mod store;
+mod worker;
 
 pub use error::Error;
 pub use job::{backoff, Attempt, Claimed, JobId, JobInfo, JobState, NewJob, Stats};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use store::Store;
+pub use worker::{
+    enqueue_checked, run as run_worker, JobContext, JobError, Registry, WorkerConfig, WorkerStats,
+};

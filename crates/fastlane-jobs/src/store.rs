@@ -10,7 +10,7 @@ use crate::Error;
 /// A durable job store. Every operation is atomic; every write of a running
 /// attempt carries its fencing token and is rejected with
 /// [`Error::Fenced`] once another attempt owns the job.
-pub trait Store: Clone + Send + Sync + 'static {
+pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// Stores a job; returns its id.
     fn enqueue(&self, job: NewJob) -> impl Future<Output = Result<JobId, Error>> + Send;
 

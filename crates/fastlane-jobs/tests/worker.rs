@@ -1,0 +1,194 @@
+//! The worker against a SQLite store: handlers, retries, lanes, shutdown.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use fastlane_jobs::{
+    enqueue_checked, run_worker, Error, JobContext, JobError, JobState, NewJob, Registry, SqliteStore, Store,
+    WorkerConfig,
+};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::watch;
+
+async fn store() -> (SqliteStore, tempdir::TempDir) {
+    let dir = tempdir::TempDir::new();
+    let store = SqliteStore::open(&format!("sqlite://{}", dir.0.join("jobs.db").display())).await.unwrap();
+    (store, dir)
+}
+
+/// A temporary directory removed on drop (no extra dependency for it).
+mod tempdir {
+    pub(crate) struct TempDir(pub(crate) std::path::PathBuf);
+
+    impl TempDir {
+        pub(crate) fn new() -> Self {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "fastlane_jobs_worker_{}_{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Sleep {
+    ms: u64,
+}
+
+#[derive(Deserialize)]
+struct Fail {
+    times: u32,
+}
+
+fn registry() -> Registry {
+    Registry::new()
+        .register("noop", |_: serde_json::Value, _ctx: JobContext| async { Ok(()) })
+        .register("sleep", |p: Sleep, _ctx: JobContext| async move {
+            tokio::time::sleep(Duration::from_millis(p.ms)).await;
+            Ok(())
+        })
+        .register("fail", |p: Fail, ctx: JobContext| async move {
+            if ctx.attempt <= p.times {
+                Err(JobError::Retry(format!("failing attempt {}", ctx.attempt)))
+            } else {
+                Ok(())
+            }
+        })
+        .register("panic", |_: serde_json::Value, _ctx: JobContext| async { panic!("job bug") })
+        .register("until_cancelled", |_: serde_json::Value, ctx: JobContext| async move {
+            while !ctx.is_cancelled() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(JobError::Permanent("cancelled".into()))
+        })
+        .register_blocking("blocking", |_: serde_json::Value, _ctx: JobContext| {
+            match std::thread::current().name() {
+                Some("fastlane-blocking") => Ok(()),
+                other => Err(JobError::Permanent(format!("ran on {other:?}"))),
+            }
+        })
+}
+
+fn config(lease: Duration) -> WorkerConfig {
+    WorkerConfig { lease, poll_interval: Duration::from_millis(10), ..WorkerConfig::default() }
+}
+
+async fn wait_for_state<S: Store>(store: &S, id: i64, state: JobState, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let info = store.get(id).await.unwrap();
+        if info.state == state {
+            return;
+        }
+        assert!(Instant::now() < deadline, "job {id} is {} after {within:?}: {info:?}", info.state);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_worker_runs_jobs_retries_failures_and_records_panics() {
+    let (store, _dir) = store().await;
+    let reg = registry();
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(enqueue_checked(&store, &reg, NewJob::new("noop", json!({}))).await.unwrap());
+    }
+    let retried = enqueue_checked(&store, &reg, NewJob::new("fail", json!({"times": 1}))).await.unwrap();
+    let panics =
+        enqueue_checked(&store, &reg, NewJob::new("panic", json!(null)).max_attempts(1)).await.unwrap();
+    let blocking = enqueue_checked(&store, &reg, NewJob::new("blocking", json!(null))).await.unwrap();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let worker = tokio::spawn(run_worker(
+        store.clone(),
+        reg,
+        config(Duration::from_secs(5)),
+        stop_rx,
+        Duration::from_secs(5),
+    ));
+
+    for id in &ids {
+        wait_for_state(&store, *id, JobState::Succeeded, Duration::from_secs(10)).await;
+    }
+    wait_for_state(&store, blocking, JobState::Succeeded, Duration::from_secs(10)).await;
+    wait_for_state(&store, panics, JobState::Dead, Duration::from_secs(10)).await;
+    assert_eq!(store.get(panics).await.unwrap().last_error.as_deref(), Some("the handler panicked"));
+    // The failing job comes back after its backoff (about 1 s) and succeeds.
+    wait_for_state(&store, retried, JobState::Succeeded, Duration::from_secs(10)).await;
+    let info = store.get(retried).await.unwrap();
+    assert_eq!(info.attempts.len(), 2);
+    assert_eq!(info.attempts[0].error.as_deref(), Some("failing attempt 1"));
+
+    stop_tx.send_replace(true);
+    let stats = worker.await.unwrap();
+    assert_eq!(stats.succeeded.load(Ordering::Relaxed), 22);
+    assert_eq!(stats.failed.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
+async fn unknown_jobs_and_bad_payloads_are_refused_at_enqueue() {
+    let (store, _dir) = store().await;
+    let reg = registry();
+    let err = enqueue_checked(&store, &reg, NewJob::new("nope", json!(null))).await.unwrap_err();
+    assert!(matches!(err, Error::Invalid(_)));
+    assert!(err.to_string().contains("unknown job `nope`"), "{err}");
+    let err = enqueue_checked(&store, &reg, NewJob::new("sleep", json!({"ms": "soon"}))).await.unwrap_err();
+    assert!(err.to_string().contains("payload of `sleep`"), "{err}");
+    assert_eq!(store.stats().await.unwrap()[&JobState::Available], 0);
+}
+
+#[tokio::test]
+async fn shutdown_releases_unfinished_jobs_at_once() {
+    let (store, _dir) = store().await;
+    let reg = registry();
+    let id = enqueue_checked(&store, &reg, NewJob::new("sleep", json!({"ms": 30_000}))).await.unwrap();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let worker = tokio::spawn(run_worker(
+        store.clone(),
+        reg,
+        config(Duration::from_secs(15)),
+        stop_rx,
+        Duration::from_millis(200),
+    ));
+    wait_for_state(&store, id, JobState::Running, Duration::from_secs(5)).await;
+    let started = Instant::now();
+    stop_tx.send_replace(true);
+    let stats = worker.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert_eq!(stats.released.load(Ordering::Relaxed), 1);
+    // Available again now, not after the 15 s lease, and the attempt was not
+    // counted.
+    let info = store.get(id).await.unwrap();
+    assert_eq!((info.state, info.attempt), (JobState::Available, 0), "{info:?}");
+}
+
+#[tokio::test]
+async fn a_running_job_sees_its_cancellation() {
+    let (store, _dir) = store().await;
+    let reg = registry();
+    let id = enqueue_checked(&store, &reg, NewJob::new("until_cancelled", json!(null))).await.unwrap();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let worker = tokio::spawn(run_worker(
+        store.clone(),
+        reg,
+        config(Duration::from_millis(300)),
+        stop_rx,
+        Duration::from_secs(5),
+    ));
+    wait_for_state(&store, id, JobState::Running, Duration::from_secs(5)).await;
+    assert_eq!(store.cancel(id).await.unwrap(), JobState::Running);
+    wait_for_state(&store, id, JobState::Cancelled, Duration::from_secs(5)).await;
+    stop_tx.send_replace(true);
+    worker.await.unwrap();
+}
