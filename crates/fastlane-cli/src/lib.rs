@@ -2,8 +2,10 @@
 //!
 //! * [`demo`]: the demo app of the seed scenarios;
 //! * [`probe`]: the concurrency tester (`fastlane probe`);
-//! * [`mixed`]: the fast-route-under-load benchmark (`fastlane bench mixed`).
+//! * [`mixed`]: the fast-route-under-load benchmark (`fastlane bench mixed`);
+//! * [`jobs`]: the built-in demo job types and `fastlane jobs bench`.
 
 pub mod demo;
+pub mod jobs;
 pub mod mixed;
 pub mod probe;

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use fastlane_cli::{demo, mixed, probe};
+use fastlane_cli::{demo, jobs, mixed, probe};
+use fastlane_jobs::Store as _;
 
 #[derive(Debug, Parser)]
 #[command(name = "fastlane", version, about = "fastlane: slow work never blocks fast requests")]
@@ -42,6 +43,91 @@ enum Command {
     /// Benchmarks (see bench/run.py for the full comparison with peers).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Durable jobs: run a worker, enqueue, inspect (sqlite://path or postgres://...).
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// Run a worker with the built-in job types (noop, sleep, fail) until SIGTERM/SIGINT.
+    Work {
+        #[arg(long, env = "FASTLANE_JOBS_URL")]
+        url: String,
+        /// Jobs run at once.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        concurrency: u32,
+        /// Queue to work on.
+        #[arg(long, default_value = "default")]
+        queue: String,
+        /// Seconds to let running jobs finish on shutdown before releasing them.
+        #[arg(long, default_value_t = 30)]
+        grace_period: u64,
+    },
+    /// Enqueue jobs (the name and payload are checked against the built-in types).
+    Enqueue {
+        #[arg(long, env = "FASTLANE_JOBS_URL")]
+        url: String,
+        /// Job type: noop, sleep or fail.
+        name: String,
+        /// JSON payload, e.g. '{"ms": 100}'.
+        #[arg(long, default_value = "null")]
+        payload: String,
+        /// How many copies.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        count: u64,
+        /// Queue.
+        #[arg(long, default_value = "default")]
+        queue: String,
+    },
+    /// Counts per state.
+    Stats {
+        #[arg(long, env = "FASTLANE_JOBS_URL")]
+        url: String,
+        /// One JSON object with a key per state.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The newest jobs.
+    List {
+        #[arg(long, env = "FASTLANE_JOBS_URL")]
+        url: String,
+        /// Only jobs in this state.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// One job with its attempts, as JSON.
+    Show {
+        #[arg(long, env = "FASTLANE_JOBS_URL")]
+        url: String,
+        id: i64,
+    },
+    /// Make a dead or cancelled job available again.
+    Retry {
+        #[arg(long, env = "FASTLANE_JOBS_URL")]
+        url: String,
+        id: i64,
+    },
+    /// Cancel a pending job, or ask a running one to stop.
+    Cancel {
+        #[arg(long, env = "FASTLANE_JOBS_URL")]
+        url: String,
+        id: i64,
+    },
+    /// Enqueue N noop jobs, drain them with a worker, print the rates.
+    Bench {
+        #[arg(long, env = "FASTLANE_JOBS_URL")]
+        url: String,
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        jobs: u64,
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        concurrency: u32,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,6 +180,7 @@ fn main() -> ExitCode {
             };
             runtime.block_on(run_probe(config, svg))
         }
+        Command::Jobs(command) => runtime.block_on(run_jobs(command)),
         Command::Bench(BenchCommand::Mixed { fast, load, concurrency, rate, duration, timeout, json }) => {
             let valid = |v: f64| v.is_finite() && v > 0.0 && v <= 3600.0;
             for (flag, value) in [("--rate", rate), ("--duration", duration), ("--timeout", timeout)] {
@@ -190,5 +277,150 @@ async fn run_probe(config: probe::ProbeConfig, svg: Option<std::path::PathBuf>) 
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+async fn run_jobs(command: JobsCommand) -> ExitCode {
+    match jobs_command(command).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("fastlane jobs: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
+    let connect = |url: String| async move { fastlane_jobs::connect(&url).await.map_err(|e| e.to_string()) };
+    match command {
+        JobsCommand::Work { url, concurrency, queue, grace_period } => {
+            fastlane::init_logging();
+            let store = connect(url).await?;
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                wait_for_term().await;
+                tracing::info!("stopping: finishing running jobs, then releasing the rest");
+                stop_tx.send_replace(true);
+            });
+            let config = fastlane_jobs::WorkerConfig {
+                queues: vec![(queue, concurrency as usize)],
+                ..fastlane_jobs::WorkerConfig::default()
+            };
+            tracing::info!(worker = %config.name, "job worker running (noop, sleep, fail)");
+            let stats = fastlane_jobs::run_worker(
+                store,
+                jobs::demo_registry(),
+                config,
+                stop_rx,
+                Duration::from_secs(grace_period),
+            )
+            .await;
+            let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                succeeded = load(&stats.succeeded),
+                failed = load(&stats.failed),
+                fenced = load(&stats.fenced),
+                released = load(&stats.released),
+                "job worker stopped"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Enqueue { url, name, payload, count, queue } => {
+            let payload: serde_json::Value =
+                serde_json::from_str(&payload).map_err(|e| format!("--payload is not valid JSON: {e}"))?;
+            let store = connect(url).await?;
+            let registry = jobs::demo_registry();
+            let mut last = 0;
+            for _ in 0..count {
+                let job = fastlane_jobs::NewJob::new(name.clone(), payload.clone()).queue(queue.clone());
+                last = fastlane_jobs::enqueue_checked(&store, &registry, job)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            if count == 1 {
+                println!("{last}");
+            } else {
+                println!("enqueued {count} jobs (last id {last})");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Stats { url, json } => {
+            let stats = connect(url).await?.stats().await.map_err(|e| e.to_string())?;
+            if json {
+                println!("{}", serde_json::to_string(&stats).unwrap_or_default());
+            } else {
+                for (state, count) in &stats {
+                    println!("{:<10} {count}", state.as_str());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::List { url, state, limit } => {
+            let state = match state {
+                Some(s) => Some(s.parse::<fastlane_jobs::JobState>().map_err(|_| {
+                    format!("--state `{s}` is not one of scheduled, available, running, succeeded, retrying, dead, cancelled")
+                })?),
+                None => None,
+            };
+            let jobs = connect(url).await?.list(state, limit).await.map_err(|e| e.to_string())?;
+            for j in jobs {
+                println!(
+                    "{:>8}  {:<10} {:<12} {:<10} attempt {}{}",
+                    j.id,
+                    j.state.as_str(),
+                    j.name,
+                    j.queue,
+                    j.attempt,
+                    j.last_error.map(|e| format!("  ({e})")).unwrap_or_default()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Show { url, id } => {
+            let job = connect(url).await?.get(id).await.map_err(|e| e.to_string())?;
+            println!("{}", serde_json::to_string_pretty(&job).unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Retry { url, id } => {
+            let state = connect(url).await?.retry(id).await.map_err(|e| e.to_string())?;
+            println!("job {id}: {state}");
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Cancel { url, id } => {
+            let state = connect(url).await?.cancel(id).await.map_err(|e| e.to_string())?;
+            let note = if state == fastlane_jobs::JobState::Running {
+                " (asked to stop; it sees it at its next heartbeat)"
+            } else {
+                ""
+            };
+            println!("job {id}: {state}{note}");
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Bench { url, jobs: n, concurrency, json } => {
+            let store = connect(url).await?;
+            let result = jobs::bench(&store, n, concurrency as usize).await.map_err(|e| e.to_string())?;
+            if json {
+                println!("{}", serde_json::to_string(&result).unwrap_or_default());
+            } else {
+                println!(
+                    "{} jobs: enqueue {:.0} jobs/s, end to end {:.0} jobs/s ({:.2} s)",
+                    result.jobs, result.enqueue_per_s, result.jobs_per_s, result.seconds
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn wait_for_term() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
     }
 }

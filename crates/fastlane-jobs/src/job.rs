@@ -254,6 +254,24 @@ pub struct JobInfo {
     pub attempts: Vec<Attempt>,
 }
 
+/// One line of a job listing.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct JobSummary {
+    /// The id.
+    pub id: JobId,
+    /// The type.
+    pub name: String,
+    /// The queue.
+    pub queue: String,
+    /// The state.
+    pub state: JobState,
+    /// Attempts so far.
+    pub attempt: u32,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+}
+
 /// Job counts by state; every state is present, zero or not.
 pub type Stats = BTreeMap<JobState, u64>;
 

@@ -29,6 +29,7 @@
 //! with a new token, so the dead attempt's late writes are rejected as
 //! [`Error::Fenced`].
 
+mod any;
 mod error;
 mod job;
 mod postgres;
@@ -36,8 +37,9 @@ mod sqlite;
 mod store;
 mod worker;
 
+pub use any::{connect, AnyStore};
 pub use error::Error;
-pub use job::{backoff, Attempt, Claimed, JobId, JobInfo, JobState, NewJob, Stats};
+pub use job::{backoff, Attempt, Claimed, JobId, JobInfo, JobState, JobSummary, NewJob, Stats};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use store::Store;

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::job::{Claimed, JobId, JobInfo, JobState, NewJob, Stats};
+use crate::job::{Claimed, JobId, JobInfo, JobState, JobSummary, NewJob, Stats};
 use crate::Error;
 
 /// A durable job store. Every operation is atomic; every write of a running
@@ -71,4 +71,16 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
 
     /// Job counts for every state.
     fn stats(&self) -> impl Future<Output = Result<Stats, Error>> + Send;
+
+    /// The newest jobs (of one state, if given), newest first.
+    fn list(
+        &self,
+        state: Option<JobState>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<JobSummary>, Error>> + Send;
+
+    /// Makes a dead, cancelled or retrying job available again now, with
+    /// one more attempt allowed if it had used them all. Returns the state
+    /// after (a pending or succeeded job is left as it is).
+    fn retry(&self, id: JobId) -> impl Future<Output = Result<JobState, Error>> + Send;
 }

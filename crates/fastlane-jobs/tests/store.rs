@@ -14,6 +14,26 @@ const LEASE: Duration = Duration::from_secs(15);
 mod suite {
     use super::*;
 
+    pub(crate) async fn list_and_retry_a_dead_job<S: Store>(store: &S) {
+        let a = store.enqueue(NewJob::new("a", json!(null)).max_attempts(1)).await.unwrap();
+        let b = store.enqueue(NewJob::new("b", json!(null))).await.unwrap();
+        let job = store.claim("default", "w", LEASE).await.unwrap().unwrap();
+        assert_eq!(job.id, a);
+        assert_eq!(store.fail(a, job.token, "boom", true).await.unwrap(), JobState::Dead);
+        let all = store.list(None, 10).await.unwrap();
+        assert_eq!(all.iter().map(|j| j.id).collect::<Vec<_>>(), [b, a]);
+        let dead = store.list(Some(JobState::Dead), 10).await.unwrap();
+        assert_eq!((dead.len(), dead[0].last_error.as_deref()), (1, Some("boom")));
+        // A pending job is left as it is.
+        assert_eq!(store.retry(b).await.unwrap(), JobState::Available);
+        let other = store.claim("default", "w", LEASE).await.unwrap().unwrap();
+        assert_eq!(other.id, b);
+        store.complete(b, other.token).await.unwrap();
+        assert_eq!(store.retry(a).await.unwrap(), JobState::Available);
+        let again = store.claim("default", "w", LEASE).await.unwrap().unwrap();
+        assert_eq!((again.id, again.attempt, again.max_attempts), (a, 2, 2));
+    }
+
     pub(crate) async fn concurrent_workers_never_get_the_same_job<S: Store>(store: &S) {
         for i in 0..200 {
             store.enqueue(NewJob::new("noop", json!({ "i": i }))).await.unwrap();
@@ -233,6 +253,7 @@ macro_rules! conformance {
 }
 
 conformance!(
+    list_and_retry_a_dead_job,
     concurrent_workers_never_get_the_same_job,
     a_job_runs_once_and_succeeds,
     higher_priority_first_then_oldest_and_scheduled_jobs_wait,

@@ -13,7 +13,9 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use crate::job::{backoff, now_ms, unix_ms, Attempt, Claimed, JobId, JobInfo, JobState, NewJob, Stats};
+use crate::job::{
+    backoff, now_ms, unix_ms, Attempt, Claimed, JobId, JobInfo, JobState, JobSummary, NewJob, Stats,
+};
 use crate::{Error, Store};
 
 /// A job store in a SQLite file (`sqlite://path/to/jobs.db`), created on
@@ -440,5 +442,48 @@ impl Store for SqliteStore {
             stats.insert(state.parse()?, u64::try_from(count).unwrap_or(0));
         }
         Ok(stats)
+    }
+
+    async fn list(&self, state: Option<JobState>, limit: u32) -> Result<Vec<JobSummary>, Error> {
+        let rows = sqlx::query(
+            "SELECT id, name, queue, state, attempt, last_error FROM fastlane_jobs \
+             WHERE (? IS NULL OR state = ?) ORDER BY id DESC LIMIT ?",
+        )
+        .bind(state.map(JobState::as_str))
+        .bind(state.map(JobState::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.into_iter()
+            .map(|row| {
+                let state: String = row.get("state");
+                Ok(JobSummary {
+                    id: row.get("id"),
+                    name: row.get("name"),
+                    queue: row.get("queue"),
+                    state: state.parse()?,
+                    attempt: u32::try_from(row.get::<i64, _>("attempt")).unwrap_or(0),
+                    last_error: row.get("last_error"),
+                })
+            })
+            .collect()
+    }
+
+    async fn retry(&self, id: JobId) -> Result<JobState, Error> {
+        let done = sqlx::query(
+            "UPDATE fastlane_jobs SET state = 'available', run_at = ?, finished_at = NULL, cancel_requested = 0, \
+             max_attempts = CASE WHEN attempt >= max_attempts THEN attempt + 1 ELSE max_attempts END \
+             WHERE id = ? AND state IN ('dead', 'cancelled', 'retrying')",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        if done.rows_affected() == 1 {
+            return Ok(JobState::Available);
+        }
+        Ok(self.get(id).await?.state)
     }
 }

@@ -1,0 +1,99 @@
+//! `fastlane jobs ...`: run a worker with the built-in demo job types,
+//! enqueue, inspect and benchmark a job store.
+
+use std::time::{Duration, Instant};
+
+use fastlane_jobs::{JobContext, JobError, JobState, NewJob, Registry, Store, WorkerConfig};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SleepPayload {
+    ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailPayload {
+    times: u32,
+}
+
+/// The built-in demo job types: `noop`; `sleep` (`{"ms": N}`, an async
+/// sleep); `fail` (`{"times": N}`: fails N attempts, then succeeds).
+pub fn demo_registry() -> Registry {
+    Registry::new()
+        .register("noop", |_: serde_json::Value, _ctx: JobContext| async { Ok(()) })
+        .register("sleep", |p: SleepPayload, _ctx: JobContext| async move {
+            tokio::time::sleep(Duration::from_millis(p.ms.min(3_600_000))).await;
+            Ok(())
+        })
+        .register("fail", |p: FailPayload, ctx: JobContext| async move {
+            if ctx.attempt <= p.times {
+                Err(JobError::Retry(format!(
+                    "failing on purpose: attempt {} of the first {}",
+                    ctx.attempt, p.times
+                )))
+            } else {
+                Ok(())
+            }
+        })
+}
+
+/// The result of `fastlane jobs bench`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchResult {
+    /// Jobs enqueued and run.
+    pub jobs: u64,
+    /// Enqueue rate (jobs/s), one enqueue call per job.
+    pub enqueue_per_s: f64,
+    /// End to end: from the first enqueue to the last job done.
+    pub jobs_per_s: f64,
+    /// Seconds, end to end.
+    pub seconds: f64,
+}
+
+/// Enqueues `jobs` noop jobs, drains them with a worker of `concurrency`,
+/// and measures both.
+pub async fn bench<S: Store>(
+    store: &S,
+    jobs: u64,
+    concurrency: usize,
+) -> Result<BenchResult, fastlane_jobs::Error> {
+    let queue = format!("bench-{}", std::process::id());
+    let before = store.stats().await?[&JobState::Succeeded];
+    let started = Instant::now();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let config = WorkerConfig {
+        queues: vec![(queue.clone(), concurrency)],
+        poll_interval: Duration::from_millis(5),
+        ..WorkerConfig::default()
+    };
+    // The worker drains while the jobs are enqueued, as in production.
+    let worker = tokio::spawn(fastlane_jobs::run_worker(
+        store.clone(),
+        demo_registry(),
+        config,
+        stop_rx,
+        Duration::from_secs(30),
+    ));
+    for _ in 0..jobs {
+        store.enqueue(NewJob::new("noop", serde_json::Value::Null).queue(queue.clone())).await?;
+    }
+    let enqueued_in = started.elapsed();
+    let stats = loop {
+        let done = store.stats().await?[&JobState::Succeeded].saturating_sub(before);
+        if done >= jobs {
+            break done;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    stop_tx.send_replace(true);
+    let _ = worker.await;
+    Ok(BenchResult {
+        jobs: stats,
+        enqueue_per_s: jobs as f64 / enqueued_in.as_secs_f64().max(1e-9),
+        jobs_per_s: stats as f64 / seconds.max(1e-9),
+        seconds,
+    })
+}

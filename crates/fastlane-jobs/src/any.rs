@@ -1,0 +1,93 @@
+//! Picking the backend from a URL.
+
+use std::time::Duration;
+
+use crate::job::{Claimed, JobId, JobInfo, JobState, JobSummary, NewJob, Stats};
+use crate::{Error, PgStore, SqliteStore, Store};
+
+/// A store of either backend, chosen by URL with [`connect`].
+#[derive(Debug, Clone)]
+pub enum AnyStore {
+    /// `sqlite://path/to/jobs.db`
+    Sqlite(SqliteStore),
+    /// `postgres://...`
+    Postgres(PgStore),
+}
+
+/// Opens the store a URL names: `sqlite://path/to/jobs.db` (created on first
+/// use) or `postgres://user@host/db`.
+pub async fn connect(url: &str) -> Result<AnyStore, Error> {
+    if url.starts_with("sqlite:") {
+        Ok(AnyStore::Sqlite(SqliteStore::open(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(AnyStore::Postgres(PgStore::open(url).await?))
+    } else {
+        Err(Error::InvalidUrl {
+            url: url.to_owned(),
+            reason: "expected sqlite://path/to/jobs.db or postgres://...".into(),
+        })
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $store:ident => $call:expr) => {
+        match $self {
+            AnyStore::Sqlite($store) => $call.await,
+            AnyStore::Postgres($store) => $call.await,
+        }
+    };
+}
+
+impl Store for AnyStore {
+    async fn enqueue(&self, job: NewJob) -> Result<JobId, Error> {
+        delegate!(self, s => s.enqueue(job))
+    }
+
+    async fn claim(&self, queue: &str, worker: &str, lease: Duration) -> Result<Option<Claimed>, Error> {
+        delegate!(self, s => s.claim(queue, worker, lease))
+    }
+
+    async fn heartbeat(&self, id: JobId, token: i64, lease: Duration) -> Result<bool, Error> {
+        delegate!(self, s => s.heartbeat(id, token, lease))
+    }
+
+    async fn progress(&self, id: JobId, token: i64, percent: u8, message: &str) -> Result<(), Error> {
+        delegate!(self, s => s.progress(id, token, percent, message))
+    }
+
+    async fn complete(&self, id: JobId, token: i64) -> Result<(), Error> {
+        delegate!(self, s => s.complete(id, token))
+    }
+
+    async fn fail(&self, id: JobId, token: i64, error: &str, retryable: bool) -> Result<JobState, Error> {
+        delegate!(self, s => s.fail(id, token, error, retryable))
+    }
+
+    async fn cancelled(&self, id: JobId, token: i64) -> Result<(), Error> {
+        delegate!(self, s => s.cancelled(id, token))
+    }
+
+    async fn release(&self, id: JobId, token: i64) -> Result<(), Error> {
+        delegate!(self, s => s.release(id, token))
+    }
+
+    async fn cancel(&self, id: JobId) -> Result<JobState, Error> {
+        delegate!(self, s => s.cancel(id))
+    }
+
+    async fn get(&self, id: JobId) -> Result<JobInfo, Error> {
+        delegate!(self, s => s.get(id))
+    }
+
+    async fn stats(&self) -> Result<Stats, Error> {
+        delegate!(self, s => s.stats())
+    }
+
+    async fn list(&self, state: Option<JobState>, limit: u32) -> Result<Vec<JobSummary>, Error> {
+        delegate!(self, s => s.list(state, limit))
+    }
+
+    async fn retry(&self, id: JobId) -> Result<JobState, Error> {
+        delegate!(self, s => s.retry(id))
+    }
+}
