@@ -56,7 +56,11 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await.map_err(|e| {
+        // One connection: SQLite has one writer anyway, and queueing for the
+        // connection inside the process is far cheaper than SQLite's busy
+        // handler, which sleeps in steps of up to 100 ms when connections of
+        // one process contend for the write lock.
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.map_err(|e| {
             match classify(e) {
                 Error::Database(e) => Error::NotAJobStore(format!("cannot open {url}: {e}")),
                 other => other,
