@@ -95,8 +95,17 @@ async fn a_stall_is_reported_while_it_lasts_and_after_with_the_route() {
     assert_eq!(row["ongoing"], 1, "{during}");
 
     blocker.await.unwrap().unwrap();
-    let after: serde_json::Value =
-        client::get(&server.url("/_fastlane/stalls")).await.unwrap().json().unwrap();
+    // The stall's end is recorded when the runner's poll returns, which can
+    // be just after the client has read the response.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let after = loop {
+        let after: serde_json::Value =
+            client::get(&server.url("/_fastlane/stalls")).await.unwrap().json().unwrap();
+        if after[0]["count"] == 1 || Instant::now() > deadline {
+            break after;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let row = &after.as_array().unwrap()[0];
     assert_eq!((row["count"].as_u64(), row["ongoing"].as_u64()), (Some(1), Some(0)), "{after}");
     let worst = row["worst_ms"].as_f64().unwrap();
