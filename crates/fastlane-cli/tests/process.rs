@@ -64,9 +64,43 @@ fn probe_shows_overlap_and_writes_the_svg_timeline() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
-    assert!(stdout.contains("overlapped (ran in parallel): up to 2 in flight"), "{stdout}");
+    assert!(stdout.contains("overlapped (ran in parallel): up to 2 served at once"), "{stdout}");
     let chart = std::fs::read_to_string(&svg).unwrap();
     let _ = std::fs::remove_file(&svg);
     assert!(chart.starts_with("<svg"));
     assert_eq!(chart.matches("<rect x=").count(), 2, "{chart}");
+}
+
+#[test]
+fn the_demo_prints_its_routes_and_a_curl_line_and_logs_every_request() {
+    let demo = Demo::start(&[]);
+    assert_eq!(get(&demo.url("/test1")).text(), "test1");
+    assert_eq!(get(&demo.url("/test2?secs=x")).status, 422);
+    // The seed article's `log_requests` line: method, matched route, status, duration.
+    assert!(demo.wait_for_log("fastlane::request: GET /test1 200 ", Duration::from_secs(5)).is_some());
+    assert!(demo.wait_for_log("fastlane::request: GET /test2 422 ", Duration::from_secs(5)).is_some());
+    let out = demo.out.lock().unwrap().join("\n");
+    for route in
+        ["GET  /fast", "GET  /test2?secs=8", "GET  /slow/sync?secs=N", "POST /profile", "GET  /metrics"]
+    {
+        assert!(out.contains(route), "route `{route}` not printed:\n{out}");
+    }
+    assert!(out.contains("try:  curl 'http://"), "no curl line:\n{out}");
+    drop(out);
+    let (code, _) = demo.wait_after_term();
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn probe_tells_requests_that_were_answered_in_turn() {
+    // Plain-axum behaviour: no isolation, one runtime thread, and /test2
+    // blocks it. Both requests are sent at once; the server answers in turn.
+    let demo = Demo::start_with_env(&["--no-isolation"], &[("TOKIO_WORKER_THREADS", "1")]);
+    let output = Command::new(env!("CARGO_BIN_EXE_fastlane"))
+        .args(["probe", "-n", "2", "-c", "2"])
+        .arg(demo.url("/test2?secs=1"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("ran one after another: sent together (up to 2 in flight)"), "{stdout}");
 }

@@ -53,6 +53,20 @@ fn sigkill_of_one_worker_fails_at_most_its_in_flight_requests_and_it_is_replaced
         "replacement up {restored_in:?} after the SIGKILL; {} of {} failed",
         result.fast.errors, result.fast.sent
     );
+    // /metrics says which worker answered, and the newest worker carries the
+    // supervisor's restart count (scrapes land on either worker: ask a few times).
+    let mut restarts_seen = false;
+    for _ in 0..40 {
+        let metrics = get(&demo.url("/metrics")).text();
+        assert!(metrics.contains(r#"fastlane_http_requests_total{worker=""#), "no worker label:\n{metrics}");
+        restarts_seen = metrics
+            .lines()
+            .any(|l| l.starts_with("fastlane_supervisor_worker_restarts{worker=") && l.ends_with(" 1"));
+        if restarts_seen {
+            break;
+        }
+    }
+    assert!(restarts_seen, "no worker reported the restart");
     let (code, _) = demo.wait_after_term();
     assert_eq!(code, Some(0));
 }

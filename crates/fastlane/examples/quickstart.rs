@@ -2,10 +2,6 @@
 use axum::{extract::Path, routing::get, Router};
 use fastlane::{Background, Server};
 
-async fn hello() -> &'static str {
-    "hello"
-}
-
 // A plain fn that blocks (a sync driver, a file): runs on the blocking lane.
 fn report(Path(id): Path<u32>) -> String {
     std::thread::sleep(std::time::Duration::from_millis(200));
@@ -23,10 +19,7 @@ async fn signup(bg: Background) -> &'static str {
 #[tokio::main]
 async fn main() -> Result<(), fastlane::Error> {
     fastlane::init_logging();
-    let app = Router::new()
-        .route("/", get(hello))
-        .route("/reports/{id}", get(fastlane::sync(report)))
-        .route("/signup", get(signup));
+    let app = Router::new().route("/reports/{id}", get(fastlane::sync(report))).route("/signup", get(signup));
     let report = Server::new(app).serve().await?; // 127.0.0.1:8000, SIGTERM drains
     std::process::exit(if report.is_clean() { 0 } else { 1 })
 }

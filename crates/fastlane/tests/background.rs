@@ -13,6 +13,35 @@ use fastlane::{client, Background, Config};
 use support::start;
 use tokio::sync::mpsc;
 
+/// Everything logged in this test process, for the tests that check what a
+/// log line says. Installed once, globally, since runner and lane threads log
+/// too.
+fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = buffer.clone();
+        let subscriber =
+            tracing_subscriber::fmt().with_ansi(false).with_writer(move || Capture(writer.clone())).finish();
+        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+        buffer
+    })
+    .clone()
+}
+
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Records the order in which things happen, across threads.
 #[derive(Clone)]
 struct Events(mpsc::UnboundedSender<&'static str>);
@@ -79,10 +108,11 @@ async fn the_response_does_not_wait_for_a_long_task() {
 }
 
 #[tokio::test]
-async fn failures_and_panics_are_counted_and_nothing_else_breaks() {
+async fn failures_and_panics_are_counted_and_logged_with_their_route() {
+    let logs = captured_logs();
     let app = Router::new()
         .route(
-            "/",
+            "/signup/{id}",
             get(|bg: Background| async move {
                 bg.spawn(async { Err::<(), _>("disk full") });
                 bg.spawn(async { panic!("task bug") as () });
@@ -93,7 +123,7 @@ async fn failures_and_panics_are_counted_and_nothing_else_breaks() {
         )
         .route("/fast", get(|| async { "fast" }));
     let server = start(app, Config { expose_internal: true, ..Config::default() }).await;
-    assert_eq!(client::get(&server.url("/")).await.unwrap().text(), "ok");
+    assert_eq!(client::get(&server.url("/signup/7")).await.unwrap().text(), "ok");
 
     let deadline = Instant::now() + Duration::from_secs(5);
     let metrics = loop {
@@ -118,6 +148,18 @@ async fn failures_and_panics_are_counted_and_nothing_else_breaks() {
     );
     assert!(metrics.contains(r#"fastlane_background_tasks_total{lane="cpu",outcome="ok"} 1"#), "{metrics}");
     assert_eq!(client::get(&server.url("/fast")).await.unwrap().text(), "fast");
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    // One line per failure, naming the route that scheduled the task.
+    for needles in [
+        ["background task failed", "route=/signup/{id}", "disk full"],
+        ["background task panicked", "route=/signup/{id}", "task bug"],
+        ["background task panicked", "route=/signup/{id}", "blocking task bug"],
+    ] {
+        assert!(
+            logs.lines().any(|l| needles.iter().all(|n| l.contains(n))),
+            "no line with {needles:?} in:\n{logs}"
+        );
+    }
     assert!(server.shutdown().await.unwrap().is_clean());
 }
 

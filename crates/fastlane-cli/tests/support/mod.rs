@@ -15,13 +15,20 @@ pub struct Demo {
     stderr: mpsc::Receiver<String>,
     /// Every stderr line so far, for looking while the process runs.
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Every stdout line so far.
+    pub out: Arc<Mutex<Vec<String>>>,
 }
 
 impl Demo {
     pub fn start(extra: &[&str]) -> Demo {
+        Self::start_with_env(extra, &[])
+    }
+
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Demo {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fastlane"))
             .args(["demo", "--port", "0"])
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -29,11 +36,14 @@ impl Demo {
             .expect("start fastlane demo");
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let (addr_tx, addr_rx) = mpsc::channel();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let out_writer = out.clone();
         std::thread::spawn(move || {
             for line in stdout.lines().map_while(Result::ok) {
                 if let Some(rest) = line.strip_prefix("fastlane demo on http://") {
                     let _ = addr_tx.send(rest.trim().to_owned());
                 }
+                out_writer.lock().unwrap().push(line);
             }
         });
         let (err_tx, err_rx) = mpsc::channel();
@@ -47,7 +57,7 @@ impl Demo {
             }
         });
         let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("the demo printed its address");
-        Demo { child, addr, stderr: err_rx, log }
+        Demo { child, addr, stderr: err_rx, log, out }
     }
 
     pub fn url(&self, path: &str) -> String {
