@@ -285,6 +285,17 @@ pub(crate) fn now_ms() -> i64 {
     unix_ms(SystemTime::now())
 }
 
+/// What a failed attempt leads to: `retrying` at the returned time (unix ms)
+/// if the failure is retryable and attempts are left, else `dead`.
+pub(crate) fn after_failure(attempt: i64, max_attempts: i64, retryable: bool) -> (JobState, Option<i64>) {
+    if retryable && attempt < max_attempts {
+        let wait = backoff(u32::try_from(attempt).unwrap_or(u32::MAX));
+        (JobState::Retrying, Some(now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2)))
+    } else {
+        (JobState::Dead, None)
+    }
+}
+
 /// Exponential backoff with jitter before attempt `attempt + 1`: 1 s, 2 s,
 /// 4 s ... capped at one hour, each plus up to 25 % at random so that jobs
 /// failing together do not retry together.

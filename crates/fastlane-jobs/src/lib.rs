@@ -44,5 +44,6 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use store::Store;
 pub use worker::{
-    enqueue_checked, run as run_worker, JobContext, JobError, Registry, WorkerConfig, WorkerStats,
+    enqueue_checked, run as run_worker, run_with_stats as run_worker_with_stats, JobContext, JobError,
+    Registry, WorkerConfig, WorkerStats,
 };

@@ -59,14 +59,10 @@ impl<S: Store> ProgressSink for StoreProgress<S> {
         let store = self.0.clone();
         tokio::spawn(async move {
             if let Err(err) = store.progress(id, token, percent, &message).await {
-                tracing_warn(&format!("job {id}: progress not recorded: {err}"));
+                tracing::warn!("job {id}: progress not recorded: {err}");
             }
         });
     }
-}
-
-fn tracing_warn(message: &str) {
-    tracing::warn!(target: "fastlane_jobs", "{message}");
 }
 
 impl JobContext {
@@ -226,10 +222,22 @@ pub async fn run<S: Store>(
     store: S,
     registry: Registry,
     config: WorkerConfig,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) -> Arc<WorkerStats> {
-    let stats = Arc::new(WorkerStats::default());
+    run_with_stats(store, registry, config, shutdown, grace, Arc::default()).await
+}
+
+/// [`run`], counting into `stats`, which the caller can watch while the
+/// worker runs.
+pub async fn run_with_stats<S: Store>(
+    store: S,
+    registry: Registry,
+    config: WorkerConfig,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+    stats: Arc<WorkerStats>,
+) -> Arc<WorkerStats> {
     let mut fetchers = Vec::new();
     let (stop_tx, _) = watch::channel(false);
     let in_flight: Arc<std::sync::Mutex<HashMap<JobId, (i64, tokio::task::AbortHandle)>>> =
@@ -272,7 +280,7 @@ pub async fn run<S: Store>(
                     }
                     Err(err) => {
                         drop(permit);
-                        tracing_warn(&format!("claim from `{queue}` failed: {err}; retrying"));
+                        tracing::warn!("claim from `{queue}` failed: {err}; retrying");
                         tokio::time::sleep(config.poll_interval * 10).await;
                     }
                 }
@@ -300,7 +308,7 @@ pub async fn run<S: Store>(
                 Ok(()) => {
                     stats.released.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(err) => tracing_warn(&format!("job {id}: could not release: {err}")),
+                Err(err) => tracing::warn!("job {id}: could not release: {err}"),
             }
         }
         for f in fetchers {
@@ -363,7 +371,7 @@ async fn run_one<S: Store>(
         if err.is_fenced() {
             stats.fenced.fetch_add(1, Ordering::Relaxed);
         }
-        tracing_warn(&format!("job {}: outcome not recorded: {err}", job.id));
+        tracing::warn!("job {}: outcome not recorded: {err}", job.id);
     }
 }
 
@@ -381,7 +389,7 @@ async fn heartbeat<S: Store>(
         match store.heartbeat(id, token, lease).await {
             Ok(cancel) => cancelled.store(cancel, Ordering::Relaxed),
             Err(err) if err.is_fenced() => return format!("lost the job: {err}"),
-            Err(err) => tracing_warn(&format!("job {id}: heartbeat failed: {err}")),
+            Err(err) => tracing::warn!("job {id}: heartbeat failed: {err}"),
         }
     }
 }

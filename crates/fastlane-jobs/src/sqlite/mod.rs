@@ -14,7 +14,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use crate::job::{
-    backoff, now_ms, unix_ms, Attempt, Claimed, JobId, JobInfo, JobState, JobSummary, NewJob, Stats,
+    after_failure, now_ms, unix_ms, Attempt, Claimed, JobId, JobInfo, JobState, JobSummary, NewJob, Stats,
 };
 use crate::{Error, Store};
 
@@ -306,14 +306,9 @@ impl Store for SqliteStore {
                 .await
                 .map_err(classify)?;
         let (attempt, max) = row.ok_or(Error::NotFound(id))?;
-        if retryable && attempt < max {
-            let retry_at = now_ms() + backoff(u32::try_from(attempt).unwrap_or(u32::MAX)).as_millis() as i64;
-            self.finish(id, token, JobState::Retrying, "failed", Some(error), Some(retry_at)).await?;
-            Ok(JobState::Retrying)
-        } else {
-            self.finish(id, token, JobState::Dead, "failed", Some(error), None).await?;
-            Ok(JobState::Dead)
-        }
+        let (state, retry_at) = after_failure(attempt, max, retryable);
+        self.finish(id, token, state, "failed", Some(error), retry_at).await?;
+        Ok(state)
     }
 
     /// The running attempt saw its cancellation and stopped.

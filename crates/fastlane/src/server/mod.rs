@@ -395,7 +395,7 @@ impl BoundServer {
 }
 
 /// Completes once shutdown has been asked for.
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is dropped here, before any other await:
     // holding it would make the connection future `!Send`.
     let _ = stop.wait_for(|stopped| *stopped).await;

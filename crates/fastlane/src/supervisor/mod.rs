@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::server::{Config, ShutdownReport};
+use crate::server::{stopped, Config, ShutdownReport};
 use crate::Error;
 use worker::{ENV_HEARTBEAT_FD, ENV_ID, ENV_LISTEN_FD, ENV_RESTARTS};
 
@@ -307,11 +307,6 @@ impl Supervisor {
         }
         started.elapsed()
     }
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    // Drop the guard before any other await (it would make this `!Send`).
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// A pipe whose ends both close on exec (the child keeps its end explicitly).
