@@ -44,7 +44,11 @@ pub fn demo_registry() -> Registry {
 pub struct BenchResult {
     /// Jobs enqueued and run.
     pub jobs: u64,
-    /// Enqueue rate (jobs/s), one enqueue call per job.
+    /// Jobs per enqueue call (one transaction each).
+    pub batch: usize,
+    /// Worker concurrency.
+    pub concurrency: usize,
+    /// Enqueue rate (jobs/s).
     pub enqueue_per_s: f64,
     /// End to end: from the first enqueue to the last job done.
     pub jobs_per_s: f64,
@@ -52,22 +56,20 @@ pub struct BenchResult {
     pub seconds: f64,
 }
 
-/// Enqueues `jobs` noop jobs, drains them with a worker of `concurrency`,
-/// and measures both.
+/// Enqueues `jobs` noop jobs in batches of `batch`, drains them with a worker
+/// of `concurrency` that runs from the start (as in production), and
+/// measures both.
 pub async fn bench<S: Store>(
     store: &S,
     jobs: u64,
+    batch: usize,
     concurrency: usize,
 ) -> Result<BenchResult, fastlane_jobs::Error> {
     let queue = format!("bench-{}", std::process::id());
     let done = std::sync::Arc::new(fastlane_jobs::WorkerStats::default());
     let started = Instant::now();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let config = WorkerConfig {
-        queues: vec![(queue.clone(), concurrency)],
-        poll_interval: Duration::from_millis(5),
-        ..WorkerConfig::default()
-    };
+    let config = WorkerConfig { queues: vec![(queue.clone(), concurrency)], ..WorkerConfig::default() };
     // The worker drains while the jobs are enqueued, as in production.
     let worker = tokio::spawn(fastlane_jobs::run_worker_with_stats(
         store.clone(),
@@ -77,8 +79,13 @@ pub async fn bench<S: Store>(
         Duration::from_secs(30),
         done.clone(),
     ));
-    for _ in 0..jobs {
-        store.enqueue(NewJob::new("noop", serde_json::Value::Null).queue(queue.clone())).await?;
+    let mut left = jobs;
+    while left > 0 {
+        let n = left.min(batch.max(1) as u64);
+        let chunk =
+            (0..n).map(|_| NewJob::new("noop", serde_json::Value::Null).queue(queue.clone())).collect();
+        store.enqueue_many(chunk).await?;
+        left -= n;
     }
     let enqueued_in = started.elapsed();
     // The worker's own counter: no store query competing with the worker.
@@ -94,6 +101,8 @@ pub async fn bench<S: Store>(
     let _ = worker.await;
     Ok(BenchResult {
         jobs: stats,
+        batch,
+        concurrency,
         enqueue_per_s: jobs as f64 / enqueued_in.as_secs_f64().max(1e-9),
         jobs_per_s: stats as f64 / seconds.max(1e-9),
         seconds,

@@ -122,8 +122,12 @@ enum JobsCommand {
         url: String,
         #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
         jobs: u64,
-        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        /// Jobs run at once.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         concurrency: u32,
+        /// Jobs per enqueue call (one transaction each).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        batch: u32,
         /// One JSON object.
         #[arg(long)]
         json: bool,
@@ -330,12 +334,17 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
                 serde_json::from_str(&payload).map_err(|e| format!("--payload is not valid JSON: {e}"))?;
             let store = connect(url).await?;
             let registry = jobs::demo_registry();
+            let job = fastlane_jobs::NewJob::new(name.clone(), payload.clone()).queue(queue.clone());
+            registry.check(&job).map_err(|e| e.to_string())?;
             let mut last = 0;
-            for _ in 0..count {
-                let job = fastlane_jobs::NewJob::new(name.clone(), payload.clone()).queue(queue.clone());
-                last = fastlane_jobs::enqueue_checked(&store, &registry, job)
-                    .await
-                    .map_err(|e| e.to_string())?;
+            let mut left = count;
+            while left > 0 {
+                // One transaction per thousand jobs.
+                let n = left.min(1000);
+                let ids =
+                    store.enqueue_many(vec![job.clone(); n as usize]).await.map_err(|e| e.to_string())?;
+                last = ids.last().copied().unwrap_or(last);
+                left -= n;
             }
             if count == 1 {
                 println!("{last}");
@@ -396,15 +405,22 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             println!("job {id}: {state}{note}");
             Ok(ExitCode::SUCCESS)
         }
-        JobsCommand::Bench { url, jobs: n, concurrency, json } => {
+        JobsCommand::Bench { url, jobs: n, concurrency, batch, json } => {
             let store = connect(url).await?;
-            let result = jobs::bench(&store, n, concurrency as usize).await.map_err(|e| e.to_string())?;
+            let result = jobs::bench(&store, n, batch as usize, concurrency as usize)
+                .await
+                .map_err(|e| e.to_string())?;
             if json {
                 println!("{}", serde_json::to_string(&result).unwrap_or_default());
             } else {
                 println!(
-                    "{} jobs: enqueue {:.0} jobs/s, end to end {:.0} jobs/s ({:.2} s)",
-                    result.jobs, result.enqueue_per_s, result.jobs_per_s, result.seconds
+                    "{} jobs (batches of {}, concurrency {}): enqueue {:.0} jobs/s, end to end {:.0} jobs/s ({:.2} s)",
+                    result.jobs,
+                    result.batch,
+                    result.concurrency,
+                    result.enqueue_per_s,
+                    result.jobs_per_s,
+                    result.seconds
                 );
             }
             Ok(ExitCode::SUCCESS)

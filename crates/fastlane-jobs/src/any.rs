@@ -39,12 +39,25 @@ macro_rules! delegate {
 }
 
 impl Store for AnyStore {
-    async fn enqueue(&self, job: NewJob) -> Result<JobId, Error> {
-        delegate!(self, s => s.enqueue(job))
+    async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, Error> {
+        delegate!(self, s => s.enqueue_many(jobs))
     }
 
-    async fn claim(&self, queue: &str, worker: &str, lease: Duration) -> Result<Option<Claimed>, Error> {
-        delegate!(self, s => s.claim(queue, worker, lease))
+    async fn claim_many(
+        &self,
+        queue: &str,
+        worker: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<Claimed>, Error> {
+        delegate!(self, s => s.claim_many(queue, worker, lease, limit))
+    }
+
+    fn wakeups(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        match self {
+            AnyStore::Sqlite(s) => s.wakeups(),
+            AnyStore::Postgres(s) => s.wakeups(),
+        }
     }
 
     async fn heartbeat(&self, id: JobId, token: i64, lease: Duration) -> Result<bool, Error> {
@@ -55,8 +68,8 @@ impl Store for AnyStore {
         delegate!(self, s => s.progress(id, token, percent, message))
     }
 
-    async fn complete(&self, id: JobId, token: i64) -> Result<(), Error> {
-        delegate!(self, s => s.complete(id, token))
+    async fn complete_many(&self, done: &[(JobId, i64)]) -> Result<Vec<(JobId, i64)>, Error> {
+        delegate!(self, s => s.complete_many(done))
     }
 
     async fn fail(&self, id: JobId, token: i64, error: &str, retryable: bool) -> Result<JobState, Error> {

@@ -169,6 +169,27 @@ impl NewJob {
         self
     }
 
+    /// The job as one row of a batch insert, checked; `now` decides between
+    /// `scheduled` and `available`.
+    pub(crate) fn to_row(&self, now: i64) -> Result<NewRow<'_>, Error> {
+        self.validate()?;
+        let run_at = self.run_at.map_or(now, unix_ms);
+        let state = if run_at > now { JobState::Scheduled } else { JobState::Available };
+        Ok(NewRow {
+            name: &self.name,
+            queue: &self.queue,
+            payload: serde_json::to_string(&self.payload)
+                .map_err(|e| Error::Invalid(format!("`payload`: {e}")))?,
+            state: state.as_str(),
+            priority: self.priority,
+            run_at,
+            max_attempts: i64::from(self.max_attempts),
+            timeout_ms: self.timeout.map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX)),
+            unique_key: self.unique_key.as_deref(),
+            created_at: now,
+        })
+    }
+
     pub(crate) fn validate(&self) -> Result<(), Error> {
         if self.name.trim().is_empty() {
             return Err(Error::Invalid("`name` must not be empty".into()));
@@ -180,6 +201,80 @@ impl NewJob {
             return Err(Error::Invalid("`max_attempts` must be at least 1".into()));
         }
         Ok(())
+    }
+}
+
+/// A job as the stores insert it: one element of the JSON array that both
+/// backends expand in SQL (`json_each` / `jsonb_to_recordset`), so that a
+/// batch of any size is one statement with one parameter.
+#[derive(Debug, Serialize)]
+pub(crate) struct NewRow<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) queue: &'a str,
+    /// The payload as JSON text (stored as text).
+    pub(crate) payload: String,
+    pub(crate) state: &'static str,
+    pub(crate) priority: i32,
+    pub(crate) run_at: i64,
+    pub(crate) max_attempts: i64,
+    pub(crate) timeout_ms: Option<i64>,
+    pub(crate) unique_key: Option<&'a str>,
+    pub(crate) created_at: i64,
+}
+
+/// Checks a batch and turns it into the JSON array of [`NewRow`]s, with the
+/// unique keys it holds; a key given twice in one batch is a
+/// [`Error::Duplicate`].
+pub(crate) fn batch_rows(jobs: &[NewJob], now: i64) -> Result<(String, Vec<&str>), Error> {
+    let rows = jobs.iter().map(|job| job.to_row(now)).collect::<Result<Vec<_>, _>>()?;
+    let mut keys: Vec<&str> = rows.iter().filter_map(|r| r.unique_key).collect();
+    keys.sort_unstable();
+    if let Some(pair) = keys.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(Error::Duplicate(pair[0].to_owned()));
+    }
+    let json = serde_json::to_string(&rows).map_err(|e| Error::Invalid(e.to_string()))?;
+    Ok((json, keys))
+}
+
+/// `[{"id": .., "token": ..}, ..]`: the attempts of a batch completion.
+pub(crate) fn done_rows(done: &[(JobId, i64)]) -> String {
+    let rows: Vec<serde_json::Value> =
+        done.iter().map(|(id, token)| serde_json::json!({"id": id, "token": token})).collect();
+    serde_json::Value::Array(rows).to_string()
+}
+
+/// The ids a batch insert returned, in the order of the batch: both stores
+/// insert the rows in array order under one lock, so ids rise with it.
+pub(crate) fn in_batch_order(mut ids: Vec<JobId>) -> Vec<JobId> {
+    ids.sort_unstable();
+    ids
+}
+
+/// The attempts of `done` whose job is not among `recorded`: fenced.
+pub(crate) fn fenced_among(done: &[(JobId, i64)], recorded: Vec<JobId>) -> Vec<(JobId, i64)> {
+    let recorded: std::collections::HashSet<JobId> = recorded.into_iter().collect();
+    done.iter().filter(|(id, _)| !recorded.contains(id)).copied().collect()
+}
+
+/// Adds the running attempt, which is recorded only when it ends, to a
+/// job's attempt history.
+pub(crate) fn push_running_attempt(
+    attempts: &mut Vec<Attempt>,
+    state: JobState,
+    attempt: i64,
+    worker: Option<String>,
+    started_at_ms: Option<i64>,
+) {
+    let attempt = u32::try_from(attempt).unwrap_or(0);
+    if state == JobState::Running && !attempts.iter().any(|a| a.attempt == attempt) {
+        attempts.push(Attempt {
+            attempt,
+            worker: worker.unwrap_or_default(),
+            started_at_ms: started_at_ms.unwrap_or_default(),
+            finished_at_ms: None,
+            outcome: None,
+            error: None,
+        });
     }
 }
 
@@ -202,6 +297,27 @@ pub struct Claimed {
     pub token: i64,
     /// The job's per-attempt timeout.
     pub timeout: Option<Duration>,
+}
+
+/// A claimed job as both stores return it: id, name, payload (JSON text),
+/// attempt, max attempts, token, timeout (ms), priority, run at (ms).
+pub(crate) type ClaimedRow = (JobId, String, String, i64, i64, i64, Option<i64>, i64, i64);
+
+/// The claimed jobs in the order they are due (RETURNING gives no order):
+/// highest priority first, then the earliest, then the oldest.
+pub(crate) fn claimed_in_order(mut rows: Vec<ClaimedRow>) -> Vec<Claimed> {
+    rows.sort_by_key(|row| (std::cmp::Reverse(row.7), row.8, row.0));
+    rows.into_iter()
+        .map(|(id, name, payload, attempt, max_attempts, token, timeout_ms, _, _)| Claimed {
+            id,
+            name,
+            payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
+            attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+            max_attempts: u32::try_from(max_attempts).unwrap_or(u32::MAX),
+            token,
+            timeout: timeout_ms.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+        })
+        .collect()
 }
 
 /// One attempt of a job, as recorded.

@@ -2,7 +2,10 @@
 //! one test suite, several drivers).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use crate::job::{Claimed, JobId, JobInfo, JobState, JobSummary, NewJob, Stats};
 use crate::Error;
@@ -12,7 +15,18 @@ use crate::Error;
 /// [`Error::Fenced`] once another attempt owns the job.
 pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// Stores a job; returns its id.
-    fn enqueue(&self, job: NewJob) -> impl Future<Output = Result<JobId, Error>> + Send;
+    fn enqueue(&self, job: NewJob) -> impl Future<Output = Result<JobId, Error>> + Send {
+        async move {
+            let ids = self.enqueue_many(vec![job]).await?;
+            ids.first().copied().ok_or_else(|| Error::Invalid("the store returned no id".into()))
+        }
+    }
+
+    /// Stores a batch of jobs in one transaction; returns their ids in the
+    /// batch's order. All or nothing: if one job is invalid or its unique key
+    /// is taken (by a pending job or by another job of the batch), none is
+    /// stored.
+    fn enqueue_many(&self, jobs: Vec<NewJob>) -> impl Future<Output = Result<Vec<JobId>, Error>> + Send;
 
     /// Hands the next due job of `queue` to `worker` under a lease: highest
     /// priority first, then the earliest due. A running job whose lease has
@@ -22,7 +36,27 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
         queue: &str,
         worker: &str,
         lease: Duration,
-    ) -> impl Future<Output = Result<Option<Claimed>, Error>> + Send;
+    ) -> impl Future<Output = Result<Option<Claimed>, Error>> + Send {
+        async move { Ok(self.claim_many(queue, worker, lease, 1).await?.pop()) }
+    }
+
+    /// [`claim`](Store::claim) for up to `limit` jobs at once, in the order
+    /// they are due.
+    fn claim_many(
+        &self,
+        queue: &str,
+        worker: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Claimed>, Error>> + Send;
+
+    /// A signal that fires when jobs may have become available (an enqueue,
+    /// in this process or, where the backend can tell, in another), so that
+    /// idle workers wake at once instead of polling. `None`: the store cannot
+    /// tell; workers poll.
+    fn wakeups(&self) -> Option<Arc<Notify>> {
+        None
+    }
 
     /// Extends a running attempt's lease; returns whether the job has been
     /// asked to cancel.
@@ -43,7 +77,22 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
     /// The attempt succeeded.
-    fn complete(&self, id: JobId, token: i64) -> impl Future<Output = Result<(), Error>> + Send;
+    fn complete(&self, id: JobId, token: i64) -> impl Future<Output = Result<(), Error>> + Send {
+        async move {
+            match self.complete_many(&[(id, token)]).await?.as_slice() {
+                [] => Ok(()),
+                _ => Err(Error::Fenced { job: id, token }),
+            }
+        }
+    }
+
+    /// Many attempts (`(id, token)`) succeeded: recorded in one transaction.
+    /// Returns the ones that were fenced (another attempt owns the job, or it
+    /// is no longer running); the others are recorded.
+    fn complete_many(
+        &self,
+        done: &[(JobId, i64)],
+    ) -> impl Future<Output = Result<Vec<(JobId, i64)>, Error>> + Send;
 
     /// The attempt failed: `retrying` (with backoff) if `retryable` and
     /// attempts are left, else `dead`. Returns the new state.

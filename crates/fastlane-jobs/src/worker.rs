@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::job::{Claimed, JobId, NewJob};
 use crate::{Error, Store};
@@ -186,8 +186,14 @@ pub struct WorkerConfig {
     /// The lease each attempt holds; renewed every third of it. A dead
     /// worker's jobs come back within one lease. Default 15 s.
     pub lease: Duration,
-    /// How long to wait before looking again when a queue is empty.
+    /// How long an idle worker waits before looking again if nothing wakes
+    /// it: stores wake idle workers on enqueue (PostgreSQL LISTEN/NOTIFY,
+    /// SQLite within the process), so this only bounds the wait for jobs
+    /// that become due (scheduled, retrying, lease expired) or are enqueued
+    /// by another process on SQLite. Default 1 s.
     pub poll_interval: Duration,
+    /// Most jobs fetched in one claim. Default 256.
+    pub fetch_batch: usize,
 }
 
 impl Default for WorkerConfig {
@@ -196,7 +202,8 @@ impl Default for WorkerConfig {
             name: format!("worker-{}", std::process::id()),
             queues: vec![("default".to_owned(), 16)],
             lease: Duration::from_secs(15),
-            poll_interval: Duration::from_millis(50),
+            poll_interval: Duration::from_secs(1),
+            fetch_batch: 256,
         }
     }
 }
@@ -214,6 +221,11 @@ pub struct WorkerStats {
     pub released: AtomicU64,
 }
 
+/// Most successes written in one transaction.
+const COMPLETE_BATCH: usize = 1024;
+
+type InFlight = Arc<std::sync::Mutex<HashMap<JobId, (i64, tokio::task::AbortHandle)>>>;
+
 /// Runs jobs from `store` with `registry` until `shutdown` turns true; then
 /// stops fetching, lets running jobs finish for up to `grace`, and releases
 /// the rest at once so that another worker can take them without waiting for
@@ -230,6 +242,12 @@ pub async fn run<S: Store>(
 
 /// [`run`], counting into `stats`, which the caller can watch while the
 /// worker runs.
+///
+/// Each queue has a fetcher that claims as many jobs as it has free slots
+/// (up to [`WorkerConfig::fetch_batch`]) in one transaction, and one
+/// completer writes the successes of many jobs in one transaction: the
+/// store's cost is paid per batch, not per job. Failures, which need their
+/// error text and backoff, are written one by one.
 pub async fn run_with_stats<S: Store>(
     store: S,
     registry: Registry,
@@ -238,56 +256,26 @@ pub async fn run_with_stats<S: Store>(
     grace: Duration,
     stats: Arc<WorkerStats>,
 ) -> Arc<WorkerStats> {
-    let mut fetchers = Vec::new();
     let (stop_tx, _) = watch::channel(false);
-    let in_flight: Arc<std::sync::Mutex<HashMap<JobId, (i64, tokio::task::AbortHandle)>>> =
-        Default::default();
+    let in_flight: InFlight = Arc::default();
+    let total: usize = config.queues.iter().map(|(_, n)| (*n).max(1)).sum();
+    let (done_tx, done_rx) = mpsc::channel(total.max(COMPLETE_BATCH));
+    let completer = tokio::spawn(complete_in_batches(store.clone(), done_rx, stats.clone()));
+    let mut fetchers = Vec::new();
     for (queue, concurrency) in config.queues.clone() {
-        let permits = Arc::new(Semaphore::new(concurrency.max(1)));
-        let (store, registry, config, stats, in_flight) =
-            (store.clone(), registry.clone(), config.clone(), stats.clone(), in_flight.clone());
-        let mut stop = stop_tx.subscribe();
-        fetchers.push(tokio::spawn(async move {
-            let mut tasks = tokio::task::JoinSet::new();
-            loop {
-                let permit = tokio::select! {
-                    p = permits.clone().acquire_owned() => p.expect("never closed"),
-                    _ = stop.wait_for(|s| *s) => break,
-                };
-                let claimed = tokio::select! {
-                    c = store.claim(&queue, &config.name, config.lease) => c,
-                    _ = stop.wait_for(|s| *s) => break,
-                };
-                match claimed {
-                    Ok(Some(job)) => {
-                        let (store, registry, stats, lease) =
-                            (store.clone(), registry.clone(), stats.clone(), config.lease);
-                        let (id, token) = (job.id, job.token);
-                        let in_flight_done = in_flight.clone();
-                        let handle = tasks.spawn(async move {
-                            run_one(store, &registry, job, lease, &stats).await;
-                            in_flight_done.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                            drop(permit);
-                        });
-                        in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (token, handle));
-                    }
-                    Ok(None) => {
-                        drop(permit);
-                        tokio::select! {
-                            () = tokio::time::sleep(config.poll_interval) => {}
-                            _ = stop.wait_for(|s| *s) => break,
-                        }
-                    }
-                    Err(err) => {
-                        drop(permit);
-                        tracing::warn!("claim from `{queue}` failed: {err}; retrying");
-                        tokio::time::sleep(config.poll_interval * 10).await;
-                    }
-                }
-            }
-            while tasks.join_next().await.is_some() {}
-        }));
+        let fetcher = Fetcher {
+            store: store.clone(),
+            registry: registry.clone(),
+            config: config.clone(),
+            stats: stats.clone(),
+            in_flight: in_flight.clone(),
+            done: done_tx.clone(),
+            queue,
+            concurrency: concurrency.max(1),
+        };
+        fetchers.push(tokio::spawn(fetcher.run(stop_tx.subscribe())));
     }
+    drop(done_tx);
     let _ = shutdown.wait_for(|s| *s).await;
     // Stop fetching; running jobs go on.
     stop_tx.send_replace(true);
@@ -315,7 +303,154 @@ pub async fn run_with_stats<S: Store>(
             f.abort();
         }
     }
+    // Every finished job's success is written before the worker returns.
+    let _ = completer.await;
     stats
+}
+
+/// Claims jobs of one queue and starts them, while slots are free.
+struct Fetcher<S: Store> {
+    store: S,
+    registry: Registry,
+    config: WorkerConfig,
+    stats: Arc<WorkerStats>,
+    in_flight: InFlight,
+    done: mpsc::Sender<(JobId, i64)>,
+    queue: String,
+    concurrency: usize,
+}
+
+impl<S: Store> Fetcher<S> {
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        let slots = Arc::new(Semaphore::new(self.concurrency));
+        let wake = self.store.wakeups();
+        let batch = self.config.fetch_batch.clamp(1, self.concurrency);
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            let first = tokio::select! {
+                p = slots.clone().acquire_owned() => p.expect("never closed"),
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            // Let a few more slots come free, so that a busy worker claims in
+            // batches rather than one job per transaction; an idle one loses
+            // at most this millisecond.
+            if slots.available_permits() + 1 < batch {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let extra = slots.available_permits().min(batch - 1);
+            let mut permits = first;
+            if extra > 0 {
+                if let Ok(more) = slots.clone().try_acquire_many_owned(extra as u32) {
+                    permits.merge(more);
+                }
+            }
+            let wanted = permits.num_permits();
+            // Registered before the claim, so that an enqueue between an
+            // empty claim and the wait below still wakes this fetcher.
+            let woken = wake.as_ref().map(|n| n.clone().notified_owned());
+            let claimed = tokio::select! {
+                c = self.store.claim_many(&self.queue, &self.config.name, self.config.lease, wanted) => c,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            let claimed = match claimed {
+                Ok(jobs) => jobs,
+                Err(err) => {
+                    drop(permits);
+                    tracing::warn!("claim from `{}` failed: {err}; retrying", self.queue);
+                    tokio::select! {
+                        () = tokio::time::sleep(self.config.poll_interval) => {}
+                        _ = stop.wait_for(|s| *s) => break,
+                    }
+                    continue;
+                }
+            };
+            let drained = claimed.len() < wanted;
+            for job in claimed {
+                let permit = permits.split(1).expect("one permit per claimed job");
+                self.start(&mut tasks, job, permit);
+            }
+            drop(permits);
+            if drained {
+                // The queue had fewer jobs than free slots: wait for an
+                // enqueue, a job coming due, or the poll interval.
+                let woken = async {
+                    match woken {
+                        Some(woken) => woken.await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = woken => {}
+                    () = tokio::time::sleep(self.config.poll_interval) => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    fn start(
+        &self,
+        tasks: &mut tokio::task::JoinSet<()>,
+        job: Claimed,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let (store, registry, stats, lease) =
+            (self.store.clone(), self.registry.clone(), self.stats.clone(), self.config.lease);
+        let (id, token) = (job.id, job.token);
+        let (in_flight, done) = (self.in_flight.clone(), self.done.clone());
+        // Held while the task is spawned, so that it cannot remove its entry
+        // before the entry is there.
+        let mut running = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let handle = tasks.spawn(async move {
+            run_one(store, &registry, job, lease, &stats, &done).await;
+            in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            drop(permit);
+        });
+        running.insert(id, (token, handle));
+    }
+}
+
+/// Writes successes in batches: whatever has finished since the last write,
+/// up to [`COMPLETE_BATCH`], in one transaction. Ends when every sender is
+/// gone and everything sent is written.
+async fn complete_in_batches<S: Store>(
+    store: S,
+    mut done: mpsc::Receiver<(JobId, i64)>,
+    stats: Arc<WorkerStats>,
+) {
+    let mut batch = Vec::with_capacity(COMPLETE_BATCH);
+    while done.recv_many(&mut batch, COMPLETE_BATCH).await > 0 {
+        let mut tries = 0u32;
+        loop {
+            match store.complete_many(&batch).await {
+                Ok(fenced) => {
+                    let recorded = batch.len() - fenced.len();
+                    stats.succeeded.fetch_add(recorded as u64, Ordering::Relaxed);
+                    stats.fenced.fetch_add(fenced.len() as u64, Ordering::Relaxed);
+                    for (id, token) in fenced {
+                        tracing::warn!(
+                            "job {id}: success not recorded: attempt {token} no longer owns the job (fenced)"
+                        );
+                    }
+                    break;
+                }
+                // The store is down or locked: the jobs are done, so keep
+                // trying for a while; if their leases expire meanwhile they
+                // run again (at least once, never lost).
+                Err(err) if tries < 20 => {
+                    tries += 1;
+                    tracing::warn!("recording {} successes failed: {err}; retrying", batch.len());
+                    tokio::time::sleep(Duration::from_millis(100 << tries.min(4))).await;
+                }
+                Err(err) => {
+                    tracing::warn!("recording {} successes failed: {err}; they will run again", batch.len());
+                    break;
+                }
+            }
+        }
+        batch.clear();
+    }
 }
 
 /// One attempt: heartbeats while the handler runs, then the outcome.
@@ -325,6 +460,7 @@ async fn run_one<S: Store>(
     job: Claimed,
     lease: Duration,
     stats: &WorkerStats,
+    done: &mpsc::Sender<(JobId, i64)>,
 ) {
     let cancelled = Arc::new(AtomicBool::new(false));
     let cancelled_flag = cancelled.clone();
@@ -357,7 +493,11 @@ async fn run_one<S: Store>(
             store.cancelled(job.id, job.token).await.map(|()| 0)
         }
         Ok(()) => {
-            store.complete(job.id, job.token).await.map(|()| stats.succeeded.fetch_add(1, Ordering::Relaxed))
+            // Written by the completer, with others; counted there.
+            if done.send((job.id, job.token)).await.is_err() {
+                tracing::warn!("job {}: the worker stopped before its success was recorded", job.id);
+            }
+            Ok(0)
         }
         Err(JobError::Retry(e)) => {
             store.fail(job.id, job.token, e, true).await.map(|_| stats.failed.fetch_add(1, Ordering::Relaxed))
@@ -396,16 +536,7 @@ async fn heartbeat<S: Store>(
 
 /// Runs the handler with its timeout; a panic is a (retryable) failure.
 async fn futures_catch(future: BoxFuture, timeout: Option<Duration>) -> Result<(), JobError> {
-    let caught = async {
-        let handle = tokio::spawn(AssertUnwindSafe(future));
-        // If this attempt is abandoned (shutdown), the handler stops too.
-        let _abort = AbortOnDrop(handle.abort_handle());
-        match handle.await {
-            Ok(outcome) => outcome,
-            Err(err) if err.is_panic() => Err(JobError::Retry("the handler panicked".into())),
-            Err(err) => Err(JobError::Retry(format!("the handler was aborted: {err}"))),
-        }
-    };
+    let caught = CatchPanic(future);
     match timeout {
         Some(t) => tokio::time::timeout(t, caught)
             .await
@@ -414,10 +545,25 @@ async fn futures_catch(future: BoxFuture, timeout: Option<Duration>) -> Result<(
     }
 }
 
-struct AbortOnDrop(tokio::task::AbortHandle);
+/// A handler's future with its panics turned into failures: polled in
+/// place, in the attempt's own task (no task of its own to spawn per job).
+struct CatchPanic(BoxFuture);
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+impl Future for CatchPanic {
+    type Output = Result<(), JobError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let future = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a non-string payload".to_owned());
+                std::task::Poll::Ready(Err(JobError::Retry(format!("the handler panicked: {message}"))))
+            }
+        }
     }
 }

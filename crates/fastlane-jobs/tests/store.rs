@@ -34,6 +34,70 @@ mod suite {
         assert_eq!((again.id, again.attempt, again.max_attempts), (a, 2, 2));
     }
 
+    pub(crate) async fn batches_keep_their_order_and_are_all_or_nothing<S: Store>(store: &S) {
+        let jobs: Vec<NewJob> = (0..300).map(|i| NewJob::new("noop", json!({ "i": i }))).collect();
+        let ids = store.enqueue_many(jobs).await.unwrap();
+        assert_eq!(ids.len(), 300);
+        for (i, id) in ids.iter().enumerate().step_by(37) {
+            assert_eq!(store.get(*id).await.unwrap().payload, json!({ "i": i }), "ids follow the batch");
+        }
+        // A key taken by a pending job, or given twice in a batch, refuses the
+        // whole batch.
+        store.enqueue(NewJob::new("noop", json!(null)).unique_key("k1")).await.unwrap();
+        let before = store.stats().await.unwrap()[&JobState::Available];
+        for batch in [
+            vec![NewJob::new("noop", json!(null)), NewJob::new("noop", json!(null)).unique_key("k1")],
+            vec![
+                NewJob::new("a", json!(null)).unique_key("k2"),
+                NewJob::new("b", json!(null)).unique_key("k2"),
+            ],
+            vec![NewJob::new("noop", json!(null)), NewJob::new("", json!(null))],
+        ] {
+            assert!(matches!(store.enqueue_many(batch).await, Err(Error::Duplicate(_) | Error::Invalid(_))));
+        }
+        assert_eq!(store.stats().await.unwrap()[&JobState::Available], before, "nothing of a refused batch");
+        assert!(store.enqueue_many(Vec::new()).await.unwrap().is_empty());
+        // Claims come in the order the jobs are due, up to the limit.
+        let urgent = store.enqueue(NewJob::new("noop", json!(null)).priority(3)).await.unwrap();
+        let claimed = store.claim_many("default", "w", LEASE, 100).await.unwrap();
+        assert_eq!(claimed.len(), 100);
+        assert_eq!(claimed[0].id, urgent);
+        assert_eq!(claimed[1..].iter().map(|j| j.id).collect::<Vec<_>>(), ids[..99]);
+        // The running attempt is in the job's history before it ends.
+        let running = store.get(claimed[1].id).await.unwrap();
+        assert_eq!(running.attempts.len(), 1);
+        assert_eq!(
+            (running.attempts[0].worker.as_str(), running.attempts[0].outcome.as_deref()),
+            ("w", None)
+        );
+        // A batch completion records the owners and names the fenced.
+        let zombie = (claimed[2].id, claimed[2].token + 7);
+        let done: Vec<(i64, i64)> =
+            claimed.iter().filter(|j| j.id != zombie.0).map(|j| (j.id, j.token)).chain([zombie]).collect();
+        assert_eq!(store.complete_many(&done).await.unwrap(), [zombie]);
+        assert_eq!(store.stats().await.unwrap()[&JobState::Succeeded], 99);
+        let info = store.get(claimed[1].id).await.unwrap();
+        assert_eq!(info.state, JobState::Succeeded);
+        assert_eq!(info.attempts[0].outcome.as_deref(), Some("succeeded"));
+        assert!(info.attempts[0].finished_at_ms.is_some());
+        assert_eq!(store.get(zombie.0).await.unwrap().state, JobState::Running);
+    }
+
+    pub(crate) async fn an_enqueue_wakes_idle_workers<S: Store>(store: &S) {
+        let wake = store.wakeups().expect("both stores wake idle workers");
+        // PostgreSQL's listener connects in the background: an enqueue before
+        // it listens is not seen, so try for a while.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let woken = wake.clone().notified_owned();
+            store.enqueue(NewJob::new("noop", json!(null))).await.unwrap();
+            if tokio::time::timeout(Duration::from_millis(500), woken).await.is_ok() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no wake-up after an enqueue");
+        }
+    }
+
     pub(crate) async fn concurrent_workers_never_get_the_same_job<S: Store>(store: &S) {
         for i in 0..200 {
             store.enqueue(NewJob::new("noop", json!({ "i": i }))).await.unwrap();
@@ -253,6 +317,8 @@ macro_rules! conformance {
 }
 
 conformance!(
+    batches_keep_their_order_and_are_all_or_nothing,
+    an_enqueue_wakes_idle_workers,
     list_and_retry_a_dead_job,
     concurrent_workers_never_get_the_same_job,
     a_job_runs_once_and_succeeds,

@@ -123,7 +123,7 @@ async fn a_worker_runs_jobs_retries_failures_and_records_panics() {
     }
     wait_for_state(&store, blocking, JobState::Succeeded, Duration::from_secs(10)).await;
     wait_for_state(&store, panics, JobState::Dead, Duration::from_secs(10)).await;
-    assert_eq!(store.get(panics).await.unwrap().last_error.as_deref(), Some("the handler panicked"));
+    assert_eq!(store.get(panics).await.unwrap().last_error.as_deref(), Some("the handler panicked: job bug"));
     // The failing job comes back after its backoff (about 1 s) and succeeds.
     wait_for_state(&store, retried, JobState::Succeeded, Duration::from_secs(10)).await;
     let info = store.get(retried).await.unwrap();
@@ -134,6 +134,20 @@ async fn a_worker_runs_jobs_retries_failures_and_records_panics() {
     let stats = worker.await.unwrap();
     assert_eq!(stats.succeeded.load(Ordering::Relaxed), 22);
     assert_eq!(stats.failed.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
+async fn an_idle_worker_starts_a_new_job_at_once_not_at_its_next_poll() {
+    let (store, _dir) = store().await;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let config = WorkerConfig { poll_interval: Duration::from_secs(60), ..config(Duration::from_secs(15)) };
+    let worker = tokio::spawn(run_worker(store.clone(), registry(), config, stop_rx, Duration::from_secs(5)));
+    // Let the worker find the queue empty and go idle.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id = store.enqueue(NewJob::new("noop", json!(null))).await.unwrap();
+    wait_for_state(&store, id, JobState::Succeeded, Duration::from_secs(10)).await;
+    stop_tx.send_replace(true);
+    assert_eq!(worker.await.unwrap().succeeded.load(Ordering::Relaxed), 1);
 }
 
 #[tokio::test]

@@ -7,13 +7,17 @@
 
 mod schema;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{PgPool, Row};
+use tokio::sync::Notify;
 
 use crate::job::{
-    after_failure, now_ms, unix_ms, Attempt, Claimed, JobId, JobInfo, JobState, JobSummary, NewJob, Stats,
+    after_failure, batch_rows, claimed_in_order, done_rows, fenced_among, in_batch_order, now_ms,
+    push_running_attempt, Attempt, Claimed, ClaimedRow, JobId, JobInfo, JobState, JobSummary, NewJob, Stats,
 };
 use crate::{Error, Store};
 
@@ -22,7 +26,69 @@ use crate::{Error, Store};
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    wake: Arc<Wakeups>,
 }
+
+/// Idle workers' wake-up: one LISTEN connection per store, started by the
+/// first worker that asks, turning NOTIFYs from any process into a
+/// [`Notify`].
+#[derive(Debug, Default)]
+struct Wakeups {
+    notify: Arc<Notify>,
+    listening: AtomicBool,
+}
+
+/// Forwards notifications on [`CHANNEL`] to `notify` while anyone holds it;
+/// reconnects after errors (waking everyone, since a notification may have
+/// been missed meanwhile).
+async fn listen(pool: PgPool, notify: Weak<Notify>) {
+    loop {
+        match PgListener::connect_with(&pool).await {
+            Ok(mut listener) => {
+                if let Err(err) = listener.listen(CHANNEL).await {
+                    tracing::warn!("job wake-ups: LISTEN failed: {err}; workers poll meanwhile");
+                } else {
+                    loop {
+                        // Wake up now and then to see whether anyone still listens.
+                        match tokio::time::timeout(Duration::from_secs(5), listener.recv()).await {
+                            Ok(Ok(_)) => match notify.upgrade() {
+                                Some(n) => n.notify_waiters(),
+                                None => return,
+                            },
+                            Ok(Err(err)) => {
+                                tracing::warn!("job wake-ups: connection lost: {err}; reconnecting");
+                                break;
+                            }
+                            Err(_) if notify.strong_count() == 0 => return,
+                            Err(_) => {}
+                        }
+                    }
+                }
+            }
+            Err(err) => tracing::warn!("job wake-ups: cannot connect: {err}; workers poll meanwhile"),
+        }
+        match notify.upgrade() {
+            Some(n) => n.notify_waiters(),
+            None => return,
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The start of every write of attempt records. An attempt record is written
+/// once, when the attempt ends: a running attempt is read off its job row, so
+/// that claiming a job is one write, not two.
+const RECORD_ATTEMPTS: &str =
+    "INSERT INTO fastlane_attempts (job_id, attempt, worker, started_at, finished_at, outcome, error)";
+
+/// The end of every write of attempt records; the upsert also closes the
+/// records that schema version 1 wrote when an attempt started.
+const ON_ATTEMPT_CONFLICT: &str =
+    "ON CONFLICT (job_id, attempt) DO UPDATE SET finished_at = EXCLUDED.finished_at, \
+     outcome = EXCLUDED.outcome, error = EXCLUDED.error";
+
+/// The channel on which enqueues wake idle workers; the payload is the queue.
+pub(crate) const CHANNEL: &str = "fastlane_jobs";
 
 fn classify(err: sqlx::Error) -> Error {
     Error::Database(err)
@@ -42,7 +108,7 @@ impl PgStore {
     /// `search_path`); creates or migrates the job tables there.
     pub async fn from_pool(pool: PgPool) -> Result<Self, Error> {
         schema::migrate(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self { pool, wake: Arc::default() })
     }
 
     async fn finish(
@@ -76,15 +142,12 @@ impl PgStore {
         let Some(row) = row else {
             return Err(Error::Fenced { job: id, token });
         };
-        let attempt: i64 = row.get(0);
-        sqlx::query(
-            "UPDATE fastlane_attempts SET finished_at = $1, outcome = $2, error = $3 WHERE job_id = $4 AND attempt = $5",
-        )
+        let _attempt: i64 = row.get(0);
+        sqlx::query(&format!("{RECORD_ATTEMPTS} SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, $1), $1, $2, $3 FROM fastlane_jobs WHERE id = $4 {ON_ATTEMPT_CONFLICT}"))
         .bind(now)
         .bind(outcome)
         .bind(error)
         .bind(id)
-        .bind(attempt)
         .execute(&mut *tx)
         .await
         .map_err(classify)?;
@@ -94,146 +157,72 @@ impl PgStore {
 }
 
 impl Store for PgStore {
-    /// Stores a job; returns its id.
-    async fn enqueue(&self, job: NewJob) -> Result<JobId, Error> {
-        job.validate()?;
-        let now = now_ms();
-        let run_at = job.run_at.map_or(now, unix_ms);
-        let state = if run_at > now { JobState::Scheduled } else { JobState::Available };
-        let payload =
-            serde_json::to_string(&job.payload).map_err(|e| Error::Invalid(format!("`payload`: {e}")))?;
+    async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, Error> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        if let Some(key) = &job.unique_key {
-            let taken: Option<i64> = sqlx::query_scalar(
-                "SELECT id FROM fastlane_jobs WHERE unique_key = $1 \
-                 AND state IN ('scheduled','available','running','retrying') LIMIT 1",
-            )
-            .bind(key)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(classify)?;
-            if taken.is_some() {
-                return Err(Error::Duplicate(key.clone()));
-            }
-        }
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO fastlane_jobs (name, queue, payload, state, priority, run_at, max_attempts, timeout_ms, \
-             unique_key, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
-        )
-        .bind(&job.name)
-        .bind(&job.queue)
-        .bind(payload)
-        .bind(state.as_str())
-        .bind(job.priority)
-        .bind(run_at)
-        .bind(i64::from(job.max_attempts))
-        .bind(job.timeout.map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX)))
-        .bind(&job.unique_key)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|err| match (&err, &job.unique_key) {
-            // Another process inserted the same key between our check and
-            // our insert: the partial unique index has the last word.
-            (sqlx::Error::Database(db), Some(key)) if db.code().as_deref() == Some("23505") => {
-                Error::Duplicate(key.clone())
-            }
-            _ => classify(err),
-        })?;
+        let ids = enqueue_in(&mut tx, jobs).await?;
         tx.commit().await.map_err(classify)?;
-        Ok(id)
+        Ok(ids)
     }
 
-    /// Hands the next due job of `queue` to `worker` under a lease of
+    /// Hands the next due jobs of `queue` to `worker` under a lease of
     /// `lease`: the highest priority first, then the earliest. A running job
     /// whose lease has expired (its worker died) is due again: that is how a
     /// dead worker's jobs are recovered, within one lease period.
-    async fn claim(&self, queue: &str, worker: &str, lease: Duration) -> Result<Option<Claimed>, Error> {
+    async fn claim_many(
+        &self,
+        queue: &str,
+        worker: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<Claimed>, Error> {
         let now = now_ms();
         let lease_until = now + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        loop {
-            let row = sqlx::query(
-                "SELECT id, state, attempt, max_attempts FROM fastlane_jobs WHERE queue = $1 AND \
-                 ((state IN ('available','scheduled','retrying') AND run_at <= $2) OR \
-                  (state = 'running' AND lease_until < $3)) \
-                 ORDER BY priority DESC, run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",
-            )
-            .bind(queue)
-            .bind(now)
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(classify)?;
-            let Some(row) = row else {
-                tx.commit().await.map_err(classify)?;
-                return Ok(None);
-            };
-            let id: i64 = row.get("id");
-            let state: String = row.get("state");
-            let attempt: i64 = row.get("attempt");
-            let max_attempts: i64 = row.get("max_attempts");
-            if state == "running" {
-                // The worker that held it is gone: close its attempt.
-                sqlx::query(
-                    "UPDATE fastlane_attempts SET finished_at = $1, outcome = 'lease expired' \
-                     WHERE job_id = $2 AND attempt = $3 AND finished_at IS NULL",
-                )
-                .bind(now)
-                .bind(id)
-                .bind(attempt)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
-                if attempt >= max_attempts {
-                    sqlx::query(
-                        "UPDATE fastlane_jobs SET state = 'dead', lease_until = NULL, finished_at = $1, \
-                         last_error = 'lease expired on the last attempt' WHERE id = $2",
-                    )
-                    .bind(now)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(classify)?;
-                    continue;
-                }
-            }
-            let claimed = sqlx::query(
-                "UPDATE fastlane_jobs SET state = 'running', attempt = attempt + 1, token = token + 1, \
-                 lease_until = $1, worker = $2, progress = NULL, progress_message = NULL WHERE id = $3 \
-                 RETURNING name, payload, attempt, max_attempts, token, timeout_ms",
-            )
-            .bind(lease_until)
-            .bind(worker)
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(classify)?;
-            let attempt: i64 = claimed.get("attempt");
-            sqlx::query(
-                "INSERT INTO fastlane_attempts (job_id, attempt, worker, started_at) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(id)
-            .bind(attempt)
-            .bind(worker)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-            tx.commit().await.map_err(classify)?;
-            let payload: String = claimed.get("payload");
-            return Ok(Some(Claimed {
-                id,
-                name: claimed.get("name"),
-                payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
-                attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
-                max_attempts: u32::try_from(claimed.get::<i64, _>("max_attempts")).unwrap_or(u32::MAX),
-                token: claimed.get("token"),
-                timeout: claimed
-                    .get::<Option<i64>, _>("timeout_ms")
-                    .map(|ms| Duration::from_millis(ms as u64)),
-            }));
+        // Jobs whose worker is gone: their attempt ends, and they are due
+        // again (or dead, if that was the last attempt). One statement, no
+        // transaction: each statement is atomic, and SKIP LOCKED keeps
+        // workers that rescue at the same time off each other's rows.
+        sqlx::query(&format!(
+            "WITH expired AS (UPDATE fastlane_jobs SET lease_until = NULL, \
+               state = CASE WHEN attempt >= max_attempts THEN 'dead' ELSE 'available' END, \
+               finished_at = CASE WHEN attempt >= max_attempts THEN $1 ELSE finished_at END, \
+               last_error = CASE WHEN attempt >= max_attempts THEN 'lease expired on the last attempt' \
+               ELSE last_error END \
+             WHERE id IN (SELECT id FROM fastlane_jobs WHERE queue = $2 AND state = 'running' \
+               AND lease_until < $1 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, attempt, worker, started_at) \
+             {RECORD_ATTEMPTS} SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, $1), $1, \
+             'lease expired', NULL FROM expired {ON_ATTEMPT_CONFLICT}"
+        ))
+        .bind(now)
+        .bind(queue)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        let rows: Vec<ClaimedRow> = sqlx::query_as(
+            "WITH picked AS (SELECT id FROM fastlane_jobs WHERE queue = $4 \
+               AND state IN ('scheduled','available','retrying') AND run_at <= $3 \
+               ORDER BY priority DESC, run_at, id LIMIT $5 FOR UPDATE SKIP LOCKED) \
+             UPDATE fastlane_jobs j SET state = 'running', attempt = attempt + 1, token = token + 1, \
+             lease_until = $1, worker = $2, started_at = $3, progress = NULL, progress_message = NULL \
+             FROM picked WHERE j.id = picked.id \
+             RETURNING j.id, j.name, j.payload, j.attempt, j.max_attempts, j.token, j.timeout_ms, j.priority::BIGINT, j.run_at",
+        )
+        .bind(lease_until)
+        .bind(worker)
+        .bind(now)
+        .bind(queue)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(claimed_in_order(rows))
+    }
+
+    fn wakeups(&self) -> Option<Arc<Notify>> {
+        if !self.wake.listening.swap(true, Ordering::AcqRel) {
+            tokio::spawn(listen(self.pool.clone(), Arc::downgrade(&self.wake.notify)));
         }
+        Some(self.wake.notify.clone())
     }
 
     /// Extends the lease of a running attempt; returns whether the job has
@@ -272,9 +261,28 @@ impl Store for PgStore {
         Ok(())
     }
 
-    /// The attempt succeeded.
-    async fn complete(&self, id: JobId, token: i64) -> Result<(), Error> {
-        self.finish(id, token, JobState::Succeeded, "succeeded", None, None).await
+    async fn complete_many(&self, done: &[(JobId, i64)]) -> Result<Vec<(JobId, i64)>, Error> {
+        if done.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        // The fencing check: only attempts holding the current token are
+        // recorded; a zombie's late completion changes nothing. One
+        // statement: the job rows and their attempt records change together.
+        let recorded: Vec<i64> = sqlx::query_scalar(&format!(
+            "WITH done AS (UPDATE fastlane_jobs j SET state = 'succeeded', lease_until = NULL, finished_at = $1 \
+               FROM jsonb_to_recordset($2::jsonb) AS d(id BIGINT, token BIGINT) \
+               WHERE j.id = d.id AND j.token = d.token AND j.state = 'running' \
+               RETURNING j.id, j.attempt, j.worker, j.started_at) \
+             {RECORD_ATTEMPTS} SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, $1), $1, \
+             'succeeded', NULL FROM done {ON_ATTEMPT_CONFLICT} RETURNING job_id"
+        ))
+        .bind(now)
+        .bind(done_rows(done))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(fenced_among(done, recorded))
     }
 
     /// The attempt failed. A `retryable` failure with attempts left goes to
@@ -317,12 +325,15 @@ impl Store for PgStore {
             return Err(Error::Fenced { job: id, token });
         };
         let attempt: i64 = row.get(0);
-        sqlx::query("DELETE FROM fastlane_attempts WHERE job_id = $1 AND attempt = $2")
-            .bind(id)
-            .bind(attempt + 1)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
+        // Schema version 1 wrote an attempt record at the start.
+        sqlx::query(
+            "DELETE FROM fastlane_attempts WHERE job_id = $1 AND attempt = $2 AND finished_at IS NULL",
+        )
+        .bind(id)
+        .bind(attempt + 1)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
         Ok(())
     }
@@ -365,14 +376,14 @@ impl Store for PgStore {
     async fn get(&self, id: JobId) -> Result<JobInfo, Error> {
         let row = sqlx::query(
             "SELECT id, name, queue, state, payload, priority, attempt, max_attempts, run_at, progress, \
-             progress_message, last_error FROM fastlane_jobs WHERE id = $1",
+             progress_message, last_error, worker, started_at FROM fastlane_jobs WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
         .await
         .map_err(classify)?
         .ok_or(Error::NotFound(id))?;
-        let attempts = sqlx::query(
+        let mut attempts: Vec<Attempt> = sqlx::query(
             "SELECT attempt, worker, started_at, finished_at, outcome, error FROM fastlane_attempts \
              WHERE job_id = $1 ORDER BY attempt",
         )
@@ -390,13 +401,20 @@ impl Store for PgStore {
             error: a.get("error"),
         })
         .collect();
-        let state: String = row.get("state");
+        let state: JobState = row.get::<String, _>("state").parse()?;
+        push_running_attempt(
+            &mut attempts,
+            state,
+            row.get("attempt"),
+            row.get("worker"),
+            row.get("started_at"),
+        );
         let payload: String = row.get("payload");
         Ok(JobInfo {
             id: row.get("id"),
             name: row.get("name"),
             queue: row.get("queue"),
-            state: state.parse()?,
+            state,
             payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
             priority: row.get("priority"),
             attempt: u32::try_from(row.get::<i64, _>("attempt")).unwrap_or(0),
@@ -467,4 +485,56 @@ impl Store for PgStore {
         }
         Ok(self.get(id).await?.state)
     }
+}
+
+/// Enqueues `jobs` inside the caller's transaction: they exist if and only if
+/// it commits, and idle workers are woken (NOTIFY) only then.
+pub(crate) async fn enqueue_in(tx: &mut sqlx::PgConnection, jobs: Vec<NewJob>) -> Result<Vec<JobId>, Error> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = now_ms();
+    let (rows, keys) = batch_rows(&jobs, now)?;
+    if !keys.is_empty() {
+        let taken: Option<String> = sqlx::query_scalar(
+            "SELECT unique_key FROM fastlane_jobs WHERE unique_key = ANY($1) \
+             AND state IN ('scheduled','available','running','retrying') LIMIT 1",
+        )
+        .bind(&keys)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if let Some(key) = taken {
+            return Err(Error::Duplicate(key));
+        }
+    }
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO fastlane_jobs (name, queue, payload, state, priority, run_at, max_attempts, timeout_ms, \
+         unique_key, created_at) \
+         SELECT r ->> 'name', r ->> 'queue', r ->> 'payload', r ->> 'state', (r ->> 'priority')::INTEGER, \
+         (r ->> 'run_at')::BIGINT, (r ->> 'max_attempts')::BIGINT, (r ->> 'timeout_ms')::BIGINT, \
+         r ->> 'unique_key', (r ->> 'created_at')::BIGINT \
+         FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(r, n) ORDER BY n RETURNING id",
+    )
+    .bind(&rows)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(|err| match &err {
+        // Another transaction inserted the same key between our check and
+        // our insert: the partial unique index has the last word.
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
+            Error::Duplicate(keys.join(", "))
+        }
+        _ => classify(err),
+    })?;
+    let mut queues: Vec<&str> = jobs.iter().map(|job| job.queue.as_str()).collect();
+    queues.sort_unstable();
+    queues.dedup();
+    sqlx::query("SELECT pg_notify($1, q) FROM UNNEST($2::TEXT[]) AS q")
+        .bind(CHANNEL)
+        .bind(&queues)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+    Ok(in_batch_order(ids))
 }

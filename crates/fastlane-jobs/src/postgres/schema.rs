@@ -46,6 +46,16 @@ const MIGRATIONS: &[&str] = &[
         error TEXT,
         PRIMARY KEY (job_id, attempt)
     );",
+    // 2: batch claims and completions. The attempt record is written when
+    // the attempt ends (the running one is read off the job row, hence
+    // `started_at`); the due-jobs index covers only pending jobs, in the
+    // claim's order, so a claim never sorts; leases have their own index for
+    // the rescue of a dead worker's jobs.
+    "ALTER TABLE fastlane_jobs ADD COLUMN started_at BIGINT;
+    DROP INDEX fastlane_jobs_due;
+    CREATE INDEX fastlane_jobs_pending ON fastlane_jobs (queue, priority DESC, run_at, id)
+        WHERE state IN ('scheduled', 'available', 'retrying');
+    CREATE INDEX fastlane_jobs_leases ON fastlane_jobs (queue, lease_until) WHERE state = 'running';",
 ];
 
 /// Brings the schema to the latest version; refuses a newer one.

@@ -8,13 +8,16 @@
 mod schema;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
+use tokio::sync::Notify;
 
 use crate::job::{
-    after_failure, now_ms, unix_ms, Attempt, Claimed, JobId, JobInfo, JobState, JobSummary, NewJob, Stats,
+    after_failure, batch_rows, claimed_in_order, done_rows, fenced_among, in_batch_order, now_ms,
+    push_running_attempt, Attempt, Claimed, ClaimedRow, JobId, JobInfo, JobState, JobSummary, NewJob, Stats,
 };
 use crate::{Error, Store};
 
@@ -23,6 +26,9 @@ use crate::{Error, Store};
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Wakes this process's idle workers on enqueue. SQLite has no way to
+    /// tell other processes; their workers poll.
+    wake: Arc<Notify>,
 }
 
 /// Maps SQLite's "busy"/"locked" errors to [`Error::Locked`].
@@ -67,7 +73,7 @@ impl SqliteStore {
             }
         })?;
         schema::migrate(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self { pool, wake: Arc::default() })
     }
 
     async fn finish(
@@ -101,157 +107,147 @@ impl SqliteStore {
         let Some(row) = row else {
             return Err(Error::Fenced { job: id, token });
         };
-        let attempt: i64 = row.get(0);
-        sqlx::query(
-            "UPDATE fastlane_attempts SET finished_at = ?, outcome = ?, error = ? WHERE job_id = ? AND attempt = ?",
-        )
-        .bind(now)
-        .bind(outcome)
-        .bind(error)
-        .bind(id)
-        .bind(attempt)
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
+        let _attempt: i64 = row.get(0);
+        record_attempts(&mut tx, &[id], now, outcome, error).await?;
         tx.commit().await.map_err(classify)?;
         Ok(())
     }
 }
 
+/// Writes the attempt records of jobs whose attempt has just ended, from
+/// their rows (attempt number, worker, start). An attempt record is written
+/// once, when the attempt ends: a running attempt is read off its job row, so
+/// that claiming a job is one write, not two.
+async fn record_attempts(
+    tx: &mut sqlx::SqliteConnection,
+    ids: &[JobId],
+    now: i64,
+    outcome: &str,
+    error: Option<&str>,
+) -> Result<(), Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let ids = serde_json::to_string(ids).map_err(|e| Error::Invalid(e.to_string()))?;
+    // The upsert also closes attempt records that schema version 1 wrote when
+    // the attempt started.
+    sqlx::query(
+        "INSERT INTO fastlane_attempts (job_id, attempt, worker, started_at, finished_at, outcome, error) \
+         SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, ?1), ?1, ?2, ?3 FROM fastlane_jobs \
+         WHERE id IN (SELECT value FROM json_each(?4)) \
+         ON CONFLICT (job_id, attempt) DO UPDATE SET finished_at = excluded.finished_at, \
+         outcome = excluded.outcome, error = excluded.error",
+    )
+    .bind(now)
+    .bind(outcome)
+    .bind(error)
+    .bind(ids)
+    .execute(&mut *tx)
+    .await
+    .map_err(classify)?;
+    Ok(())
+}
+
 impl Store for SqliteStore {
-    /// Stores a job; returns its id.
-    async fn enqueue(&self, job: NewJob) -> Result<JobId, Error> {
-        job.validate()?;
+    async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, Error> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
         let now = now_ms();
-        let run_at = job.run_at.map_or(now, unix_ms);
-        let state = if run_at > now { JobState::Scheduled } else { JobState::Available };
-        let payload =
-            serde_json::to_string(&job.payload).map_err(|e| Error::Invalid(format!("`payload`: {e}")))?;
+        let (rows, keys) = batch_rows(&jobs, now)?;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
-        if let Some(key) = &job.unique_key {
-            let taken: Option<i64> = sqlx::query_scalar(
-                "SELECT id FROM fastlane_jobs WHERE unique_key = ? \
+        if !keys.is_empty() {
+            let keys = serde_json::to_string(&keys).map_err(|e| Error::Invalid(e.to_string()))?;
+            let taken: Option<String> = sqlx::query_scalar(
+                "SELECT unique_key FROM fastlane_jobs WHERE unique_key IN (SELECT value FROM json_each(?)) \
                  AND state IN ('scheduled','available','running','retrying') LIMIT 1",
             )
-            .bind(key)
+            .bind(keys)
             .fetch_optional(&mut *tx)
             .await
             .map_err(classify)?;
-            if taken.is_some() {
-                return Err(Error::Duplicate(key.clone()));
+            if let Some(key) = taken {
+                return Err(Error::Duplicate(key));
             }
         }
-        let id: i64 = sqlx::query_scalar(
+        let ids: Vec<i64> = sqlx::query_scalar(
             "INSERT INTO fastlane_jobs (name, queue, payload, state, priority, run_at, max_attempts, timeout_ms, \
-             unique_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+             unique_key, created_at) \
+             SELECT value ->> 'name', value ->> 'queue', value ->> 'payload', value ->> 'state', \
+             value ->> 'priority', value ->> 'run_at', value ->> 'max_attempts', value ->> 'timeout_ms', \
+             value ->> 'unique_key', value ->> 'created_at' FROM json_each(?) ORDER BY key RETURNING id",
         )
-        .bind(&job.name)
-        .bind(&job.queue)
-        .bind(payload)
-        .bind(state.as_str())
-        .bind(job.priority)
-        .bind(run_at)
-        .bind(i64::from(job.max_attempts))
-        .bind(job.timeout.map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX)))
-        .bind(&job.unique_key)
-        .bind(now)
-        .fetch_one(&mut *tx)
+        .bind(rows)
+        .fetch_all(&mut *tx)
         .await
         .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
-        Ok(id)
+        self.wake.notify_waiters();
+        Ok(in_batch_order(ids))
     }
 
-    /// Hands the next due job of `queue` to `worker` under a lease of
+    /// Hands the next due jobs of `queue` to `worker` under a lease of
     /// `lease`: the highest priority first, then the earliest. A running job
     /// whose lease has expired (its worker died) is due again: that is how a
     /// dead worker's jobs are recovered, within one lease period.
-    async fn claim(&self, queue: &str, worker: &str, lease: Duration) -> Result<Option<Claimed>, Error> {
+    async fn claim_many(
+        &self,
+        queue: &str,
+        worker: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<Claimed>, Error> {
         let now = now_ms();
         let lease_until = now + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
-        loop {
-            let row = sqlx::query(
-                "SELECT id, state, attempt, max_attempts FROM fastlane_jobs WHERE queue = ? AND \
-                 ((state IN ('available','scheduled','retrying') AND run_at <= ?) OR \
-                  (state = 'running' AND lease_until < ?)) \
-                 ORDER BY priority DESC, run_at, id LIMIT 1",
-            )
-            .bind(queue)
-            .bind(now)
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(classify)?;
-            let Some(row) = row else {
-                tx.commit().await.map_err(classify)?;
-                return Ok(None);
-            };
-            let id: i64 = row.get("id");
-            let state: String = row.get("state");
-            let attempt: i64 = row.get("attempt");
-            let max_attempts: i64 = row.get("max_attempts");
-            if state == "running" {
-                // The worker that held it is gone: close its attempt.
-                sqlx::query(
-                    "UPDATE fastlane_attempts SET finished_at = ?, outcome = 'lease expired' \
-                     WHERE job_id = ? AND attempt = ? AND finished_at IS NULL",
-                )
-                .bind(now)
-                .bind(id)
-                .bind(attempt)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
-                if attempt >= max_attempts {
-                    sqlx::query(
-                        "UPDATE fastlane_jobs SET state = 'dead', lease_until = NULL, finished_at = ?, \
-                         last_error = 'lease expired on the last attempt' WHERE id = ?",
-                    )
-                    .bind(now)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(classify)?;
-                    continue;
-                }
-            }
-            let claimed = sqlx::query(
-                "UPDATE fastlane_jobs SET state = 'running', attempt = attempt + 1, token = token + 1, \
-                 lease_until = ?, worker = ?, progress = NULL, progress_message = NULL WHERE id = ? \
-                 RETURNING name, payload, attempt, max_attempts, token, timeout_ms",
-            )
-            .bind(lease_until)
-            .bind(worker)
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(classify)?;
-            let attempt: i64 = claimed.get("attempt");
+        // Jobs whose worker is gone: their attempt ends, and they are due
+        // again (or dead, if that was the last attempt).
+        let expired: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM fastlane_jobs WHERE queue = ? AND state = 'running' AND lease_until < ?",
+        )
+        .bind(queue)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if !expired.is_empty() {
+            record_attempts(&mut tx, &expired, now, "lease expired", None).await?;
             sqlx::query(
-                "INSERT INTO fastlane_attempts (job_id, attempt, worker, started_at) VALUES (?, ?, ?, ?)",
+                "UPDATE fastlane_jobs SET lease_until = NULL, \
+                 state = CASE WHEN attempt >= max_attempts THEN 'dead' ELSE 'available' END, \
+                 finished_at = CASE WHEN attempt >= max_attempts THEN ?1 ELSE finished_at END, \
+                 last_error = CASE WHEN attempt >= max_attempts THEN 'lease expired on the last attempt' \
+                 ELSE last_error END \
+                 WHERE queue = ?2 AND state = 'running' AND lease_until < ?1",
             )
-            .bind(id)
-            .bind(attempt)
-            .bind(worker)
             .bind(now)
+            .bind(queue)
             .execute(&mut *tx)
             .await
             .map_err(classify)?;
-            tx.commit().await.map_err(classify)?;
-            let payload: String = claimed.get("payload");
-            return Ok(Some(Claimed {
-                id,
-                name: claimed.get("name"),
-                payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
-                attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
-                max_attempts: u32::try_from(claimed.get::<i64, _>("max_attempts")).unwrap_or(u32::MAX),
-                token: claimed.get("token"),
-                timeout: claimed
-                    .get::<Option<i64>, _>("timeout_ms")
-                    .map(|ms| Duration::from_millis(ms as u64)),
-            }));
         }
+        let rows: Vec<ClaimedRow> = sqlx::query_as(
+            "UPDATE fastlane_jobs SET state = 'running', attempt = attempt + 1, token = token + 1, \
+             lease_until = ?1, worker = ?2, started_at = ?3, progress = NULL, progress_message = NULL \
+             WHERE id IN (SELECT id FROM fastlane_jobs WHERE queue = ?4 \
+               AND state IN ('scheduled','available','retrying') AND run_at <= ?3 \
+               ORDER BY priority DESC, run_at, id LIMIT ?5) \
+             RETURNING id, name, payload, attempt, max_attempts, token, timeout_ms, priority, run_at",
+        )
+        .bind(lease_until)
+        .bind(worker)
+        .bind(now)
+        .bind(queue)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(claimed_in_order(rows))
+    }
+
+    fn wakeups(&self) -> Option<Arc<Notify>> {
+        Some(self.wake.clone())
     }
 
     /// Extends the lease of a running attempt; returns whether the job has
@@ -290,9 +286,27 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    /// The attempt succeeded.
-    async fn complete(&self, id: JobId, token: i64) -> Result<(), Error> {
-        self.finish(id, token, JobState::Succeeded, "succeeded", None, None).await
+    async fn complete_many(&self, done: &[(JobId, i64)]) -> Result<Vec<(JobId, i64)>, Error> {
+        if done.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
+        // The fencing check: only attempts holding the current token are
+        // recorded; a zombie's late completion changes nothing.
+        let recorded: Vec<i64> = sqlx::query_scalar(
+            "UPDATE fastlane_jobs SET state = 'succeeded', lease_until = NULL, finished_at = ?1 \
+             WHERE state = 'running' AND (id, token) IN \
+             (SELECT value ->> 'id', value ->> 'token' FROM json_each(?2)) RETURNING id",
+        )
+        .bind(now)
+        .bind(done_rows(done))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        record_attempts(&mut tx, &recorded, now, "succeeded", None).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(fenced_among(done, recorded))
     }
 
     /// The attempt failed. A `retryable` failure with attempts left goes to
@@ -335,7 +349,8 @@ impl Store for SqliteStore {
             return Err(Error::Fenced { job: id, token });
         };
         let attempt: i64 = row.get(0);
-        sqlx::query("DELETE FROM fastlane_attempts WHERE job_id = ? AND attempt = ?")
+        // Schema version 1 wrote an attempt record at the start.
+        sqlx::query("DELETE FROM fastlane_attempts WHERE job_id = ? AND attempt = ? AND finished_at IS NULL")
             .bind(id)
             .bind(attempt + 1)
             .execute(&mut *tx)
@@ -383,14 +398,14 @@ impl Store for SqliteStore {
     async fn get(&self, id: JobId) -> Result<JobInfo, Error> {
         let row = sqlx::query(
             "SELECT id, name, queue, state, payload, priority, attempt, max_attempts, run_at, progress, \
-             progress_message, last_error FROM fastlane_jobs WHERE id = ?",
+             progress_message, last_error, worker, started_at FROM fastlane_jobs WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(&self.pool)
         .await
         .map_err(classify)?
         .ok_or(Error::NotFound(id))?;
-        let attempts = sqlx::query(
+        let mut attempts: Vec<Attempt> = sqlx::query(
             "SELECT attempt, worker, started_at, finished_at, outcome, error FROM fastlane_attempts \
              WHERE job_id = ? ORDER BY attempt",
         )
@@ -408,13 +423,20 @@ impl Store for SqliteStore {
             error: a.get("error"),
         })
         .collect();
-        let state: String = row.get("state");
+        let state: JobState = row.get::<String, _>("state").parse()?;
+        push_running_attempt(
+            &mut attempts,
+            state,
+            row.get("attempt"),
+            row.get("worker"),
+            row.get("started_at"),
+        );
         let payload: String = row.get("payload");
         Ok(JobInfo {
             id: row.get("id"),
             name: row.get("name"),
             queue: row.get("queue"),
-            state: state.parse()?,
+            state,
             payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
             priority: row.get("priority"),
             attempt: u32::try_from(row.get::<i64, _>("attempt")).unwrap_or(0),
