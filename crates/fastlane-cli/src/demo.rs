@@ -6,11 +6,14 @@
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
 use fastlane::extract::{Json, Query};
 use fastlane::{ApiError, Background};
+use fastlane_jobs::{Jobs, NewJob};
 use futures_util::StreamExt as _;
 use serde::Deserialize;
 
@@ -32,6 +35,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET  /stream/blocking?chunks=N&secs=S", "streaming body whose producer blocks S s before each chunk"),
     ("POST /profile", r#"{"name": "..", "work_ms": 2000}: computes in the background, answers {} at once"#),
     ("GET  /?action=N&secs=15", "background task: 1 sync-blocking, 2 async-blocking, 3 async-sleeping"),
+    ("POST /jobs/{name}", r#"enqueue a durable job (noop, sleep, fail); body = payload, e.g. {"ms": 5000}"#),
+    ("GET  /jobs/{id}", "a job's state, attempts and progress (JSON)"),
     (
         "GET  /debug/hang-runtime?secs=N",
         "blocks every tokio worker thread: a truly hung server (for --workers)",
@@ -54,6 +59,73 @@ pub fn app() -> Router {
         .route("/profile", post(profile))
         .route("/", get(action))
         .route("/debug/hang-runtime", get(hang_runtime))
+}
+
+/// The demo router with the durable job routes, on `jobs`.
+pub fn app_with_jobs(jobs: Jobs) -> Router {
+    app().merge(
+        Router::new()
+            // One pattern: the segment is a job type for POST and a job id for
+            // GET (the router allows one parameter name per position).
+            .route("/jobs/{job}", post(enqueue_job).get(show_job))
+            .with_state(jobs),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnqueueParams {
+    queue: Option<String>,
+    priority: Option<i32>,
+    delay_ms: Option<u64>,
+    max_attempts: Option<u32>,
+    unique_key: Option<String>,
+}
+
+/// `POST /jobs/{name}?queue=..&priority=..&delay_ms=..&max_attempts=..&unique_key=..`
+/// with the payload as the body (JSON; empty for `null`).
+async fn enqueue_job(
+    State(jobs): State<Jobs>,
+    Path(name): Path<String>,
+    Query(q): Query<EnqueueParams>,
+    body: Bytes,
+) -> Result<(StatusCode, axum::Json<serde_json::Value>), ApiError> {
+    let payload: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::unprocessable("body", format!("the payload is not JSON: {e}")))?
+    };
+    let mut job = NewJob::new(name.clone(), payload);
+    if let Some(queue) = q.queue {
+        job = job.queue(queue);
+    }
+    if let Some(priority) = q.priority {
+        job = job.priority(priority);
+    }
+    if let Some(ms) = q.delay_ms {
+        job = job.delay(Duration::from_millis(ms));
+    }
+    if let Some(n) = q.max_attempts {
+        job = job.max_attempts(n);
+    }
+    if let Some(key) = q.unique_key {
+        job = job.unique_key(key);
+    }
+    let id = jobs.enqueue(job).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(serde_json::json!({ "id": id, "name": name, "url": format!("/jobs/{id}") })),
+    ))
+}
+
+/// `GET /jobs/{id}`: the job, its attempts and its progress.
+async fn show_job(
+    State(jobs): State<Jobs>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<fastlane_jobs::JobInfo>, ApiError> {
+    let id: i64 = id.parse().map_err(|_| ApiError::unprocessable("id", "must be a job id (an integer)"))?;
+    Ok(axum::Json(jobs.get(id).await?))
 }
 
 #[derive(Debug, Deserialize)]

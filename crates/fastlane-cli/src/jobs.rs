@@ -19,12 +19,27 @@ struct FailPayload {
 }
 
 /// The built-in demo job types: `noop`; `sleep` (`{"ms": N}`, an async
-/// sleep); `fail` (`{"times": N}`: fails N attempts, then succeeds).
+/// sleep in ten steps, reporting progress after each); `fail`
+/// (`{"times": N}`: fails N attempts, then succeeds).
 pub fn demo_registry() -> Registry {
     Registry::new()
         .register("noop", |_: serde_json::Value, _ctx: JobContext| async { Ok(()) })
-        .register("sleep", |p: SleepPayload, _ctx: JobContext| async move {
-            tokio::time::sleep(Duration::from_millis(p.ms.min(3_600_000))).await;
+        .register("sleep", |p: SleepPayload, ctx: JobContext| async move {
+            let total = Duration::from_millis(p.ms.min(3_600_000));
+            for step in 1..=10u32 {
+                tokio::time::sleep(total / 10).await;
+                if ctx.is_cancelled() {
+                    return Err(JobError::Permanent("cancelled".into()));
+                }
+                // Every step for long sleeps; short ones would only write.
+                if total >= Duration::from_secs(1) {
+                    let slept = total * step / 10;
+                    ctx.progress(
+                        (step * 10) as u8,
+                        format!("slept {} of {} ms", slept.as_millis(), total.as_millis()),
+                    );
+                }
+            }
             Ok(())
         })
         .register("fail", |p: FailPayload, ctx: JobContext| async move {

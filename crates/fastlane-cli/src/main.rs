@@ -21,6 +21,12 @@ enum Command {
     Demo {
         #[command(flatten)]
         serve: fastlane::ServeArgs,
+        /// Job store for POST /jobs/{name} and the in-server job worker.
+        #[arg(long, env = "FASTLANE_JOBS_URL", default_value = "sqlite://fastlane-demo-jobs.db")]
+        jobs_url: String,
+        /// Jobs the in-server worker runs at once (per worker process).
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        job_concurrency: u32,
     },
     /// Send requests concurrently and show whether they ran in parallel.
     Probe {
@@ -172,7 +178,9 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Demo { serve } => runtime.block_on(run_demo(serve)),
+        Command::Demo { serve, jobs_url, job_concurrency } => {
+            runtime.block_on(run_demo(serve, jobs_url, job_concurrency as usize))
+        }
         Command::Probe { total, concurrency, timeout, svg, urls } => {
             let total = total.map_or(urls.len(), |n| n as usize);
             let config = probe::ProbeConfig {
@@ -216,8 +224,20 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run_demo(serve: fastlane::ServeArgs) -> ExitCode {
+async fn run_demo(serve: fastlane::ServeArgs, jobs_url: String, job_concurrency: usize) -> ExitCode {
     fastlane::init_logging();
+    let store = match fastlane_jobs::connect(&jobs_url).await {
+        Ok(store) => store,
+        Err(err) => {
+            eprintln!("fastlane demo: --jobs-url: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let jobs = fastlane_jobs::Jobs::new(store, jobs::demo_registry());
+    let worker = jobs.worker().config(fastlane_jobs::WorkerConfig {
+        queues: vec![("default".to_owned(), job_concurrency)],
+        ..fastlane_jobs::WorkerConfig::default()
+    });
     let base = fastlane::Config {
         // The demo's routes sleep up to 60 s; let them finish.
         request_timeout: Some(Duration::from_secs(90)),
@@ -225,13 +245,14 @@ async fn run_demo(serve: fastlane::ServeArgs) -> ExitCode {
         ..fastlane::Config::default()
     };
     let config = serve.apply(base);
-    let server = match fastlane::Server::new(demo::app()).config(config).bind().await {
-        Ok(server) => server,
-        Err(err) => {
-            eprintln!("fastlane demo: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let server =
+        match fastlane::Server::new(demo::app_with_jobs(jobs)).config(config).jobs(worker).bind().await {
+            Ok(server) => server,
+            Err(err) => {
+                eprintln!("fastlane demo: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
     let addr = server.local_addr();
     if fastlane::worker_id().is_some() {
         // The supervisor already printed the routes.
@@ -244,7 +265,9 @@ async fn run_demo(serve: fastlane::ServeArgs) -> ExitCode {
     println!("  {:<40} Prometheus metrics", "GET  /metrics");
     println!("  {:<40} routes that stalled (JSON)", "GET  /_fastlane/stalls");
     println!("  {:<40} which worker process answered (JSON)", "GET  /_fastlane/worker");
+    println!("\njobs: {jobs_url} (worker inside the server, {job_concurrency} at once)");
     println!("\ntry:  curl 'http://{addr}/slow/sync?secs=2' & curl 'http://{addr}/test1'");
+    println!("      curl -d '{{\"ms\": 5000}}' http://{addr}/jobs/sleep; curl http://{addr}/jobs/1");
     println!("      fastlane probe -n 2 -c 2 'http://{addr}/slow/sync?secs=2'\n");
     demo_exit(server.serve().await)
 }

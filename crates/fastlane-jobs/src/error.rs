@@ -47,3 +47,26 @@ impl Error {
         matches!(self, Error::Fenced { .. })
     }
 }
+
+/// As an HTTP error, for handlers that enqueue or look up jobs: bad input is
+/// `422`, an unknown id `404`, a taken unique key `409`, a locked or
+/// unreachable store `503`.
+impl From<Error> for fastlane::ApiError {
+    fn from(err: Error) -> Self {
+        use axum::http::StatusCode;
+        let status = match &err {
+            Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Duplicate(_) | Error::Fenced { .. } => StatusCode::CONFLICT,
+            Error::Locked(_) | Error::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::InvalidUrl { .. } | Error::NotAJobStore(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        fastlane::ApiError::new(status, err.to_string())
+    }
+}
+
+impl axum::response::IntoResponse for Error {
+    fn into_response(self) -> axum::response::Response {
+        fastlane::ApiError::from(self).into_response()
+    }
+}

@@ -40,10 +40,10 @@ mod worker;
 pub use any::{connect, AnyStore};
 pub use error::Error;
 pub use job::{backoff, Attempt, Claimed, JobId, JobInfo, JobState, JobSummary, NewJob, Stats};
-pub use postgres::PgStore;
+pub use postgres::{enqueue_in_tx, enqueue_many_in_tx, PgStore};
 pub use sqlite::SqliteStore;
 pub use store::Store;
 pub use worker::{
-    enqueue_checked, run as run_worker, run_with_stats as run_worker_with_stats, JobContext, JobError,
-    Registry, WorkerConfig, WorkerStats,
+    enqueue_checked, run as run_worker, run_with_stats as run_worker_with_stats, JobContext, JobError, Jobs,
+    Registry, Worker, WorkerConfig, WorkerStats,
 };

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 use crate::job::{Claimed, JobId, NewJob};
 use crate::{Error, Store};
@@ -224,7 +224,8 @@ pub struct WorkerStats {
 /// Most successes written in one transaction.
 const COMPLETE_BATCH: usize = 1024;
 
-type InFlight = Arc<std::sync::Mutex<HashMap<JobId, (i64, tokio::task::AbortHandle)>>>;
+/// The running attempts: token and the signal that abandons the attempt.
+type InFlight = Arc<std::sync::Mutex<HashMap<JobId, (i64, Arc<Notify>)>>>;
 
 /// Runs jobs from `store` with `registry` until `shutdown` turns true; then
 /// stops fetching, lets running jobs finish for up to `grace`, and releases
@@ -261,9 +262,13 @@ pub async fn run_with_stats<S: Store>(
     let total: usize = config.queues.iter().map(|(_, n)| (*n).max(1)).sum();
     let (done_tx, done_rx) = mpsc::channel(total.max(COMPLETE_BATCH));
     let completer = tokio::spawn(complete_in_batches(store.clone(), done_rx, stats.clone()));
+    // Captured here: the fetchers are tokio tasks, which do not know the
+    // server this worker may run in.
+    let spawner = fastlane::Spawner::current();
     let mut fetchers = Vec::new();
     for (queue, concurrency) in config.queues.clone() {
         let fetcher = Fetcher {
+            spawner: spawner.clone(),
             store: store.clone(),
             registry: registry.clone(),
             config: config.clone(),
@@ -288,10 +293,10 @@ pub async fn run_with_stats<S: Store>(
     .is_ok();
     if !finished {
         // Out of grace: abort what still runs and give it back at once.
-        let left: Vec<(JobId, (i64, tokio::task::AbortHandle))> =
+        let left: Vec<(JobId, (i64, Arc<Notify>))> =
             in_flight.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
         for (id, (token, abort)) in left {
-            abort.abort();
+            abort.notify_one();
             match store.release(id, token).await {
                 Ok(()) => {
                     stats.released.fetch_add(1, Ordering::Relaxed);
@@ -310,6 +315,7 @@ pub async fn run_with_stats<S: Store>(
 
 /// Claims jobs of one queue and starts them, while slots are free.
 struct Fetcher<S: Store> {
+    spawner: fastlane::Spawner,
     store: S,
     registry: Registry,
     config: WorkerConfig,
@@ -325,7 +331,6 @@ impl<S: Store> Fetcher<S> {
         let slots = Arc::new(Semaphore::new(self.concurrency));
         let wake = self.store.wakeups();
         let batch = self.config.fetch_batch.clamp(1, self.concurrency);
-        let mut tasks = tokio::task::JoinSet::new();
         loop {
             let first = tokio::select! {
                 p = slots.clone().acquire_owned() => p.expect("never closed"),
@@ -367,7 +372,7 @@ impl<S: Store> Fetcher<S> {
             let drained = claimed.len() < wanted;
             for job in claimed {
                 let permit = permits.split(1).expect("one permit per claimed job");
-                self.start(&mut tasks, job, permit);
+                self.start(job, permit);
             }
             drop(permits);
             if drained {
@@ -386,28 +391,30 @@ impl<S: Store> Fetcher<S> {
                 }
             }
         }
-        while tasks.join_next().await.is_some() {}
+        // Every slot back: every attempt this fetcher started has ended.
+        let _ = slots.acquire_many(u32::try_from(self.concurrency).unwrap_or(u32::MAX)).await;
     }
 
-    fn start(
-        &self,
-        tasks: &mut tokio::task::JoinSet<()>,
-        job: Claimed,
-        permit: tokio::sync::OwnedSemaphorePermit,
-    ) {
+    /// Starts an attempt as a task of its own: where the server runs its
+    /// handlers when the worker runs inside one (isolated like a request),
+    /// else on tokio. It holds its slot until it ends.
+    fn start(&self, job: Claimed, permit: tokio::sync::OwnedSemaphorePermit) {
         let (store, registry, stats, lease) =
             (self.store.clone(), self.registry.clone(), self.stats.clone(), self.config.lease);
         let (id, token) = (job.id, job.token);
         let (in_flight, done) = (self.in_flight.clone(), self.done.clone());
-        // Held while the task is spawned, so that it cannot remove its entry
-        // before the entry is there.
-        let mut running = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        let handle = tasks.spawn(async move {
-            run_one(store, &registry, job, lease, &stats, &done).await;
+        let abandon = Arc::new(Notify::new());
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (token, abandon.clone()));
+        self.spawner.spawn(async move {
+            tokio::select! {
+                () = run_one(store, &registry, job, lease, &stats, &done) => {}
+                // Out of grace at shutdown: the handler is dropped, and the
+                // job given back by the worker.
+                () = abandon.notified() => {}
+            }
             in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             drop(permit);
         });
-        running.insert(id, (token, handle));
     }
 }
 
@@ -565,5 +572,120 @@ impl Future for CatchPanic {
                 std::task::Poll::Ready(Err(JobError::Retry(format!("the handler panicked: {message}"))))
             }
         }
+    }
+}
+
+/// A job worker to run inside a fastlane server
+/// ([`Server::jobs`](fastlane::Server::jobs)): in every worker process, on
+/// the executor where request handlers run, stopped with the server.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn app() -> Result<(), Box<dyn std::error::Error>> {
+/// use axum::{extract::State, routing::post, Router};
+/// use fastlane_jobs::{JobContext, Jobs, NewJob, Registry};
+///
+/// let registry = Registry::new().register("welcome", |to: String, _ctx: JobContext| async move {
+///     println!("mail to {to}");
+///     Ok(())
+/// });
+/// let jobs = Jobs::new(fastlane_jobs::connect("sqlite://jobs.db").await?, registry);
+/// let app = Router::new()
+///     .route("/signup", post(|State(jobs): State<Jobs>| async move {
+///         jobs.enqueue(NewJob::new("welcome", "ada@example.com".into())).await.map(|id| id.to_string())
+///     }))
+///     .with_state(jobs.clone());
+/// fastlane::Server::new(app).jobs(jobs.worker()).serve().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Worker<S: Store> {
+    store: S,
+    registry: Registry,
+    config: WorkerConfig,
+    stats: Arc<WorkerStats>,
+}
+
+impl<S: Store> Worker<S> {
+    /// A worker for the job types of `registry`, with the default
+    /// [`WorkerConfig`].
+    pub fn new(store: S, registry: Registry) -> Self {
+        Self { store, registry, config: WorkerConfig::default(), stats: Arc::default() }
+    }
+
+    /// Replaces the configuration.
+    pub fn config(mut self, config: WorkerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Its counters, to watch while it runs.
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        self.stats.clone()
+    }
+}
+
+impl<S: Store> fastlane::Companion for Worker<S> {
+    fn name(&self) -> String {
+        let queues: Vec<String> = self.config.queues.iter().map(|(q, n)| format!("{q} x{n}")).collect();
+        format!("job worker {} ({})", self.config.name, queues.join(", "))
+    }
+
+    fn run(self: Box<Self>, stop: watch::Receiver<bool>, grace: Duration) -> fastlane::CompanionFuture {
+        let Worker { store, registry, config, stats } = *self;
+        Box::pin(async move {
+            let stats = run_with_stats(store, registry, config, stop, grace, stats).await;
+            tracing::info!(
+                succeeded = stats.succeeded.load(Ordering::Relaxed),
+                failed = stats.failed.load(Ordering::Relaxed),
+                fenced = stats.fenced.load(Ordering::Relaxed),
+                released = stats.released.load(Ordering::Relaxed),
+                "job worker stopped"
+            );
+        })
+    }
+}
+
+/// The application's handle on its job queue: a store and the job types it
+/// knows, so that every enqueue is checked (unknown name, bad payload) when
+/// it is made. Cheap to clone; give it to handlers as axum `State`.
+#[derive(Debug, Clone)]
+pub struct Jobs<S: Store = crate::AnyStore> {
+    store: S,
+    registry: Registry,
+}
+
+impl<S: Store> Jobs<S> {
+    /// The queue on `store` for the job types of `registry`.
+    pub fn new(store: S, registry: Registry) -> Self {
+        Self { store, registry }
+    }
+
+    /// Checks and stores a job; returns its id.
+    pub async fn enqueue(&self, job: NewJob) -> Result<JobId, Error> {
+        enqueue_checked(&self.store, &self.registry, job).await
+    }
+
+    /// A job with its attempts and progress.
+    pub async fn get(&self, id: JobId) -> Result<crate::JobInfo, Error> {
+        self.store.get(id).await
+    }
+
+    /// The store, for everything else.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The job types.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// A worker for these job types on this store, to run inside the server
+    /// with [`Server::jobs`](fastlane::Server::jobs).
+    pub fn worker(&self) -> Worker<S> {
+        Worker::new(self.store.clone(), self.registry.clone())
     }
 }

@@ -331,6 +331,40 @@ conformance!(
     stats_name_every_state
 );
 
+/// A job enqueued in the application's own transaction exists if and only if
+/// the transaction commits, and wakes workers only then.
+#[tokio::test]
+async fn postgres_enqueue_in_tx_commits_or_rolls_back_with_the_application() {
+    let Some((store, admin, schema)) = temp_pg("enqueue_in_tx").await else { return };
+    let pool = store.pool().clone();
+    sqlx::raw_sql("CREATE TABLE users (email TEXT PRIMARY KEY)").execute(&pool).await.unwrap();
+
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO users VALUES ('ada@example.com')").execute(&mut *tx).await.unwrap();
+    let gone = fastlane_jobs::enqueue_in_tx(&mut tx, NewJob::new("welcome", json!("ada"))).await.unwrap();
+    // Not visible outside the transaction before it commits.
+    assert!(matches!(store.get(gone).await, Err(Error::NotFound(_))));
+    tx.rollback().await.unwrap();
+    assert!(matches!(store.get(gone).await, Err(Error::NotFound(_))), "rolled back with the user");
+
+    let wake = store.wakeups().unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO users VALUES ('bob@example.com')").execute(&mut *tx).await.unwrap();
+    let jobs = vec![NewJob::new("welcome", json!("bob")), NewJob::new("audit", json!("bob"))];
+    let ids = fastlane_jobs::enqueue_many_in_tx(&mut tx, jobs).await.unwrap();
+    // Bad input is refused inside the transaction, which stays usable.
+    let err = fastlane_jobs::enqueue_in_tx(&mut tx, NewJob::new("", json!(null))).await.unwrap_err();
+    assert!(matches!(err, Error::Invalid(_)), "{err}");
+    tokio::time::sleep(Duration::from_millis(300)).await; // the listener connects
+    let woken = wake.clone().notified_owned();
+    tx.commit().await.unwrap();
+    for id in ids {
+        assert_eq!(store.get(id).await.unwrap().state, JobState::Available);
+    }
+    tokio::time::timeout(Duration::from_secs(5), woken).await.expect("the commit wakes idle workers");
+    drop_pg_schema(admin, schema).await;
+}
+
 #[test]
 fn backoff_grows_exponentially_with_bounded_jitter() {
     for (attempt, base) in [(1u32, 1u64), (2, 2), (3, 4), (10, 512)] {

@@ -206,3 +206,43 @@ async fn a_running_job_sees_its_cancellation() {
     stop_tx.send_replace(true);
     worker.await.unwrap();
 }
+
+/// Inside a server, job handlers run where request handlers run: an async job
+/// that blocks its thread by mistake is isolated like a request, and `/fast`
+/// keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_inside_the_server_are_isolated_and_stop_with_it() {
+    let (store, _dir) = store().await;
+    let registry = registry().register("blocks", |ms: u64, _ctx: JobContext| async move {
+        std::thread::sleep(Duration::from_millis(ms)); // the bug, on purpose
+        Ok(())
+    });
+    let jobs = fastlane_jobs::Jobs::new(store.clone(), registry);
+    let app = axum::Router::new().route("/fast", axum::routing::get(|| async { "ok" }));
+    let config = fastlane::Config { port: 0, ..fastlane::Config::default() };
+    let server = fastlane::Server::new(app).config(config).jobs(jobs.worker()).bind().await.unwrap().spawn();
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(jobs.enqueue(NewJob::new("blocks", json!(2000))).await.unwrap());
+    }
+    // Wait until all four block their threads.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.stats().await.unwrap()[&JobState::Running] < 4 {
+        assert!(Instant::now() < deadline, "the jobs did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..5 {
+        let started = Instant::now();
+        let response = fastlane::client::get(&server.url("/fast")).await.unwrap();
+        assert_eq!(response.text(), "ok");
+        assert!(started.elapsed() < Duration::from_secs(1), "/fast took {:?}", started.elapsed());
+    }
+    for id in &ids {
+        wait_for_state(&store, *id, JobState::Succeeded, Duration::from_secs(15)).await;
+    }
+    // The worker stops with the server: a job enqueued after is left alone.
+    assert!(server.shutdown().await.unwrap().is_clean());
+    let after = jobs.enqueue(NewJob::new("noop", json!(null))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.get(after).await.unwrap().state, JobState::Available);
+}

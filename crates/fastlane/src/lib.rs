@@ -13,6 +13,8 @@
 //!   on the lane that fits it, drained on shutdown.
 //! * [`extract`]: `Query` and `Json` whose rejections are JSON [`ApiError`]s.
 //! * `metrics/`: the Prometheus registry behind `GET /metrics`.
+//! * [`Companion`] (`companion.rs`): long-running work beside the requests,
+//!   such as a durable job worker ([`Server::jobs`]), on the same executor.
 //! * [`client`]: a minimal HTTP/1.1 client, for tests and the probe.
 //!
 //! # Example
@@ -37,6 +39,7 @@
 mod api_error;
 mod background;
 pub mod client;
+mod companion;
 mod error;
 mod executor;
 pub mod extract;
@@ -48,6 +51,7 @@ mod telemetry;
 
 pub use api_error::ApiError;
 pub use background::{Background, TaskResult};
+pub use companion::{spawn, Companion, CompanionFuture, Spawner};
 pub use error::Error;
 pub use executor::IsolationConfig;
 pub use lane::{blocking, compute, cpu, sync, LaneConfig, LaneError, LaneHandler, Lanes};

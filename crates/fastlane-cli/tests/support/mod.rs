@@ -17,6 +17,20 @@ pub struct Demo {
     pub log: Arc<Mutex<Vec<String>>>,
     /// Every stdout line so far.
     pub out: Arc<Mutex<Vec<String>>>,
+    /// The demo's job store file (its own, unless the test gave one), removed
+    /// with its WAL files on drop.
+    jobs_db: std::path::PathBuf,
+}
+
+/// A job store file of its own for each demo process a test starts.
+pub fn temp_jobs_db() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "fastlane-test-jobs-{}-{}.db",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 impl Demo {
@@ -25,9 +39,11 @@ impl Demo {
     }
 
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Demo {
+        let jobs_db = temp_jobs_db();
         let mut child = Command::new(env!("CARGO_BIN_EXE_fastlane"))
             .args(["demo", "--port", "0"])
             .args(extra)
+            .env("FASTLANE_JOBS_URL", format!("sqlite://{}", jobs_db.display()))
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -57,7 +73,7 @@ impl Demo {
             }
         });
         let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("the demo printed its address");
-        Demo { child, addr, stderr: err_rx, log, out }
+        Demo { child, addr, stderr: err_rx, log, out, jobs_db }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -126,6 +142,17 @@ impl Demo {
 
 impl Drop for Demo {
     fn drop(&mut self) {
+        self.stop();
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = self.jobs_db.clone().into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Demo {
+    fn stop(&mut self) {
         // SIGTERM first, so that a supervisor takes its workers down with it.
         if let Ok(None) = self.child.try_wait() {
             send_signal(self.child.id(), libc::SIGTERM);

@@ -111,6 +111,12 @@ impl PgStore {
         Ok(Self { pool, wake: Arc::default() })
     }
 
+    /// The connection pool, for the application's own queries and
+    /// transactions (see [`enqueue_in_tx`]).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     async fn finish(
         &self,
         id: JobId,
@@ -487,8 +493,36 @@ impl Store for PgStore {
     }
 }
 
-/// Enqueues `jobs` inside the caller's transaction: they exist if and only if
-/// it commits, and idle workers are woken (NOTIFY) only then.
+/// Enqueues a job inside the application's own PostgreSQL transaction: the
+/// job exists if and only if the transaction commits (and idle workers are
+/// woken only then). The job tables must exist in the transaction's
+/// database and `search_path`: open a [`PgStore`] on the same database (or
+/// [`PgStore::from_pool`] on the application's pool) once at start-up.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn signup(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// use fastlane_jobs::{enqueue_in_tx, NewJob};
+///
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("INSERT INTO users (email) VALUES ($1)").bind("ada@example.com").execute(&mut *tx).await?;
+/// enqueue_in_tx(&mut tx, NewJob::new("welcome", "ada@example.com".into())).await?;
+/// tx.commit().await?; // the user and the job, or neither
+/// # Ok(())
+/// # }
+/// ```
+pub async fn enqueue_in_tx(tx: &mut sqlx::PgConnection, job: NewJob) -> Result<JobId, Error> {
+    let ids = enqueue_in(tx, vec![job]).await?;
+    ids.first().copied().ok_or_else(|| Error::Invalid("the store returned no id".into()))
+}
+
+/// [`enqueue_in_tx`] for a batch, in one statement; ids in the batch's order.
+pub async fn enqueue_many_in_tx(tx: &mut sqlx::PgConnection, jobs: Vec<NewJob>) -> Result<Vec<JobId>, Error> {
+    enqueue_in(tx, jobs).await
+}
+
+/// Enqueues `jobs` inside the caller's transaction.
 pub(crate) async fn enqueue_in(tx: &mut sqlx::PgConnection, jobs: Vec<NewJob>) -> Result<Vec<JobId>, Error> {
     if jobs.is_empty() {
         return Ok(Vec::new());

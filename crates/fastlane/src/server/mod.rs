@@ -37,6 +37,7 @@ pub use report::{CutWork, ShutdownReport};
 pub(crate) use state::{RequestState, ServerState};
 pub use timeout::{RouteTimeout, SetTimeout};
 
+use crate::companion::Companion;
 use crate::executor::{Executor, RouteTable};
 use crate::metrics::Metrics;
 use crate::supervisor::worker::WorkerEnv;
@@ -77,6 +78,7 @@ pub struct Server {
     router: Router,
     config: Config,
     shutdown: Option<ShutdownSignal>,
+    companions: Vec<Box<dyn Companion>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -88,7 +90,7 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// A server for `router` with the default [`Config`].
     pub fn new(router: Router) -> Self {
-        Self { router, config: Config::default(), shutdown: None }
+        Self { router, config: Config::default(), shutdown: None, companions: Vec::new() }
     }
 
     /// Replaces the configuration.
@@ -111,6 +113,15 @@ impl Server {
     /// [`Config::workers`]): the same as `--workers n`.
     pub fn workers(mut self, n: usize) -> Self {
         self.config.workers = n;
+        self
+    }
+
+    /// Runs a durable job worker (`fastlane_jobs::Worker`), or any other
+    /// [`Companion`], inside the server: in every worker process, with the
+    /// handlers' isolation, stopped and drained with the server's grace
+    /// period at shutdown.
+    pub fn jobs(mut self, worker: impl Companion) -> Self {
+        self.companions.push(Box::new(worker));
         self
     }
 
@@ -181,6 +192,7 @@ impl Server {
             signal: self.shutdown,
             stop: Arc::new(stop_tx),
             mode,
+            companions: self.companions,
         })
     }
 
@@ -200,6 +212,7 @@ pub struct BoundServer {
     signal: Option<ShutdownSignal>,
     stop: Arc<watch::Sender<bool>>,
     mode: Mode,
+    companions: Vec<Box<dyn Companion>>,
 }
 
 /// What this process is.
@@ -318,7 +331,7 @@ impl BoundServer {
     /// Serves until shutdown, then drains and returns what was cut.
     pub async fn serve(self) -> Result<ShutdownReport, Error> {
         let handle = self.handle();
-        let BoundServer { listener, local_addr, router, state, signal, stop, mode } = self;
+        let BoundServer { listener, local_addr, router, state, signal, stop, mode, companions } = self;
         let signal = match signal {
             Some(signal) => signal,
             None => os_signals()?,
@@ -337,6 +350,7 @@ impl BoundServer {
         }
         let builder = Arc::new(http_builder(&state));
         tracing::info!(addr = %local_addr, "fastlane listening on http://{local_addr}");
+        let companions = start_companions(companions, &state, &stop);
 
         let mut stop_rx = stop.subscribe();
         tokio::pin!(signal);
@@ -368,6 +382,7 @@ impl BoundServer {
         );
         let started = Instant::now();
         let drained = tokio::time::timeout(grace, state.tracker.idle()).await.is_ok();
+        stop_companions(companions, grace.saturating_sub(started.elapsed())).await;
         let (requests, tasks) = if drained { Default::default() } else { state.tracker.snapshot() };
         let report = ShutdownReport { requests, tasks, drained_in: started.elapsed(), workers_failed: 0 };
         if report.is_clean() {
@@ -391,6 +406,45 @@ impl BoundServer {
             executor.shutdown();
         }
         Ok(report)
+    }
+}
+
+/// Starts each companion on the server's executor; returns their names with
+/// a signal of their end.
+fn start_companions(
+    companions: Vec<Box<dyn Companion>>,
+    state: &Arc<ServerState>,
+    stop: &watch::Sender<bool>,
+) -> Vec<(String, tokio::sync::oneshot::Receiver<()>)> {
+    let grace = state.config.grace_period;
+    companions
+        .into_iter()
+        .map(|companion| {
+            let name = companion.name();
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            let run = companion.run(stop.subscribe(), grace);
+            crate::companion::start(
+                state.clone(),
+                Box::pin(async move {
+                    run.await;
+                    let _ = done_tx.send(());
+                }),
+            );
+            tracing::info!("{name} running");
+            (name, done_rx)
+        })
+        .collect()
+}
+
+/// Waits for the companions, which were told to stop with the rest of the
+/// server, for what is left of the grace period plus a little: a job worker
+/// out of grace gives its jobs back, which takes a few writes.
+async fn stop_companions(companions: Vec<(String, tokio::sync::oneshot::Receiver<()>)>, left: Duration) {
+    for (name, done) in companions {
+        match tokio::time::timeout(left + Duration::from_secs(5), done).await {
+            Ok(_) => tracing::info!("{name} stopped"),
+            Err(_) => tracing::error!("{name} did not stop within the grace period"),
+        }
     }
 }
 

@@ -1,0 +1,115 @@
+//! The demo's durable jobs over real sockets: `POST /jobs/{name}` enqueues,
+//! the worker inside the server runs the job, `GET /jobs/{id}` shows its
+//! state, attempts and progress; a restart loses nothing.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::Value;
+use support::Demo;
+
+fn post(url: &str, body: &str) -> fastlane::client::Response {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let body = Some(("application/json", Bytes::from(body.to_owned())));
+    rt.block_on(fastlane::client::request(http::Method::POST, url, body)).expect("request")
+}
+
+fn job(demo: &Demo, id: i64) -> Value {
+    let response = support::get(&demo.url(&format!("/jobs/{id}")));
+    assert_eq!(response.status, 200, "{}", response.text());
+    response.json().unwrap()
+}
+
+/// Polls the job until `done` says so; panics with the last view after `limit`.
+fn wait_for_job(demo: &Demo, id: i64, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let info = job(demo, id);
+        if done(&info) {
+            return info;
+        }
+        assert!(Instant::now() < deadline, "job {id} after {limit:?}: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn enqueue(demo: &Demo, name: &str, payload: &str) -> i64 {
+    let response = post(&demo.url(&format!("/jobs/{name}")), payload);
+    assert_eq!(response.status, 201, "{}", response.text());
+    let body: Value = response.json().unwrap();
+    assert_eq!(body["url"], format!("/jobs/{}", body["id"]));
+    body["id"].as_i64().expect("an id")
+}
+
+#[test]
+fn the_demo_enqueues_jobs_runs_them_inside_the_server_and_shows_progress() {
+    let demo = Demo::start(&[]);
+    let id = enqueue(&demo, "sleep", r#"{"ms": 3000}"#);
+    // Running in the server's own worker, reporting progress as it goes.
+    let running = wait_for_job(&demo, id, Duration::from_secs(10), |j| {
+        j["state"] == "running" && j["progress"].as_u64().unwrap_or(0) >= 10
+    });
+    assert!(running["progress_message"].as_str().unwrap().starts_with("slept "), "{running}");
+    assert!(running["attempts"][0]["worker"].as_str().unwrap().starts_with("worker-"), "{running}");
+    let done = wait_for_job(&demo, id, Duration::from_secs(15), |j| j["state"] == "succeeded");
+    assert_eq!(done["attempts"][0]["outcome"], "succeeded", "{done}");
+
+    // A failing job retries with backoff and then succeeds; every attempt is kept.
+    let flaky = enqueue(&demo, "fail", r#"{"times": 1}"#);
+    let done = wait_for_job(&demo, flaky, Duration::from_secs(20), |j| j["state"] == "succeeded");
+    assert_eq!(done["attempts"].as_array().unwrap().len(), 2, "{done}");
+    assert!(done["attempts"][0]["error"].as_str().unwrap().contains("failing on purpose"), "{done}");
+
+    // Bad input: a JSON error naming the problem, and nothing stored.
+    let cases = [
+        ("/jobs/nope", "null", 422, "unknown job `nope`"),
+        ("/jobs/sleep", r#"{"ms": "soon"}"#, 422, "payload of `sleep`"),
+        ("/jobs/sleep", "{", 422, "the payload is not JSON"),
+        ("/jobs/noop?priority=high", "", 422, "priority"),
+    ];
+    for (path, body, status, needle) in cases {
+        let response = post(&demo.url(path), body);
+        assert_eq!(response.status, status, "{path} {body}: {}", response.text());
+        let error: Value = response.json().expect("a JSON error");
+        assert!(error.to_string().contains(needle), "{path}: {error}");
+    }
+    let response = support::get(&demo.url("/jobs/abc"));
+    assert_eq!(
+        (response.status.as_u16(), response.json::<Value>().unwrap()["field"].clone()),
+        (422, "id".into())
+    );
+    let response = support::get(&demo.url("/jobs/999999"));
+    assert_eq!(response.status, 404, "{}", response.text());
+    assert!(response.text().contains("no job with id 999999"));
+}
+
+#[test]
+fn a_job_cut_by_shutdown_is_given_back_at_once_and_finishes_after_a_restart() {
+    let db = support::temp_jobs_db();
+    let url = format!("sqlite://{}", db.display());
+    let env = [("FASTLANE_JOBS_URL", url.as_str())];
+    let demo = Demo::start_with_env(&["--grace-period", "0.5"], &env);
+    let id = enqueue(&demo, "sleep", r#"{"ms": 4000}"#);
+    wait_for_job(&demo, id, Duration::from_secs(10), |j| j["state"] == "running");
+    demo.signal(libc::SIGTERM);
+    let (_code, log) = demo.wait(Duration::from_secs(15));
+    assert!(log.iter().any(|l| l.contains("job worker stopped") && l.contains("released=1")), "{log:#?}");
+
+    // Given back at once, not left `running` until its 15 s lease expires.
+    let show = std::process::Command::new(env!("CARGO_BIN_EXE_fastlane"))
+        .args(["jobs", "show", "--url", &url, &id.to_string()])
+        .output()
+        .unwrap();
+    let info: Value = serde_json::from_slice(&show.stdout).expect("jobs show prints JSON");
+    assert_eq!(info["state"], "available", "released, not left running: {info}");
+    // The next server runs it.
+    let again = Demo::start_with_env(&[], &env);
+    let done = wait_for_job(&again, id, Duration::from_secs(20), |j| j["state"] == "succeeded");
+    assert_eq!(done["attempt"], 1, "a released attempt does not count: {done}");
+    drop(again);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+}

@@ -1,0 +1,89 @@
+//! Companions: long-running work a server runs beside its requests (a
+//! durable job worker), with the same isolation and the same shutdown.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::server::ServerState;
+
+/// A boxed companion future.
+pub type CompanionFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Long-running work that a [`Server`](crate::Server) runs for its whole
+/// life, such as `fastlane_jobs::Worker` (added with
+/// [`Server::jobs`](crate::Server::jobs)).
+///
+/// It starts when serving starts, in every worker process (never in the
+/// supervisor), on the watched executor where handlers run; the tasks it
+/// starts with [`spawn`] run there too, so a job handler that blocks by
+/// mistake is isolated like a request handler. At shutdown `stop` turns true
+/// and the companion has the server's grace period to finish; the server
+/// waits for it, beside in-flight requests and background tasks.
+pub trait Companion: Send + 'static {
+    /// What it is, for the logs (`job worker`).
+    fn name(&self) -> String;
+
+    /// Runs until `stop` turns true, then finishes within `grace`.
+    fn run(self: Box<Self>, stop: watch::Receiver<bool>, grace: Duration) -> CompanionFuture;
+}
+
+tokio::task_local! {
+    /// The server whose companion (or a task it spawned) is running.
+    static SERVER: Arc<ServerState>;
+}
+
+/// Runs `future` as a task where the current server runs its handlers (the
+/// watched executor, with the server's lanes), if called from a
+/// [`Companion`] or a task it spawned; otherwise on tokio, like
+/// `tokio::spawn`. The task is detached: to wait for it, have it signal.
+///
+/// Tasks started with `tokio::spawn` do not know the server: capture a
+/// [`Spawner`] first to start tasks on it from there.
+pub fn spawn<F>(future: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    Spawner::current().spawn(future);
+}
+
+/// Where [`spawn`] would start a task, captured to be used from anywhere
+/// (a tokio task, another thread).
+#[derive(Clone)]
+pub struct Spawner {
+    server: Option<Arc<ServerState>>,
+}
+
+impl std::fmt::Debug for Spawner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spawner").field("in_server", &self.server.is_some()).finish()
+    }
+}
+
+impl Spawner {
+    /// The current server's executor if called from a [`Companion`] or a
+    /// task it spawned; otherwise tokio.
+    pub fn current() -> Self {
+        Self { server: SERVER.try_with(Arc::clone).ok() }
+    }
+
+    /// Starts `future` as a detached task there.
+    pub fn spawn<F>(&self, future: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        match &self.server {
+            Some(server) => start(server.clone(), Box::pin(future)),
+            None => drop(tokio::spawn(future)),
+        }
+    }
+}
+
+/// Starts `task` on `server`'s executor with the server in scope, so that
+/// the tasks it spawns go there too.
+pub(crate) fn start(server: Arc<ServerState>, task: CompanionFuture) {
+    server.clone().start_task(Box::pin(SERVER.scope(server, task)));
+}
