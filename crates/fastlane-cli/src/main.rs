@@ -69,6 +69,10 @@ enum JobsCommand {
         /// Seconds to let running jobs finish on shutdown before releasing them.
         #[arg(long, default_value_t = 30)]
         grace_period: u64,
+        /// Lease of each attempt, renewed every third of it: a dead worker's
+        /// jobs run again within one lease.
+        #[arg(long, default_value_t = 15.0, value_parser = parse_lease)]
+        lease_secs: f64,
     },
     /// Enqueue jobs (the name and payload are checked against the built-in types).
     Enqueue {
@@ -320,7 +324,7 @@ async fn run_jobs(command: JobsCommand) -> ExitCode {
 async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
     let connect = |url: String| async move { fastlane_jobs::connect(&url).await.map_err(|e| e.to_string()) };
     match command {
-        JobsCommand::Work { url, concurrency, queue, grace_period } => {
+        JobsCommand::Work { url, concurrency, queue, grace_period, lease_secs } => {
             fastlane::init_logging();
             let store = connect(url).await?;
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -331,6 +335,7 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             });
             let config = fastlane_jobs::WorkerConfig {
                 queues: vec![(queue, concurrency as usize)],
+                lease: Duration::from_secs_f64(lease_secs),
                 ..fastlane_jobs::WorkerConfig::default()
             };
             tracing::info!(worker = %config.name, "job worker running (noop, sleep, fail)");
@@ -448,6 +453,16 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `--lease-secs`: at least 0.3 s (three heartbeats must fit), at most a day.
+fn parse_lease(s: &str) -> Result<f64, String> {
+    let secs: f64 = s.parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if (0.3..=86_400.0).contains(&secs) {
+        Ok(secs)
+    } else {
+        Err(format!("{secs} s is out of range (0.3 to 86400)"))
     }
 }
 

@@ -1,0 +1,232 @@
+//! Crash test with real processes: 2,000 `sleep` jobs; worker processes are
+//! SIGKILLed at random points and restarted, and one is frozen (SIGSTOP)
+//! past its lease and thawed, so that its late writes are zombie writes. At
+//! the end every job has succeeded exactly once, none is left running, and
+//! fencing rejected every zombie write (counted by the frozen worker, checked
+//! against the attempts the store recorded as taken over from it).
+//!
+//! On SQLite always; on PostgreSQL too when `FASTLANE_TEST_PG_URL` is set (in
+//! a database of its own), said to be skipped otherwise.
+
+mod support;
+
+use std::io::Write as _;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const JOBS: u64 = 2_000;
+const LEASE_SECS: &str = "2";
+
+fn fastlane(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fastlane")).args(args).output().expect("run fastlane")
+}
+
+fn stats(url: &str) -> serde_json::Value {
+    let out = fastlane(&["jobs", "stats", "--url", url, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A `fastlane jobs work` process logging to a file of its own.
+struct Worker {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Worker {
+    fn start(url: &str, dir: &std::path::Path, n: usize) -> Worker {
+        let log = dir.join(format!("worker-{n}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_fastlane"))
+            .args(["jobs", "work", "--url", url, "--concurrency", "32", "--lease-secs", LEASE_SECS])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start a worker");
+        Worker { child, log }
+    }
+
+    fn name(&self) -> String {
+        format!("worker-{}", self.child.id())
+    }
+
+    fn signal(&self, signal: i32) {
+        support::send_signal(self.child.id(), signal);
+    }
+
+    /// SIGTERM, wait, and return the `fenced=N` of its closing line.
+    fn stop(mut self) -> u64 {
+        self.signal(libc::SIGTERM);
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "worker exited with {status}");
+        let log = std::fs::read_to_string(&self.log).unwrap();
+        let line = log.lines().find(|l| l.contains("job worker stopped")).unwrap_or_else(|| panic!("{log}"));
+        let fenced = line.split("fenced=").nth(1).and_then(|rest| rest.split_whitespace().next());
+        fenced.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no fenced=N in {line}"))
+    }
+
+    fn kill(mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// A pseudo-random number in `0..n` (no dependency for it).
+fn random(n: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    h.finish() % n
+}
+
+/// What the store recorded, read with SQL: successful attempts, jobs with
+/// more than one success, and attempts of `worker` that were taken over.
+macro_rules! recorded {
+    ($pool:expr, $worker:expr, $p:literal) => {{
+        let pool = $pool;
+        let successes: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM fastlane_attempts WHERE outcome = 'succeeded'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        let twice: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT job_id FROM fastlane_attempts WHERE outcome = 'succeeded' \
+             GROUP BY job_id HAVING COUNT(*) > 1) AS t",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let taken_over: i64 = sqlx::query_scalar(concat!(
+            "SELECT COUNT(*) FROM fastlane_attempts WHERE outcome = 'lease expired' AND worker = ",
+            $p
+        ))
+        .bind($worker)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let expired: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM fastlane_attempts WHERE outcome = 'lease expired'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        (successes, twice, taken_over, expired)
+    }};
+}
+
+fn crash_run(url: &str, dir: &std::path::Path) -> (String, u64) {
+    let out = fastlane(&[
+        "jobs",
+        "enqueue",
+        "--url",
+        url,
+        "sleep",
+        "--payload",
+        r#"{"ms": 200}"#,
+        "--count",
+        &JOBS.to_string(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let started = Instant::now();
+    let steady = Worker::start(url, dir, 0);
+    // Workers killed at random points, each replaced by the next.
+    for n in 1..=3 {
+        let doomed = Worker::start(url, dir, n);
+        std::thread::sleep(Duration::from_millis(500 + random(1000)));
+        doomed.kill();
+    }
+    // A worker frozen past its lease while it holds jobs: another worker
+    // takes them over; thawed, its writes for them must all be rejected.
+    let zombie = Worker::start(url, dir, 4);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&zombie.log).unwrap().contains("job worker running") {
+        assert!(Instant::now() < deadline, "the worker did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    zombie.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(4));
+    zombie.signal(libc::SIGCONT);
+
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let s = stats(url);
+        if s["succeeded"] == JOBS {
+            assert_eq!((s["running"].as_u64(), s["dead"].as_u64()), (Some(0), Some(0)), "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not all jobs succeeded: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let took = started.elapsed();
+    let name = zombie.name();
+    let fenced = zombie.stop();
+    steady.stop();
+    let _ = writeln!(
+        std::io::stderr(),
+        "crash run on {url}: all {JOBS} succeeded in {took:?}; {fenced} zombie writes fenced"
+    );
+    (name, fenced)
+}
+
+fn check(recorded: (i64, i64, i64, i64), fenced: u64) {
+    let (successes, twice, taken_over, expired) = recorded;
+    assert_eq!(successes, JOBS as i64, "one successful attempt per job");
+    assert_eq!(twice, 0, "no job succeeded twice");
+    assert!(expired > 0, "the killed workers' jobs were taken over");
+    assert!(taken_over > 0, "the frozen worker's jobs were taken over");
+    assert_eq!(fenced, taken_over as u64, "every write of a taken-over attempt was rejected, and only those");
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("fastlane-crash-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn sqlite_workers_killed_and_frozen_lose_nothing_and_zombies_are_fenced() {
+    let dir = temp_dir("sqlite");
+    let db = dir.join("jobs.db");
+    let url = format!("sqlite://{}", db.display());
+    let (zombie, fenced) = crash_run(&url, &dir);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let recorded = rt.block_on(async {
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        recorded!(pool, zombie, "?")
+    });
+    check(recorded, fenced);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn postgres_workers_killed_and_frozen_lose_nothing_and_zombies_are_fenced() {
+    let Ok(admin_url) = std::env::var("FASTLANE_TEST_PG_URL") else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped postgres_workers_killed_and_frozen_lose_nothing_and_zombies_are_fenced: \
+             FASTLANE_TEST_PG_URL is not set"
+        );
+        return;
+    };
+    let dir = temp_dir("postgres");
+    let database = format!("fastlane_crash_{}", std::process::id());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let admin = rt.block_on(async {
+        let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
+        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {database}")).execute(&admin).await.unwrap();
+        sqlx::raw_sql(&format!("CREATE DATABASE {database}")).execute(&admin).await.unwrap();
+        admin
+    });
+    let (base, _) = admin_url.rsplit_once('/').expect("a database in FASTLANE_TEST_PG_URL");
+    let url = format!("{base}/{database}");
+    let (zombie, fenced) = crash_run(&url, &dir);
+    let recorded = rt.block_on(async {
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        let recorded = recorded!(pool.clone(), zombie, "$1");
+        pool.close().await;
+        let _ = sqlx::raw_sql(&format!("DROP DATABASE {database}")).execute(&admin).await;
+        recorded
+    });
+    check(recorded, fenced);
+    let _ = std::fs::remove_dir_all(&dir);
+}
