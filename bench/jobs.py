@@ -181,8 +181,11 @@ def celery_bench(jobs):
 
 # --- Recovery ---------------------------------------------------------------
 
-def fastlane_recovery(url, k):
-    """Seconds from SIGKILL of the worker running k jobs to all k running again."""
+def fastlane_recovery(url, k, elsewhere):
+    """Seconds from SIGKILL of the worker running k jobs to all k running
+    again under a second worker: on this host, or (`elsewhere`) in a PID
+    namespace of its own, which cannot see the first worker's processes, as
+    on another host."""
     run([str(FASTLANE), "jobs", "enqueue", "--url", url, "sleep", "--payload", '{"ms": 120000}',
          "--count", str(k), "--queue", "recovery"], stdout=subprocess.DEVNULL)
     listed = subprocess.run([str(FASTLANE), "jobs", "list", "--url", url, "--limit", str(k)],
@@ -190,10 +193,12 @@ def fastlane_recovery(url, k):
     ids = [line.split()[0] for line in listed.splitlines() if line.strip() and line.split()[0].isdigit()]
     assert len(ids) == k, listed
 
-    def worker():
-        return subprocess.Popen([str(FASTLANE), "jobs", "work", "--url", url, "--queue", "recovery",
-                                 "--concurrency", str(k), "--grace-period", "0"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def worker(isolated=False):
+        cmd = [str(FASTLANE), "jobs", "work", "--url", url, "--queue", "recovery", "--concurrency", str(k),
+               "--grace-period", "0"]
+        if isolated:
+            cmd = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", *cmd]
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def owners():
         seen = {}
@@ -214,10 +219,11 @@ def fastlane_recovery(url, k):
     first.send_signal(signal.SIGKILL)
     killed = time.time()
     first.wait()
-    second = worker()
+    second = worker(elsewhere)
     try:
         while True:
-            if all(w == f"worker-{second.pid}" for w in owners().values()):
+            now = owners().values()
+            if all(w is not None and w != f"worker-{first.pid}" for w in now):
                 return time.time() - killed
             if time.time() - killed > 60:
                 return None
@@ -292,8 +298,12 @@ def report(command, args, rounds, recovery):
         "### Recovery after a worker is killed",
         "",
         f"{k} `sleep` jobs of 120 s run on a worker (default lease 15 s, renewed every 5 s); the worker is "
-        "SIGKILLed; a second worker starts at once. Measured: seconds from the kill until every job runs again "
-        "under the second worker (its attempt recorded; the dead worker's attempt closed as `lease expired`).",
+        "SIGKILLed 1 s after it started them; a second worker starts at once. Measured: seconds from the kill "
+        "until every job runs again under the second worker (its attempt recorded; the dead worker's attempt "
+        "closed as `lease expired`). A worker sees every second whether the processes of its host that hold "
+        "jobs still run (boot id, PID namespace, PID and start time) and takes over a dead one's jobs at once; "
+        "a worker that cannot see the dead process (another host; here, another PID namespace) waits for the "
+        "lease.",
         "",
         "| system | recovered | after (s) |",
         "| --- | --- | --- |",
@@ -363,8 +373,14 @@ def main():
 
         k = args.recovery_jobs
         recovery = {"fastlane": {
-            "fastlane-jobs SQLite": fastlane_recovery(f"sqlite://{tmp}/recovery.db", k),
-            "fastlane-jobs PostgreSQL": fastlane_recovery(fresh_pg(), k),
+            "fastlane-jobs SQLite, second worker on the same host":
+                fastlane_recovery(f"sqlite://{tmp}/recovery-1.db", k, False),
+            "fastlane-jobs PostgreSQL, second worker on the same host":
+                fastlane_recovery(fresh_pg(), k, False),
+            "fastlane-jobs SQLite, second worker in another PID namespace (as on another host)":
+                fastlane_recovery(f"sqlite://{tmp}/recovery-2.db", k, True),
+            "fastlane-jobs PostgreSQL, second worker in another PID namespace (as on another host)":
+                fastlane_recovery(fresh_pg(), k, True),
         }}
         log(f"fastlane recovery: {recovery['fastlane']}")
         watched = 30

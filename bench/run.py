@@ -5,6 +5,9 @@ FastAPI+uvicorn on the demo's routes, in one run, one server after another.
     python3 bench/run.py                 # everything; writes docs/BENCHMARKS.md
     python3 bench/run.py --duration 3    # a quicker, noisier pass
 
+(The durable jobs benchmark is bench/jobs.py; it writes its own section of
+docs/BENCHMARKS.md, which this script keeps.)
+
 It builds what it needs (fastlane and the Rust peers in release mode, a venv
 with FastAPI for the Python peer, wrk from Debian's packages if missing), runs:
 
@@ -374,6 +377,12 @@ def write_report(out, command, args, names, results, throughput, memory, worker_
     ]
     lines += [f"| {n} | {kib / 1024:.1f} | {kib / 2048:.1f} |" for n, kib in worker_memory.items()]
     lines.append("")
+    # The durable jobs section is bench/jobs.py's: keep it.
+    old = out.read_text() if out.exists() else ""
+    begin, end = "<!-- jobs:begin -->", "<!-- jobs:end -->"
+    if begin in old and end in old:
+        lines.append(begin + old.split(begin, 1)[1].split(end, 1)[0] + end)
+        lines.append("")
     out.write_text("\n".join(lines))
 
 

@@ -230,3 +230,107 @@ fn postgres_workers_killed_and_frozen_lose_nothing_and_zombies_are_fenced() {
     check(recorded, fenced);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A worker SIGKILLed on this host: another worker of the host sees the
+/// process gone and takes its jobs over within seconds, not after the 15 s
+/// lease.
+fn killed_workers_jobs_are_taken_over_before_the_lease(url: &str) {
+    let out = fastlane(&[
+        "jobs",
+        "enqueue",
+        "--url",
+        url,
+        "sleep",
+        "--payload",
+        r#"{"ms": 60000}"#,
+        "--count",
+        "5",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed = String::from_utf8(fastlane(&["jobs", "list", "--url", url, "--limit", "5"]).stdout).unwrap();
+    let ids: Vec<String> =
+        listed.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect();
+    assert_eq!(ids.len(), 5, "{listed}");
+    let owners = || -> Vec<Option<String>> {
+        ids.iter()
+            .map(|id| {
+                let out = fastlane(&["jobs", "show", "--url", url, id]);
+                let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                let running =
+                    info["attempts"].as_array().unwrap().iter().rev().find(|a| a["finished_at_ms"].is_null());
+                (info["state"] == "running")
+                    .then(|| running.map(|a| a["worker"].as_str().unwrap().to_owned()))
+                    .flatten()
+            })
+            .collect()
+    };
+    let dir = temp_dir("takeover");
+    let spawn = |n| {
+        Command::new(env!("CARGO_BIN_EXE_fastlane"))
+            .args(["jobs", "work", "--url", url, "--concurrency", "8"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("takeover-{n}.log"))).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = spawn(0);
+    let first_name = format!("worker-{}", first.id());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while owners().iter().any(|o| o.as_deref() != Some(first_name.as_str())) {
+        assert!(Instant::now() < deadline, "the first worker did not start the jobs");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let killed = Instant::now();
+    let mut second = spawn(1);
+    let second_name = format!("worker-{}", second.id());
+    while owners().iter().any(|o| o.as_deref() != Some(second_name.as_str())) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(8),
+            "not taken over in 8 s (the lease is 15 s): {:?}",
+            owners()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ =
+        writeln!(std::io::stderr(), "{url}: a killed worker's 5 jobs ran again after {:?}", killed.elapsed());
+    second.kill().unwrap();
+    second.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sqlite_killed_workers_jobs_are_taken_over_before_the_lease() {
+    let dir = temp_dir("takeover-sqlite");
+    killed_workers_jobs_are_taken_over_before_the_lease(&format!(
+        "sqlite://{}",
+        dir.join("jobs.db").display()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn postgres_killed_workers_jobs_are_taken_over_before_the_lease() {
+    let Ok(admin_url) = std::env::var("FASTLANE_TEST_PG_URL") else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped postgres_killed_workers_jobs_are_taken_over_before_the_lease: FASTLANE_TEST_PG_URL is not set"
+        );
+        return;
+    };
+    let database = format!("fastlane_takeover_{}", std::process::id());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let admin = rt.block_on(async {
+        let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
+        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {database}")).execute(&admin).await.unwrap();
+        sqlx::raw_sql(&format!("CREATE DATABASE {database}")).execute(&admin).await.unwrap();
+        admin
+    });
+    let (base, _) = admin_url.rsplit_once('/').unwrap();
+    killed_workers_jobs_are_taken_over_before_the_lease(&format!("{base}/{database}"));
+    rt.block_on(async {
+        let _ = sqlx::raw_sql(&format!("DROP DATABASE {database} WITH (FORCE)")).execute(&admin).await;
+    });
+}

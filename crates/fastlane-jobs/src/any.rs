@@ -60,6 +60,10 @@ impl Store for AnyStore {
         }
     }
 
+    async fn expire_dead_owners(&self) -> Result<u64, Error> {
+        delegate!(self, s => s.expire_dead_owners())
+    }
+
     async fn heartbeat(&self, id: JobId, token: i64, lease: Duration) -> Result<bool, Error> {
         delegate!(self, s => s.heartbeat(id, token, lease))
     }

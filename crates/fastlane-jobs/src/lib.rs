@@ -16,8 +16,10 @@
 //!   ([`run_worker`]): per-queue concurrency, lease heartbeats, cancellation,
 //!   timeouts, panics as failures, release of unfinished jobs on shutdown.
 //!
-//! The CLI and `Server::jobs` come next (see the project's issue on durable
-//! jobs).
+//! * `owner.rs`: which process holds a running job, so that a worker on the
+//!   same host sees at once that it died instead of waiting for its lease.
+//! * [`Worker`] and [`Jobs`]: a worker inside a fastlane server
+//!   (`Server::jobs`) and the application's checked handle on its queue.
 //!
 //! # The life of a job
 //!
@@ -32,6 +34,7 @@
 mod any;
 mod error;
 mod job;
+mod owner;
 mod postgres;
 mod sqlite;
 mod store;

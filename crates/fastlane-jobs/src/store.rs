@@ -58,6 +58,13 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
         None
     }
 
+    /// Ends at once the leases of running jobs whose worker process is known
+    /// to have died: a process of this host (and PID namespace) that no
+    /// longer runs. Their next claim takes them over, as after a lease
+    /// expiry. Jobs held on other hosts wait for their lease. Returns how
+    /// many leases were ended.
+    fn expire_dead_owners(&self) -> impl Future<Output = Result<u64, Error>> + Send;
+
     /// Extends a running attempt's lease; returns whether the job has been
     /// asked to cancel.
     fn heartbeat(

@@ -281,6 +281,7 @@ pub async fn run_with_stats<S: Store>(
         fetchers.push(tokio::spawn(fetcher.run(stop_tx.subscribe())));
     }
     drop(done_tx);
+    let sweeper = tokio::spawn(sweep_dead_owners(store.clone(), stop_tx.subscribe()));
     let _ = shutdown.wait_for(|s| *s).await;
     // Stop fetching; running jobs go on.
     stop_tx.send_replace(true);
@@ -308,9 +309,36 @@ pub async fn run_with_stats<S: Store>(
             f.abort();
         }
     }
+    sweeper.abort();
     // Every finished job's success is written before the worker returns.
     let _ = completer.await;
     stats
+}
+
+/// How often a worker looks for jobs held by dead processes of its host.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Every [`SWEEP_INTERVAL`], ends the leases of jobs whose worker process on
+/// this host has died, and wakes the fetchers to take them over: a crashed
+/// worker's jobs run again within about a second, not a lease.
+async fn sweep_dead_owners<S: Store>(store: S, mut stop: watch::Receiver<bool>) {
+    let wake = store.wakeups();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(SWEEP_INTERVAL) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match store.expire_dead_owners().await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!("{n} jobs held by a worker process that died are due again");
+                if let Some(wake) = &wake {
+                    wake.notify_waiters();
+                }
+            }
+            Err(err) => tracing::debug!("looking for jobs of dead workers failed: {err}"),
+        }
+    }
 }
 
 /// Claims jobs of one queue and starts them, while slots are free.

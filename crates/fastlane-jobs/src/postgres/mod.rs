@@ -209,7 +209,7 @@ impl Store for PgStore {
                AND state IN ('scheduled','available','retrying') AND run_at <= $3 \
                ORDER BY priority DESC, run_at, id LIMIT $5 FOR UPDATE SKIP LOCKED) \
              UPDATE fastlane_jobs j SET state = 'running', attempt = attempt + 1, token = token + 1, \
-             lease_until = $1, worker = $2, started_at = $3, progress = NULL, progress_message = NULL \
+             lease_until = $1, worker = $2, started_at = $3, owner = $6, progress = NULL, progress_message = NULL \
              FROM picked WHERE j.id = picked.id \
              RETURNING j.id, j.name, j.payload, j.attempt, j.max_attempts, j.token, j.timeout_ms, j.priority::BIGINT, j.run_at",
         )
@@ -218,6 +218,7 @@ impl Store for PgStore {
         .bind(now)
         .bind(queue)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(crate::owner::me())
         .fetch_all(&self.pool)
         .await
         .map_err(classify)?;
@@ -229,6 +230,30 @@ impl Store for PgStore {
             tokio::spawn(listen(self.pool.clone(), Arc::downgrade(&self.wake.notify)));
         }
         Some(self.wake.notify.clone())
+    }
+
+    async fn expire_dead_owners(&self) -> Result<u64, Error> {
+        let Some(prefix) = crate::owner::host_prefix() else { return Ok(0) };
+        let owners: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT owner FROM fastlane_jobs WHERE state = 'running' \
+             AND substr(owner, 1, length($1)) = $1",
+        )
+        .bind(prefix)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        let mut expired = 0;
+        for owner in owners.iter().filter(|owner| crate::owner::is_dead_here(owner)) {
+            let done = sqlx::query(
+                "UPDATE fastlane_jobs SET lease_until = 0 WHERE state = 'running' AND owner = $1",
+            )
+            .bind(owner)
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+            expired += done.rows_affected();
+        }
+        Ok(expired)
     }
 
     /// Extends the lease of a running attempt; returns whether the job has

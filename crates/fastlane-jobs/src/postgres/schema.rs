@@ -56,6 +56,9 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX fastlane_jobs_pending ON fastlane_jobs (queue, priority DESC, run_at, id)
         WHERE state IN ('scheduled', 'available', 'retrying');
     CREATE INDEX fastlane_jobs_leases ON fastlane_jobs (queue, lease_until) WHERE state = 'running';",
+    // 3: the process holding a running job (`host/pid/start`), so that a
+    // worker of the same host sees at once that it died.
+    "ALTER TABLE fastlane_jobs ADD COLUMN owner TEXT;",
 ];
 
 /// Brings the schema to the latest version; refuses a newer one.

@@ -228,7 +228,7 @@ impl Store for SqliteStore {
         }
         let rows: Vec<ClaimedRow> = sqlx::query_as(
             "UPDATE fastlane_jobs SET state = 'running', attempt = attempt + 1, token = token + 1, \
-             lease_until = ?1, worker = ?2, started_at = ?3, progress = NULL, progress_message = NULL \
+             lease_until = ?1, worker = ?2, started_at = ?3, owner = ?6, progress = NULL, progress_message = NULL \
              WHERE id IN (SELECT id FROM fastlane_jobs WHERE queue = ?4 \
                AND state IN ('scheduled','available','retrying') AND run_at <= ?3 \
                ORDER BY priority DESC, run_at, id LIMIT ?5) \
@@ -239,6 +239,7 @@ impl Store for SqliteStore {
         .bind(now)
         .bind(queue)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(crate::owner::me())
         .fetch_all(&mut *tx)
         .await
         .map_err(classify)?;
@@ -248,6 +249,29 @@ impl Store for SqliteStore {
 
     fn wakeups(&self) -> Option<Arc<Notify>> {
         Some(self.wake.clone())
+    }
+
+    async fn expire_dead_owners(&self) -> Result<u64, Error> {
+        let Some(prefix) = crate::owner::host_prefix() else { return Ok(0) };
+        let owners: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT owner FROM fastlane_jobs WHERE state = 'running' \
+             AND substr(owner, 1, length(?1)) = ?1",
+        )
+        .bind(prefix)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        let mut expired = 0;
+        for owner in owners.iter().filter(|owner| crate::owner::is_dead_here(owner)) {
+            let done =
+                sqlx::query("UPDATE fastlane_jobs SET lease_until = 0 WHERE state = 'running' AND owner = ?")
+                    .bind(owner)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(classify)?;
+            expired += done.rows_affected();
+        }
+        Ok(expired)
     }
 
     /// Extends the lease of a running attempt; returns whether the job has
