@@ -183,6 +183,41 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// A fresh PostgreSQL database for one test, dropped with it; `None` (and a
+/// line on stderr naming the skipped test) without `FASTLANE_TEST_PG_URL`.
+struct PgDatabase {
+    url: String,
+    name: String,
+    admin: sqlx::PgPool,
+    rt: tokio::runtime::Runtime,
+}
+
+impl PgDatabase {
+    fn create(test: &str, prefix: &str) -> Option<PgDatabase> {
+        let Ok(admin_url) = std::env::var("FASTLANE_TEST_PG_URL") else {
+            let _ = writeln!(std::io::stderr(), "skipped {test}: FASTLANE_TEST_PG_URL is not set");
+            return None;
+        };
+        let name = format!("{prefix}_{}", std::process::id());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let admin = rt.block_on(async {
+            let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
+            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name}")).execute(&admin).await.unwrap();
+            sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&admin).await.unwrap();
+            admin
+        });
+        let (base, _) = admin_url.rsplit_once('/').expect("a database in FASTLANE_TEST_PG_URL");
+        Some(PgDatabase { url: format!("{base}/{name}"), name, admin, rt })
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let _ = self.rt.block_on(sqlx::raw_sql(&sql).execute(&self.admin));
+    }
+}
+
 #[test]
 fn sqlite_workers_killed_and_frozen_lose_nothing_and_zombies_are_fenced() {
     let dir = temp_dir("sqlite");
@@ -200,31 +235,14 @@ fn sqlite_workers_killed_and_frozen_lose_nothing_and_zombies_are_fenced() {
 
 #[test]
 fn postgres_workers_killed_and_frozen_lose_nothing_and_zombies_are_fenced() {
-    let Ok(admin_url) = std::env::var("FASTLANE_TEST_PG_URL") else {
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipped postgres_workers_killed_and_frozen_lose_nothing_and_zombies_are_fenced: \
-             FASTLANE_TEST_PG_URL is not set"
-        );
-        return;
-    };
+    let test = "postgres_workers_killed_and_frozen_lose_nothing_and_zombies_are_fenced";
+    let Some(db) = PgDatabase::create(test, "fastlane_crash") else { return };
     let dir = temp_dir("postgres");
-    let database = format!("fastlane_crash_{}", std::process::id());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let admin = rt.block_on(async {
-        let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
-        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {database}")).execute(&admin).await.unwrap();
-        sqlx::raw_sql(&format!("CREATE DATABASE {database}")).execute(&admin).await.unwrap();
-        admin
-    });
-    let (base, _) = admin_url.rsplit_once('/').expect("a database in FASTLANE_TEST_PG_URL");
-    let url = format!("{base}/{database}");
-    let (zombie, fenced) = crash_run(&url, &dir);
-    let recorded = rt.block_on(async {
-        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let (zombie, fenced) = crash_run(&db.url, &dir);
+    let recorded = db.rt.block_on(async {
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
         let recorded = recorded!(pool.clone(), zombie, "$1");
         pool.close().await;
-        let _ = sqlx::raw_sql(&format!("DROP DATABASE {database}")).execute(&admin).await;
         recorded
     });
     check(recorded, fenced);
@@ -313,24 +331,7 @@ fn sqlite_killed_workers_jobs_are_taken_over_before_the_lease() {
 
 #[test]
 fn postgres_killed_workers_jobs_are_taken_over_before_the_lease() {
-    let Ok(admin_url) = std::env::var("FASTLANE_TEST_PG_URL") else {
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipped postgres_killed_workers_jobs_are_taken_over_before_the_lease: FASTLANE_TEST_PG_URL is not set"
-        );
-        return;
-    };
-    let database = format!("fastlane_takeover_{}", std::process::id());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let admin = rt.block_on(async {
-        let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
-        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {database}")).execute(&admin).await.unwrap();
-        sqlx::raw_sql(&format!("CREATE DATABASE {database}")).execute(&admin).await.unwrap();
-        admin
-    });
-    let (base, _) = admin_url.rsplit_once('/').unwrap();
-    killed_workers_jobs_are_taken_over_before_the_lease(&format!("{base}/{database}"));
-    rt.block_on(async {
-        let _ = sqlx::raw_sql(&format!("DROP DATABASE {database} WITH (FORCE)")).execute(&admin).await;
-    });
+    let test = "postgres_killed_workers_jobs_are_taken_over_before_the_lease";
+    let Some(db) = PgDatabase::create(test, "fastlane_takeover") else { return };
+    killed_workers_jobs_are_taken_over_before_the_lease(&db.url);
 }
