@@ -63,9 +63,10 @@ enum JobsCommand {
         /// Jobs run at once.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         concurrency: u32,
-        /// Queue to work on.
-        #[arg(long, default_value = "default")]
-        queue: String,
+        /// Queue to work on, as `NAME` (with --concurrency) or `NAME=N` (N at
+        /// once); repeat for several queues, each with its own limit.
+        #[arg(long = "queue", default_value = "default", value_parser = parse_queue)]
+        queues: Vec<(String, Option<usize>)>,
         /// Seconds to let running jobs finish on shutdown before releasing them.
         #[arg(long, default_value_t = 30)]
         grace_period: u64,
@@ -324,7 +325,7 @@ async fn run_jobs(command: JobsCommand) -> ExitCode {
 async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
     let connect = |url: String| async move { fastlane_jobs::connect(&url).await.map_err(|e| e.to_string()) };
     match command {
-        JobsCommand::Work { url, concurrency, queue, grace_period, lease_secs } => {
+        JobsCommand::Work { url, concurrency, queues, grace_period, lease_secs } => {
             fastlane::init_logging();
             let store = connect(url).await?;
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -334,7 +335,7 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
                 stop_tx.send_replace(true);
             });
             let config = fastlane_jobs::WorkerConfig {
-                queues: vec![(queue, concurrency as usize)],
+                queues: queues.into_iter().map(|(q, n)| (q, n.unwrap_or(concurrency as usize))).collect(),
                 lease: Duration::from_secs_f64(lease_secs),
                 ..fastlane_jobs::WorkerConfig::default()
             };
@@ -454,6 +455,24 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `--queue NAME` or `--queue NAME=N`.
+fn parse_queue(s: &str) -> Result<(String, Option<usize>), String> {
+    let (name, limit) = match s.split_once('=') {
+        Some((name, n)) => {
+            let n: usize = n.parse().map_err(|_| format!("`{n}` is not a number of jobs (NAME=N)"))?;
+            if !(1..=10_000).contains(&n) {
+                return Err(format!("{n} jobs at once is out of range (1 to 10000)"));
+            }
+            (name, Some(n))
+        }
+        None => (s, None),
+    };
+    if name.trim().is_empty() {
+        return Err("the queue name is empty".into());
+    }
+    Ok((name.to_owned(), limit))
 }
 
 /// `--lease-secs`: at least 0.3 s (three heartbeats must fit), at most a day.

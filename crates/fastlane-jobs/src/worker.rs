@@ -433,7 +433,8 @@ impl<S: Store> Fetcher<S> {
         let (in_flight, done) = (self.in_flight.clone(), self.done.clone());
         let abandon = Arc::new(Notify::new());
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (token, abandon.clone()));
-        self.spawner.spawn(async move {
+        let name = job.name.clone();
+        self.spawner.spawn_job(&name, async move {
             tokio::select! {
                 () = run_one(store, &registry, job, lease, &stats, &done) => {}
                 // Out of grace at shutdown: the handler is dropped, and the

@@ -219,7 +219,7 @@ async fn jobs_inside_the_server_are_isolated_and_stop_with_it() {
     });
     let jobs = fastlane_jobs::Jobs::new(store.clone(), registry);
     let app = axum::Router::new().route("/fast", axum::routing::get(|| async { "ok" }));
-    let config = fastlane::Config { port: 0, ..fastlane::Config::default() };
+    let config = fastlane::Config { port: 0, expose_internal: true, ..fastlane::Config::default() };
     let server = fastlane::Server::new(app).config(config).jobs(jobs.worker()).bind().await.unwrap().spawn();
     let mut ids = Vec::new();
     for _ in 0..4 {
@@ -237,6 +237,12 @@ async fn jobs_inside_the_server_are_isolated_and_stop_with_it() {
         assert_eq!(response.text(), "ok");
         assert!(started.elapsed() < Duration::from_secs(1), "/fast took {:?}", started.elapsed());
     }
+    // The stall is reported against the job type.
+    let stalls: serde_json::Value =
+        fastlane::client::get(&server.url("/_fastlane/stalls")).await.unwrap().json().unwrap();
+    let row = stalls.as_array().unwrap().iter().find(|r| r["route"] == "blocks").cloned();
+    let row = row.unwrap_or_else(|| panic!("no stall row for the job: {stalls}"));
+    assert_eq!(row["method"], "JOB", "{row}");
     for id in &ids {
         wait_for_state(&store, *id, JobState::Succeeded, Duration::from_secs(15)).await;
     }
@@ -245,4 +251,49 @@ async fn jobs_inside_the_server_are_isolated_and_stop_with_it() {
     let after = jobs.enqueue(NewJob::new("noop", json!(null))).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(store.get(after).await.unwrap().state, JobState::Available);
+}
+
+/// Each queue has its own limit: a slow queue at its limit does not hold
+/// back another.
+#[tokio::test]
+async fn each_queue_runs_at_most_its_own_limit() {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    #[derive(Default)]
+    struct Gauge {
+        now: AtomicUsize,
+        max: AtomicUsize,
+    }
+    let (store, _dir) = store().await;
+    let gauges: Arc<[Gauge; 2]> = Arc::default();
+    let seen = gauges.clone();
+    let registry = Registry::new().register("track", move |queue: usize, _ctx: JobContext| {
+        let gauges = seen.clone();
+        async move {
+            let now = gauges[queue].now.fetch_add(1, Ordering::SeqCst) + 1;
+            gauges[queue].max.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            gauges[queue].now.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
+    });
+    let mut jobs = Vec::new();
+    for i in 0..12 {
+        jobs.push(NewJob::new("track", json!(0)).queue("narrow"));
+        jobs.push(NewJob::new("track", json!(1)).queue("wide").priority(i));
+    }
+    let ids = store.enqueue_many(jobs).await.unwrap();
+    let config = WorkerConfig {
+        queues: vec![("narrow".into(), 1), ("wide".into(), 3)],
+        ..config(Duration::from_secs(15))
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let worker = tokio::spawn(run_worker(store.clone(), registry, config, stop_rx, Duration::from_secs(5)));
+    for id in &ids {
+        wait_for_state(&store, *id, JobState::Succeeded, Duration::from_secs(20)).await;
+    }
+    stop_tx.send_replace(true);
+    worker.await.unwrap();
+    assert_eq!(gauges[0].max.load(Ordering::SeqCst), 1, "narrow ran more than 1 at once");
+    assert_eq!(gauges[1].max.load(Ordering::SeqCst), 3, "wide did not use its 3 slots");
 }

@@ -80,6 +80,26 @@ impl Spawner {
             None => drop(tokio::spawn(future)),
         }
     }
+
+    /// Starts the handler of a durable job of type `name`: like
+    /// [`spawn`](Self::spawn), and a poll of it that blocks its thread is
+    /// reported as a stall of that job type (`job `send_mail` blocked its
+    /// thread for 2.0 s inside an async job handler: ...`), listed under
+    /// method `JOB` in `GET /_fastlane/stalls` and the stall metrics.
+    pub fn spawn_job<F>(&self, name: &str, future: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        match &self.server {
+            Some(server) => {
+                let method = http::Method::from_bytes(b"JOB").expect("a valid extension method");
+                let route = server.routes.get(&method, name);
+                let routed = crate::executor::Routed::new(future, route.id, crate::executor::Phase::Job);
+                start(server.clone(), Box::pin(routed));
+            }
+            None => drop(tokio::spawn(future)),
+        }
+    }
 }
 
 /// Starts `task` on `server`'s executor with the server in scope, so that

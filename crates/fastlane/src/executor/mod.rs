@@ -363,6 +363,7 @@ pub(crate) fn stall_message(
     };
     let place = match phase {
         Phase::Background => "in an async background task",
+        Phase::Job => "inside an async job handler",
         Phase::Body => "while producing its streaming response body",
         Phase::Handler | Phase::Connection => "inside an async handler",
     };
@@ -372,6 +373,12 @@ pub(crate) fn stall_message(
         }
         (Phase::Background, Some(true)) => "schedule it with Background::spawn_cpu(..), or await fastlane::compute(..)",
         (Phase::Background, None) => "schedule it with Background::spawn_blocking(..) or Background::spawn_cpu(..)",
+        (Phase::Job, Some(true)) => {
+            "register the job with Registry::register_cpu, or await fastlane::compute(..) around the computation"
+        }
+        (Phase::Job, _) => {
+            "register the job with Registry::register_blocking, or await fastlane::blocking(..) around the blocking call"
+        }
         (Phase::Body, Some(true)) => "compute each chunk with fastlane::compute(..)",
         (Phase::Body, _) => "produce each chunk with fastlane::blocking(..), or use an async source",
         (_, Some(false)) => {
@@ -388,6 +395,8 @@ pub(crate) fn stall_message(
     let tail = if ended { "" } else { "; other requests are served by other threads meanwhile" };
     if route.id == NO_ROUTE {
         format!("a connection task {what} outside any route{tail}")
+    } else if phase == Phase::Job {
+        format!("job `{}` {what} {place}: {fix}{tail}", route.route)
     } else {
         format!("{} {} {what} {place}: {fix}{tail}", route.method, route.route)
     }
@@ -417,5 +426,34 @@ impl<F: Future> Future for Routed<F> {
         let this = self.project();
         let _route = enter_route(*this.route, *this.phase);
         this.inner.poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stall_messages_name_the_place_and_the_fix() {
+        let routes = RouteTable::new(Metrics::new(&crate::LaneConfig::default(), None));
+        let get = routes.get(&http::Method::GET, "/test2");
+        let message = stall_message(&get, Phase::Handler, Duration::from_secs(8), Some(false), true);
+        assert_eq!(
+            message,
+            "GET /test2 blocked its thread for 8.0 s inside an async handler: move the blocking call into \
+             fastlane::blocking(..) or declare the route with fastlane::sync"
+        );
+        let job = routes.get(&http::Method::from_bytes(b"JOB").unwrap(), "send_mail");
+        let message = stall_message(&job, Phase::Job, Duration::from_millis(2500), Some(false), true);
+        assert_eq!(
+            message,
+            "job `send_mail` blocked its thread for 2.5 s inside an async job handler: register the job with \
+             Registry::register_blocking, or await fastlane::blocking(..) around the blocking call"
+        );
+        let message = stall_message(&job, Phase::Job, Duration::from_millis(40), None, false);
+        assert!(
+            message.starts_with("job `send_mail` has held its thread in one poll for 40 ms so far"),
+            "{message}"
+        );
     }
 }

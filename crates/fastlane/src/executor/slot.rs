@@ -21,6 +21,8 @@ pub(crate) enum Phase {
     Body = 2,
     /// A background task scheduled by a request.
     Background = 3,
+    /// A durable job's handler, run by a worker inside the server.
+    Job = 4,
 }
 
 impl Phase {
@@ -29,6 +31,7 @@ impl Phase {
             1 => Phase::Handler,
             2 => Phase::Body,
             3 => Phase::Background,
+            4 => Phase::Job,
             _ => Phase::Connection,
         }
     }
