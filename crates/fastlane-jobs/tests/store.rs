@@ -397,10 +397,19 @@ async fn bad_input_and_bad_files_get_clear_errors() {
     let err = SqliteStore::open(&format!("sqlite://{}", other_app.display())).await.unwrap_err();
     assert!(err.to_string().contains("no fastlane job schema"), "{err}");
 
+    // Another process holding the write lock past the busy timeout (5 s).
+    let url = format!("sqlite://{}", t.dir.join("jobs.db").display());
+    let mut other = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await.unwrap();
+    sqlx::raw_sql("BEGIN EXCLUSIVE").execute(&mut other).await.unwrap();
+    let err = t.store.enqueue(NewJob::new("a", json!(null))).await.unwrap_err();
+    assert!(matches!(err, Error::Locked(_)), "{err}");
+    assert!(err.to_string().contains("locked by another process"), "{err}");
+    sqlx::raw_sql("ROLLBACK").execute(&mut other).await.unwrap();
+    t.store.enqueue(NewJob::new("a", json!(null))).await.unwrap();
+
     let err = SqliteStore::open("mysql://localhost/jobs").await.unwrap_err();
     assert!(matches!(err, Error::InvalidUrl { .. }), "{err}");
     // Reopening a real store keeps its jobs (migrations are idempotent).
-    let url = format!("sqlite://{}", t.dir.join("jobs.db").display());
     let reopened = SqliteStore::open(&url).await.unwrap();
-    assert_eq!(reopened.stats().await.unwrap()[&JobState::Available], 0);
+    assert_eq!(reopened.stats().await.unwrap()[&JobState::Available], 1);
 }
