@@ -9,7 +9,9 @@
 //! * `store.rs`: the [`Store`] trait, the one contract of every backend.
 //! * `sqlite/`: [`SqliteStore`], the embedded default (a file, no server).
 //! * `postgres/`: [`PgStore`], for several processes or machines
-//!   (`FOR UPDATE SKIP LOCKED`).
+//!   (`FOR UPDATE SKIP LOCKED`, LISTEN/NOTIFY), and [`enqueue_in_tx`].
+//! * `common.rs`: the one-job operations whose SQL both backends share,
+//!   written once (`?` placeholders, numbered for PostgreSQL).
 //!
 //! * `worker.rs`: the [`Registry`] of job types (async handlers, or
 //!   blocking / CPU handlers on fastlane's lanes) and the worker loop
@@ -32,6 +34,7 @@
 //! [`Error::Fenced`].
 
 mod any;
+mod common;
 mod error;
 mod job;
 mod owner;

@@ -15,6 +15,7 @@ use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{PgPool, Row};
 use tokio::sync::Notify;
 
+use crate::common::{finish_method, store_methods};
 use crate::job::{
     after_failure, batch_rows, claimed_in_order, done_rows, fenced_among, in_batch_order, now_ms,
     push_running_attempt, Attempt, Claimed, ClaimedRow, JobId, JobInfo, JobState, JobSummary, NewJob, Stats,
@@ -94,7 +95,20 @@ fn classify(err: sqlx::Error) -> Error {
     Error::Database(err)
 }
 
+/// PostgreSQL numbers its placeholders (`$1, $2, ...`).
+macro_rules! sql {
+    ($text:expr) => {
+        crate::common::numbered($text)
+    };
+}
+
 impl PgStore {
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, Error> {
+        self.pool.begin().await.map_err(classify)
+    }
+
+    finish_method!();
+
     /// Connects to `url` and brings the job schema up to date.
     pub async fn open(url: &str) -> Result<Self, Error> {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -116,53 +130,11 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
-
-    async fn finish(
-        &self,
-        id: JobId,
-        token: i64,
-        state: JobState,
-        outcome: &str,
-        error: Option<&str>,
-        retry_at: Option<i64>,
-    ) -> Result<(), Error> {
-        let now = now_ms();
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        // The fencing check: only the attempt holding the current token may
-        // write; a zombie's late completion changes nothing.
-        let row = sqlx::query(
-            "UPDATE fastlane_jobs SET state = $1, lease_until = NULL, last_error = COALESCE($2::TEXT, last_error), \
-             run_at = COALESCE($3::BIGINT, run_at), finished_at = CASE WHEN $4::BOOLEAN THEN NULL ELSE $5::BIGINT END \
-             WHERE id = $6 AND token = $7 AND state = 'running' RETURNING attempt",
-        )
-        .bind(state.as_str())
-        .bind(error)
-        .bind(retry_at)
-        .bind(retry_at.is_some())
-        .bind(now)
-        .bind(id)
-        .bind(token)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(classify)?;
-        let Some(row) = row else {
-            return Err(Error::Fenced { job: id, token });
-        };
-        let _attempt: i64 = row.get(0);
-        sqlx::query(&format!("{RECORD_ATTEMPTS} SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, $1), $1, $2, $3 FROM fastlane_jobs WHERE id = $4 {ON_ATTEMPT_CONFLICT}"))
-        .bind(now)
-        .bind(outcome)
-        .bind(error)
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
-        Ok(())
-    }
 }
 
 impl Store for PgStore {
+    store_methods!();
+
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, Error> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
         let ids = enqueue_in(&mut tx, jobs).await?;
@@ -232,66 +204,6 @@ impl Store for PgStore {
         Some(self.wake.notify.clone())
     }
 
-    async fn expire_dead_owners(&self) -> Result<u64, Error> {
-        let Some(prefix) = crate::owner::host_prefix() else { return Ok(0) };
-        let owners: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT owner FROM fastlane_jobs WHERE state = 'running' \
-             AND substr(owner, 1, length($1)) = $1",
-        )
-        .bind(prefix)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?;
-        let mut expired = 0;
-        for owner in owners.iter().filter(|owner| crate::owner::is_dead_here(owner)) {
-            let done = sqlx::query(
-                "UPDATE fastlane_jobs SET lease_until = 0 WHERE state = 'running' AND owner = $1",
-            )
-            .bind(owner)
-            .execute(&self.pool)
-            .await
-            .map_err(classify)?;
-            expired += done.rows_affected();
-        }
-        Ok(expired)
-    }
-
-    /// Extends the lease of a running attempt; returns whether the job has
-    /// been asked to cancel. Fails with [`Error::Fenced`] if the attempt no
-    /// longer owns the job.
-    async fn heartbeat(&self, id: JobId, token: i64, lease: Duration) -> Result<bool, Error> {
-        let lease_until = now_ms() + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
-        let cancel: Option<i64> = sqlx::query_scalar(
-            "UPDATE fastlane_jobs SET lease_until = $1 WHERE id = $2 AND token = $3 AND state = 'running' \
-             RETURNING cancel_requested",
-        )
-        .bind(lease_until)
-        .bind(id)
-        .bind(token)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(classify)?;
-        cancel.map(|c| c != 0).ok_or(Error::Fenced { job: id, token })
-    }
-
-    /// Records progress (0-100 %) and a message for a running attempt.
-    async fn progress(&self, id: JobId, token: i64, percent: u8, message: &str) -> Result<(), Error> {
-        let done = sqlx::query(
-            "UPDATE fastlane_jobs SET progress = $1, progress_message = $2 WHERE id = $3 AND token = $4 AND state = 'running'",
-        )
-        .bind(i64::from(percent.min(100)))
-        .bind(message)
-        .bind(id)
-        .bind(token)
-        .execute(&self.pool)
-        .await
-        .map_err(classify)?;
-        if done.rows_affected() == 0 {
-            return Err(Error::Fenced { job: id, token });
-        }
-        Ok(())
-    }
-
     async fn complete_many(&self, done: &[(JobId, i64)]) -> Result<Vec<(JobId, i64)>, Error> {
         if done.is_empty() {
             return Ok(Vec::new());
@@ -314,207 +226,6 @@ impl Store for PgStore {
         .await
         .map_err(classify)?;
         Ok(fenced_among(done, recorded))
-    }
-
-    /// The attempt failed. A `retryable` failure with attempts left goes to
-    /// `retrying` with exponential backoff and jitter; otherwise the job is
-    /// dead.
-    async fn fail(&self, id: JobId, token: i64, error: &str, retryable: bool) -> Result<JobState, Error> {
-        let row: Option<(i64, i64)> =
-            sqlx::query_as("SELECT attempt, max_attempts FROM fastlane_jobs WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(classify)?;
-        let (attempt, max) = row.ok_or(Error::NotFound(id))?;
-        let (state, retry_at) = after_failure(attempt, max, retryable);
-        self.finish(id, token, state, "failed", Some(error), retry_at).await?;
-        Ok(state)
-    }
-
-    /// The running attempt saw its cancellation and stopped.
-    async fn cancelled(&self, id: JobId, token: i64) -> Result<(), Error> {
-        self.finish(id, token, JobState::Cancelled, "cancelled", None, None).await
-    }
-
-    /// Gives a job back without counting the attempt (a worker shutting
-    /// down): it is available again at once, not after a lease expiry.
-    async fn release(&self, id: JobId, token: i64) -> Result<(), Error> {
-        let now = now_ms();
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        let done = sqlx::query(
-            "UPDATE fastlane_jobs SET state = 'available', attempt = attempt - 1, lease_until = NULL, run_at = $1 \
-             WHERE id = $2 AND token = $3 AND state = 'running' RETURNING attempt",
-        )
-        .bind(now)
-        .bind(id)
-        .bind(token)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(classify)?;
-        let Some(row) = done else {
-            return Err(Error::Fenced { job: id, token });
-        };
-        let attempt: i64 = row.get(0);
-        // Schema version 1 wrote an attempt record at the start.
-        sqlx::query(
-            "DELETE FROM fastlane_attempts WHERE job_id = $1 AND attempt = $2 AND finished_at IS NULL",
-        )
-        .bind(id)
-        .bind(attempt + 1)
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
-        Ok(())
-    }
-
-    /// Cancels a job: a pending one at once; a running one is asked to stop
-    /// (its worker sees it at its next heartbeat). Returns the state after.
-    async fn cancel(&self, id: JobId) -> Result<JobState, Error> {
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        let state: Option<String> = sqlx::query_scalar("SELECT state FROM fastlane_jobs WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(classify)?;
-        let state: JobState = state.ok_or(Error::NotFound(id))?.parse()?;
-        let after = match state {
-            JobState::Scheduled | JobState::Available | JobState::Retrying => {
-                sqlx::query("UPDATE fastlane_jobs SET state = 'cancelled', finished_at = $1 WHERE id = $2")
-                    .bind(now_ms())
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(classify)?;
-                JobState::Cancelled
-            }
-            JobState::Running => {
-                sqlx::query("UPDATE fastlane_jobs SET cancel_requested = 1 WHERE id = $1")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(classify)?;
-                JobState::Running
-            }
-            done => done,
-        };
-        tx.commit().await.map_err(classify)?;
-        Ok(after)
-    }
-
-    /// A job with its attempts.
-    async fn get(&self, id: JobId) -> Result<JobInfo, Error> {
-        let row = sqlx::query(
-            "SELECT id, name, queue, state, payload, priority, attempt, max_attempts, run_at, progress, \
-             progress_message, last_error, worker, started_at FROM fastlane_jobs WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(classify)?
-        .ok_or(Error::NotFound(id))?;
-        let mut attempts: Vec<Attempt> = sqlx::query(
-            "SELECT attempt, worker, started_at, finished_at, outcome, error FROM fastlane_attempts \
-             WHERE job_id = $1 ORDER BY attempt",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?
-        .into_iter()
-        .map(|a| Attempt {
-            attempt: u32::try_from(a.get::<i64, _>("attempt")).unwrap_or(0),
-            worker: a.get("worker"),
-            started_at_ms: a.get("started_at"),
-            finished_at_ms: a.get("finished_at"),
-            outcome: a.get("outcome"),
-            error: a.get("error"),
-        })
-        .collect();
-        let state: JobState = row.get::<String, _>("state").parse()?;
-        push_running_attempt(
-            &mut attempts,
-            state,
-            row.get("attempt"),
-            row.get("worker"),
-            row.get("started_at"),
-        );
-        let payload: String = row.get("payload");
-        Ok(JobInfo {
-            id: row.get("id"),
-            name: row.get("name"),
-            queue: row.get("queue"),
-            state,
-            payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
-            priority: row.get("priority"),
-            attempt: u32::try_from(row.get::<i64, _>("attempt")).unwrap_or(0),
-            max_attempts: u32::try_from(row.get::<i64, _>("max_attempts")).unwrap_or(0),
-            run_at_ms: row.get("run_at"),
-            progress: row.get::<Option<i64>, _>("progress").map(|p| p.clamp(0, 100) as u8),
-            progress_message: row.get("progress_message"),
-            last_error: row.get("last_error"),
-            attempts,
-        })
-    }
-
-    /// Job counts by state. `scheduled` and `retrying` jobs whose time has
-    /// come are counted as they are stored (they become `running` when
-    /// claimed).
-    async fn stats(&self) -> Result<Stats, Error> {
-        let mut stats: Stats = JobState::ALL.into_iter().map(|s| (s, 0)).collect();
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, COUNT(*) FROM fastlane_jobs GROUP BY state")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(classify)?;
-        for (state, count) in rows {
-            stats.insert(state.parse()?, u64::try_from(count).unwrap_or(0));
-        }
-        Ok(stats)
-    }
-
-    async fn list(&self, state: Option<JobState>, limit: u32) -> Result<Vec<JobSummary>, Error> {
-        let rows = sqlx::query(
-            "SELECT id, name, queue, state, attempt, last_error FROM fastlane_jobs \
-             WHERE ($1::TEXT IS NULL OR state = $2) ORDER BY id DESC LIMIT $3",
-        )
-        .bind(state.map(JobState::as_str))
-        .bind(state.map(JobState::as_str))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?;
-        rows.into_iter()
-            .map(|row| {
-                let state: String = row.get("state");
-                Ok(JobSummary {
-                    id: row.get("id"),
-                    name: row.get("name"),
-                    queue: row.get("queue"),
-                    state: state.parse()?,
-                    attempt: u32::try_from(row.get::<i64, _>("attempt")).unwrap_or(0),
-                    last_error: row.get("last_error"),
-                })
-            })
-            .collect()
-    }
-
-    async fn retry(&self, id: JobId) -> Result<JobState, Error> {
-        let done = sqlx::query(
-            "UPDATE fastlane_jobs SET state = 'available', run_at = $1, finished_at = NULL, cancel_requested = 0, \
-             max_attempts = CASE WHEN attempt >= max_attempts THEN attempt + 1 ELSE max_attempts END \
-             WHERE id = $2 AND state IN ('dead', 'cancelled', 'retrying')",
-        )
-        .bind(now_ms())
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(classify)?;
-        if done.rows_affected() == 1 {
-            return Ok(JobState::Available);
-        }
-        Ok(self.get(id).await?.state)
     }
 }
 

@@ -1,0 +1,374 @@
+//! The store operations whose SQL is the same on SQLite and PostgreSQL,
+//! written once.
+//!
+//! [`store_methods!`] expands, inside each backend's `impl Store`, into the
+//! one-job operations (heartbeat, progress, fail, cancel, get, list, ...).
+//! Their SQL uses `?` placeholders and standard SQL (`CAST`, `COALESCE`,
+//! `ON CONFLICT ... excluded`); each backend provides a `sql!` macro that
+//! turns the text into its dialect (SQLite: as is; PostgreSQL: `$1, $2, ...`),
+//! a `classify` function for its errors, and an inherent `write_tx` that
+//! begins a write transaction its way. The batch operations (enqueue, claim,
+//! complete, the rescue of expired leases) differ per backend and stay in
+//! their modules.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+/// `text` with its `?` placeholders numbered `$1, $2, ...` (PostgreSQL),
+/// converted once per statement and kept for the life of the process (a
+/// fixed, small set of statements).
+pub(crate) fn numbered(text: &'static str) -> &'static str {
+    static CACHE: OnceLock<Mutex<HashMap<usize, &'static str>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Mutex::default);
+    let key = text.as_ptr() as usize;
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    cache.entry(key).or_insert_with(|| {
+        let mut out = String::with_capacity(text.len() + 16);
+        let mut n = 0;
+        for c in text.chars() {
+            if c == '?' {
+                n += 1;
+                out.push('$');
+                out.push_str(&n.to_string());
+            } else {
+                out.push(c);
+            }
+        }
+        Box::leak(out.into_boxed_str())
+    })
+}
+
+/// The one-job store operations, for the backend whose `sql!`, `classify`
+/// and `write_tx` are in scope.
+macro_rules! store_methods {
+    () => {
+        /// Extends the lease of a running attempt; returns whether the job
+        /// has been asked to cancel. Fails with [`Error::Fenced`] if the
+        /// attempt no longer owns the job.
+        async fn heartbeat(&self, id: JobId, token: i64, lease: Duration) -> Result<bool, Error> {
+            let lease_until = now_ms() + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
+            let cancel: Option<i64> = sqlx::query_scalar(sql!(
+                "UPDATE fastlane_jobs SET lease_until = ? WHERE id = ? AND token = ? AND state = 'running' \
+                 RETURNING cancel_requested"
+            ))
+            .bind(lease_until)
+            .bind(id)
+            .bind(token)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+            cancel.map(|c| c != 0).ok_or(Error::Fenced { job: id, token })
+        }
+
+        /// Records progress (0-100 %) and a message for a running attempt.
+        async fn progress(&self, id: JobId, token: i64, percent: u8, message: &str) -> Result<(), Error> {
+            let done = sqlx::query(sql!(
+                "UPDATE fastlane_jobs SET progress = ?, progress_message = ? \
+                 WHERE id = ? AND token = ? AND state = 'running'"
+            ))
+            .bind(i64::from(percent.min(100)))
+            .bind(message)
+            .bind(id)
+            .bind(token)
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+            if done.rows_affected() == 0 {
+                return Err(Error::Fenced { job: id, token });
+            }
+            Ok(())
+        }
+
+        /// The attempt failed. A `retryable` failure with attempts left goes
+        /// to `retrying` with exponential backoff and jitter; otherwise the
+        /// job is dead.
+        async fn fail(&self, id: JobId, token: i64, error: &str, retryable: bool) -> Result<JobState, Error> {
+            let row: Option<(i64, i64)> =
+                sqlx::query_as(sql!("SELECT attempt, max_attempts FROM fastlane_jobs WHERE id = ?"))
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(classify)?;
+            let (attempt, max) = row.ok_or(Error::NotFound(id))?;
+            let (state, retry_at) = after_failure(attempt, max, retryable);
+            self.finish(id, token, state, "failed", Some(error), retry_at).await?;
+            Ok(state)
+        }
+
+        /// The running attempt saw its cancellation and stopped.
+        async fn cancelled(&self, id: JobId, token: i64) -> Result<(), Error> {
+            self.finish(id, token, JobState::Cancelled, "cancelled", None, None).await
+        }
+
+        /// Gives a job back without counting the attempt (a worker shutting
+        /// down): it is available again at once, not after a lease expiry.
+        async fn release(&self, id: JobId, token: i64) -> Result<(), Error> {
+            let mut tx = self.write_tx().await?;
+            let attempt: Option<i64> = sqlx::query_scalar(sql!(
+                "UPDATE fastlane_jobs SET state = 'available', attempt = attempt - 1, lease_until = NULL, \
+                 run_at = ? WHERE id = ? AND token = ? AND state = 'running' RETURNING attempt"
+            ))
+            .bind(now_ms())
+            .bind(id)
+            .bind(token)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(classify)?;
+            let Some(attempt) = attempt else {
+                return Err(Error::Fenced { job: id, token });
+            };
+            // Schema version 1 wrote an attempt record at the start.
+            sqlx::query(sql!(
+                "DELETE FROM fastlane_attempts WHERE job_id = ? AND attempt = ? AND finished_at IS NULL"
+            ))
+            .bind(id)
+            .bind(attempt + 1)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+            tx.commit().await.map_err(classify)?;
+            Ok(())
+        }
+
+        /// Cancels a job: a pending one at once; a running one is asked to
+        /// stop (its worker sees it at its next heartbeat). Returns the state
+        /// after.
+        async fn cancel(&self, id: JobId) -> Result<JobState, Error> {
+            let mut tx = self.write_tx().await?;
+            let state: Option<String> = sqlx::query_scalar(sql!("SELECT state FROM fastlane_jobs WHERE id = ?"))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(classify)?;
+            let state: JobState = state.ok_or(Error::NotFound(id))?.parse()?;
+            let after = match state {
+                JobState::Scheduled | JobState::Available | JobState::Retrying => {
+                    sqlx::query(sql!("UPDATE fastlane_jobs SET state = 'cancelled', finished_at = ? WHERE id = ?"))
+                        .bind(now_ms())
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(classify)?;
+                    JobState::Cancelled
+                }
+                JobState::Running => {
+                    sqlx::query(sql!("UPDATE fastlane_jobs SET cancel_requested = 1 WHERE id = ?"))
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(classify)?;
+                    JobState::Running
+                }
+                done => done,
+            };
+            tx.commit().await.map_err(classify)?;
+            Ok(after)
+        }
+
+        /// A job with its attempts.
+        async fn get(&self, id: JobId) -> Result<JobInfo, Error> {
+            let row = sqlx::query(sql!(
+                "SELECT id, name, queue, state, payload, priority, attempt, max_attempts, run_at, progress, \
+                 progress_message, last_error, worker, started_at FROM fastlane_jobs WHERE id = ?"
+            ))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?
+            .ok_or(Error::NotFound(id))?;
+            let mut attempts: Vec<Attempt> = sqlx::query(sql!(
+                "SELECT attempt, worker, started_at, finished_at, outcome, error FROM fastlane_attempts \
+                 WHERE job_id = ? ORDER BY attempt"
+            ))
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?
+            .into_iter()
+            .map(|a| Attempt {
+                attempt: u32::try_from(a.get::<i64, _>("attempt")).unwrap_or(0),
+                worker: a.get("worker"),
+                started_at_ms: a.get("started_at"),
+                finished_at_ms: a.get("finished_at"),
+                outcome: a.get("outcome"),
+                error: a.get("error"),
+            })
+            .collect();
+            let state: JobState = row.get::<String, _>("state").parse()?;
+            push_running_attempt(&mut attempts, state, row.get("attempt"), row.get("worker"), row.get("started_at"));
+            let payload: String = row.get("payload");
+            Ok(JobInfo {
+                id: row.get("id"),
+                name: row.get("name"),
+                queue: row.get("queue"),
+                state,
+                payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
+                priority: row.get("priority"),
+                attempt: u32::try_from(row.get::<i64, _>("attempt")).unwrap_or(0),
+                max_attempts: u32::try_from(row.get::<i64, _>("max_attempts")).unwrap_or(0),
+                run_at_ms: row.get("run_at"),
+                progress: row.get::<Option<i64>, _>("progress").map(|p| p.clamp(0, 100) as u8),
+                progress_message: row.get("progress_message"),
+                last_error: row.get("last_error"),
+                attempts,
+            })
+        }
+
+        /// Job counts by state. `scheduled` and `retrying` jobs whose time
+        /// has come are counted as they are stored (they become `running`
+        /// when claimed).
+        async fn stats(&self) -> Result<Stats, Error> {
+            let mut stats: Stats = JobState::ALL.into_iter().map(|s| (s, 0)).collect();
+            let rows: Vec<(String, i64)> =
+                sqlx::query_as(sql!("SELECT state, COUNT(*) FROM fastlane_jobs GROUP BY state"))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(classify)?;
+            for (state, count) in rows {
+                stats.insert(state.parse()?, u64::try_from(count).unwrap_or(0));
+            }
+            Ok(stats)
+        }
+
+        async fn list(&self, state: Option<JobState>, limit: u32) -> Result<Vec<JobSummary>, Error> {
+            let rows = sqlx::query(sql!(
+                "SELECT id, name, queue, state, attempt, last_error FROM fastlane_jobs \
+                 WHERE (CAST(? AS TEXT) IS NULL OR state = ?) ORDER BY id DESC LIMIT ?"
+            ))
+            .bind(state.map(JobState::as_str))
+            .bind(state.map(JobState::as_str))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+            rows.into_iter()
+                .map(|row| {
+                    let state: String = row.get("state");
+                    Ok(JobSummary {
+                        id: row.get("id"),
+                        name: row.get("name"),
+                        queue: row.get("queue"),
+                        state: state.parse()?,
+                        attempt: u32::try_from(row.get::<i64, _>("attempt")).unwrap_or(0),
+                        last_error: row.get("last_error"),
+                    })
+                })
+                .collect()
+        }
+
+        async fn retry(&self, id: JobId) -> Result<JobState, Error> {
+            let done = sqlx::query(sql!(
+                "UPDATE fastlane_jobs SET state = 'available', run_at = ?, finished_at = NULL, \
+                 cancel_requested = 0, \
+                 max_attempts = CASE WHEN attempt >= max_attempts THEN attempt + 1 ELSE max_attempts END \
+                 WHERE id = ? AND state IN ('dead', 'cancelled', 'retrying')"
+            ))
+            .bind(now_ms())
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+            if done.rows_affected() == 1 {
+                return Ok(JobState::Available);
+            }
+            Ok(self.get(id).await?.state)
+        }
+
+        async fn expire_dead_owners(&self) -> Result<u64, Error> {
+            let Some(prefix) = crate::owner::host_prefix() else { return Ok(0) };
+            let owners: Vec<String> = sqlx::query_scalar(sql!(
+                "SELECT DISTINCT owner FROM fastlane_jobs WHERE state = 'running' \
+                 AND substr(owner, 1, length(?)) = ?"
+            ))
+            .bind(&prefix)
+            .bind(&prefix)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+            let mut expired = 0;
+            for owner in owners.iter().filter(|owner| crate::owner::is_dead_here(owner)) {
+                let done =
+                    sqlx::query(sql!("UPDATE fastlane_jobs SET lease_until = 0 WHERE state = 'running' AND owner = ?"))
+                        .bind(owner)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(classify)?;
+                expired += done.rows_affected();
+            }
+            Ok(expired)
+        }
+    };
+}
+
+/// `finish`: ends a running attempt (fenced by its token) with `state`, and
+/// writes its attempt record, in one transaction. An inherent method of each
+/// store, used by `fail`, `cancelled` and the backends' own code.
+macro_rules! finish_method {
+    () => {
+        async fn finish(
+            &self,
+            id: JobId,
+            token: i64,
+            state: JobState,
+            outcome: &str,
+            error: Option<&str>,
+            retry_at: Option<i64>,
+        ) -> Result<(), Error> {
+            let now = now_ms();
+            let mut tx = self.write_tx().await?;
+            // The fencing check: only the attempt holding the current token
+            // may write; a zombie's late completion changes nothing.
+            let done = sqlx::query(sql!(
+                "UPDATE fastlane_jobs SET state = ?, lease_until = NULL, \
+                 last_error = COALESCE(CAST(? AS TEXT), last_error), \
+                 run_at = COALESCE(CAST(? AS BIGINT), run_at), \
+                 finished_at = CASE WHEN ? THEN NULL ELSE CAST(? AS BIGINT) END \
+                 WHERE id = ? AND token = ? AND state = 'running'"
+            ))
+            .bind(state.as_str())
+            .bind(error)
+            .bind(retry_at)
+            .bind(retry_at.is_some())
+            .bind(now)
+            .bind(id)
+            .bind(token)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+            if done.rows_affected() == 0 {
+                return Err(Error::Fenced { job: id, token });
+            }
+            // The upsert also closes attempt records that schema version 1
+            // wrote when the attempt started.
+            sqlx::query(sql!(
+                "INSERT INTO fastlane_attempts (job_id, attempt, worker, started_at, finished_at, outcome, error) \
+                 SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, ?), ?, ?, ? FROM fastlane_jobs \
+                 WHERE id = ? ON CONFLICT (job_id, attempt) DO UPDATE SET finished_at = excluded.finished_at, \
+                 outcome = excluded.outcome, error = excluded.error"
+            ))
+            .bind(now)
+            .bind(now)
+            .bind(outcome)
+            .bind(error)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+            tx.commit().await.map_err(classify)?;
+            Ok(())
+        }
+    };
+}
+
+pub(crate) use {finish_method, store_methods};
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn placeholders_are_numbered_once_per_statement() {
+        let text = "UPDATE t SET a = ? WHERE id = ? AND b IN (?, ?)";
+        let numbered = super::numbered(text);
+        assert_eq!(numbered, "UPDATE t SET a = $1 WHERE id = $2 AND b IN ($3, $4)");
+        assert!(std::ptr::eq(numbered, super::numbered(text)), "converted once, then cached");
+    }
+}
