@@ -427,7 +427,7 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
         JobsCommand::Cancel { url, id } => {
             let state = connect(url).await?.cancel(id).await.map_err(|e| e.to_string())?;
             let note = if state == fastlane_jobs::JobState::Running {
-                " (asked to stop; it sees it at its next heartbeat)"
+                " (asked to stop; its worker tells the handler within about a second)"
             } else {
                 ""
             };

@@ -64,6 +64,10 @@ impl Store for AnyStore {
         delegate!(self, s => s.expire_dead_owners())
     }
 
+    async fn cancel_requested(&self, ids: &[JobId]) -> Result<Vec<JobId>, Error> {
+        delegate!(self, s => s.cancel_requested(ids))
+    }
+
     async fn heartbeat(&self, id: JobId, token: i64, lease: Duration) -> Result<bool, Error> {
         delegate!(self, s => s.heartbeat(id, token, lease))
     }

@@ -131,7 +131,7 @@ macro_rules! store_methods {
         }
 
         /// Cancels a job: a pending one at once; a running one is asked to
-        /// stop (its worker sees it at its next heartbeat). Returns the state
+        /// stop (its worker tells the handler within about a second). Returns the state
         /// after.
         async fn cancel(&self, id: JobId) -> Result<JobState, Error> {
             let mut tx = self.write_tx().await?;

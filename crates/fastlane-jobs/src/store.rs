@@ -65,6 +65,9 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// many leases were ended.
     fn expire_dead_owners(&self) -> impl Future<Output = Result<u64, Error>> + Send;
 
+    /// Which of the running jobs `ids` have been asked to cancel.
+    fn cancel_requested(&self, ids: &[JobId]) -> impl Future<Output = Result<Vec<JobId>, Error>> + Send;
+
     /// Extends a running attempt's lease; returns whether the job has been
     /// asked to cancel.
     fn heartbeat(

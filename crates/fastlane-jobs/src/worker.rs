@@ -66,7 +66,8 @@ impl<S: Store> ProgressSink for StoreProgress<S> {
 }
 
 impl JobContext {
-    /// True once the job has been cancelled (seen at the last heartbeat): a
+    /// True once the job has been cancelled (the worker looks every second,
+    /// and at every heartbeat): a
     /// long handler should check it and return early.
     pub fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
@@ -224,8 +225,17 @@ pub struct WorkerStats {
 /// Most successes written in one transaction.
 const COMPLETE_BATCH: usize = 1024;
 
-/// The running attempts: token and the signal that abandons the attempt.
-type InFlight = Arc<std::sync::Mutex<HashMap<JobId, (i64, Arc<Notify>)>>>;
+/// A running attempt: its token, the signal that abandons it, and the flag
+/// its handler reads as `ctx.is_cancelled()`.
+#[derive(Debug, Clone)]
+struct Running {
+    token: i64,
+    abandon: Arc<Notify>,
+    cancelled: Arc<AtomicBool>,
+}
+
+/// The running attempts of a worker, by job.
+type InFlight = Arc<std::sync::Mutex<HashMap<JobId, Running>>>;
 
 /// Runs jobs from `store` with `registry` until `shutdown` turns true; then
 /// stops fetching, lets running jobs finish for up to `grace`, and releases
@@ -281,7 +291,7 @@ pub async fn run_with_stats<S: Store>(
         fetchers.push(tokio::spawn(fetcher.run(stop_tx.subscribe())));
     }
     drop(done_tx);
-    let sweeper = tokio::spawn(sweep_dead_owners(store.clone(), stop_tx.subscribe()));
+    let sweeper = tokio::spawn(sweep(store.clone(), in_flight.clone(), stop_tx.subscribe()));
     let _ = shutdown.wait_for(|s| *s).await;
     // Stop fetching; running jobs go on.
     stop_tx.send_replace(true);
@@ -294,10 +304,10 @@ pub async fn run_with_stats<S: Store>(
     .is_ok();
     if !finished {
         // Out of grace: abort what still runs and give it back at once.
-        let left: Vec<(JobId, (i64, Arc<Notify>))> =
+        let left: Vec<(JobId, Running)> =
             in_flight.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
-        for (id, (token, abort)) in left {
-            abort.notify_one();
+        for (id, Running { token, abandon, .. }) in left {
+            abandon.notify_one();
             match store.release(id, token).await {
                 Ok(()) => {
                     stats.released.fetch_add(1, Ordering::Relaxed);
@@ -315,18 +325,36 @@ pub async fn run_with_stats<S: Store>(
     stats
 }
 
-/// How often a worker looks for jobs held by dead processes of its host.
+/// How often a worker looks for jobs held by dead processes of its host,
+/// and for cancellations of the jobs it runs.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Every [`SWEEP_INTERVAL`], ends the leases of jobs whose worker process on
-/// this host has died, and wakes the fetchers to take them over: a crashed
-/// worker's jobs run again within about a second, not a lease.
-async fn sweep_dead_owners<S: Store>(store: S, mut stop: watch::Receiver<bool>) {
+/// Every [`SWEEP_INTERVAL`]: tells the running handlers whose jobs were
+/// cancelled (so that they see it within about a second, not at their next
+/// heartbeat), and ends the leases of jobs whose worker process on this host
+/// has died, waking the fetchers to take them over: a crashed worker's jobs
+/// run again within about a second, not a lease.
+async fn sweep<S: Store>(store: S, in_flight: InFlight, mut stop: watch::Receiver<bool>) {
     let wake = store.wakeups();
     loop {
         tokio::select! {
             () = tokio::time::sleep(SWEEP_INTERVAL) => {}
             _ = stop.wait_for(|s| *s) => return,
+        }
+        let running: Vec<JobId> =
+            in_flight.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        if !running.is_empty() {
+            match store.cancel_requested(&running).await {
+                Ok(ids) => {
+                    let in_flight = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                    for id in ids {
+                        if let Some(job) = in_flight.get(&id) {
+                            job.cancelled.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Err(err) => tracing::debug!("looking for cancellations failed: {err}"),
+            }
         }
         match store.expire_dead_owners().await {
             Ok(0) => {}
@@ -432,11 +460,13 @@ impl<S: Store> Fetcher<S> {
         let (id, token) = (job.id, job.token);
         let (in_flight, done) = (self.in_flight.clone(), self.done.clone());
         let abandon = Arc::new(Notify::new());
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (token, abandon.clone()));
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let running = Running { token, abandon: abandon.clone(), cancelled: cancelled.clone() };
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(id, running);
         let name = job.name.clone();
         self.spawner.spawn_job(&name, async move {
             tokio::select! {
-                () = run_one(store, &registry, job, lease, &stats, &done) => {}
+                () = run_one(store, &registry, job, lease, &stats, &done, cancelled) => {}
                 // Out of grace at shutdown: the handler is dropped, and the
                 // job given back by the worker.
                 () = abandon.notified() => {}
@@ -497,8 +527,8 @@ async fn run_one<S: Store>(
     lease: Duration,
     stats: &WorkerStats,
     done: &mpsc::Sender<(JobId, i64)>,
+    cancelled: Arc<AtomicBool>,
 ) {
-    let cancelled = Arc::new(AtomicBool::new(false));
     let cancelled_flag = cancelled.clone();
     let ctx = JobContext {
         id: job.id,
@@ -563,7 +593,11 @@ async fn heartbeat<S: Store>(
     loop {
         tokio::time::sleep(lease / 3).await;
         match store.heartbeat(id, token, lease).await {
-            Ok(cancel) => cancelled.store(cancel, Ordering::Relaxed),
+            Ok(cancel) => {
+                if cancel {
+                    cancelled.store(true, Ordering::Relaxed);
+                }
+            }
             Err(err) if err.is_fenced() => return format!("lost the job: {err}"),
             Err(err) => tracing::warn!("job {id}: heartbeat failed: {err}"),
         }

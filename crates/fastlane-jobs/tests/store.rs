@@ -215,6 +215,9 @@ mod suite {
         assert_eq!(store.cancel(running).await.unwrap(), JobState::Running);
         // The running attempt sees the request at its next heartbeat.
         assert!(store.heartbeat(running, job.token, LEASE).await.unwrap());
+        let other = store.enqueue(NewJob::new("c", json!(null))).await.unwrap();
+        store.claim("default", "w", LEASE).await.unwrap().unwrap();
+        assert_eq!(store.cancel_requested(&[running, other, 999]).await.unwrap(), [running]);
         store.cancelled(running, job.token).await.unwrap();
         assert_eq!(store.get(running).await.unwrap().state, JobState::Cancelled);
         assert!(matches!(store.cancel(999).await.unwrap_err(), Error::NotFound(999)));

@@ -197,6 +197,16 @@ impl Store for PgStore {
         Ok(claimed_in_order(rows))
     }
 
+    async fn cancel_requested(&self, ids: &[JobId]) -> Result<Vec<JobId>, Error> {
+        sqlx::query_scalar(
+            "SELECT id FROM fastlane_jobs WHERE id = ANY($1) AND state = 'running' AND cancel_requested <> 0",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)
+    }
+
     fn wakeups(&self) -> Option<Arc<Notify>> {
         if !self.wake.listening.swap(true, Ordering::AcqRel) {
             tokio::spawn(listen(self.pool.clone(), Arc::downgrade(&self.wake.notify)));

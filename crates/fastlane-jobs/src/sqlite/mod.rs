@@ -227,6 +227,18 @@ impl Store for SqliteStore {
         Ok(claimed_in_order(rows))
     }
 
+    async fn cancel_requested(&self, ids: &[JobId]) -> Result<Vec<JobId>, Error> {
+        let ids = serde_json::to_string(ids).map_err(|e| Error::Invalid(e.to_string()))?;
+        sqlx::query_scalar(
+            "SELECT id FROM fastlane_jobs WHERE id IN (SELECT value FROM json_each(?)) \
+             AND state = 'running' AND cancel_requested <> 0",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)
+    }
+
     fn wakeups(&self) -> Option<Arc<Notify>> {
         Some(self.wake.clone())
     }
