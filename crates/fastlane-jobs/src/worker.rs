@@ -220,6 +220,8 @@ pub struct WorkerStats {
     pub fenced: AtomicU64,
     /// Jobs given back at shutdown.
     pub released: AtomicU64,
+    /// Attempts running now.
+    pub running: AtomicU64,
 }
 
 /// Most successes written in one transaction.
@@ -463,6 +465,7 @@ impl<S: Store> Fetcher<S> {
         let cancelled = Arc::new(AtomicBool::new(false));
         let running = Running { token, abandon: abandon.clone(), cancelled: cancelled.clone() };
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(id, running);
+        self.stats.running.fetch_add(1, Ordering::Relaxed);
         let name = job.name.clone();
         self.spawner.spawn_job(&name, async move {
             tokio::select! {
@@ -472,6 +475,7 @@ impl<S: Store> Fetcher<S> {
                 () = abandon.notified() => {}
             }
             in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            stats.running.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
@@ -694,6 +698,52 @@ impl<S: Store> fastlane::Companion for Worker<S> {
     fn name(&self) -> String {
         let queues: Vec<String> = self.config.queues.iter().map(|(q, n)| format!("{q} x{n}")).collect();
         format!("job worker {} ({})", self.config.name, queues.join(", "))
+    }
+
+    fn metrics(&self) -> Option<fastlane::MetricsSource> {
+        use fastlane::{CompanionMetric, MetricKind};
+        let stats = self.stats.clone();
+        let read = move || {
+            let metric = |name, help, kind, value: &AtomicU64| CompanionMetric {
+                name,
+                help,
+                kind,
+                value: i64::try_from(value.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
+            };
+            vec![
+                metric(
+                    "jobs_succeeded",
+                    "Job attempts that succeeded",
+                    MetricKind::Counter,
+                    &stats.succeeded,
+                ),
+                metric(
+                    "jobs_failed",
+                    "Job attempts that failed (retrying or dead)",
+                    MetricKind::Counter,
+                    &stats.failed,
+                ),
+                metric(
+                    "jobs_fenced",
+                    "Writes of job attempts rejected because another attempt owned the job",
+                    MetricKind::Counter,
+                    &stats.fenced,
+                ),
+                metric(
+                    "jobs_released",
+                    "Jobs given back unfinished at shutdown",
+                    MetricKind::Counter,
+                    &stats.released,
+                ),
+                metric(
+                    "jobs_running",
+                    "Job attempts running now in this process",
+                    MetricKind::Gauge,
+                    &stats.running,
+                ),
+            ]
+        };
+        Some(Arc::new(read))
     }
 
     fn run(self: Box<Self>, stop: watch::Receiver<bool>, grace: Duration) -> fastlane::CompanionFuture {

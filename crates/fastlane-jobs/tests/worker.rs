@@ -250,6 +250,18 @@ async fn jobs_inside_the_server_are_isolated_and_stop_with_it() {
     for id in &ids {
         wait_for_state(&store, *id, JobState::Succeeded, Duration::from_secs(15)).await;
     }
+    // The worker's counts are in the server's /metrics.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = fastlane::client::get(&server.url("/metrics")).await.unwrap().text();
+        if metrics.contains("fastlane_jobs_succeeded_total 4") {
+            assert!(metrics.contains("fastlane_jobs_running 0"), "{metrics}");
+            assert!(metrics.contains("# HELP fastlane_jobs_fenced"), "{metrics}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The worker stops with the server: a job enqueued after is left alone.
     assert!(server.shutdown().await.unwrap().is_clean());
     let after = jobs.enqueue(NewJob::new("noop", json!(null))).await.unwrap();

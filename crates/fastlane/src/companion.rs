@@ -27,9 +27,40 @@ pub trait Companion: Send + 'static {
     /// What it is, for the logs (`job worker`).
     fn name(&self) -> String;
 
+    /// Its numbers for `GET /metrics`, read at each scrape (with the
+    /// server's `fastlane_` prefix and `worker` label). None by default.
+    fn metrics(&self) -> Option<MetricsSource> {
+        None
+    }
+
     /// Runs until `stop` turns true, then finishes within `grace`.
     fn run(self: Box<Self>, stop: watch::Receiver<bool>, grace: Duration) -> CompanionFuture;
 }
+
+/// Whether a [`CompanionMetric`] only goes up or goes both ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// A count that only goes up (exported with `_total`).
+    Counter,
+    /// A current value.
+    Gauge,
+}
+
+/// One number a companion exports in `GET /metrics`.
+#[derive(Debug, Clone)]
+pub struct CompanionMetric {
+    /// The name, without the `fastlane_` prefix (`jobs_succeeded`).
+    pub name: &'static str,
+    /// The help text.
+    pub help: &'static str,
+    /// Counter or gauge.
+    pub kind: MetricKind,
+    /// The value now.
+    pub value: i64,
+}
+
+/// Reads a companion's metrics; called at each scrape of `GET /metrics`.
+pub type MetricsSource = Arc<dyn Fn() -> Vec<CompanionMetric> + Send + Sync>;
 
 tokio::task_local! {
     /// The server whose companion (or a task it spawned) is running.

@@ -51,7 +51,7 @@ mod telemetry;
 
 pub use api_error::ApiError;
 pub use background::{Background, TaskResult};
-pub use companion::{spawn, Companion, CompanionFuture, Spawner};
+pub use companion::{spawn, Companion, CompanionFuture, CompanionMetric, MetricKind, MetricsSource, Spawner};
 pub use error::Error;
 pub use executor::IsolationConfig;
 pub use lane::{blocking, compute, cpu, sync, LaneConfig, LaneError, LaneHandler, Lanes};

@@ -435,7 +435,7 @@ mod tests {
 
     #[test]
     fn stall_messages_name_the_place_and_the_fix() {
-        let routes = RouteTable::new(Metrics::new(&crate::LaneConfig::default(), None));
+        let routes = RouteTable::new(Metrics::new(&crate::LaneConfig::default(), None, Vec::new()));
         let get = routes.get(&http::Method::GET, "/test2");
         let message = stall_message(&get, Phase::Handler, Duration::from_secs(8), Some(false), true);
         assert_eq!(

@@ -110,7 +110,12 @@ impl Metrics {
     /// `worker`: with `--workers`, this process's worker id and the
     /// supervisor's restart count when it started; every series then carries
     /// a `worker` label, so that scrapes say which worker answered.
-    pub(crate) fn new(lanes: &crate::LaneConfig, worker: Option<(u32, u64)>) -> Self {
+    /// `sources`: the companions' own metrics, read at each scrape.
+    pub(crate) fn new(
+        lanes: &crate::LaneConfig,
+        worker: Option<(u32, u64)>,
+        sources: Vec<crate::MetricsSource>,
+    ) -> Self {
         let labels = worker
             .map(|(id, _)| (std::borrow::Cow::Borrowed("worker"), std::borrow::Cow::Owned(id.to_string())));
         let mut registry = Registry::with_prefix_and_labels("fastlane", labels.into_iter());
@@ -122,6 +127,9 @@ impl Metrics {
                 "Worker restarts the supervisor had made when this worker started (the max over workers is the current count)",
                 gauge,
             );
+        }
+        if !sources.is_empty() {
+            registry.register_collector(Box::new(Sources(sources)));
         }
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -274,5 +282,48 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
         out
+    }
+}
+
+/// The companions' metrics, encoded at each scrape.
+struct Sources(Vec<crate::MetricsSource>);
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Sources").field(&self.0.len()).finish()
+    }
+}
+
+impl prometheus_client::collector::Collector for Sources {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        for source in &self.0 {
+            for metric in source() {
+                match metric.kind {
+                    crate::MetricKind::Counter => {
+                        let counter = ConstCounter::new(u64::try_from(metric.value).unwrap_or(0));
+                        let at = encoder.encode_descriptor(
+                            metric.name,
+                            metric.help,
+                            None,
+                            counter.metric_type(),
+                        )?;
+                        counter.encode(at)?;
+                    }
+                    crate::MetricKind::Gauge => {
+                        let gauge = ConstGauge::new(metric.value);
+                        let at =
+                            encoder.encode_descriptor(metric.name, metric.help, None, gauge.metric_type())?;
+                        gauge.encode(at)?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -155,7 +155,8 @@ impl Server {
             None if self.config.workers > 1 => Mode::Supervisor,
             None => Mode::Single,
         };
-        let metrics = Metrics::new(&self.config.lanes, worker.map(|w| (w.id, w.restarts)));
+        let sources = self.companions.iter().filter_map(|c| c.metrics()).collect();
+        let metrics = Metrics::new(&self.config.lanes, worker.map(|w| (w.id, w.restarts)), sources);
         let lanes = Lanes::with_gauges(self.config.lanes.clone(), metrics.lane_gauges());
         lanes.install_fallback();
         let runtime = tokio::runtime::Handle::current();
