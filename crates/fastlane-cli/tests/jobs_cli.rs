@@ -58,5 +58,27 @@ fn enqueue_work_and_stats_through_the_cli() {
     let job: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
     assert_eq!(job["state"], "succeeded");
     assert_eq!(job["attempts"].as_array().unwrap().len(), 2);
+
+    // cancel, list, retry: a pending job is cancelled at once and can be
+    // made available again.
+    let out = fastlane(&["jobs", "enqueue", "--url", &url, "noop"]);
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let out = fastlane(&["jobs", "cancel", "--url", &url, &id]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("job {id}: cancelled"));
+    let out = fastlane(&["jobs", "list", "--url", &url, "--state", "cancelled"]);
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(listed.lines().any(|l| l.split_whitespace().next() == Some(id.as_str())), "{listed}");
+    let out = fastlane(&["jobs", "retry", "--url", &url, &id]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("job {id}: available"));
+    let out = fastlane(&["jobs", "cancel", "--url", &url, "99999"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no job with id 99999"));
+
+    // bench: one JSON object with the rates.
+    let out = fastlane(&["jobs", "bench", "--url", &url, "--jobs", "2000", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bench: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(bench["jobs"], 2000);
+    assert!(bench["jobs_per_s"].as_f64().unwrap() > 0.0 && bench["enqueue_per_s"].as_f64().unwrap() > 0.0);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -79,6 +79,10 @@ fn registry() -> Registry {
                 other => Err(JobError::Permanent(format!("ran on {other:?}"))),
             }
         })
+        .register_cpu("cpu", |_: serde_json::Value, _ctx: JobContext| match std::thread::current().name() {
+            Some("fastlane-cpu") => Ok(()),
+            other => Err(JobError::Permanent(format!("ran on {other:?}"))),
+        })
 }
 
 fn config(lease: Duration) -> WorkerConfig {
@@ -109,6 +113,10 @@ async fn a_worker_runs_jobs_retries_failures_and_records_panics() {
     let panics =
         enqueue_checked(&store, &reg, NewJob::new("panic", json!(null)).max_attempts(1)).await.unwrap();
     let blocking = enqueue_checked(&store, &reg, NewJob::new("blocking", json!(null))).await.unwrap();
+    let cpu = enqueue_checked(&store, &reg, NewJob::new("cpu", json!(null))).await.unwrap();
+    // An attempt over its timeout is a retryable failure, with the reason kept.
+    let slow = NewJob::new("sleep", json!({"ms": 5000})).timeout(Duration::from_millis(200)).max_attempts(1);
+    let slow = enqueue_checked(&store, &reg, slow).await.unwrap();
     let (stop_tx, stop_rx) = watch::channel(false);
     let worker = tokio::spawn(run_worker(
         store.clone(),
@@ -122,6 +130,10 @@ async fn a_worker_runs_jobs_retries_failures_and_records_panics() {
         wait_for_state(&store, *id, JobState::Succeeded, Duration::from_secs(10)).await;
     }
     wait_for_state(&store, blocking, JobState::Succeeded, Duration::from_secs(10)).await;
+    wait_for_state(&store, cpu, JobState::Succeeded, Duration::from_secs(10)).await;
+    wait_for_state(&store, slow, JobState::Dead, Duration::from_secs(10)).await;
+    let info = store.get(slow).await.unwrap();
+    assert_eq!(info.attempts[0].error.as_deref(), Some("timed out after 0.2 s"), "{info:?}");
     wait_for_state(&store, panics, JobState::Dead, Duration::from_secs(10)).await;
     assert_eq!(store.get(panics).await.unwrap().last_error.as_deref(), Some("the handler panicked: job bug"));
     // The failing job comes back after its backoff (about 1 s) and succeeds.
@@ -132,8 +144,8 @@ async fn a_worker_runs_jobs_retries_failures_and_records_panics() {
 
     stop_tx.send_replace(true);
     let stats = worker.await.unwrap();
-    assert_eq!(stats.succeeded.load(Ordering::Relaxed), 22);
-    assert_eq!(stats.failed.load(Ordering::Relaxed), 2);
+    assert_eq!(stats.succeeded.load(Ordering::Relaxed), 23);
+    assert_eq!(stats.failed.load(Ordering::Relaxed), 3);
 }
 
 #[tokio::test]
