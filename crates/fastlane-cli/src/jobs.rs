@@ -54,6 +54,25 @@ pub fn demo_registry() -> Registry {
         })
 }
 
+/// Enqueues `count` copies of `job`, `batch` per transaction; returns the
+/// last id (none if `count` is 0).
+pub async fn enqueue_copies<S: Store>(
+    store: &S,
+    job: &NewJob,
+    count: u64,
+    batch: usize,
+) -> Result<Option<fastlane_jobs::JobId>, fastlane_jobs::Error> {
+    let mut last = None;
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(batch.max(1) as u64);
+        let ids = store.enqueue_many(vec![job.clone(); n as usize]).await?;
+        last = ids.last().copied().or(last);
+        left -= n;
+    }
+    Ok(last)
+}
+
 /// The result of `fastlane jobs bench`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchResult {
@@ -94,14 +113,8 @@ pub async fn bench<S: Store>(
         Duration::from_secs(30),
         done.clone(),
     ));
-    let mut left = jobs;
-    while left > 0 {
-        let n = left.min(batch.max(1) as u64);
-        let chunk =
-            (0..n).map(|_| NewJob::new("noop", serde_json::Value::Null).queue(queue.clone())).collect();
-        store.enqueue_many(chunk).await?;
-        left -= n;
-    }
+    enqueue_copies(store, &NewJob::new("noop", serde_json::Value::Null).queue(queue.clone()), jobs, batch)
+        .await?;
     let enqueued_in = started.elapsed();
     // The worker's own counter: no store query competing with the worker.
     let stats = loop {

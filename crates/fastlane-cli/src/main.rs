@@ -365,16 +365,9 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             let registry = jobs::demo_registry();
             let job = fastlane_jobs::NewJob::new(name.clone(), payload.clone()).queue(queue.clone());
             registry.check(&job).map_err(|e| e.to_string())?;
-            let mut last = 0;
-            let mut left = count;
-            while left > 0 {
-                // One transaction per thousand jobs.
-                let n = left.min(1000);
-                let ids =
-                    store.enqueue_many(vec![job.clone(); n as usize]).await.map_err(|e| e.to_string())?;
-                last = ids.last().copied().unwrap_or(last);
-                left -= n;
-            }
+            // One transaction per thousand jobs.
+            let last = jobs::enqueue_copies(&store, &job, count, 1000).await.map_err(|e| e.to_string())?;
+            let last = last.unwrap_or_default();
             if count == 1 {
                 println!("{last}");
             } else {

@@ -38,6 +38,23 @@ pub(crate) fn numbered(text: &'static str) -> &'static str {
     })
 }
 
+/// The statement that writes attempt records, around the `SELECT` of their
+/// values (job id, attempt, worker, start, end, outcome, error), in the SQL
+/// both backends speak. An attempt record is written once, when the attempt
+/// ends: a running attempt is read off its job row, so that claiming a job
+/// is one write, not two. The upsert also closes the records that schema
+/// version 1 wrote when an attempt started.
+macro_rules! record_attempts_sql {
+    ($select:literal) => {
+        concat!(
+            "INSERT INTO fastlane_attempts (job_id, attempt, worker, started_at, finished_at, outcome, error) ",
+            $select,
+            " ON CONFLICT (job_id, attempt) DO UPDATE SET finished_at = excluded.finished_at, \
+             outcome = excluded.outcome, error = excluded.error"
+        )
+    };
+}
+
 /// The one-job store operations, for the backend whose `sql!`, `classify`
 /// and `write_tx` are in scope.
 macro_rules! store_methods {
@@ -338,14 +355,10 @@ macro_rules! finish_method {
             if done.rows_affected() == 0 {
                 return Err(Error::Fenced { job: id, token });
             }
-            // The upsert also closes attempt records that schema version 1
-            // wrote when the attempt started.
-            sqlx::query(sql!(
-                "INSERT INTO fastlane_attempts (job_id, attempt, worker, started_at, finished_at, outcome, error) \
-                 SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, ?), ?, ?, ? FROM fastlane_jobs \
-                 WHERE id = ? ON CONFLICT (job_id, attempt) DO UPDATE SET finished_at = excluded.finished_at, \
-                 outcome = excluded.outcome, error = excluded.error"
-            ))
+            sqlx::query(sql!(crate::common::record_attempts_sql!(
+                "SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, ?), ?, ?, ? FROM fastlane_jobs \
+                 WHERE id = ?"
+            )))
             .bind(now)
             .bind(now)
             .bind(outcome)
@@ -360,7 +373,7 @@ macro_rules! finish_method {
     };
 }
 
-pub(crate) use {finish_method, store_methods};
+pub(crate) use {finish_method, record_attempts_sql, store_methods};
 
 #[cfg(test)]
 mod tests {

@@ -277,22 +277,30 @@ pub async fn run_with_stats<S: Store>(
     // Captured here: the fetchers are tokio tasks, which do not know the
     // server this worker may run in.
     let spawner = fastlane::Spawner::current();
+    let env = Arc::new(AttemptEnv {
+        store: store.clone(),
+        registry,
+        lease: config.lease,
+        stats: stats.clone(),
+        done: done_tx,
+        progress: Arc::new(StoreProgress(store.clone())),
+    });
     let mut fetchers = Vec::new();
     for (queue, concurrency) in config.queues.clone() {
         let fetcher = Fetcher {
             spawner: spawner.clone(),
             store: store.clone(),
-            registry: registry.clone(),
             config: config.clone(),
             stats: stats.clone(),
             in_flight: in_flight.clone(),
-            done: done_tx.clone(),
+            env: env.clone(),
             queue,
             concurrency: concurrency.max(1),
         };
         fetchers.push(tokio::spawn(fetcher.run(stop_tx.subscribe())));
     }
-    drop(done_tx);
+    // The completer ends once the fetchers, and the attempts, have let go.
+    drop(env);
     let sweeper = tokio::spawn(sweep(store.clone(), in_flight.clone(), stop_tx.subscribe()));
     let _ = shutdown.wait_for(|s| *s).await;
     // Stop fetching; running jobs go on.
@@ -375,13 +383,25 @@ async fn sweep<S: Store>(store: S, in_flight: InFlight, mut stop: watch::Receive
 struct Fetcher<S: Store> {
     spawner: fastlane::Spawner,
     store: S,
-    registry: Registry,
     config: WorkerConfig,
     stats: Arc<WorkerStats>,
     in_flight: InFlight,
-    done: mpsc::Sender<(JobId, i64)>,
+    /// What each attempt it starts needs: one clone per attempt.
+    env: Arc<AttemptEnv<S>>,
     queue: String,
     concurrency: usize,
+}
+
+/// What every attempt of a worker needs, shared by all of them.
+struct AttemptEnv<S: Store> {
+    store: S,
+    registry: Registry,
+    lease: Duration,
+    stats: Arc<WorkerStats>,
+    /// Where successes go, to be written in batches.
+    done: mpsc::Sender<(JobId, i64)>,
+    /// Where handlers' progress reports go.
+    progress: Arc<dyn ProgressSink>,
 }
 
 impl<S: Store> Fetcher<S> {
@@ -457,10 +477,8 @@ impl<S: Store> Fetcher<S> {
     /// handlers when the worker runs inside one (isolated like a request),
     /// else on tokio. It holds its slot until it ends.
     fn start(&self, job: Claimed, permit: tokio::sync::OwnedSemaphorePermit) {
-        let (store, registry, stats, lease) =
-            (self.store.clone(), self.registry.clone(), self.stats.clone(), self.config.lease);
+        let (env, in_flight) = (self.env.clone(), self.in_flight.clone());
         let (id, token) = (job.id, job.token);
-        let (in_flight, done) = (self.in_flight.clone(), self.done.clone());
         let abandon = Arc::new(Notify::new());
         let cancelled = Arc::new(AtomicBool::new(false));
         let running = Running { token, abandon: abandon.clone(), cancelled: cancelled.clone() };
@@ -469,13 +487,13 @@ impl<S: Store> Fetcher<S> {
         let name = job.name.clone();
         self.spawner.spawn_job(&name, async move {
             tokio::select! {
-                () = run_one(store, &registry, job, lease, &stats, &done, cancelled) => {}
+                () = run_one(&env, job, cancelled) => {}
                 // Out of grace at shutdown: the handler is dropped, and the
                 // job given back by the worker.
                 () = abandon.notified() => {}
             }
             in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-            stats.running.fetch_sub(1, Ordering::Relaxed);
+            env.stats.running.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
@@ -524,26 +542,21 @@ async fn complete_in_batches<S: Store>(
 }
 
 /// One attempt: heartbeats while the handler runs, then the outcome.
-async fn run_one<S: Store>(
-    store: S,
-    registry: &Registry,
-    job: Claimed,
-    lease: Duration,
-    stats: &WorkerStats,
-    done: &mpsc::Sender<(JobId, i64)>,
-    cancelled: Arc<AtomicBool>,
-) {
+async fn run_one<S: Store>(env: &AttemptEnv<S>, mut job: Claimed, cancelled: Arc<AtomicBool>) {
+    let AttemptEnv { store, registry, lease, stats, done, progress } = env;
+    let lease = *lease;
     let cancelled_flag = cancelled.clone();
+    let progress = progress.clone();
     let ctx = JobContext {
         id: job.id,
         attempt: job.attempt,
         token: job.token,
         cancelled: cancelled.clone(),
-        progress: Arc::new(StoreProgress(store.clone())),
+        progress,
     };
     let outcome: Result<(), JobError> = match registry.handlers.get(&job.name) {
         None => Err(JobError::Permanent(format!("no handler for job `{}` on this worker", job.name))),
-        Some(handler) => match handler(job.payload.clone(), ctx) {
+        Some(handler) => match handler(std::mem::take(&mut job.payload), ctx) {
             Err(bad_payload) => {
                 Err(JobError::Permanent(format!("payload does not fit `{}`: {bad_payload}", job.name)))
             }

@@ -123,8 +123,10 @@ impl Spawner {
     {
         match &self.server {
             Some(server) => {
-                let method = http::Method::from_bytes(b"JOB").expect("a valid extension method");
-                let route = server.routes.get(&method, name);
+                static JOB: std::sync::LazyLock<http::Method> = std::sync::LazyLock::new(|| {
+                    http::Method::from_bytes(b"JOB").expect("a valid extension method")
+                });
+                let route = server.routes.get(&JOB, name);
                 let routed = crate::executor::Routed::new(future, route.id, crate::executor::Phase::Job);
                 start(server.clone(), Box::pin(routed));
             }

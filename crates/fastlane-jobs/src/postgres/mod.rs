@@ -15,7 +15,7 @@ use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{PgPool, Row};
 use tokio::sync::Notify;
 
-use crate::common::{finish_method, store_methods};
+use crate::common::{finish_method, record_attempts_sql, store_methods};
 use crate::job::{
     after_failure, batch_rows, claimed_in_order, done_rows, fenced_among, in_batch_order, now_ms,
     push_running_attempt, Attempt, Claimed, ClaimedRow, JobId, JobInfo, JobState, JobSummary, NewJob, Stats,
@@ -75,18 +75,6 @@ async fn listen(pool: PgPool, notify: Weak<Notify>) {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
-
-/// The start of every write of attempt records. An attempt record is written
-/// once, when the attempt ends: a running attempt is read off its job row, so
-/// that claiming a job is one write, not two.
-const RECORD_ATTEMPTS: &str =
-    "INSERT INTO fastlane_attempts (job_id, attempt, worker, started_at, finished_at, outcome, error)";
-
-/// The end of every write of attempt records; the upsert also closes the
-/// records that schema version 1 wrote when an attempt started.
-const ON_ATTEMPT_CONFLICT: &str =
-    "ON CONFLICT (job_id, attempt) DO UPDATE SET finished_at = EXCLUDED.finished_at, \
-     outcome = EXCLUDED.outcome, error = EXCLUDED.error";
 
 /// The channel on which enqueues wake idle workers; the payload is the queue.
 pub(crate) const CHANNEL: &str = "fastlane_jobs";
@@ -159,7 +147,7 @@ impl Store for PgStore {
         // again (or dead, if that was the last attempt). One statement, no
         // transaction: each statement is atomic, and SKIP LOCKED keeps
         // workers that rescue at the same time off each other's rows.
-        sqlx::query(&format!(
+        sqlx::query(concat!(
             "WITH expired AS (UPDATE fastlane_jobs SET lease_until = NULL, \
                state = CASE WHEN attempt >= max_attempts THEN 'dead' ELSE 'available' END, \
                finished_at = CASE WHEN attempt >= max_attempts THEN $1 ELSE finished_at END, \
@@ -167,9 +155,11 @@ impl Store for PgStore {
                ELSE last_error END \
              WHERE id IN (SELECT id FROM fastlane_jobs WHERE queue = $2 AND state = 'running' \
                AND lease_until < $1 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, attempt, worker, started_at) \
-             {RECORD_ATTEMPTS} SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, $1), $1, \
-             'lease expired', NULL FROM expired {ON_ATTEMPT_CONFLICT}"
+             RETURNING id, attempt, worker, started_at) ",
+            record_attempts_sql!(
+                "SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, $1), $1, 'lease expired', NULL \
+                 FROM expired"
+            )
         ))
         .bind(now)
         .bind(queue)
@@ -222,13 +212,16 @@ impl Store for PgStore {
         // The fencing check: only attempts holding the current token are
         // recorded; a zombie's late completion changes nothing. One
         // statement: the job rows and their attempt records change together.
-        let recorded: Vec<i64> = sqlx::query_scalar(&format!(
+        let recorded: Vec<i64> = sqlx::query_scalar(concat!(
             "WITH done AS (UPDATE fastlane_jobs j SET state = 'succeeded', lease_until = NULL, finished_at = $1 \
                FROM jsonb_to_recordset($2::jsonb) AS d(id BIGINT, token BIGINT) \
                WHERE j.id = d.id AND j.token = d.token AND j.state = 'running' \
-               RETURNING j.id, j.attempt, j.worker, j.started_at) \
-             {RECORD_ATTEMPTS} SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, $1), $1, \
-             'succeeded', NULL FROM done {ON_ATTEMPT_CONFLICT} RETURNING job_id"
+               RETURNING j.id, j.attempt, j.worker, j.started_at) ",
+            record_attempts_sql!(
+                "SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, $1), $1, 'succeeded', NULL \
+                 FROM done"
+            ),
+            " RETURNING job_id"
         ))
         .bind(now)
         .bind(done_rows(done))

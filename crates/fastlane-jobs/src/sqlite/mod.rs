@@ -15,7 +15,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 use tokio::sync::Notify;
 
-use crate::common::{finish_method, store_methods};
+use crate::common::{finish_method, record_attempts_sql, store_methods};
 use crate::job::{
     after_failure, batch_rows, claimed_in_order, done_rows, fenced_among, in_batch_order, now_ms,
     push_running_attempt, Attempt, Claimed, ClaimedRow, JobId, JobInfo, JobState, JobSummary, NewJob, Stats,
@@ -107,15 +107,10 @@ async fn record_attempts(
         return Ok(());
     }
     let ids = serde_json::to_string(ids).map_err(|e| Error::Invalid(e.to_string()))?;
-    // The upsert also closes attempt records that schema version 1 wrote when
-    // the attempt started.
-    sqlx::query(
-        "INSERT INTO fastlane_attempts (job_id, attempt, worker, started_at, finished_at, outcome, error) \
-         SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, ?1), ?1, ?2, ?3 FROM fastlane_jobs \
-         WHERE id IN (SELECT value FROM json_each(?4)) \
-         ON CONFLICT (job_id, attempt) DO UPDATE SET finished_at = excluded.finished_at, \
-         outcome = excluded.outcome, error = excluded.error",
-    )
+    sqlx::query(record_attempts_sql!(
+        "SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, ?1), ?1, ?2, ?3 FROM fastlane_jobs \
+         WHERE id IN (SELECT value FROM json_each(?4))"
+    ))
     .bind(now)
     .bind(outcome)
     .bind(error)
