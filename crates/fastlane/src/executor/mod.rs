@@ -26,11 +26,17 @@
 //!
 //! A task is never tied to a runner: whichever runner is free takes the next
 //! task, so one stuck poll holds up exactly one task, its own.
+//!
+//! The connections' sockets are watched by the runners themselves
+//! ([`reactor`]): an idle runner waits for their readiness and runs the task
+//! it wakes, so a request is not handed from thread to thread.
 
 mod monitor;
+pub(crate) mod reactor;
 pub(crate) mod slot;
 pub(crate) mod stalls;
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -43,6 +49,7 @@ use std::time::{Duration, Instant};
 use async_task::Runnable;
 
 use crate::metrics::Metrics;
+use reactor::Reactor;
 pub(crate) use slot::{enter_route, Phase};
 use slot::{Slot, CURRENT, STUCK};
 pub(crate) use stalls::{RouteInfo, RouteTable, NO_ROUTE};
@@ -116,6 +123,9 @@ struct Shared {
     routes: Arc<RouteTable>,
     metrics: Metrics,
     epoch: Instant,
+    /// The connections' readiness, polled by an idle runner; `None` if the
+    /// OS refused an epoll set, in which case connections stay on tokio's.
+    reactor: Option<Arc<Reactor>>,
     queue: Mutex<Queue>,
     work_ready: Condvar,
     /// Live runners, for the monitor.
@@ -131,8 +141,36 @@ struct Shared {
 struct Queue {
     tasks: VecDeque<Runnable>,
     threads: usize,
+    /// Runners asleep on `work_ready`.
     idle: usize,
+    /// A runner holds the poller role: it waits for I/O, or is dispatching
+    /// what it got. It counts as idle too.
+    polling: bool,
+    /// The poller has been asked (through the reactor) to come back for the
+    /// queue; spares repeated wake-ups until it does.
+    poller_woken: bool,
     shutdown: bool,
+}
+
+impl Queue {
+    /// Runners free to take work: asleep, or waiting for I/O.
+    fn waiting(&self) -> usize {
+        self.idle + usize::from(self.polling)
+    }
+}
+
+thread_local! {
+    /// While a runner dispatches I/O events, the tasks they wake for its
+    /// executor (named by address) collect here instead of the shared queue:
+    /// the runner runs the first itself and queues the rest.
+    static DISPATCH: RefCell<Option<(usize, Vec<Runnable>)>> = const { RefCell::new(None) };
+}
+
+/// What `schedule` must do after queueing a task.
+enum Wake {
+    Nobody,
+    Sleeper,
+    Poller,
 }
 
 impl Executor {
@@ -149,12 +187,20 @@ impl Executor {
             ..config
         };
         metrics.isolation().max_threads.set(config.max_threads as i64);
+        let reactor = match Reactor::new() {
+            Ok(reactor) => Some(Arc::new(reactor)),
+            Err(err) => {
+                tracing::warn!(error = %err, "no epoll set for the runners: connections use tokio's I/O driver");
+                None
+            }
+        };
         let shared = Arc::new(Shared {
             config,
             runtime,
             routes,
             metrics,
             epoch: Instant::now(),
+            reactor,
             queue: Mutex::new(Queue::default()),
             work_ready: Condvar::new(),
             slots: Mutex::new(Vec::new()),
@@ -190,11 +236,19 @@ impl Executor {
         self.shared.config.max_threads
     }
 
+    /// The runners' reactor, with which connections served here register.
+    pub(crate) fn reactor(&self) -> Option<&Arc<Reactor>> {
+        self.shared.reactor.as_ref()
+    }
+
     /// Lets the runners finish the queue and exit; stops the monitor.
     pub(crate) fn shutdown(&self) {
         self.shared.shutdown.store(true, Ordering::Relaxed);
         self.shared.lock().shutdown = true;
         self.shared.work_ready.notify_all();
+        if let Some(reactor) = &self.shared.reactor {
+            reactor.wake();
+        }
     }
 }
 
@@ -204,11 +258,18 @@ impl Shared {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Tells executors apart in [`DISPATCH`] (tests run several servers in
+    /// one process).
+    fn address(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
     fn now_ns(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX >> 2)
     }
 
     fn schedule(self: &Arc<Self>, runnable: Runnable) {
+        let Some(runnable) = self.divert(runnable) else { return };
         let mut queue = self.lock();
         if queue.shutdown && queue.threads == 0 {
             // Too late: nobody will run it. Dropping cancels the task.
@@ -216,16 +277,37 @@ impl Shared {
         }
         queue.tasks.push_back(runnable);
         let start_runner = queue.threads < self.config.runners;
-        let wake = queue.idle > 0;
+        let wake = if queue.idle > 0 {
+            Wake::Sleeper
+        } else if queue.polling && !queue.poller_woken {
+            queue.poller_woken = true;
+            Wake::Poller
+        } else {
+            Wake::Nobody
+        };
         if start_runner {
             queue.threads += 1;
         }
         drop(queue);
-        if start_runner {
-            self.start_runner();
-        } else if wake {
-            self.work_ready.notify_one();
+        match wake {
+            _ if start_runner => self.start_runner(),
+            Wake::Sleeper => self.work_ready.notify_one(),
+            Wake::Poller => self.reactor.as_ref().map_or((), |r| r.wake()),
+            Wake::Nobody => {}
         }
+    }
+
+    /// Keeps a task woken by the I/O this thread is dispatching (see
+    /// [`DISPATCH`]); gives it back otherwise.
+    fn divert(&self, runnable: Runnable) -> Option<Runnable> {
+        let me = self.address();
+        DISPATCH.with(|dispatch| match dispatch.borrow_mut().as_mut() {
+            Some((executor, batch)) if *executor == me => {
+                batch.push(runnable);
+                None
+            }
+            _ => Some(runnable),
+        })
     }
 
     /// Starts one runner; the caller has counted it in `queue.threads`.
@@ -251,7 +333,8 @@ impl Shared {
         let _runtime = self.runtime.enter();
         monitor::publish_thread_ids(&slot);
         CURRENT.with(|c| *c.borrow_mut() = Some(slot.clone()));
-        while let Some(runnable) = self.next(&slot) {
+        let mut batch = Vec::new();
+        while let Some(runnable) = self.next(&slot, &mut batch) {
             slot.poll_started.store(self.now_ns() + 1, Ordering::Release);
             // A panic inside a task (hyper or a handler) must not take the
             // runner down; handler panics are already answered 500 above us.
@@ -270,7 +353,10 @@ impl Shared {
     }
 
     /// The next task for a runner, or `None` when it should retire.
-    fn next(&self, slot: &Slot) -> Option<Runnable> {
+    ///
+    /// With the queue empty, the runner takes the poller role if it is free
+    /// and waits for I/O; otherwise it sleeps until work is queued.
+    fn next(&self, slot: &Slot, batch: &mut Vec<Runnable>) -> Option<Runnable> {
         let mut queue = self.lock();
         loop {
             if slot.demoted.load(Ordering::Relaxed) {
@@ -285,6 +371,30 @@ impl Shared {
                 queue.threads -= 1;
                 return None;
             }
+            if let (Some(reactor), false) = (&self.reactor, queue.polling) {
+                queue.polling = true;
+                drop(queue);
+                let timed_out = self.poll_io(reactor, batch);
+                queue = self.lock();
+                queue.polling = false;
+                queue.poller_woken = false;
+                let mut woken = batch.drain(..);
+                let mine = woken.next();
+                queue.tasks.extend(woken);
+                let retire = mine.is_none() && timed_out && self.spare_may_retire(&queue);
+                if retire {
+                    queue.threads -= 1;
+                }
+                // Somebody must take the poller role over (and any other
+                // woken tasks) before this runner runs a task that may block.
+                if (mine.is_some() || retire || !queue.tasks.is_empty()) && queue.idle > 0 {
+                    self.work_ready.notify_one();
+                }
+                if mine.is_some() || retire {
+                    return mine;
+                }
+                continue;
+            }
             queue.idle += 1;
             self.idle.fetch_add(1, Ordering::Relaxed);
             let (next, waited) =
@@ -292,14 +402,38 @@ impl Shared {
             queue = next;
             queue.idle -= 1;
             self.idle.fetch_sub(1, Ordering::Relaxed);
-            let spare = queue.threads > self.config.runners;
-            if waited.timed_out()
-                && queue.tasks.is_empty()
-                && spare
-                && self.stuck.load(Ordering::Relaxed) == 0
-            {
+            if waited.timed_out() && self.spare_may_retire(&queue) {
                 queue.threads -= 1;
                 return None;
+            }
+        }
+    }
+
+    /// A runner that found no work for [`SPARE_KEEP_ALIVE`] may retire if
+    /// it is a spare and no stall needs spares kept.
+    fn spare_may_retire(&self, queue: &Queue) -> bool {
+        queue.tasks.is_empty()
+            && queue.threads > self.config.runners
+            && self.stuck.load(Ordering::Relaxed) == 0
+    }
+
+    /// Waits for I/O as the poller and collects the tasks it wakes into
+    /// `batch`; returns whether the wait timed out with nothing to report.
+    fn poll_io(&self, reactor: &Reactor, batch: &mut Vec<Runnable>) -> bool {
+        let me = self.address();
+        DISPATCH.with(|dispatch| *dispatch.borrow_mut() = Some((me, std::mem::take(batch))));
+        let polled = reactor.poll(SPARE_KEEP_ALIVE);
+        if let Some((_, woken)) = DISPATCH.with(|dispatch| dispatch.borrow_mut().take()) {
+            *batch = woken;
+        }
+        match polled {
+            Ok(events) => events == 0,
+            Err(err) => {
+                // Not expected (epoll_wait fails only on bad arguments); do
+                // not spin on it.
+                tracing::error!(error = %err, "the runners' I/O poll failed");
+                std::thread::sleep(Duration::from_millis(10));
+                false
             }
         }
     }
@@ -312,8 +446,9 @@ impl Shared {
         let healthy = queue.threads.saturating_sub(stuck);
         let mut wanted = self.config.runners.saturating_sub(healthy);
         if stuck > 0 {
-            let missing_spares = SPARES_WHILE_STALLING.saturating_sub(queue.idle);
-            wanted = wanted.max(queue.tasks.len().saturating_sub(queue.idle) + missing_spares);
+            let waiting = queue.waiting();
+            let missing_spares = SPARES_WHILE_STALLING.saturating_sub(waiting);
+            wanted = wanted.max(queue.tasks.len().saturating_sub(waiting) + missing_spares);
         }
         let room = self.config.max_threads.saturating_sub(queue.threads);
         let start = wanted.min(room);

@@ -361,11 +361,7 @@ impl BoundServer {
                 () = &mut signal => break,
                 () = stopped(&mut stop_rx) => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        let conn = serve_connection(stream, builder.clone(), router.clone(), state.clone(), stop.subscribe());
-                        state.start_task(Box::pin(conn));
-                    }
+                    Ok((stream, _peer)) => start_connection(stream, &builder, &router, &state, &stop),
                     Err(err) => accept_error(local_addr, err).await,
                 },
             }
@@ -486,20 +482,47 @@ where
     }
 }
 
-async fn serve_connection(
+/// Starts serving an accepted connection: on the runners, registered with
+/// their reactor, when isolation is on; on tokio otherwise.
+fn start_connection(
     stream: TcpStream,
+    builder: &Arc<auto::Builder<StreamExecutor>>,
+    router: &Router,
+    state: &Arc<ServerState>,
+    stop: &watch::Sender<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let (builder, router, stop) = (builder.clone(), router.clone(), stop.subscribe());
+    match state.executor.as_ref().and_then(|e| e.reactor()) {
+        Some(reactor) => match stream.into_std().and_then(|stream| reactor.register(stream)) {
+            Ok(io) => state.start_task(Box::pin(serve_connection(io, builder, router, state.clone(), stop))),
+            // The descriptor could not be moved (out of memory for the epoll
+            // entry): the connection is closed, as an accept failure would.
+            Err(err) => tracing::warn!(error = %err, "could not register a connection; closed it"),
+        },
+        None => {
+            let io = TokioIo::new(stream);
+            state.start_task(Box::pin(serve_connection(io, builder, router, state.clone(), stop)));
+        }
+    }
+}
+
+async fn serve_connection<I>(
+    io: I,
     builder: Arc<auto::Builder<StreamExecutor>>,
     router: Router,
     state: Arc<ServerState>,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     state.tracker.connection_opened();
     let accepted = tokio::time::Instant::now();
     let service_state = state.clone();
     let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
         dispatch(router.clone(), service_state.clone(), req)
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,

@@ -1,0 +1,167 @@
+//! Connections served on the runners' own reactor, over real sockets:
+//! keep-alive connections stay live while handlers block, and bodies larger
+//! than the kernel's socket buffers go through whole in both directions.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::routing::{get, post};
+use axum::Router;
+use fastlane::Config;
+use support::start;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Larger than any socket buffer the kernel grants by default, so the
+/// server's writes and reads must stop at `WouldBlock` and resume.
+const BIG: usize = 16 * 1024 * 1024;
+
+fn app() -> Router {
+    Router::new()
+        .route("/fast", get(|| async { "ok" }))
+        .route(
+            "/block/{ms}",
+            get(|axum::extract::Path(ms): axum::extract::Path<u64>| async move {
+                std::thread::sleep(Duration::from_millis(ms));
+                "slept"
+            }),
+        )
+        .route("/big", get(|| async { Bytes::from(pattern(BIG)) }))
+        .route("/echo", post(|body: Bytes| async move { body }))
+}
+
+/// Bytes that show a misplaced or lost chunk.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// Sends one request on a keep-alive connection and reads its response;
+/// returns the status line and the body.
+async fn exchange(conn: &mut TcpStream, request: &[u8]) -> (String, Vec<u8>) {
+    conn.write_all(request).await.unwrap();
+    read_response(conn).await
+}
+
+/// Reads one response with a `content-length`.
+async fn read_response(conn: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(conn.read(&mut byte).await.unwrap(), 1, "connection closed mid-response");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())
+        })
+        .expect("a content-length");
+    let mut body = vec![0u8; length];
+    conn.read_exact(&mut body).await.unwrap();
+    (head.lines().next().unwrap().to_owned(), body)
+}
+
+#[tokio::test]
+async fn keep_alive_connections_opened_before_a_stall_are_served_during_it() {
+    let server = start(app(), Config::default()).await;
+    let get_fast = b"GET /fast HTTP/1.1\r\nHost: t\r\n\r\n";
+    // Idle keep-alive connections, waiting in the reactor when the stall
+    // begins: none of them may be tied to a runner that then blocks.
+    let mut idle = Vec::new();
+    for _ in 0..16 {
+        let mut conn = TcpStream::connect(server.local_addr()).await.unwrap();
+        assert_eq!(exchange(&mut conn, get_fast).await.1, b"ok");
+        idle.push(conn);
+    }
+    let blockers: Vec<_> =
+        (0..4).map(|_| tokio::spawn(fastlane::client::get_owned(server.url("/block/3000")))).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (i, conn) in idle.iter_mut().enumerate() {
+        let started = Instant::now();
+        let (status, body) = exchange(conn, get_fast).await;
+        let took = started.elapsed();
+        assert_eq!((status.as_str(), body.as_slice()), ("HTTP/1.1 200 OK", &b"ok"[..]));
+        assert!(took < Duration::from_secs(1), "keep-alive connection {i} waited {took:?} during the stall");
+    }
+    for blocker in blockers {
+        assert_eq!(blocker.await.unwrap().unwrap().text(), "slept");
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_response_bigger_than_the_socket_buffer_reaches_a_slow_reader_whole() {
+    let server = start(app(), Config::default()).await;
+    let mut conn = TcpStream::connect(server.local_addr()).await.unwrap();
+    conn.write_all(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    // Read nothing for a while: the server fills the socket and must park
+    // on writability, then resume as this side drains it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) =
+        tokio::time::timeout(Duration::from_secs(30), read_response(&mut conn)).await.unwrap();
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(body.len(), BIG, "the whole body");
+    assert!(body == pattern(BIG), "the body arrived in order, nothing lost");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_request_body_bigger_than_the_socket_buffer_is_read_whole() {
+    // Under the body limit, above the socket buffer.
+    let len = 1536 * 1024;
+    let server = start(app(), Config::default()).await;
+    let mut conn = TcpStream::connect(server.local_addr()).await.unwrap();
+    let body = pattern(len);
+    let head = format!("POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n");
+    let mut request = head.into_bytes();
+    request.extend_from_slice(&body);
+    // Sent in pieces with pauses, so the server reads until `WouldBlock`
+    // and waits for the rest several times.
+    let (mut reader, mut writer) = conn.split();
+    let send = async {
+        for piece in request.chunks(256 * 1024) {
+            writer.write_all(piece).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let mut response = Vec::new();
+    let receive = async {
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = reader.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before the whole echo");
+            response.extend_from_slice(&chunk[..n]);
+            if let Some(at) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+                if response.len() - (at + 4) >= len {
+                    break;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), futures_util::future::join(send, receive)).await.unwrap();
+    let at = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(response.starts_with(b"HTTP/1.1 200 OK"));
+    assert!(response[at..] == body[..], "the echo is the body, in order");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_response_does_not_disturb_the_others() {
+    let server = start(app(), Config::default()).await;
+    for _ in 0..8 {
+        let mut conn = TcpStream::connect(server.local_addr()).await.unwrap();
+        conn.write_all(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+        let mut some = [0u8; 4096];
+        let _ = conn.read(&mut some).await.unwrap();
+        // Dropped with most of the body unread: the server's write fails
+        // and the connection ends.
+    }
+    let mut conn = TcpStream::connect(server.local_addr()).await.unwrap();
+    let (status, body) = exchange(&mut conn, b"GET /fast HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    assert_eq!((status.as_str(), body.as_slice()), ("HTTP/1.1 200 OK", &b"ok"[..]));
+    let report = server.shutdown().await.unwrap();
+    assert!(report.is_clean(), "the abandoned responses ended, nothing left to cut: {report:?}");
+}
