@@ -165,3 +165,28 @@ async fn a_client_that_leaves_mid_response_does_not_disturb_the_others() {
     let report = server.shutdown().await.unwrap();
     assert!(report.is_clean(), "the abandoned responses ended, nothing left to cut: {report:?}");
 }
+
+#[tokio::test]
+async fn a_connection_cut_at_shutdown_is_closed_not_left_hanging() {
+    let app = app().route(
+        "/forever",
+        get(|| async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            "never"
+        }),
+    );
+    let config = Config { grace_period: Duration::from_millis(300), ..Config::default() };
+    let server = start(app, config).await;
+    let mut conn = TcpStream::connect(server.local_addr()).await.unwrap();
+    conn.write_all(b"GET /forever HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let report = server.shutdown().await.unwrap();
+    assert_eq!(report.requests.len(), 1, "the grace period cut the request: {report:?}");
+    // Nobody serves this connection any more: the client must learn it now,
+    // not when the handler's hour is up.
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .expect("the cut connection ends instead of hanging");
+    assert!(matches!(read, Ok(0) | Err(_)), "no response, just the end: {read:?}");
+}

@@ -143,6 +143,9 @@ struct Queue {
     threads: usize,
     /// Runners asleep on `work_ready`.
     idle: usize,
+    /// Of those, how many have been notified and not yet woken up: spares
+    /// a second notification for a runner that is already on its way.
+    waking: usize,
     /// A runner holds the poller role: it waits for I/O, or is dispatching
     /// what it got. It counts as idle too.
     polling: bool,
@@ -156,6 +159,16 @@ impl Queue {
     /// Runners free to take work: asleep, or waiting for I/O.
     fn waiting(&self) -> usize {
         self.idle + usize::from(self.polling)
+    }
+
+    /// Claims a sleeping runner that nobody has notified yet; the caller
+    /// notifies `work_ready`.
+    fn claim_sleeper(&mut self) -> bool {
+        let free = self.idle > self.waking;
+        if free {
+            self.waking += 1;
+        }
+        free
     }
 }
 
@@ -277,7 +290,7 @@ impl Shared {
         }
         queue.tasks.push_back(runnable);
         let start_runner = queue.threads < self.config.runners;
-        let wake = if queue.idle > 0 {
+        let wake = if queue.claim_sleeper() {
             Wake::Sleeper
         } else if queue.polling && !queue.poller_woken {
             queue.poller_woken = true;
@@ -369,6 +382,10 @@ impl Shared {
             }
             if queue.shutdown {
                 queue.threads -= 1;
+                if queue.threads == 0 {
+                    drop(queue);
+                    self.abandon_connections();
+                }
                 return None;
             }
             if let (Some(reactor), false) = (&self.reactor, queue.polling) {
@@ -385,9 +402,12 @@ impl Shared {
                 if retire {
                     queue.threads -= 1;
                 }
-                // Somebody must take the poller role over (and any other
-                // woken tasks) before this runner runs a task that may block.
-                if (mine.is_some() || retire || !queue.tasks.is_empty()) && queue.idle > 0 {
+                // Other woken tasks are work for a sleeping runner. The
+                // poller role itself is not handed on here: waking a runner
+                // per batch just to wait in epoll costs a context switch
+                // each time; the monitor hands it on within a tick if it
+                // stays free while runners sleep (`keep_polling`).
+                if (retire || !queue.tasks.is_empty()) && queue.claim_sleeper() {
                     self.work_ready.notify_one();
                 }
                 if mine.is_some() || retire {
@@ -401,11 +421,33 @@ impl Shared {
                 self.work_ready.wait_timeout(queue, SPARE_KEEP_ALIVE).unwrap_or_else(|p| p.into_inner());
             queue = next;
             queue.idle -= 1;
+            queue.waking = queue.waking.saturating_sub(1);
             self.idle.fetch_sub(1, Ordering::Relaxed);
             if waited.timed_out() && self.spare_may_retire(&queue) {
                 queue.threads -= 1;
                 return None;
             }
+        }
+    }
+
+    /// Called by the monitor every tick: if nobody holds the poller role
+    /// while runners sleep, one of them must take it, or the sockets would
+    /// go unwatched while every awake runner is busy (or stuck). A tick
+    /// (1 ms) bounds how long that lasts, well inside the stall threshold.
+    fn keep_polling(&self, queue: &mut Queue) {
+        if self.reactor.is_some() && !queue.polling && queue.claim_sleeper() {
+            self.work_ready.notify_one();
+        }
+    }
+
+    /// The last runner is leaving a shut-down executor: nobody will poll
+    /// the reactor again. The connections still registered (work the grace
+    /// period cut) are shut, rather than leaving their clients on a
+    /// connection that never answers, and their tasks woken, which with no
+    /// runner left drops them.
+    fn abandon_connections(&self) {
+        if let Some(reactor) = &self.reactor {
+            reactor.shut_all();
         }
     }
 
@@ -443,6 +485,7 @@ impl Shared {
     fn ensure_spares(self: &Arc<Self>) {
         let stuck = self.stuck.load(Ordering::Relaxed);
         let mut queue = self.lock();
+        self.keep_polling(&mut queue);
         let healthy = queue.threads.saturating_sub(stuck);
         let mut wanted = self.config.runners.saturating_sub(healthy);
         if stuck > 0 {

@@ -20,7 +20,7 @@
 
 use std::io::{self, Write};
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -84,7 +84,7 @@ impl Reactor {
     pub(crate) fn register(self: &Arc<Self>, stream: std::net::TcpStream) -> io::Result<Connection> {
         stream.set_nonblocking(true)?;
         let mut stream = mio::net::TcpStream::from_std(stream);
-        let state = Arc::new(IoState::default());
+        let state = Arc::new(IoState::new(stream.as_raw_fd()));
         let token = self.sources().insert(state.clone());
         if let Err(err) = self.registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
         {
@@ -142,6 +142,30 @@ impl Reactor {
         }
     }
 
+    /// Ends every registered connection: shuts its socket down (the client
+    /// sees the connection end) and wakes its task.
+    #[allow(unsafe_code)]
+    pub(crate) fn shut_all(&self) {
+        let states: Vec<Arc<IoState>> = {
+            let sources = self.sources();
+            let states: Vec<_> = sources.entries.iter().filter_map(|(_, s)| s.clone()).collect();
+            for state in &states {
+                // SAFETY: a plain syscall on an integer. The descriptor is
+                // still open: a connection leaves `sources` (under this
+                // lock) before its socket is closed, so it cannot have been
+                // reused for another file.
+                unsafe { libc::shutdown(state.fd, libc::SHUT_RDWR) };
+            }
+            states
+        };
+        // Woken after the lock is released: waking may drop a task, whose
+        // connection then takes the lock to leave.
+        for state in states {
+            state.read.wake();
+            state.write.wake();
+        }
+    }
+
     fn sources(&self) -> MutexGuard<'_, Sources> {
         // Nothing panics while holding this lock.
         self.sources.lock().unwrap_or_else(|p| p.into_inner())
@@ -186,10 +210,18 @@ impl Sources {
 }
 
 /// The readiness of one connection, per direction.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct IoState {
+    /// The socket, for [`Reactor::shut_all`].
+    fd: RawFd,
     read: Direction,
     write: Direction,
+}
+
+impl IoState {
+    fn new(fd: RawFd) -> Self {
+        Self { fd, read: Direction::default(), write: Direction::default() }
+    }
 }
 
 /// One direction of a connection: how many readiness events it has had,
@@ -366,9 +398,9 @@ mod tests {
     #[test]
     fn stale_tokens_do_not_reach_a_reused_slot() {
         let mut sources = Sources::default();
-        let first = sources.insert(Arc::default());
+        let first = sources.insert(Arc::new(IoState::new(-1)));
         sources.remove(first);
-        let second = sources.insert(Arc::default());
+        let second = sources.insert(Arc::new(IoState::new(-1)));
         assert_eq!(first.0 & INDEX_MASK, second.0 & INDEX_MASK, "the slot is reused");
         assert!(sources.get(first).is_none(), "an event for the closed connection is dropped");
         assert!(sources.get(second).is_some());

@@ -183,7 +183,10 @@ impl Server {
         } else {
             self.router.layer(DefaultBodyLimit::max(state.config.body_limit))
         };
-        let router = router.layer(middleware::TrackLayer { state: state.clone() });
+        // `with_state` turns every route's boxed handler into a service once,
+        // here; a router called without it does that on every request (as
+        // `axum::serve` knows, which calls it too).
+        let router = router.layer(middleware::TrackLayer { state: state.clone() }).with_state(());
         let (stop_tx, _) = watch::channel(false);
         Ok(BoundServer {
             listener,
