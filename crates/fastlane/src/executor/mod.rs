@@ -430,18 +430,14 @@ impl Shared {
         }
     }
 
-    /// Called by the monitor: if nobody holds the poller role while runners
-    /// sleep, one of them must take it, or the sockets would go unwatched
-    /// while every awake runner is busy (or stuck). Returns whether the
-    /// role was found free, in which case the monitor looks again within a
-    /// tick (1 ms): that bounds how long the sockets go unwatched, well
-    /// inside the stall threshold.
-    fn keep_polling(&self, queue: &mut Queue) -> bool {
-        let free = self.reactor.is_some() && !queue.polling && queue.idle > 0;
-        if free && queue.claim_sleeper() {
+    /// Called by the monitor every tick: if nobody holds the poller role
+    /// while runners sleep, one of them must take it, or the sockets would
+    /// go unwatched while every awake runner is busy (or stuck). A tick
+    /// (1 ms) bounds how long that lasts, well inside the stall threshold.
+    fn keep_polling(&self, queue: &mut Queue) {
+        if self.reactor.is_some() && !queue.polling && queue.claim_sleeper() {
             self.work_ready.notify_one();
         }
-        free
     }
 
     /// The last runner is leaving a shut-down executor: nobody will poll
@@ -485,13 +481,11 @@ impl Shared {
     }
 
     /// Called by the monitor: makes sure idle runners are there to take the
-    /// queue while some are stuck. Returns whether the monitor should look
-    /// again within a tick: a stall is going on, or the poller role was
-    /// found free while runners sleep.
-    fn ensure_spares(self: &Arc<Self>) -> bool {
+    /// queue while some are stuck.
+    fn ensure_spares(self: &Arc<Self>) {
         let stuck = self.stuck.load(Ordering::Relaxed);
         let mut queue = self.lock();
-        let role_was_free = self.keep_polling(&mut queue);
+        self.keep_polling(&mut queue);
         let healthy = queue.threads.saturating_sub(stuck);
         let mut wanted = self.config.runners.saturating_sub(healthy);
         if stuck > 0 {
@@ -506,7 +500,6 @@ impl Shared {
         for _ in 0..start {
             self.start_runner();
         }
-        stuck > 0 || role_was_free
     }
 
     fn stall_ended(&self, slot: &Slot, took: Duration) {

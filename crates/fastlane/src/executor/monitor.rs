@@ -10,12 +10,9 @@ use std::time::Duration;
 use super::slot::{Slot, STUCK};
 use super::{stall_message, Shared};
 
-/// The monitor's shortest sleep: how often it looks while something needs
-/// watching closely (a stall going on, or the poller role free while
-/// runners sleep). Otherwise it sleeps until the earliest moment a running
-/// poll could cross the stall threshold, so that under load it wakes about
-/// once per threshold (100 times a second by default) rather than 1000:
-/// every wake-up preempts a busy runner or the load itself.
+/// How often the monitor looks. A stall is seen at most this long after it
+/// crosses the threshold; waking 1000 times a second costs a few
+/// microseconds of CPU per wake-up.
 const TICK: Duration = Duration::from_millis(1);
 
 /// How often a stuck thread's CPU clock is compared with the wall clock, and
@@ -37,17 +34,12 @@ pub(super) fn start(shared: Arc<Shared>) {
 
 fn run(shared: &Arc<Shared>) {
     let threshold_ns = u64::try_from(shared.config.stall_threshold.as_nanos()).unwrap_or(u64::MAX).max(1);
-    let tick_ns = u64::try_from(TICK.as_nanos()).unwrap_or(1);
     let mut slots: Vec<Arc<Slot>> = Vec::new();
-    let mut sleep_ns = tick_ns;
     while !shared.shutdown.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_nanos(sleep_ns));
+        std::thread::sleep(TICK);
         slots.clear();
         slots.extend(shared.slots.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
         let now = shared.now_ns();
-        // A poll that starts after this look cannot be a stall before
-        // now + threshold; one running now, not before it began + threshold.
-        let mut next_look = now + threshold_ns;
         for slot in &slots {
             let started = slot.poll_started.load(Ordering::Acquire);
             if started == 0 {
@@ -57,18 +49,12 @@ fn run(shared: &Arc<Shared>) {
                 let began = started - 1;
                 if now.saturating_sub(began) > threshold_ns {
                     mark_stuck(shared, slot, started, now);
-                } else {
-                    next_look = next_look.min(began + threshold_ns + 1);
                 }
             } else {
                 check_cpu(shared, slot, started, now);
             }
         }
-        let watch_closely = shared.ensure_spares();
-        sleep_ns = match watch_closely {
-            true => tick_ns,
-            false => next_look.saturating_sub(shared.now_ns()).max(tick_ns),
-        };
+        shared.ensure_spares();
     }
 }
 
