@@ -10,10 +10,12 @@
 //! role*), and the tasks its events wake are run by that same runner, with no
 //! hand-off.
 //!
-//! Isolation is kept because the role is given up before any task runs: the
-//! poller wakes an idle runner to take the role over, so a task that then
-//! blocks holds up no one else's I/O. While stalls go on, the monitor keeps
-//! idle runners around for exactly this (see `ensure_spares`).
+//! Isolation is kept because the role is given up before any task runs, and
+//! never held by a runner inside user code: if a task then blocks, another
+//! runner takes the role (woken for queued work, or by the monitor within a
+//! millisecond when the role stays free while runners sleep), so nobody
+//! else's I/O waits for the blocked one. While stalls go on, the monitor
+//! keeps idle runners around for exactly this (see `ensure_spares`).
 //!
 //! Everything else a handler awaits (tokio timers, tokio sockets, channels)
 //! stays on tokio's driver and reaches the runners through the task queue.
