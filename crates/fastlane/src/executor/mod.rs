@@ -182,6 +182,7 @@ thread_local! {
 /// What `schedule` must do after queueing a task.
 enum Wake {
     Nobody,
+    Start,
     Sleeper,
     Poller,
 }
@@ -289,8 +290,13 @@ impl Shared {
             return;
         }
         queue.tasks.push_back(runnable);
-        let start_runner = queue.threads < self.config.runners;
-        let wake = if queue.claim_sleeper() {
+        // A runner about to start takes the task; otherwise one that is
+        // already there is woken. Deciding in this order keeps `waking` and
+        // `poller_woken` true: they are only set when the wake-up is sent.
+        let wake = if queue.threads < self.config.runners {
+            queue.threads += 1;
+            Wake::Start
+        } else if queue.claim_sleeper() {
             Wake::Sleeper
         } else if queue.polling && !queue.poller_woken {
             queue.poller_woken = true;
@@ -298,12 +304,9 @@ impl Shared {
         } else {
             Wake::Nobody
         };
-        if start_runner {
-            queue.threads += 1;
-        }
         drop(queue);
         match wake {
-            _ if start_runner => self.start_runner(),
+            Wake::Start => self.start_runner(),
             Wake::Sleeper => self.work_ready.notify_one(),
             Wake::Poller => self.reactor.as_ref().map_or((), |r| r.wake()),
             Wake::Nobody => {}
