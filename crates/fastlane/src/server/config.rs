@@ -192,6 +192,9 @@ pub struct ServeArgs {
     /// Milliseconds one poll of an async handler may take before it counts as a stall [default: 10].
     #[arg(long, env = "FASTLANE_STALL_THRESHOLD_MS", value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub stall_threshold_ms: Option<u64>,
+    /// Runner threads kept for healthy async handlers [default: the number of cores].
+    #[arg(long, env = "FASTLANE_RUNNERS", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub runners: Option<u32>,
     /// Most runner threads for async handlers, stuck ones included [default: 256].
     #[arg(long, env = "FASTLANE_MAX_THREADS", value_parser = clap::value_parser!(u32).range(2..=100_000))]
     pub max_threads: Option<u32>,
@@ -263,6 +266,9 @@ impl ServeArgs {
         if let Some(ms) = self.stall_threshold_ms {
             config.isolation.stall_threshold = Duration::from_millis(ms);
         }
+        if let Some(n) = self.runners {
+            config.isolation.runners = n as usize;
+        }
         if let Some(n) = self.max_threads {
             config.isolation.max_threads = n as usize;
         }
@@ -286,5 +292,30 @@ impl ServeArgs {
             lanes.cpu_nice = n;
         }
         config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn isolation_flags_reach_the_config() {
+        let cli =
+            Cli::try_parse_from(["t", "--runners", "1", "--max-threads", "8", "--stall-threshold-ms", "25"])
+                .expect("valid flags");
+        let config = cli.serve.into_config();
+        assert_eq!(config.isolation.runners, 1);
+        assert_eq!(config.isolation.max_threads, 8);
+        assert_eq!(config.isolation.stall_threshold, Duration::from_millis(25));
+        let refused = Cli::try_parse_from(["t", "--runners", "0"]).err().expect("0 runners is refused");
+        assert!(refused.to_string().contains("--runners"), "{refused}");
     }
 }
