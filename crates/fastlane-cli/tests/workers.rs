@@ -142,6 +142,9 @@ fn max_requests_recycles_workers_without_failing_requests() {
 fn a_worker_whose_runtime_hangs_is_replaced_after_its_running_work_is_logged() {
     let demo = Demo::start(&["--workers", "2", "--timeout", "2"]);
     assert!(demo.wait_for_log("supervisor running", Duration::from_secs(10)).is_some());
+    // Both workers answer their heartbeats before the request: the one that
+    // hangs must be the one that took it.
+    assert!(demo.wait_for_count("worker ready", 2, Duration::from_secs(30)), "the workers never got ready");
     let url = demo.url("/debug/hang-runtime?secs=30");
     // The request hangs with its worker; don't wait for it.
     std::thread::spawn(move || {
@@ -153,7 +156,9 @@ fn a_worker_whose_runtime_hangs_is_replaced_after_its_running_work_is_logged() {
     let started = demo.count_log("worker started");
     let hung = demo.wait_for_log("worker hung", Duration::from_secs(10));
     assert!(hung.is_some(), "the supervisor never saw the hung worker");
-    assert_eq!(demo.count_log("it was running: request GET /debug/hang-runtime"), 1);
+    let hung = demo.lines_with("worker hung");
+    assert_eq!(hung.len(), 1, "{hung:?}");
+    assert!(hung[0].contains("it was running: request GET /debug/hang-runtime"), "{}", hung[0]);
     let deadline = Instant::now() + Duration::from_secs(3);
     while demo.count_log("worker started") == started {
         assert!(Instant::now() < deadline, "no replacement for the hung worker");

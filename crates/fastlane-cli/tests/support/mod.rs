@@ -96,6 +96,24 @@ impl Demo {
         None
     }
 
+    /// Waits until `count` stderr lines contain `needle`; returns whether
+    /// they did within `limit`.
+    pub fn wait_for_count(&self, needle: &str, count: usize, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.count_log(needle) < count {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    /// The stderr lines so far that contain `needle`.
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.log.lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
+    }
+
     /// How many stderr lines so far contain `needle`.
     pub fn count_log(&self, needle: &str) -> usize {
         self.log.lock().unwrap().iter().filter(|l| l.contains(needle)).count()

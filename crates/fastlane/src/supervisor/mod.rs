@@ -156,7 +156,7 @@ impl Supervisor {
             }
         };
         let beat = Arc::new(Mutex::new(Beat::default()));
-        read_beats(read_fd, beat.clone());
+        read_beats(read_fd, id, beat.clone());
         tracing::info!(worker = id, pid = child.id(), "worker started");
         self.active.push(Worker { id, child, started: Instant::now(), beat });
         Ok(())
@@ -201,7 +201,28 @@ impl Supervisor {
                 self.restarts_due.push((worker.id, now + *backoff));
                 continue;
             }
-            let silent_since = worker.last_alive().unwrap_or(worker.started);
+            let Some(silent_since) = worker.last_alive() else {
+                // Not up yet: the app may still be starting (opening its
+                // databases, warming caches), which is not a hang. A short
+                // --timeout would otherwise kill workers that boot slowly
+                // on a busy machine, again and again.
+                let booting = now.saturating_duration_since(worker.started);
+                if booting > timeout.max(READY_WITHIN) {
+                    tracing::error!(
+                        worker = worker.id,
+                        pid = worker.pid(),
+                        "worker did not report ready within {:.1} s of its start; killing it",
+                        booting.as_secs_f64()
+                    );
+                    let _ = worker.child.kill();
+                    let _ = worker.child.wait();
+                    let worker = self.active.remove(index);
+                    self.restarts_due.push((worker.id, now));
+                    continue;
+                }
+                index += 1;
+                continue;
+            };
             if now.saturating_duration_since(silent_since) > timeout {
                 let running = worker.running();
                 tracing::error!(
@@ -341,7 +362,7 @@ fn send_signal(pid: u32, sig: i32) {
 /// Reads a worker's status lines on a thread of its own until the pipe
 /// closes (the worker exited).
 #[allow(unsafe_code)]
-fn read_beats(fd: RawFd, beat: Arc<Mutex<Beat>>) {
+fn read_beats(fd: RawFd, id: u32, beat: Arc<Mutex<Beat>>) {
     // SAFETY: the read end of a pipe we created, owned by this reader only.
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
     let spawned = std::thread::Builder::new().name("fastlane-beats".into()).spawn(move || {
@@ -349,6 +370,9 @@ fn read_beats(fd: RawFd, beat: Arc<Mutex<Beat>>) {
             let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
             let mut beat = beat.lock().unwrap_or_else(|p| p.into_inner());
             if value["alive"].as_bool() == Some(true) {
+                if beat.last_alive.is_none() {
+                    tracing::info!(worker = id, "worker ready");
+                }
                 beat.last_alive = Some(Instant::now());
             }
             beat.running = value["running"]
