@@ -56,7 +56,9 @@ pub struct Config {
     /// With workers: a worker whose I/O runtime has not answered its
     /// heartbeat for this long is hung and is replaced. Default 30 s, as
     /// gunicorn's `--timeout`; unlike gunicorn's, a slow or blocking handler
-    /// never makes a worker miss its heartbeat.
+    /// never makes a worker miss its heartbeat. A worker that has not
+    /// answered its first heartbeat yet is still starting and gets this or
+    /// 30 s, whichever is longer.
     pub worker_timeout: Duration,
     /// With workers: recycle a worker after it has served about this many
     /// requests (checked twice a second), as gunicorn's `--max-requests`.
