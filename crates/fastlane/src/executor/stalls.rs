@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -25,9 +25,11 @@ pub(crate) struct RouteInfo {
     pub(crate) route: Arc<str>,
     pub(crate) stalls: StallStats,
     latency: Histogram,
-    /// Request counters by status, looked up linearly: a route answers with
-    /// a handful of statuses.
-    statuses: RwLock<Vec<(u16, Counter)>>,
+    /// Request counters by status, looked up linearly without a lock: a
+    /// route answers with a handful of statuses.
+    statuses: [OnceLock<(u16, Counter)>; STATUS_SLOTS],
+    /// Taken only to fill a slot, and for statuses beyond the slots.
+    more_statuses: Mutex<Vec<(u16, Counter)>>,
     metrics: Metrics,
 }
 
@@ -35,16 +37,41 @@ impl RouteInfo {
     /// Counts an answered request.
     pub(crate) fn answered(&self, status: u16, elapsed: Duration) {
         self.latency.observe(elapsed.as_secs_f64());
-        {
-            let statuses = self.statuses.read().unwrap_or_else(|p| p.into_inner());
-            if let Some((_, counter)) = statuses.iter().find(|(s, _)| *s == status) {
-                counter.inc();
-                return;
+        for slot in &self.statuses {
+            match slot.get() {
+                Some((s, counter)) if *s == status => {
+                    counter.inc();
+                    return;
+                }
+                Some(_) => {}
+                None => break,
             }
         }
+        self.status_counter(status).inc();
+    }
+
+    /// The slow path of [`answered`](Self::answered): a status not seen yet
+    /// (or beyond the slots).
+    fn status_counter(&self, status: u16) -> Counter {
+        let mut more = self.more_statuses.lock().unwrap_or_else(|p| p.into_inner());
+        for slot in &self.statuses {
+            match slot.get() {
+                Some((s, counter)) if *s == status => return counter.clone(),
+                Some(_) => {}
+                None => {
+                    let counter = self.metrics.requests_counter(&self.method, &self.route, status);
+                    // Filled under the lock, so no two threads race for it.
+                    let _ = slot.set((status, counter.clone()));
+                    return counter;
+                }
+            }
+        }
+        if let Some((_, counter)) = more.iter().find(|(s, _)| *s == status) {
+            return counter.clone();
+        }
         let counter = self.metrics.requests_counter(&self.method, &self.route, status);
-        counter.inc();
-        self.statuses.write().unwrap_or_else(|p| p.into_inner()).push((status, counter));
+        more.push((status, counter.clone()));
+        counter
     }
 }
 
@@ -100,6 +127,9 @@ pub(crate) struct StallRow {
     rejected: u64,
 }
 
+/// Statuses a route can count without a lock.
+const STATUS_SLOTS: usize = 8;
+
 /// The id used when a runner polls something that is not a request of a
 /// known route (a connection reading its next request, a background task of
 /// a request without one).
@@ -121,7 +151,8 @@ impl RouteTable {
             route: Arc::from("<connection>"),
             stalls: StallStats::default(),
             latency: Histogram::new([]),
-            statuses: RwLock::default(),
+            statuses: Default::default(),
+            more_statuses: Mutex::default(),
             metrics: metrics.clone(),
         });
         Self { by_id: RwLock::new(vec![none]), by_name: RwLock::default(), metrics }
@@ -147,7 +178,8 @@ impl RouteTable {
             route: Arc::from(route),
             stalls: StallStats::default(),
             latency: self.metrics.latency_histogram(method, route),
-            statuses: RwLock::default(),
+            statuses: Default::default(),
+            more_statuses: Mutex::default(),
             metrics: self.metrics.clone(),
         });
         by_id.push(info.clone());
@@ -179,5 +211,31 @@ impl RouteTable {
             .collect();
         rows.sort_by(|a, b| b.worst_ms.total_cmp(&a.worst_ms));
         rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_is_counted_also_beyond_the_lock_free_slots() {
+        let metrics = Metrics::new(&crate::LaneConfig::default(), None, Vec::new());
+        let routes = RouteTable::new(metrics.clone());
+        let route = routes.get(&http::Method::GET, "/x");
+        let statuses: Vec<u16> = (200..200 + STATUS_SLOTS as u16 + 3).collect();
+        for (i, status) in statuses.iter().enumerate() {
+            for _ in 0..=i {
+                route.answered(*status, Duration::from_millis(1));
+            }
+        }
+        let text = metrics.render();
+        for (i, status) in statuses.iter().enumerate() {
+            let line = format!(
+                "fastlane_http_requests_total{{method=\"GET\",route=\"/x\",status=\"{status}\"}} {}",
+                i + 1
+            );
+            assert!(text.contains(&line), "no `{line}` in\n{text}");
+        }
     }
 }

@@ -247,12 +247,10 @@ impl Metrics {
         self.inner.stalls.get_or_create(&labels).observe(took.as_secs_f64());
     }
 
-    pub(crate) fn request_started(&self) {
-        self.inner.in_flight.inc();
-    }
-
-    pub(crate) fn request_finished(&self) {
-        self.inner.in_flight.dec();
+    /// Sets the in-flight gauge (read off the server's tracker when the
+    /// metrics are rendered, rather than counted up and down per request).
+    pub(crate) fn set_requests_in_flight(&self, n: usize) {
+        self.inner.in_flight.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// The latency histogram of a route (resolved once per route).

@@ -33,8 +33,10 @@ pub struct Config {
     /// that a stuck request does not hold a connection for ever. `None`
     /// disables it; [`RouteTimeout`](crate::RouteTimeout) sets it per route.
     pub request_timeout: Option<Duration>,
-    /// Time a client has to send the request headers. Default 10 s: a real
-    /// client sends them in one go, a slowloris attacker never finishes.
+    /// Time a client has to send the request headers, and the longest an
+    /// idle keep-alive connection stays open. Default 10 s: a real client
+    /// sends them in one go, a slowloris attacker never finishes. Measured
+    /// to a tenth of a second (it is checked ten times a second).
     pub header_read_timeout: Duration,
     /// Largest request body accepted, in bytes, answered `413` beyond.
     /// Default 2 MiB, as axum: enough for JSON APIs; raise it for uploads.

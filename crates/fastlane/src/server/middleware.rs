@@ -16,7 +16,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -29,7 +29,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::state::{RequestState, ServerState};
-use crate::executor::{enter_route, Phase};
+use crate::executor::{enter_route, Phase, RouteInfo};
 use crate::lane::panic_message;
 use crate::ApiError;
 
@@ -45,14 +45,38 @@ impl<S> Layer<S> for TrackLayer {
     type Service = Track<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Track { inner, state: self.state.clone() }
+        let shared = Arc::new(TrackShared { state: self.state.clone(), route: OnceLock::new() });
+        Track { inner, shared }
+    }
+}
+
+/// axum applies the layer to each route's handler (per method), so one
+/// `Track` almost always sees one route: it remembers that route's info and
+/// spares each request the lookup by name.
+#[derive(Debug)]
+pub(crate) struct TrackShared {
+    state: Arc<ServerState>,
+    route: OnceLock<Arc<RouteInfo>>,
+}
+
+impl TrackShared {
+    fn route(&self, method: &http::Method, path: &str) -> Arc<RouteInfo> {
+        if let Some(route) = self.route.get() {
+            // Compared by content: a route served through a nested service
+            // (or `any`) can reach one layer under several names.
+            if route.method == method && *route.route == *path {
+                return route.clone();
+            }
+            return self.state.routes.get(method, path);
+        }
+        self.route.get_or_init(|| self.state.routes.get(method, path)).clone()
     }
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct Track<S> {
     inner: S,
-    state: Arc<ServerState>,
+    shared: Arc<TrackShared>,
 }
 
 impl<S> Service<Request> for Track<S>
@@ -71,16 +95,17 @@ where
     fn call(&mut self, mut req: Request) -> Self::Future {
         let started = Instant::now();
         let path = req.extensions().get::<MatchedPath>().map_or(UNMATCHED, MatchedPath::as_str);
-        let route = self.state.routes.get(req.method(), path);
-        let request = Arc::new(RequestState::new(self.state.clone(), route, started));
+        let route = self.shared.route(req.method(), path);
+        let state = &self.shared.state;
+        let request = Arc::new(RequestState::new(state.clone(), route, started));
 
-        if let Some(executor) = &self.state.executor {
+        if let Some(executor) = &state.executor {
             // Every runner is taken and this route is among those holding
             // them: refuse it, so that the routes that behave still get the
             // threads that free up.
             if request.route.stalls.ongoing() > 0 && executor.saturated() {
                 request.route.stalls.rejected();
-                self.state.metrics.isolation().rejected.inc();
+                state.metrics.isolation().rejected.inc();
                 let error = ApiError::unavailable(format!(
                     "{} {} is stalling its threads and all {} runner threads are in use; retry later",
                     request.method,
@@ -96,7 +121,7 @@ where
         }
 
         if let Some(declared) = declared_length(&req) {
-            let limit = self.state.config.body_limit;
+            let limit = state.config.body_limit;
             if declared > limit as u64 {
                 let error = ApiError::new(
                     http::StatusCode::PAYLOAD_TOO_LARGE,
@@ -219,7 +244,6 @@ where
 fn finish(request: &Arc<RequestState>, response: Response) -> Response {
     let elapsed = request.started.elapsed();
     let status = response.status().as_u16();
-    request.server.metrics.request_finished();
     request.route.answered(status, elapsed);
     // One human-readable line per request, as the seed article's
     // `log_requests` middleware prints it: `GET /users/{id} 200 1.3ms`.

@@ -24,11 +24,16 @@ pub(crate) struct ServerState {
     pub(crate) routes: Arc<RouteTable>,
     /// The watched executor; `None` when isolation is off.
     pub(crate) executor: Option<Executor>,
-    /// Requests received so far (for `--max-requests`).
-    pub(crate) served: std::sync::atomic::AtomicU64,
 }
 
 impl ServerState {
+    /// The metrics in Prometheus text, with the gauges that are read off
+    /// the server's state (not counted per request) brought up to date.
+    pub(crate) fn render_metrics(&self) -> String {
+        self.metrics.set_requests_in_flight(self.tracker.requests_in_flight());
+        self.metrics.render()
+    }
+
     /// Starts a task (a connection, a background task) with these lanes
     /// current: on the watched executor, or on tokio without isolation.
     pub(crate) fn start_task(&self, task: Task) {
@@ -74,8 +79,6 @@ impl RequestState {
     pub(crate) fn new(server: Arc<ServerState>, route: Arc<RouteInfo>, started: Instant) -> Self {
         let method = route.method.clone();
         let id = server.tracker.add_request(&route, started);
-        server.served.fetch_add(1, Ordering::Relaxed);
-        server.metrics.request_started();
         Self {
             server,
             id,

@@ -5,17 +5,20 @@
 //! critical sections are a map insert or remove and never cross an `.await`.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
 use super::report::CutWork;
-use crate::executor::RouteInfo;
+use crate::executor::{RouteInfo, RouteTable};
 
 #[derive(Debug)]
 struct Entry {
-    route: Arc<RouteInfo>,
+    /// The route's id in the server's [`RouteTable`]: an id, not an `Arc`,
+    /// so that tracking a request does not touch a reference count that
+    /// every thread serving the route shares.
+    route: u32,
     lane: &'static str,
     since: Instant,
     started: Option<Instant>,
@@ -28,34 +31,37 @@ struct Slab {
     entries: Vec<Option<Entry>>,
     free: Vec<usize>,
     len: usize,
+    /// Entries ever inserted.
+    added: u64,
 }
 
 impl Slab {
-    fn insert(&mut self, entry: Entry) -> u64 {
+    fn insert(&mut self, entry: Entry) -> usize {
         self.len += 1;
+        self.added += 1;
         match self.free.pop() {
             Some(index) => {
                 self.entries[index] = Some(entry);
-                index as u64
+                index
             }
             None => {
                 self.entries.push(Some(entry));
-                (self.entries.len() - 1) as u64
+                self.entries.len() - 1
             }
         }
     }
 
-    fn remove(&mut self, id: u64) {
-        if let Some(slot) = self.entries.get_mut(id as usize) {
+    fn remove(&mut self, index: usize) {
+        if let Some(slot) = self.entries.get_mut(index) {
             if slot.take().is_some() {
                 self.len -= 1;
-                self.free.push(id as usize);
+                self.free.push(index);
             }
         }
     }
 
-    fn get_mut(&mut self, id: u64) -> Option<&mut Entry> {
-        self.entries.get_mut(id as usize)?.as_mut()
+    fn get_mut(&mut self, index: usize) -> Option<&mut Entry> {
+        self.entries.get_mut(index)?.as_mut()
     }
 
     fn values(&self) -> impl Iterator<Item = &Entry> {
@@ -63,10 +69,60 @@ impl Slab {
     }
 }
 
+/// Slabs per kind of work: each thread uses its own (by a number given to
+/// it on first use), so that threads serving requests side by side do not
+/// take turns at one lock.
+const SHARDS: usize = 8;
+
+/// One slab per cache line.
+#[repr(align(64))]
+#[derive(Debug, Default)]
+struct Shard(Mutex<Slab>);
+
+/// A set of entries spread over [`SHARDS`] slabs. An id is `index * SHARDS
+/// + shard`, so removal finds the right slab from any thread.
+#[derive(Debug, Default)]
+struct Sharded {
+    shards: [Shard; SHARDS],
+}
+
+impl Sharded {
+    fn insert(&self, entry: Entry) -> u64 {
+        let shard = shard_of_this_thread();
+        let index = lock(&self.shards[shard].0).insert(entry);
+        (index * SHARDS + shard) as u64
+    }
+
+    fn with<R>(&self, id: u64, f: impl FnOnce(&mut Slab, usize) -> R) -> R {
+        let id = id as usize;
+        f(&mut lock(&self.shards[id % SHARDS].0), id / SHARDS)
+    }
+
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(&s.0).len).sum()
+    }
+
+    fn added(&self) -> u64 {
+        self.shards.iter().map(|s| lock(&s.0).added).sum()
+    }
+
+    fn describe(&self, f: impl Fn(&Entry) -> CutWork) -> Vec<CutWork> {
+        self.shards.iter().flat_map(|s| lock(&s.0).values().map(&f).collect::<Vec<_>>()).collect()
+    }
+}
+
+fn shard_of_this_thread() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|s| *s)
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
-    requests: Mutex<Slab>,
-    tasks: Mutex<Slab>,
+    requests: Sharded,
+    tasks: Sharded,
     connections: AtomicUsize,
     changed: Notify,
     /// Set once shutdown waits on [`idle`](Self::idle): only then do
@@ -80,29 +136,34 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Tracker {
-    pub(crate) fn add_request(&self, route: &Arc<RouteInfo>, now: Instant) -> u64 {
-        let entry = Entry { route: route.clone(), lane: "async", since: now, started: Some(now) };
-        lock(&self.requests).insert(entry)
+    pub(crate) fn add_request(&self, route: &RouteInfo, now: Instant) -> u64 {
+        self.requests.insert(Entry { route: route.id, lane: "async", since: now, started: Some(now) })
     }
 
     pub(crate) fn remove_request(&self, id: u64) {
-        lock(&self.requests).remove(id);
+        self.requests.with(id, |slab, index| slab.remove(index));
         self.changed_if_draining();
     }
 
-    pub(crate) fn add_task(&self, route: &Arc<RouteInfo>, lane: &'static str) -> u64 {
-        let entry = Entry { route: route.clone(), lane, since: Instant::now(), started: None };
-        lock(&self.tasks).insert(entry)
+    /// Requests received so far (for `--max-requests`).
+    pub(crate) fn requests_received(&self) -> u64 {
+        self.requests.added()
+    }
+
+    pub(crate) fn add_task(&self, route: &RouteInfo, lane: &'static str) -> u64 {
+        self.tasks.insert(Entry { route: route.id, lane, since: Instant::now(), started: None })
     }
 
     pub(crate) fn task_started(&self, id: u64) {
-        if let Some(entry) = lock(&self.tasks).get_mut(id) {
-            entry.started = Some(Instant::now());
-        }
+        self.tasks.with(id, |slab, index| {
+            if let Some(entry) = slab.get_mut(index) {
+                entry.started = Some(Instant::now());
+            }
+        });
     }
 
     pub(crate) fn remove_task(&self, id: u64) {
-        lock(&self.tasks).remove(id);
+        self.tasks.with(id, |slab, index| slab.remove(index));
         self.changed_if_draining();
     }
 
@@ -116,17 +177,15 @@ impl Tracker {
     }
 
     pub(crate) fn requests_in_flight(&self) -> usize {
-        lock(&self.requests).len
+        self.requests.len()
     }
 
     pub(crate) fn tasks_pending(&self) -> usize {
-        lock(&self.tasks).len
+        self.tasks.len()
     }
 
     fn is_idle(&self) -> bool {
-        self.connections.load(Ordering::Relaxed) == 0
-            && lock(&self.requests).len == 0
-            && lock(&self.tasks).len == 0
+        self.connections.load(Ordering::Relaxed) == 0 && self.requests.len() == 0 && self.tasks.len() == 0
     }
 
     fn changed_if_draining(&self) {
@@ -151,18 +210,24 @@ impl Tracker {
     }
 
     /// What is still running, for the shutdown report.
-    pub(crate) fn snapshot(&self) -> (Vec<CutWork>, Vec<CutWork>) {
+    pub(crate) fn snapshot(&self, routes: &RouteTable) -> (Vec<CutWork>, Vec<CutWork>) {
         let now = Instant::now();
-        let describe = |e: &Entry, kind| CutWork {
-            kind,
-            method: e.route.method.to_string(),
-            route: e.route.route.to_string(),
-            lane: e.lane,
-            running_for: e.started.map(|s| now.saturating_duration_since(s)),
-            waiting_for: e.started.unwrap_or(now).saturating_duration_since(e.since),
+        let describe = |e: &Entry, kind| {
+            let (method, route) = match routes.by_id(e.route) {
+                Some(info) => (info.method.to_string(), info.route.to_string()),
+                None => ("?".to_owned(), "?".to_owned()),
+            };
+            CutWork {
+                kind,
+                method,
+                route,
+                lane: e.lane,
+                running_for: e.started.map(|s| now.saturating_duration_since(s)),
+                waiting_for: e.started.unwrap_or(now).saturating_duration_since(e.since),
+            }
         };
-        let mut requests: Vec<_> = lock(&self.requests).values().map(|e| describe(e, "request")).collect();
-        let mut tasks: Vec<_> = lock(&self.tasks).values().map(|e| describe(e, "background task")).collect();
+        let mut requests = self.requests.describe(|e| describe(e, "request"));
+        let mut tasks = self.tasks.describe(|e| describe(e, "background task"));
         let longest_first = |a: &CutWork, b: &CutWork| {
             b.running_for.unwrap_or(Duration::ZERO).cmp(&a.running_for.unwrap_or(Duration::ZERO))
         };

@@ -6,7 +6,6 @@
 
 use std::io::Write;
 use std::os::fd::{FromRawFd, RawFd};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -92,7 +91,7 @@ pub(crate) fn start_heartbeat(
             return;
         }
         if let Some(limit) = max_requests {
-            if state.served.load(Ordering::Relaxed) >= limit {
+            if state.tracker.requests_received() >= limit {
                 tracing::info!(served = limit, "max requests reached: recycling this worker");
                 handle.shutdown();
             }
@@ -106,7 +105,7 @@ pub(crate) fn start_heartbeat(
 
 /// One line for the supervisor: alive or not, and what is in flight.
 fn status_line(state: &ServerState, alive: bool) -> String {
-    let (requests, tasks) = state.tracker.snapshot();
+    let (requests, tasks) = state.tracker.snapshot(&state.routes);
     let running: Vec<String> = requests
         .iter()
         .chain(tasks.iter())
