@@ -190,3 +190,74 @@ async fn a_connection_cut_at_shutdown_is_closed_not_left_hanging() {
         .expect("the cut connection ends instead of hanging");
     assert!(matches!(read, Ok(0) | Err(_)), "no response, just the end: {read:?}");
 }
+
+/// A config whose header-read timeout (also the keep-alive idle limit) is
+/// short enough to test.
+fn short_header_timeout() -> Config {
+    Config { header_read_timeout: Duration::from_millis(500), ..Config::default() }
+}
+
+/// Waits for the server to close `conn`; returns how long that took.
+async fn closed_within(conn: &mut TcpStream, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(limit, conn.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the connection was still open after {limit:?}");
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_read_timeout() {
+    let server = start(app(), short_header_timeout()).await;
+    let mut conn = TcpStream::connect(server.local_addr()).await.unwrap();
+    assert_eq!(exchange(&mut conn, b"GET /fast HTTP/1.1\r\nHost: t\r\n\r\n").await.1, b"ok");
+    let took = closed_within(&mut conn, Duration::from_secs(10)).await;
+    // Measured from the end of the response, to within a check (0.1 s).
+    assert!(took >= Duration::from_millis(300), "closed after only {took:?}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_header_read_timeout_never_cuts_a_request_in_progress() {
+    let app = app().route(
+        "/stream",
+        get(|| async {
+            let chunks = futures_util::stream::unfold(0, |i| async move {
+                if i == 4 {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                Some((Ok::<_, std::convert::Infallible>(Bytes::from(format!("chunk {i}\n"))), i + 1))
+            });
+            axum::body::Body::from_stream(chunks)
+        }),
+    );
+    let server = start(app, short_header_timeout()).await;
+    // A handler that takes three times the timeout.
+    let slow = fastlane::client::get(&server.url("/block/1500")).await.unwrap();
+    assert_eq!(slow.status, 200);
+    assert_eq!(slow.text(), "slept");
+    // A streaming body that lasts three times the timeout.
+    let stream = fastlane::client::get(&server.url("/stream")).await.unwrap();
+    assert_eq!(stream.text(), "chunk 0\nchunk 1\nchunk 2\nchunk 3\n");
+    // A big response to a reader that starts reading only after three
+    // times the timeout: the server waits on a full socket meanwhile.
+    let mut conn = TcpStream::connect(server.local_addr()).await.unwrap();
+    conn.write_all(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, body) =
+        tokio::time::timeout(Duration::from_secs(30), read_response(&mut conn)).await.unwrap();
+    assert_eq!((status.as_str(), body.len()), ("HTTP/1.1 200 OK", BIG));
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn without_isolation_a_client_that_never_finishes_its_headers_is_disconnected_too() {
+    let isolation = fastlane::IsolationConfig { enabled: false, ..Default::default() };
+    let server = start(app(), Config { isolation, ..short_header_timeout() }).await;
+    let mut conn = TcpStream::connect(server.local_addr()).await.unwrap();
+    conn.write_all(b"GET /fast HTTP/1.1\r\nHost: t\r\n").await.unwrap(); // no final CRLF
+    let took = closed_within(&mut conn, Duration::from_secs(10)).await;
+    assert!(took >= Duration::from_millis(300), "closed after only {took:?}");
+    server.shutdown().await.unwrap();
+}

@@ -119,6 +119,9 @@ pub(crate) struct Executor {
 #[derive(Debug)]
 struct Shared {
     config: IsolationConfig,
+    /// Enforced on the reactor's connections by the monitor (see
+    /// [`Reactor::cut_idle`]).
+    header_read_timeout: Duration,
     runtime: tokio::runtime::Handle,
     routes: Arc<RouteTable>,
     metrics: Metrics,
@@ -191,6 +194,7 @@ impl Executor {
     /// Starts the monitor; runners start on demand.
     pub(crate) fn new(
         config: IsolationConfig,
+        header_read_timeout: Duration,
         runtime: tokio::runtime::Handle,
         routes: Arc<RouteTable>,
         metrics: Metrics,
@@ -210,6 +214,7 @@ impl Executor {
         };
         let shared = Arc::new(Shared {
             config,
+            header_read_timeout,
             runtime,
             routes,
             metrics,

@@ -35,8 +35,16 @@ pub(super) fn start(shared: Arc<Shared>) {
 fn run(shared: &Arc<Shared>) {
     let threshold_ns = u64::try_from(shared.config.stall_threshold.as_nanos()).unwrap_or(u64::MAX).max(1);
     let mut slots: Vec<Arc<Slot>> = Vec::new();
+    let mut idle_checked = std::time::Instant::now();
     while !shared.shutdown.load(Ordering::Relaxed) {
         std::thread::sleep(TICK);
+        super::reactor::tick_clock();
+        if let Some(reactor) = &shared.reactor {
+            if idle_checked.elapsed() >= super::reactor::IDLE_CHECK_EVERY {
+                idle_checked = std::time::Instant::now();
+                reactor.cut_idle(shared.header_read_timeout);
+            }
+        }
         slots.clear();
         slots.extend(shared.slots.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
         let now = shared.now_ns();

@@ -19,15 +19,22 @@
 //!
 //! Everything else a handler awaits (tokio timers, tokio sockets, channels)
 //! stays on tokio's driver and reaches the runners through the task queue.
+//!
+//! The reactor also enforces the header-read timeout of its connections
+//! ([`Reactor::cut_idle`]), in place of hyper's: hyper arms a timer for every
+//! request head, which cost about 8 % of hello-world's CPU time (measured with
+//! `bench/cpu.py`, the timer on against off). Here a connection only keeps
+//! two counters up to date, and the monitor looks at all of them ten times a
+//! second.
 
 use std::io::{self, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{ready, Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Token};
 
@@ -168,6 +175,47 @@ impl Reactor {
         }
     }
 
+    /// Closes the connections that have waited longer than `timeout` for a
+    /// request (a complete request head) to come; returns how many.
+    ///
+    /// Waiting means: no request in flight, no response being written, and
+    /// not exempt (HTTP/2 and upgraded connections, whose idle periods are
+    /// theirs to manage). Called by the monitor every [`IDLE_CHECK_EVERY`].
+    #[allow(unsafe_code)]
+    pub(crate) fn cut_idle(&self, timeout: Duration) -> usize {
+        let now = clock_ms();
+        let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let idle: Vec<Arc<IoState>> = {
+            let sources = self.sources();
+            let idle: Vec<_> = sources
+                .entries
+                .iter()
+                .filter_map(|(_, s)| s.as_ref())
+                .filter(|s| s.waited_ms(now).is_some_and(|waited| waited > limit))
+                .cloned()
+                .collect();
+            for state in &idle {
+                // SAFETY: as in `shut_all`: the descriptor is still open.
+                unsafe { libc::shutdown(state.fd, libc::SHUT_RDWR) };
+                // Once: its task will see the end at its next read.
+                state.exempt.store(true, Ordering::Relaxed);
+            }
+            idle
+        };
+        for state in &idle {
+            state.read.wake();
+            state.write.wake();
+        }
+        if !idle.is_empty() {
+            tracing::debug!(
+                connections = idle.len(),
+                "closed connections that sent no complete request within {:.1} s",
+                timeout.as_secs_f64()
+            );
+        }
+        idle.len()
+    }
+
     fn sources(&self) -> MutexGuard<'_, Sources> {
         // Nothing panics while holding this lock.
         self.sources.lock().unwrap_or_else(|p| p.into_inner())
@@ -211,18 +259,115 @@ impl Sources {
     }
 }
 
-/// The readiness of one connection, per direction.
+/// How often the monitor calls [`Reactor::cut_idle`]; also how late past
+/// the header-read timeout a connection may be closed.
+pub(crate) const IDLE_CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// Milliseconds since the first use of this clock, as of the monitor's last
+/// tick ([`tick_clock`]): a connection stamps its idle periods with it
+/// without reading the system clock.
+static CLOCK_MS: AtomicU64 = AtomicU64::new(0);
+
+fn clock_epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Brings the coarse clock up to date; called by the monitor every tick.
+pub(crate) fn tick_clock() {
+    let ms = u64::try_from(clock_epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
+    CLOCK_MS.fetch_max(ms, Ordering::Relaxed);
+}
+
+fn clock_ms() -> u64 {
+    CLOCK_MS.load(Ordering::Relaxed)
+}
+
+/// The readiness of one connection, per direction, and what its idle watch
+/// needs.
 #[derive(Debug)]
 struct IoState {
     /// The socket, for [`Reactor::shut_all`].
     fd: RawFd,
     read: Direction,
     write: Direction,
+    /// Requests in flight: from their head until their response is done.
+    busy: AtomicU32,
+    /// The last write found the socket full: a response is being written.
+    write_blocked: AtomicBool,
+    /// [`CLOCK_MS`] when the connection last began to wait for a request.
+    idle_since: AtomicU64,
+    /// Never cut for idling.
+    exempt: AtomicBool,
 }
 
 impl IoState {
     fn new(fd: RawFd) -> Self {
-        Self { fd, read: Direction::default(), write: Direction::default() }
+        Self {
+            fd,
+            read: Direction::default(),
+            write: Direction::default(),
+            busy: AtomicU32::new(0),
+            write_blocked: AtomicBool::new(false),
+            idle_since: AtomicU64::new(clock_ms()),
+            exempt: AtomicBool::new(false),
+        }
+    }
+
+    /// How long the connection has waited for a request as of `now`, or
+    /// `None` if it is not waiting.
+    fn waited_ms(&self, now: u64) -> Option<u64> {
+        let waiting = self.busy.load(Ordering::Relaxed) == 0
+            && !self.write_blocked.load(Ordering::Relaxed)
+            && !self.exempt.load(Ordering::Relaxed);
+        waiting.then(|| now.saturating_sub(self.idle_since.load(Ordering::Relaxed)))
+    }
+
+    fn became_idle(&self) {
+        self.idle_since.store(clock_ms(), Ordering::Relaxed);
+    }
+
+    /// Notes how a write went: blocked on a full socket, or through.
+    fn wrote<T>(&self, result: Poll<T>) -> Poll<T> {
+        match result {
+            Poll::Pending => self.write_blocked.store(true, Ordering::Relaxed),
+            Poll::Ready(_) => {
+                if self.write_blocked.swap(false, Ordering::Relaxed) && self.busy.load(Ordering::Relaxed) == 0
+                {
+                    // The last of a response went out: the wait for the
+                    // next request begins now.
+                    self.became_idle();
+                }
+            }
+        }
+        result
+    }
+}
+
+/// A connection's handle for the code that serves its requests: tells the
+/// reactor's idle watch when a request is in flight.
+#[derive(Debug, Clone)]
+pub(crate) struct IdleWatch {
+    state: Arc<IoState>,
+}
+
+impl IdleWatch {
+    /// A request head has arrived.
+    pub(crate) fn request_started(&self) {
+        self.state.busy.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request's response is done (or abandoned).
+    pub(crate) fn request_done(&self) {
+        if self.state.busy.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.state.became_idle();
+        }
+    }
+
+    /// The connection is no longer HTTP/1 requests (HTTP/2, or upgraded):
+    /// idle periods are not for us to cut.
+    pub(crate) fn exempt(&self) {
+        self.state.exempt.store(true, Ordering::Relaxed);
     }
 }
 
@@ -320,6 +465,13 @@ impl std::fmt::Debug for Connection {
     }
 }
 
+impl Connection {
+    /// The handle for the code serving this connection's requests.
+    pub(crate) fn idle_watch(&self) -> IdleWatch {
+        IdleWatch { state: self.state.clone() }
+    }
+}
+
 impl Drop for Connection {
     fn drop(&mut self) {
         // Closing the socket would remove it from the epoll set anyway; the
@@ -361,7 +513,7 @@ impl hyper::rt::Write for Connection {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let stream = &this.stream;
-        this.state.write.poll_io(cx, || (&*stream).write(buf).map(|n| (n, n < buf.len())))
+        this.state.wrote(this.state.write.poll_io(cx, || (&*stream).write(buf).map(|n| (n, n < buf.len()))))
     }
 
     fn poll_write_vectored(
@@ -372,7 +524,8 @@ impl hyper::rt::Write for Connection {
         let this = self.get_mut();
         let stream = &this.stream;
         let len: usize = bufs.iter().map(|b| b.len()).sum();
-        this.state.write.poll_io(cx, || (&*stream).write_vectored(bufs).map(|n| (n, n < len)))
+        this.state
+            .wrote(this.state.write.poll_io(cx, || (&*stream).write_vectored(bufs).map(|n| (n, n < len))))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -408,5 +561,25 @@ mod tests {
         assert!(sources.get(second).is_some());
         sources.remove(first);
         assert!(sources.get(second).is_some(), "removing a stale token leaves the new one");
+    }
+
+    #[test]
+    fn a_connection_waits_only_with_no_request_in_flight_and_no_response_blocked() {
+        tick_clock();
+        let state = Arc::new(IoState::new(-1));
+        let watch = IdleWatch { state: state.clone() };
+        let now = clock_ms();
+        assert_eq!(state.waited_ms(now + 50), Some(50), "a new connection waits for its first request");
+        watch.request_started();
+        assert_eq!(state.waited_ms(now + 50), None, "a request is in flight");
+        watch.request_done();
+        assert!(state.waited_ms(now + 50).is_some());
+        // A response too big for the socket's buffer is being written.
+        let _ = state.wrote(Poll::<()>::Pending);
+        assert_eq!(state.waited_ms(now + 50), None);
+        let _ = state.wrote(Poll::Ready(()));
+        assert!(state.waited_ms(now + 50).is_some());
+        watch.exempt();
+        assert_eq!(state.waited_ms(now + 50), None, "HTTP/2 and upgraded connections are never cut");
     }
 }

@@ -15,6 +15,7 @@ mod timeout;
 mod timer;
 mod tracker;
 
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,7 +26,9 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::DefaultBodyLimit;
 use axum::response::{IntoResponse, Response};
+use axum::routing::future::RouteFuture;
 use axum::Router;
+use futures_util::future::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -39,6 +42,7 @@ pub(crate) use state::{RequestState, ServerState};
 pub use timeout::{RouteTimeout, SetTimeout};
 
 use crate::companion::Companion;
+use crate::executor::reactor::IdleWatch;
 use crate::executor::{Executor, RouteTable};
 use crate::metrics::Metrics;
 use crate::supervisor::worker::WorkerEnv;
@@ -165,7 +169,13 @@ impl Server {
         // The supervisor serves no request: no runners, no monitor.
         let isolate = self.config.isolation.enabled && !matches!(mode, Mode::Supervisor);
         let executor = isolate.then(|| {
-            Executor::new(self.config.isolation.clone(), runtime.clone(), routes.clone(), metrics.clone())
+            Executor::new(
+                self.config.isolation.clone(),
+                self.config.header_read_timeout,
+                runtime.clone(),
+                routes.clone(),
+                metrics.clone(),
+            )
         });
         let state = Arc::new(ServerState {
             config: self.config,
@@ -352,7 +362,10 @@ impl BoundServer {
             }
             Mode::Single => {}
         }
-        let builder = Arc::new(http_builder(&state));
+        let builders = Builders {
+            timed: Arc::new(http_builder(&state, true)),
+            watched: Arc::new(http_builder(&state, false)),
+        };
         tracing::info!(addr = %local_addr, "fastlane listening on http://{local_addr}");
         let companions = start_companions(companions, &state, &stop);
 
@@ -364,7 +377,7 @@ impl BoundServer {
                 () = &mut signal => break,
                 () = stopped(&mut stop_rx) => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _peer)) => start_connection(stream, &builder, &router, &state, &stop),
+                    Ok((stream, _peer)) => start_connection(stream, &builders, &router, &state, &stop),
                     Err(err) => accept_error(local_addr, err).await,
                 },
             }
@@ -456,15 +469,22 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
-fn http_builder(state: &Arc<ServerState>) -> auto::Builder<StreamExecutor> {
+/// hyper's connection settings, for the two kinds of connection.
+struct Builders {
+    /// On tokio's I/O: hyper enforces the header-read timeout.
+    timed: Arc<auto::Builder<StreamExecutor>>,
+    /// On the runners' reactor, which enforces it itself (`cut_idle`).
+    watched: Arc<auto::Builder<StreamExecutor>>,
+}
+
+fn http_builder(state: &Arc<ServerState>, header_timer: bool) -> auto::Builder<StreamExecutor> {
     let mut builder = auto::Builder::new(StreamExecutor { state: state.clone() });
-    builder
-        .http1()
+    builder.http1().keep_alive(true);
+    if header_timer {
         // A coarse timer of our own: hyper arms this timeout on every
         // request, and tokio's timer made that cost more than the routing.
-        .timer(timer::CoarseTimer)
-        .header_read_timeout(state.config.header_read_timeout)
-        .keep_alive(true);
+        builder.http1().timer(timer::CoarseTimer).header_read_timeout(state.config.header_read_timeout);
+    }
     builder.http2().timer(TokioTimer::new());
     builder
 }
@@ -492,23 +512,29 @@ where
 /// their reactor, when isolation is on; on tokio otherwise.
 fn start_connection(
     stream: TcpStream,
-    builder: &Arc<auto::Builder<StreamExecutor>>,
+    builders: &Builders,
     router: &Router,
     state: &Arc<ServerState>,
     stop: &watch::Sender<bool>,
 ) {
     let _ = stream.set_nodelay(true);
-    let (builder, router, stop) = (builder.clone(), router.clone(), stop.subscribe());
+    let (router, stop) = (router.clone(), stop.subscribe());
     match state.executor.as_ref().and_then(|e| e.reactor()) {
         Some(reactor) => match stream.into_std().and_then(|stream| reactor.register(stream)) {
-            Ok(io) => state.start_task(Box::pin(serve_connection(io, builder, router, state.clone(), stop))),
+            Ok(io) => {
+                let service = ConnectionService::new(router, state, Some(io.idle_watch()));
+                let serve = serve_connection(io, builders.watched.clone(), service, state.clone(), stop);
+                state.start_task(Box::pin(serve));
+            }
             // The descriptor could not be moved (out of memory for the epoll
             // entry): the connection is closed, as an accept failure would.
             Err(err) => tracing::warn!(error = %err, "could not register a connection; closed it"),
         },
         None => {
-            let io = TokioIo::new(stream);
-            state.start_task(Box::pin(serve_connection(io, builder, router, state.clone(), stop)));
+            let service = ConnectionService::new(router, state, None);
+            let serve =
+                serve_connection(TokioIo::new(stream), builders.timed.clone(), service, state.clone(), stop);
+            state.start_task(Box::pin(serve));
         }
     }
 }
@@ -516,7 +542,7 @@ fn start_connection(
 async fn serve_connection<I>(
     io: I,
     builder: Arc<auto::Builder<StreamExecutor>>,
-    router: Router,
+    service: ConnectionService,
     state: Arc<ServerState>,
     mut stop: watch::Receiver<bool>,
 ) where
@@ -524,10 +550,6 @@ async fn serve_connection<I>(
 {
     state.tracker.connection_opened();
     let accepted = tokio::time::Instant::now();
-    let service_state = state.clone();
-    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-        dispatch(router.clone(), service_state.clone(), req)
-    });
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -553,24 +575,147 @@ async fn serve_connection<I>(
     state.tracker.connection_closed();
 }
 
-async fn dispatch(
-    mut router: Router,
+/// What hyper calls for each request of a connection: fastlane's own
+/// endpoints, then the app's router.
+///
+/// Holds its own handle of the router, so a request clones nothing shared
+/// between threads (`Router::call` wants `&mut`, hyper gives `&`: the
+/// `RefCell` is borrowed only while the router builds the response future).
+struct ConnectionService {
+    router: RefCell<Router>,
     state: Arc<ServerState>,
-    req: http::Request<Incoming>,
-) -> Result<Response, Infallible> {
-    if state.config.expose_internal && req.method() == http::Method::GET {
-        match req.uri().path() {
-            "/metrics" => return Ok(metrics_response(&state)),
-            "/_fastlane/stalls" => return Ok(axum::Json(state.routes.stall_rows()).into_response()),
-            "/_fastlane/worker" => {
-                let body = serde_json::json!({ "worker": crate::worker_id(), "pid": std::process::id() });
-                return Ok(axum::Json(body).into_response());
-            }
-            _ => {}
-        }
+    /// On the runners' reactor: tells its idle watch (the header-read
+    /// timeout) when requests are in flight.
+    watch: Option<IdleWatch>,
+}
+
+impl ConnectionService {
+    fn new(router: Router, state: &Arc<ServerState>, watch: Option<IdleWatch>) -> Self {
+        Self { router: RefCell::new(router), state: state.clone(), watch }
     }
-    // `Router` is always ready (its `poll_ready` returns `Ready` at once).
-    router.call(req.map(Body::new)).await
+}
+
+impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Served;
+
+    fn call(&self, req: http::Request<Incoming>) -> Self::Future {
+        let busy = self.watch.as_ref().map(|watch| {
+            if req.version() == http::Version::HTTP_2 {
+                watch.exempt();
+            }
+            Busy::new(watch, req.method() == http::Method::CONNECT)
+        });
+        let inner = match internal_endpoint(&self.state, &req) {
+            Some(response) => Either::Left(std::future::ready(Ok(response))),
+            // `Router` is always ready (its `poll_ready` returns `Ready` at once).
+            None => Either::Right(self.router.borrow_mut().call(req)),
+        };
+        Served { inner, busy }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`ConnectionService`]: the request counts as in
+    /// flight for the idle watch until its response is done.
+    struct Served {
+        #[pin]
+        inner: Either<std::future::Ready<Result<Response, Infallible>>, RouteFuture<Infallible>>,
+        busy: Option<Busy>,
+    }
+}
+
+impl Future for Served {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let Ok(response) = std::task::ready!(this.inner.poll(cx));
+        let Some(busy) = this.busy.take() else { return std::task::Poll::Ready(Ok(response)) };
+        let upgraded = response.status() == http::StatusCode::SWITCHING_PROTOCOLS
+            || (busy.connect && response.status().is_success());
+        if upgraded {
+            // The connection is the app's from here on.
+            busy.watch.exempt();
+        }
+        // A body of known size is written at once (if the socket is full,
+        // the reactor sees the write blocked); a stream may go on for long,
+        // and the request stays in flight until it ends.
+        if http_body::Body::size_hint(response.body()).exact().is_some() {
+            return std::task::Poll::Ready(Ok(response));
+        }
+        Ok(response.map(|body| Body::new(BusyBody { inner: body, busy: Some(busy) }))).into()
+    }
+}
+
+/// A request in flight on a watched connection, until dropped.
+struct Busy {
+    watch: IdleWatch,
+    connect: bool,
+}
+
+impl Busy {
+    fn new(watch: &IdleWatch, connect: bool) -> Self {
+        watch.request_started();
+        Self { watch: watch.clone(), connect }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.watch.request_done();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A streaming response body, holding its request in flight until it ends.
+    struct BusyBody {
+        #[pin]
+        inner: Body,
+        busy: Option<Busy>,
+    }
+}
+
+impl http_body::Body for BusyBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let std::task::Poll::Ready(None | Some(Err(_))) = &polled {
+            this.busy.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The answer of fastlane's own endpoints, when exposed and asked for.
+fn internal_endpoint<B>(state: &ServerState, req: &http::Request<B>) -> Option<Response> {
+    if !state.config.expose_internal || req.method() != http::Method::GET {
+        return None;
+    }
+    match req.uri().path() {
+        "/metrics" => Some(metrics_response(state)),
+        "/_fastlane/stalls" => Some(axum::Json(state.routes.stall_rows()).into_response()),
+        "/_fastlane/worker" => {
+            let body = serde_json::json!({ "worker": crate::worker_id(), "pid": std::process::id() });
+            Some(axum::Json(body).into_response())
+        }
+        _ => None,
+    }
 }
 
 fn metrics_response(state: &ServerState) -> Response {
