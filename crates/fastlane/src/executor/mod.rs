@@ -24,12 +24,18 @@
 //! * when the poll returns the runner reports how long the stall lasted, and
 //!   spare runners retire after a while without work.
 //!
-//! A task is never tied to a runner: whichever runner is free takes the next
-//! task, so one stuck poll holds up exactly one task, its own.
+//! A task is never tied to a runner for long: whichever runner is free takes
+//! the next task from the shared queue, so one stuck poll holds up one task,
+//! its own, and for a millisecond or two at most the tasks its runner was
+//! about to run.
 //!
 //! The connections' sockets are watched by the runners themselves
-//! ([`reactor`]): an idle runner waits for their readiness and runs the task
-//! it wakes, so a request is not handed from thread to thread.
+//! ([`reactor`]), one epoll set per healthy runner, connections dealt out in
+//! turn: an idle runner waits for the readiness of its set and runs the tasks
+//! it wakes itself, so a request is not handed from thread to thread, and a
+//! connection stays on one core. If that runner's current poll runs longer
+//! than a tick (1 ms), or another runner is idle, the monitor moves the tasks
+//! it has not started to the shared queue.
 
 mod monitor;
 pub(crate) mod reactor;
@@ -126,9 +132,12 @@ struct Shared {
     routes: Arc<RouteTable>,
     metrics: Metrics,
     epoch: Instant,
-    /// The connections' readiness, polled by an idle runner; `None` if the
-    /// OS refused an epoll set, in which case connections stay on tokio's.
-    reactor: Option<Arc<Reactor>>,
+    /// The connections' readiness, one epoll set per healthy runner, each
+    /// polled by an idle runner; empty if the OS refused an epoll set, in
+    /// which case connections stay on tokio's.
+    reactors: Vec<Arc<Reactor>>,
+    /// Which reactor the next accepted connection joins (round robin).
+    next_reactor: AtomicUsize,
     queue: Mutex<Queue>,
     work_ready: Condvar,
     /// Live runners, for the monitor.
@@ -149,19 +158,35 @@ struct Queue {
     /// Of those, how many have been notified and not yet woken up: spares
     /// a second notification for a runner that is already on its way.
     waking: usize,
-    /// A runner holds the poller role: it waits for I/O, or is dispatching
-    /// what it got. It counts as idle too.
-    polling: bool,
-    /// The poller has been asked (through the reactor) to come back for the
-    /// queue; spares repeated wake-ups until it does.
-    poller_woken: bool,
+    /// The poller role of each reactor.
+    roles: Vec<Role>,
     shutdown: bool,
+}
+
+/// The poller role of one reactor.
+#[derive(Debug, Default, Clone, Copy)]
+struct Role {
+    /// A runner holds it: it waits for I/O, or is dispatching what it got.
+    /// It counts as idle too.
+    held: bool,
+    /// Its holder has been asked (through the reactor) to come back for the
+    /// queue; spares repeated wake-ups until it does.
+    woken: bool,
 }
 
 impl Queue {
     /// Runners free to take work: asleep, or waiting for I/O.
     fn waiting(&self) -> usize {
-        self.idle + usize::from(self.polling)
+        self.idle + self.roles.iter().filter(|r| r.held).count()
+    }
+
+    /// A free poller role: the one the runner held last if it is free (its
+    /// connections stay on its core), else the first free one.
+    fn free_role(&self, last: usize) -> Option<usize> {
+        match self.roles.get(last) {
+            Some(role) if !role.held => Some(last),
+            _ => self.roles.iter().position(|r| !r.held),
+        }
     }
 
     /// Claims a sleeping runner that nobody has notified yet; the caller
@@ -187,7 +212,7 @@ enum Wake {
     Nobody,
     Start,
     Sleeper,
-    Poller,
+    Poller(usize),
 }
 
 impl Executor {
@@ -205,13 +230,14 @@ impl Executor {
             ..config
         };
         metrics.isolation().max_threads.set(config.max_threads as i64);
-        let reactor = match Reactor::new() {
-            Ok(reactor) => Some(Arc::new(reactor)),
+        let reactors = match (0..config.runners).map(|_| Reactor::new().map(Arc::new)).collect() {
+            Ok(reactors) => reactors,
             Err(err) => {
                 tracing::warn!(error = %err, "no epoll set for the runners: connections use tokio's I/O driver");
-                None
+                Vec::new()
             }
         };
+        let queue = Queue { roles: vec![Role::default(); reactors.len()], ..Queue::default() };
         let shared = Arc::new(Shared {
             config,
             header_read_timeout,
@@ -219,8 +245,9 @@ impl Executor {
             routes,
             metrics,
             epoch: Instant::now(),
-            reactor,
-            queue: Mutex::new(Queue::default()),
+            reactors,
+            next_reactor: AtomicUsize::new(0),
+            queue: Mutex::new(queue),
             work_ready: Condvar::new(),
             slots: Mutex::new(Vec::new()),
             threads: AtomicUsize::new(0),
@@ -255,9 +282,12 @@ impl Executor {
         self.shared.config.max_threads
     }
 
-    /// The runners' reactor, with which connections served here register.
+    /// The reactor a new connection served here registers with: each in
+    /// turn, so that every healthy runner has its share.
     pub(crate) fn reactor(&self) -> Option<&Arc<Reactor>> {
-        self.shared.reactor.as_ref()
+        let reactors = &self.shared.reactors;
+        let next = self.shared.next_reactor.fetch_add(1, Ordering::Relaxed);
+        reactors.get(next % reactors.len().max(1))
     }
 
     /// Lets the runners finish the queue and exit; stops the monitor.
@@ -265,7 +295,7 @@ impl Executor {
         self.shared.shutdown.store(true, Ordering::Relaxed);
         self.shared.lock().shutdown = true;
         self.shared.work_ready.notify_all();
-        if let Some(reactor) = &self.shared.reactor {
+        for reactor in &self.shared.reactors {
             reactor.wake();
         }
     }
@@ -288,7 +318,13 @@ impl Shared {
     }
 
     fn schedule(self: &Arc<Self>, runnable: Runnable) {
-        let Some(runnable) = self.divert(runnable) else { return };
+        if let Some(runnable) = self.divert(runnable) {
+            self.enqueue(runnable);
+        }
+    }
+
+    /// Puts a task on the shared queue and makes sure a runner comes for it.
+    fn enqueue(self: &Arc<Self>, runnable: Runnable) {
         let mut queue = self.lock();
         if queue.shutdown && queue.threads == 0 {
             // Too late: nobody will run it. Dropping cancels the task.
@@ -303,9 +339,9 @@ impl Shared {
             Wake::Start
         } else if queue.claim_sleeper() {
             Wake::Sleeper
-        } else if queue.polling && !queue.poller_woken {
-            queue.poller_woken = true;
-            Wake::Poller
+        } else if let Some(index) = queue.roles.iter().position(|r| r.held && !r.woken) {
+            queue.roles[index].woken = true;
+            Wake::Poller(index)
         } else {
             Wake::Nobody
         };
@@ -313,9 +349,23 @@ impl Shared {
         match wake {
             Wake::Start => self.start_runner(),
             Wake::Sleeper => self.work_ready.notify_one(),
-            Wake::Poller => self.reactor.as_ref().map_or((), |r| r.wake()),
+            Wake::Poller(index) => self.reactors[index].wake(),
             Wake::Nobody => {}
         }
+    }
+
+    /// Moves a runner's own queued tasks to the shared queue, for any
+    /// runner to take: its current poll is taking long (or is stuck), and
+    /// they should not wait for it.
+    fn share_local(self: &Arc<Self>, slot: &Slot) -> usize {
+        // Taken out first: the local queue's lock is never held while the
+        // shared queue's is taken (the runner takes them the other way).
+        let tasks: Vec<Runnable> = slot.local().drain(..).collect();
+        let count = tasks.len();
+        for runnable in tasks {
+            self.enqueue(runnable);
+        }
+        count
     }
 
     /// Keeps a task woken by the I/O this thread is dispatching (see
@@ -355,7 +405,8 @@ impl Shared {
         monitor::publish_thread_ids(&slot);
         CURRENT.with(|c| *c.borrow_mut() = Some(slot.clone()));
         let mut batch = Vec::new();
-        while let Some(runnable) = self.next(&slot, &mut batch) {
+        let mut role = 0;
+        while let Some(runnable) = self.next(&slot, &mut batch, &mut role) {
             slot.poll_started.store(self.now_ns() + 1, Ordering::Release);
             // A panic inside a task (hyper or a handler) must not take the
             // runner down; handler panics are already answered 500 above us.
@@ -369,15 +420,22 @@ impl Shared {
         }
         CURRENT.with(|c| c.borrow_mut().take());
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).retain(|s| !Arc::ptr_eq(s, &slot));
+        // A runner that leaves (demoted after a stall) hands on what it had.
+        self.share_local(&slot);
         self.threads.fetch_sub(1, Ordering::Relaxed);
         self.metrics.isolation().threads.dec();
     }
 
     /// The next task for a runner, or `None` when it should retire.
     ///
-    /// With the queue empty, the runner takes the poller role if it is free
-    /// and waits for I/O; otherwise it sleeps until work is queued.
-    fn next(&self, slot: &Slot, batch: &mut Vec<Runnable>) -> Option<Runnable> {
+    /// Its own tasks first (those its last I/O poll woke), then the shared
+    /// queue. With both empty, the runner takes a free poller role (the one
+    /// it held last, if free) and waits for I/O; otherwise it sleeps until
+    /// work is queued.
+    fn next(&self, slot: &Slot, batch: &mut Vec<Runnable>, last_role: &mut usize) -> Option<Runnable> {
+        if let Some(runnable) = slot.local().pop_front() {
+            return Some(runnable);
+        }
         let mut queue = self.lock();
         loop {
             if slot.demoted.load(Ordering::Relaxed) {
@@ -396,26 +454,28 @@ impl Shared {
                 }
                 return None;
             }
-            if let (Some(reactor), false) = (&self.reactor, queue.polling) {
-                queue.polling = true;
+            if let Some(role) = queue.free_role(*last_role) {
+                queue.roles[role].held = true;
                 drop(queue);
-                let timed_out = self.poll_io(reactor, batch);
+                let timed_out = self.poll_io(&self.reactors[role], batch);
                 queue = self.lock();
-                queue.polling = false;
-                queue.poller_woken = false;
+                queue.roles[role] = Role::default();
+                *last_role = role;
                 let mut woken = batch.drain(..);
                 let mine = woken.next();
-                queue.tasks.extend(woken);
+                // The other woken tasks are this runner's next work: their
+                // connections' data is in this core's cache. Should one of
+                // them take long, the monitor shares the rest out.
+                slot.local().extend(woken);
                 let retire = mine.is_none() && timed_out && self.spare_may_retire(&queue);
                 if retire {
                     queue.threads -= 1;
                 }
-                // Other woken tasks are work for a sleeping runner. The
-                // poller role itself is not handed on here: waking a runner
-                // per batch just to wait in epoll costs a context switch
-                // each time; the monitor hands it on within a tick if it
-                // stays free while runners sleep (`keep_polling`).
-                if (retire || !queue.tasks.is_empty()) && queue.claim_sleeper() {
+                // The poller role is not handed on here: waking a runner per
+                // batch just to wait in epoll costs a context switch each
+                // time; the monitor hands it on within a tick if it stays
+                // free while runners sleep (`keep_polling`).
+                if retire && queue.claim_sleeper() {
                     self.work_ready.notify_one();
                 }
                 if mine.is_some() || retire {
@@ -443,7 +503,11 @@ impl Shared {
     /// go unwatched while every awake runner is busy (or stuck). A tick
     /// (1 ms) bounds how long that lasts, well inside the stall threshold.
     fn keep_polling(&self, queue: &mut Queue) {
-        if self.reactor.is_some() && !queue.polling && queue.claim_sleeper() {
+        let free = queue.roles.iter().filter(|r| !r.held).count();
+        for _ in 0..free {
+            if !queue.claim_sleeper() {
+                break;
+            }
             self.work_ready.notify_one();
         }
     }
@@ -454,7 +518,7 @@ impl Shared {
     /// connection that never answers, and their tasks woken, which with no
     /// runner left drops them.
     fn abandon_connections(&self) {
-        if let Some(reactor) = &self.reactor {
+        for reactor in &self.reactors {
             reactor.shut_all();
         }
     }

@@ -15,6 +15,13 @@ use super::{stall_message, Shared};
 /// microseconds of CPU per wake-up.
 const TICK: Duration = Duration::from_millis(1);
 
+/// A runner's own queued tasks (woken by its last I/O poll) go to the shared
+/// queue, for any runner to take, once its current poll has run this long
+/// (or at once if another runner is idle): a tick, so they wait at most a
+/// couple of milliseconds behind a slow poll, while a busy runner whose
+/// polls take microseconds keeps its connections.
+const SHARE_AFTER_NS: u64 = 1_000_000;
+
 /// How often a stuck thread's CPU clock is compared with the wall clock, and
 /// how much of that time it must have been on a CPU to count as computing
 /// (rather than asleep, or waiting in a syscall, or merely preempted).
@@ -39,15 +46,16 @@ fn run(shared: &Arc<Shared>) {
     while !shared.shutdown.load(Ordering::Relaxed) {
         std::thread::sleep(TICK);
         super::reactor::tick_clock();
-        if let Some(reactor) = &shared.reactor {
-            if idle_checked.elapsed() >= super::reactor::IDLE_CHECK_EVERY {
-                idle_checked = std::time::Instant::now();
+        if idle_checked.elapsed() >= super::reactor::IDLE_CHECK_EVERY {
+            idle_checked = std::time::Instant::now();
+            for reactor in &shared.reactors {
                 reactor.cut_idle(shared.header_read_timeout);
             }
         }
         slots.clear();
         slots.extend(shared.slots.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
         let now = shared.now_ns();
+        let waiting = shared.lock().waiting();
         for slot in &slots {
             let started = slot.poll_started.load(Ordering::Acquire);
             if started == 0 {
@@ -55,7 +63,13 @@ fn run(shared: &Arc<Shared>) {
             }
             if started & STUCK == 0 {
                 let began = started - 1;
-                if now.saturating_sub(began) > threshold_ns {
+                let running = now.saturating_sub(began);
+                // Its own queued tasks must not wait behind a long poll, nor
+                // for their turn while another runner has nothing to do.
+                if running > SHARE_AFTER_NS || waiting > 0 {
+                    shared.share_local(slot);
+                }
+                if running > threshold_ns {
                     mark_stuck(shared, slot, started, now);
                 }
             } else {

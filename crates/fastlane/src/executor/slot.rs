@@ -1,8 +1,11 @@
 //! What a runner thread publishes about itself for the monitor.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use async_task::Runnable;
 
 /// Set in [`Slot::poll_started`] by the monitor when it judges the current
 /// poll stuck. Packing the flag into the same word as the start time makes
@@ -63,6 +66,11 @@ pub(crate) struct Slot {
     /// clock (for clock_gettime); both 0 until the runner has started.
     pub(crate) tid: AtomicI32,
     pub(crate) cpu_clock: AtomicI32,
+    /// Tasks woken by this runner's last I/O poll, beyond the one it ran
+    /// first: its own work next, so that a connection stays on one core.
+    /// The monitor moves them to the shared queue if the runner's current
+    /// poll runs long (see `monitor::share_local`).
+    pub(crate) local: Mutex<VecDeque<Runnable>>,
 }
 
 impl Slot {
@@ -76,6 +84,11 @@ impl Slot {
 
     pub(crate) fn stuck_phase(&self) -> Phase {
         Phase::from_u8(self.stuck_phase.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn local(&self) -> std::sync::MutexGuard<'_, VecDeque<Runnable>> {
+        // Nothing panics while holding it (tasks run after it is released).
+        self.local.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
