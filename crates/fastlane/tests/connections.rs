@@ -261,3 +261,31 @@ async fn without_isolation_a_client_that_never_finishes_its_headers_is_disconnec
     assert!(took >= Duration::from_millis(300), "closed after only {took:?}");
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_as_soon_as_shutdown_begins() {
+    for isolation in [true, false] {
+        let config = Config {
+            isolation: fastlane::IsolationConfig { enabled: isolation, ..Default::default() },
+            ..Config::default()
+        };
+        let server = start(app(), config).await;
+        let mut idle = Vec::new();
+        for _ in 0..4 {
+            let mut conn = TcpStream::connect(server.local_addr()).await.unwrap();
+            assert_eq!(exchange(&mut conn, b"GET /fast HTTP/1.1\r\nHost: t\r\n\r\n").await.1, b"ok");
+            idle.push(conn);
+        }
+        // Past the moment new connections are given to settle.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let report = server.shutdown().await.unwrap();
+        // The idle connections do not hold the drain up (the grace period
+        // is 30 s, the header-read timeout 10 s).
+        assert!(started.elapsed() < Duration::from_secs(3), "isolation {isolation}: {:?}", started.elapsed());
+        assert!(report.is_clean());
+        for conn in &mut idle {
+            closed_within(conn, Duration::from_secs(1)).await;
+        }
+    }
+}

@@ -552,9 +552,29 @@ async fn serve_connection<I>(
     let accepted = tokio::time::Instant::now();
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        () = stopped(&mut stop) => {
+    // Serve until the connection ends or shutdown begins. The shutdown
+    // future is polled once, to register the task's waker with the channel,
+    // and then only once the channel has changed (an atomic load): polling
+    // it on every wake-up, as `select!` would, takes the channel's lock,
+    // which every connection shares, twice per request.
+    let mut changed = stop.clone();
+    let shutdown = stopped(&mut stop);
+    tokio::pin!(shutdown);
+    let mut registered = false;
+    let ended = std::future::poll_fn(|cx| {
+        if !registered || changed.has_changed().unwrap_or(true) {
+            registered = true;
+            changed.borrow_and_update();
+            if shutdown.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(None);
+            }
+        }
+        conn.as_mut().poll(cx).map(Some)
+    })
+    .await;
+    let result = match ended {
+        Some(result) => result,
+        None => {
             // hyper closes a connection that has not sent a byte yet at once.
             // A client that has just connected has its request on the wire:
             // give it a moment to arrive so that it is answered, not reset.
