@@ -184,25 +184,56 @@ async fn the_in_flight_gauge_counts_requests_until_they_are_answered() {
     server.shutdown().await.unwrap();
 }
 
+/// An HTTP/2 connection with prior knowledge; the handle ends with it.
+async fn h2_connect(
+    addr: std::net::SocketAddr,
+) -> (hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>, tokio::task::JoinHandle<()>)
+{
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (sender, conn)
+}
+
 #[tokio::test]
 async fn http2_with_prior_knowledge_is_served() {
     use http_body_util::{BodyExt, Empty};
     let app = Router::new().route("/", get(|| async { "over h2" }));
     let server = start(app, Config::default()).await;
 
-    let stream = tokio::net::TcpStream::connect(server.local_addr()).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _conn) = h2_connect(server.local_addr()).await;
     let req = http::Request::get(server.url("/")).body(Empty::<bytes::Bytes>::new()).unwrap();
     let response = sender.send_request(req).await.unwrap();
     assert_eq!(response.version(), http::Version::HTTP_2);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"over h2");
+    drop(sender);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_not_cut_by_the_header_read_timeout() {
+    use http_body_util::{BodyExt, Empty};
+    let app = Router::new().route("/", get(|| async { "over h2" }));
+    let config = Config { header_read_timeout: Duration::from_millis(300), ..Config::default() };
+    let server = start(app, config).await;
+    let (mut sender, conn) = h2_connect(server.local_addr()).await;
+    // Idle before its first request, and between requests, for several
+    // times the timeout: HTTP/2 manages its own idle connections.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(!conn.is_finished(), "the server closed an idle HTTP/2 connection");
+        let req = http::Request::get(server.url("/")).body(Empty::<bytes::Bytes>::new()).unwrap();
+        let response = sender.send_request(req).await.unwrap();
+        assert_eq!(&response.into_body().collect().await.unwrap().to_bytes()[..], b"over h2");
+    }
     drop(sender);
     server.shutdown().await.unwrap();
 }

@@ -100,7 +100,7 @@ impl Reactor {
             self.sources().remove(token);
             return Err(err);
         }
-        Ok(Connection { stream, state, token, reactor: self.clone() })
+        Ok(Connection { stream, state, token, reactor: self.clone(), sniffed: false })
     }
 
     /// Waits up to `timeout` for readiness and wakes the tasks waiting for
@@ -457,7 +457,13 @@ pub(crate) struct Connection {
     state: Arc<IoState>,
     token: Token,
     reactor: Arc<Reactor>,
+    /// Its first bytes have been looked at (for the HTTP/2 preface).
+    sniffed: bool,
 }
+
+/// How an HTTP/2 connection begins (RFC 9113, 3.4); no HTTP/1 request
+/// starts so.
+const HTTP2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -503,6 +509,17 @@ impl hyper::rt::Read for Connection {
             Ok((n, n < len))
         });
         let n = ready!(read)?;
+        if !this.sniffed && n > 0 {
+            this.sniffed = true;
+            // SAFETY: `read` initialized the first `n` bytes of the
+            // unfilled part; they are only looked at, before `advance`.
+            let first: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_mut().as_ptr().cast(), n) };
+            let len = first.len().min(HTTP2_PREFACE_START.len());
+            if len >= 4 && first[..len] == HTTP2_PREFACE_START[..len] {
+                // HTTP/2 has its own idle handling: not ours to cut.
+                this.state.exempt.store(true, Ordering::Relaxed);
+            }
+        }
         // SAFETY: `read` initialized exactly `n` bytes of the unfilled part.
         unsafe { buf.advance(n) };
         Poll::Ready(Ok(()))
