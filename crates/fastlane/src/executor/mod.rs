@@ -132,6 +132,9 @@ struct Shared {
     routes: Arc<RouteTable>,
     metrics: Metrics,
     epoch: Instant,
+    /// The nice value of the thread that created the executor: runners are
+    /// only started from threads at this priority or better.
+    base_nice: i32,
     /// The connections' readiness, one epoll set per healthy runner, each
     /// polled by an idle runner; empty if the OS refused an epoll set, in
     /// which case connections stay on tokio's.
@@ -245,6 +248,7 @@ impl Executor {
             routes,
             metrics,
             epoch: Instant::now(),
+            base_nice: monitor::current_nice(),
             reactors,
             next_reactor: AtomicUsize::new(0),
             queue: Mutex::new(queue),
@@ -334,7 +338,9 @@ impl Shared {
         // A runner about to start takes the task; otherwise one that is
         // already there is woken. Deciding in this order keeps `waking` and
         // `poller_woken` true: they are only set when the wake-up is sent.
-        let wake = if queue.threads < self.config.runners {
+        // A runner started from a low-priority thread would inherit its
+        // priority: that start is left to the monitor, within a tick.
+        let wake = if queue.threads < self.config.runners && monitor::current_nice() <= self.base_nice {
             queue.threads += 1;
             Wake::Start
         } else if queue.claim_sleeper() {

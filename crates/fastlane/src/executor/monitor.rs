@@ -182,6 +182,28 @@ fn thread_cpu_ns(slot: &Slot) -> Option<u64> {
     }
 }
 
+/// The calling thread's nice value (0 where there is no such thing).
+///
+/// A new thread inherits its creator's nice value on Linux, and an
+/// unprivileged process cannot raise it back: a runner started from a
+/// demoted runner or from a CPU lane thread would serve fast requests at the
+/// priority meant for hogs. The executor compares this with the nice value
+/// of the thread that created it before starting a runner.
+#[allow(unsafe_code)]
+pub(super) fn current_nice() -> i32 {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: reads the calling thread's nice value (who = 0). -1 is
+        // both a valid value and the error return; an error (which cannot
+        // happen for the calling thread) reads as a normal priority.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        0
+    }
+}
+
 #[allow(unsafe_code)]
 fn set_nice(tid: i32, nice: i32) -> bool {
     #[cfg(target_os = "linux")]
@@ -196,5 +218,26 @@ fn set_nice(tid: i32, nice: i32) -> bool {
     {
         let _ = (tid, nice);
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_with_a_lowered_priority_knows_it() {
+        let base = current_nice();
+        let lowered = std::thread::spawn(move || {
+            // SAFETY: lowers only this test thread's own priority.
+            #[allow(unsafe_code)]
+            let set = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, (base + 5).min(19)) } == 0;
+            (set, current_nice())
+        })
+        .join()
+        .unwrap();
+        assert!(lowered.0, "setpriority failed");
+        assert!(lowered.1 > base || base == 19, "{lowered:?} vs {base}");
+        assert_eq!(current_nice(), base, "only the other thread changed");
     }
 }
