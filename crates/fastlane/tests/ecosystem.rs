@@ -14,7 +14,7 @@ tokio::task_local! {
     static REQUEST_TAG: &'static str;
 }
 
-async fn everything() -> String {
+async fn everything(upstream: String) -> String {
     let mut seen = Vec::new();
     // Timers.
     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -43,6 +43,9 @@ async fn everything() -> String {
     // Task-locals.
     let tag = REQUEST_TAG.scope("tagged", async { REQUEST_TAG.get() }).await;
     seen.push(format!("task_local:{tag}"));
+    // An HTTP client (hyper's, through fastlane::client) calling another server.
+    let called = client::get(&upstream).await.unwrap().text();
+    seen.push(format!("http:{called}"));
     // fastlane's own lanes.
     let lane = fastlane::blocking(|| std::thread::current().name().map(str::to_owned)).await.unwrap();
     seen.push(format!("lane:{}", lane.unwrap_or_default()));
@@ -51,10 +54,17 @@ async fn everything() -> String {
 
 #[tokio::test]
 async fn tokio_time_net_spawn_and_task_locals_work_inside_handlers() {
-    let server = start(Router::new().route("/", get(everything)), Config::default()).await;
+    let upstream = start(Router::new().route("/up", get(|| async { "upstream" })), Config::default()).await;
+    let url = upstream.url("/up");
+    let server =
+        start(Router::new().route("/", get(move || everything(url.clone()))), Config::default()).await;
     let response = client::get(&server.url("/")).await.unwrap();
-    assert_eq!(response.text(), "timeout:true net:ping spawn:5 task_local:tagged lane:fastlane-blocking",);
+    assert_eq!(
+        response.text(),
+        "timeout:true net:ping spawn:5 task_local:tagged http:upstream lane:fastlane-blocking",
+    );
     server.shutdown().await.unwrap();
+    upstream.shutdown().await.unwrap();
 }
 
 #[tokio::test]

@@ -145,6 +145,21 @@ async fn a_blocking_stream_body_and_a_blocking_background_task_do_not_stall_fast
     server.shutdown().await.unwrap();
 }
 
+/// Runner threads of this process whose nice value is above 0 (Linux).
+fn demoted_runners() -> usize {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "fastlane-runner")
+        })
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        // Field 19 (nice), counted after the command name's closing paren.
+        .filter_map(|stat| stat.rsplit(')').next()?.split_whitespace().nth(16)?.parse::<i32>().ok())
+        .filter(|nice| *nice > 0)
+        .count()
+}
+
 #[tokio::test]
 async fn cpu_hogs_in_async_handlers_do_not_starve_a_fast_route() {
     let server = start(app(), exposed()).await;
@@ -159,6 +174,13 @@ async fn cpu_hogs_in_async_handlers_do_not_starve_a_fast_route() {
     }
     let metrics = client::get(&server.url("/metrics")).await.unwrap().text();
     assert!(!metrics.contains("fastlane_isolation_demoted_total 0"), "no hog was demoted:\n{metrics}");
+    // Once their polls return, the demoted threads retire: no runner of
+    // this process is left at the hogs' priority.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while demoted_runners() > 0 {
+        assert!(Instant::now() < deadline, "{} runner threads still demoted", demoted_runners());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     server.shutdown().await.unwrap();
 }
 
@@ -190,6 +212,8 @@ async fn at_the_thread_cap_only_the_stalling_route_gets_503() {
     let metrics = client::get(&server.url("/metrics")).await.unwrap().text();
     assert!(metrics.contains("fastlane_isolation_rejected_total 1"), "{metrics}");
     assert!(metrics.contains("fastlane_isolation_max_threads 4"), "{metrics}");
+    // The current count of runner threads is there too.
+    assert!(metrics.lines().any(|l| l.starts_with("fastlane_isolation_threads ")), "{metrics}");
     server.shutdown().await.unwrap();
 }
 
