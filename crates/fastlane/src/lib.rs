@@ -39,6 +39,7 @@
 mod api_error;
 mod background;
 pub mod client;
+mod coarse;
 mod companion;
 mod error;
 mod executor;

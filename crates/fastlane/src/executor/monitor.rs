@@ -45,7 +45,7 @@ fn run(shared: &Arc<Shared>) {
     let mut idle_checked = std::time::Instant::now();
     while !shared.shutdown.load(Ordering::Relaxed) {
         std::thread::sleep(TICK);
-        super::reactor::tick_clock();
+        crate::coarse::tick();
         if idle_checked.elapsed() >= super::reactor::IDLE_CHECK_EVERY {
             idle_checked = std::time::Instant::now();
             for reactor in &shared.reactors {

@@ -32,9 +32,9 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mio::{Events, Interest, Token};
 
@@ -183,7 +183,7 @@ impl Reactor {
     /// theirs to manage). Called by the monitor every [`IDLE_CHECK_EVERY`].
     #[allow(unsafe_code)]
     pub(crate) fn cut_idle(&self, timeout: Duration) -> usize {
-        let now = clock_ms();
+        let now = crate::coarse::now_ms();
         let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let idle: Vec<Arc<IoState>> = {
             let sources = self.sources();
@@ -263,26 +263,6 @@ impl Sources {
 /// the header-read timeout a connection may be closed.
 pub(crate) const IDLE_CHECK_EVERY: Duration = Duration::from_millis(100);
 
-/// Milliseconds since the first use of this clock, as of the monitor's last
-/// tick ([`tick_clock`]): a connection stamps its idle periods with it
-/// without reading the system clock.
-static CLOCK_MS: AtomicU64 = AtomicU64::new(0);
-
-fn clock_epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-/// Brings the coarse clock up to date; called by the monitor every tick.
-pub(crate) fn tick_clock() {
-    let ms = u64::try_from(clock_epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
-    CLOCK_MS.fetch_max(ms, Ordering::Relaxed);
-}
-
-fn clock_ms() -> u64 {
-    CLOCK_MS.load(Ordering::Relaxed)
-}
-
 /// The readiness of one connection, per direction, and what its idle watch
 /// needs.
 #[derive(Debug)]
@@ -295,7 +275,8 @@ struct IoState {
     busy: AtomicU32,
     /// The last write found the socket full: a response is being written.
     write_blocked: AtomicBool,
-    /// [`CLOCK_MS`] when the connection last began to wait for a request.
+    /// [`crate::coarse::now_ms`] when the connection last began to wait for
+    /// a request.
     idle_since: AtomicU64,
     /// Never cut for idling.
     exempt: AtomicBool,
@@ -309,7 +290,7 @@ impl IoState {
             write: Direction::default(),
             busy: AtomicU32::new(0),
             write_blocked: AtomicBool::new(false),
-            idle_since: AtomicU64::new(clock_ms()),
+            idle_since: AtomicU64::new(crate::coarse::now_ms()),
             exempt: AtomicBool::new(false),
         }
     }
@@ -324,7 +305,7 @@ impl IoState {
     }
 
     fn became_idle(&self) {
-        self.idle_since.store(clock_ms(), Ordering::Relaxed);
+        self.idle_since.store(crate::coarse::now_ms(), Ordering::Relaxed);
     }
 
     /// Notes how a write went: blocked on a full socket, or through.
@@ -582,10 +563,10 @@ mod tests {
 
     #[test]
     fn a_connection_waits_only_with_no_request_in_flight_and_no_response_blocked() {
-        tick_clock();
+        crate::coarse::tick();
         let state = Arc::new(IoState::new(-1));
         let watch = IdleWatch { state: state.clone() };
-        let now = clock_ms();
+        let now = crate::coarse::now_ms();
         assert_eq!(state.waited_ms(now + 50), Some(50), "a new connection waits for its first request");
         watch.request_started();
         assert_eq!(state.waited_ms(now + 50), None, "a request is in flight");

@@ -13,14 +13,14 @@
 //! waker in one of a few slabs (picked per thread, so that runners seldom
 //! share a lock) on its first pending poll and leaves it when dropped;
 //! nothing else happens on the request path, not even a read of the clock:
-//! the timer's `now` is the time of the last sweep. One sweeper thread,
+//! the timer's `now` is the coarse clock's last tick (`crate::coarse`,
+//! ticked by each sweep and by the executor's monitor). One sweeper thread,
 //! started on first use, wakes the sleeps whose deadline has passed every
 //! [`SWEEP_EVERY`]. A timeout therefore ends within one sweep of its length,
 //! either way.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -46,24 +46,7 @@ impl hyper::rt::Timer for CoarseTimer {
     }
 
     fn now(&self) -> Instant {
-        coarse_now()
-    }
-}
-
-/// When the clock was first read here; the sweeps are counted from it.
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-/// Nanoseconds from [`epoch`] to the last sweep; 0 before the first.
-static LAST_SWEEP: AtomicU64 = AtomicU64::new(0);
-
-/// The time of the last sweep, or the real time before there was one.
-fn coarse_now() -> Instant {
-    match LAST_SWEEP.load(Ordering::Relaxed) {
-        0 => Instant::now(),
-        nanos => epoch() + Duration::from_nanos(nanos),
+        crate::coarse::now()
     }
 }
 
@@ -96,7 +79,7 @@ impl Future for CoarseSleep {
             None => {
                 // A deadline already passed is noticed by the next sweep;
                 // checking here would read the clock on every request.
-                let shard = shard_of_this_thread();
+                let shard = crate::coarse::thread_number() % SHARDS;
                 let index = lock(shard).insert(self.deadline, cx.waker().clone());
                 self.slot = Some((shard, index));
                 start_sweeper();
@@ -176,14 +159,6 @@ fn lock(shard: usize) -> MutexGuard<'static, Slab> {
     shards()[shard].0.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn shard_of_this_thread() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
-    }
-    SHARD.with(|s| *s)
-}
-
 fn start_sweeper() {
     static STARTED: OnceLock<()> = OnceLock::new();
     STARTED.get_or_init(|| {
@@ -199,9 +174,8 @@ fn start_sweeper() {
 fn sweep() -> ! {
     let mut wakers = Vec::new();
     loop {
+        crate::coarse::tick();
         let now = Instant::now();
-        let since = now.saturating_duration_since(epoch()).as_nanos();
-        LAST_SWEEP.store(u64::try_from(since).unwrap_or(u64::MAX).max(1), Ordering::Relaxed);
         for shard in 0..SHARDS {
             lock(shard).expire(now, &mut wakers);
         }

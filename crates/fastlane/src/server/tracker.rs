@@ -88,7 +88,7 @@ struct Sharded {
 
 impl Sharded {
     fn insert(&self, entry: Entry) -> u64 {
-        let shard = shard_of_this_thread();
+        let shard = crate::coarse::thread_number() % SHARDS;
         let index = lock(&self.shards[shard].0).insert(entry);
         (index * SHARDS + shard) as u64
     }
@@ -109,14 +109,6 @@ impl Sharded {
     fn describe(&self, f: impl Fn(&Entry) -> CutWork) -> Vec<CutWork> {
         self.shards.iter().flat_map(|s| lock(&s.0).values().map(&f).collect::<Vec<_>>()).collect()
     }
-}
-
-fn shard_of_this_thread() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
-    }
-    SHARD.with(|s| *s)
 }
 
 #[derive(Debug, Default)]

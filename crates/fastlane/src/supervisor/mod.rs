@@ -201,37 +201,34 @@ impl Supervisor {
                 self.restarts_due.push((worker.id, now + *backoff));
                 continue;
             }
-            let Some(silent_since) = worker.last_alive() else {
-                // Not up yet: the app may still be starting (opening its
-                // databases, warming caches), which is not a hang. A short
-                // --timeout would otherwise kill workers that boot slowly
-                // on a busy machine, again and again.
-                let booting = now.saturating_duration_since(worker.started);
-                if booting > timeout.max(READY_WITHIN) {
-                    tracing::error!(
-                        worker = worker.id,
-                        pid = worker.pid(),
-                        "worker did not report ready within {:.1} s of its start; killing it",
-                        booting.as_secs_f64()
-                    );
-                    let _ = worker.child.kill();
-                    let _ = worker.child.wait();
-                    let worker = self.active.remove(index);
-                    self.restarts_due.push((worker.id, now));
-                    continue;
+            // Before its first alive line a worker is starting (the app may
+            // open databases or warm caches first), which is not a hang: a
+            // short --timeout would otherwise kill workers that boot slowly
+            // on a busy machine, again and again.
+            let verdict = match worker.last_alive() {
+                None => {
+                    let booting = now.saturating_duration_since(worker.started);
+                    (booting > timeout.max(READY_WITHIN)).then(|| {
+                        format!(
+                            "worker did not report ready within {:.1} s of its start",
+                            booting.as_secs_f64()
+                        )
+                    })
                 }
-                index += 1;
-                continue;
+                Some(silent_since) => {
+                    let silent = now.saturating_duration_since(silent_since);
+                    (silent > timeout).then(|| {
+                        let running = worker.running();
+                        format!(
+                            "worker hung: its I/O runtime has not answered for {:.1} s (--timeout); it was running: {}",
+                            silent.as_secs_f64(),
+                            if running.is_empty() { "nothing".to_owned() } else { running.join(", ") }
+                        )
+                    })
+                }
             };
-            if now.saturating_duration_since(silent_since) > timeout {
-                let running = worker.running();
-                tracing::error!(
-                    worker = worker.id,
-                    pid = worker.pid(),
-                    "worker hung: its I/O runtime has not answered for {:.1} s (--timeout); it was running: {}; killing it",
-                    now.saturating_duration_since(silent_since).as_secs_f64(),
-                    if running.is_empty() { "nothing".to_owned() } else { running.join(", ") }
-                );
+            if let Some(verdict) = verdict {
+                tracing::error!(worker = worker.id, pid = worker.pid(), "{verdict}; killing it");
                 let _ = worker.child.kill();
                 let _ = worker.child.wait();
                 let worker = self.active.remove(index);
