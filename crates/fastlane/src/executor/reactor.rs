@@ -72,7 +72,8 @@ struct Poller {
     /// The sources events were reported for, gathered under the `sources`
     /// lock and woken after it is released (a wake-up may run arbitrary
     /// code, such as dropping a task that closes a connection).
-    ready: Vec<(Arc<IoState>, bool, bool)>,
+    /// (source, readable, writable, read side closed, write side closed)
+    ready: Vec<(Arc<IoState>, bool, bool, bool, bool)>,
 }
 
 impl Reactor {
@@ -125,20 +126,23 @@ impl Reactor {
                 }
                 if let Some(state) = sources.get(event.token()) {
                     // Errors and hang-ups wake both sides: the next read or
-                    // write reports them.
+                    // write reports them. A hang-up is also remembered (see
+                    // `Direction::closed`).
                     let failed = event.is_error();
-                    let readable = event.is_readable() || event.is_read_closed() || failed;
-                    let writable = event.is_writable() || event.is_write_closed() || failed;
-                    ready.push((state.clone(), readable, writable));
+                    let read_closed = event.is_read_closed() || failed;
+                    let write_closed = event.is_write_closed() || failed;
+                    let readable = event.is_readable() || read_closed;
+                    let writable = event.is_writable() || write_closed;
+                    ready.push((state.clone(), readable, writable, read_closed, write_closed));
                 }
             }
         }
-        for (state, readable, writable) in ready.drain(..) {
+        for (state, readable, writable, read_closed, write_closed) in ready.drain(..) {
             if readable {
-                state.read.wake();
+                state.read.wake(read_closed);
             }
             if writable {
-                state.write.wake();
+                state.write.wake(write_closed);
             }
         }
         Ok(count)
@@ -170,8 +174,8 @@ impl Reactor {
         // Woken after the lock is released: waking may drop a task, whose
         // connection then takes the lock to leave.
         for state in states {
-            state.read.wake();
-            state.write.wake();
+            state.read.wake(true);
+            state.write.wake(true);
         }
     }
 
@@ -203,8 +207,8 @@ impl Reactor {
             idle
         };
         for state in &idle {
-            state.read.wake();
-            state.write.wake();
+            state.read.wake(true);
+            state.write.wake(true);
         }
         if !idle.is_empty() {
             tracing::debug!(
@@ -357,6 +361,14 @@ impl IdleWatch {
 #[derive(Debug)]
 struct Direction {
     events: AtomicU64,
+    /// This side of the socket has been closed (the peer's FIN or reset, or
+    /// our own shutdown): from now on every try reaches the socket, which
+    /// answers at once (end of file, or an error). epoll reports a hang-up
+    /// once, as an edge, often together with the last data: a short read of
+    /// that data marks the socket drained, and without this the task would
+    /// park for an event that never comes, leaving the connection in
+    /// CLOSE-WAIT and its handler running for a client that has gone.
+    closed: AtomicBool,
     /// The event count at which the socket was last found drained (a
     /// `WouldBlock`, or a short read or write); [`READY`] if it was not.
     /// While no event has come since, trying the socket is a wasted
@@ -372,12 +384,22 @@ impl Default for Direction {
     fn default() -> Self {
         // A new connection is tried at once: its request is usually already
         // on the wire, so waiting for the first event would cost a wake-up.
-        Self { events: AtomicU64::new(0), drained_at: AtomicU64::new(READY), waiter: Mutex::new(None) }
+        Self {
+            events: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            drained_at: AtomicU64::new(READY),
+            waiter: Mutex::new(None),
+        }
     }
 }
 
 impl Direction {
-    fn wake(&self) {
+    /// A readiness event (`closed`: a hang-up or an error came with it).
+    fn wake(&self, closed: bool) {
+        if closed {
+            // Before the count: a task that sees the new count sees this.
+            self.closed.store(true, Ordering::SeqCst);
+        }
         // Count first, then look for a waiter: a task that registers itself
         // after this either is found here or sees the new count (see
         // `poll_io`).
@@ -403,7 +425,7 @@ impl Direction {
     ) -> Poll<io::Result<usize>> {
         loop {
             let seen = self.events.load(Ordering::SeqCst);
-            if self.drained_at.load(Ordering::Relaxed) != seen {
+            if self.drained_at.load(Ordering::Relaxed) != seen || self.closed.load(Ordering::SeqCst) {
                 match op() {
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
