@@ -127,7 +127,8 @@ impl Spawner {
                     http::Method::from_bytes(b"JOB").expect("a valid extension method")
                 });
                 let route = server.routes.get(&JOB, name);
-                let routed = crate::executor::Routed::new(future, route.id, crate::executor::Phase::Job);
+                let phase = crate::executor::Phase::Job;
+                let routed = crate::executor::Routed::new(future, route, phase, server.executor.as_ref());
                 start(server.clone(), Box::pin(routed));
             }
             None => drop(tokio::spawn(future)),

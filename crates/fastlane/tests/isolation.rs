@@ -186,11 +186,12 @@ async fn cpu_hogs_in_async_handlers_do_not_starve_a_fast_route() {
 
 #[tokio::test]
 async fn at_the_thread_cap_only_the_stalling_route_gets_503() {
-    let isolation = IsolationConfig { runners: 2, max_threads: 4, ..IsolationConfig::default() };
+    // Five threads: two runners, two spares, and a stall budget of one.
+    let isolation = IsolationConfig { runners: 2, max_threads: 5, ..IsolationConfig::default() };
     let server = start(app(), Config { isolation, ..exposed() }).await;
-    // Two stuck handlers fill the two threads allowed beyond the runners.
+    // One stuck handler spends the budget.
     let blockers: Vec<_> =
-        (0..2).map(|_| tokio::spawn(client::get_owned(server.url("/block/2500")))).collect();
+        (0..1).map(|_| tokio::spawn(client::get_owned(server.url("/block/2500")))).collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let started = Instant::now();
@@ -211,7 +212,8 @@ async fn at_the_thread_cap_only_the_stalling_route_gets_503() {
     assert_eq!(client::get(&server.url("/block/10")).await.unwrap().status, 200);
     let metrics = client::get(&server.url("/metrics")).await.unwrap().text();
     assert!(metrics.contains("fastlane_isolation_rejected_total 1"), "{metrics}");
-    assert!(metrics.contains("fastlane_isolation_max_threads 4"), "{metrics}");
+    assert!(metrics.contains("fastlane_isolation_max_threads 5"), "{metrics}");
+    assert!(metrics.contains("fastlane_isolation_stall_budget 1"), "{metrics}");
     // The current count of runner threads is there too.
     assert!(metrics.lines().any(|l| l.starts_with("fastlane_isolation_threads ")), "{metrics}");
     server.shutdown().await.unwrap();
@@ -244,4 +246,130 @@ async fn without_isolation_a_blocking_handler_stalls_its_thread_as_in_axum() {
     stop_tx.send(()).unwrap();
     server_thread.join().unwrap();
     assert!(took > Duration::from_millis(800), "/fast took only {took:?} without isolation");
+}
+
+/// A refusal at the cap: fast, with `Retry-After` and a JSON body naming the
+/// route.
+fn assert_refused_at_once(response: &client::Response, took: Duration, route: &str) {
+    assert_eq!(response.status, 503, "{}", response.text());
+    assert!(took < Duration::from_secs(1), "the 503 took {took:?}");
+    assert!(response.headers.contains_key("retry-after"));
+    let body: serde_json::Value = response.json().unwrap();
+    assert!(body["error"].as_str().unwrap().contains(&format!("GET {route} is stalling")), "{body}");
+}
+
+/// Times `/fast` every 100 ms while `busy` runs; returns the slowest.
+async fn slowest_fast_while<F: std::future::Future>(server: &fastlane::SpawnedServer, busy: F) -> Duration {
+    let url = server.url("/fast");
+    let probe = async {
+        let mut slowest = Duration::ZERO;
+        for _ in 0..20 {
+            let started = Instant::now();
+            let response = tokio::time::timeout(Duration::from_secs(10), client::get(&url))
+                .await
+                .expect("/fast timed out");
+            assert_eq!(response.unwrap().text(), "ok");
+            slowest = slowest.max(started.elapsed());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        slowest
+    };
+    let (slowest, _) = tokio::join!(probe, busy);
+    slowest
+}
+
+#[tokio::test]
+async fn past_the_thread_cap_the_stalling_route_is_refused_at_once_and_the_others_keep_their_latency() {
+    // Eight threads in all, for forty blocking requests at once.
+    let isolation = IsolationConfig { runners: 2, max_threads: 8, ..IsolationConfig::default() };
+    let server = start(app(), Config { isolation, ..exposed() }).await;
+    let blockers: Vec<_> = (0..40)
+        .map(|_| {
+            let url = server.url("/block/3000");
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let response = client::get_owned(url).await;
+                (response, started.elapsed())
+            })
+        })
+        .collect();
+    let slowest = slowest_fast_while(&server, async {
+        let (mut served, mut refused) = (0, 0);
+        for blocker in blockers {
+            let (response, took) = blocker.await.unwrap();
+            let response = response.expect("every blocking request is answered, none cut");
+            match response.status.as_u16() {
+                200 => served += 1,
+                _ => {
+                    assert_refused_at_once(&response, took, "/block/{ms}");
+                    refused += 1;
+                }
+            }
+        }
+        // The stall budget of 8 - 2 runners - 2 spares, and the first two,
+        // which stalled before anyone knew the route did.
+        assert!((1..=6).contains(&served), "{served} served");
+        assert_eq!(served + refused, 40);
+    })
+    .await;
+    assert!(slowest < Duration::from_secs(1), "/fast took {slowest:?} at the cap");
+    let metrics = client::get(&server.url("/metrics")).await.unwrap().text();
+    assert!(metrics.contains("fastlane_isolation_stall_budget 4"), "{metrics}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn blocking_background_tasks_scheduled_faster_than_they_finish_all_run_without_delaying_others() {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = done.clone();
+    let app = app().route(
+        "/background-counted",
+        get(move |bg: Background| {
+            let done = counted.clone();
+            async move {
+                bg.spawn(async move {
+                    std::thread::sleep(Duration::from_millis(500));
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
+                "scheduled"
+            }
+        }),
+    );
+    let isolation = IsolationConfig { runners: 2, max_threads: 6, ..IsolationConfig::default() };
+    let server = start(app, Config { isolation, ..exposed() }).await;
+    // Three bursts of twenty requests, each scheduling a task that blocks
+    // for half a second: far more than six threads can run as they come.
+    let mut accepted = 0;
+    let slowest = slowest_fast_while(&server, async {
+        for _ in 0..3 {
+            let burst: Vec<_> = (0..20)
+                .map(|_| {
+                    let url = server.url("/background-counted");
+                    tokio::spawn(async move {
+                        let started = Instant::now();
+                        (client::get_owned(url).await.unwrap(), started.elapsed())
+                    })
+                })
+                .collect();
+            for request in burst {
+                let (response, took) = request.await.unwrap();
+                match response.status.as_u16() {
+                    200 => accepted += 1,
+                    _ => assert_refused_at_once(&response, took, "/background-counted"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await;
+    assert!(slowest < Duration::from_secs(1), "/fast took {slowest:?} behind the background tasks");
+    assert!(accepted >= 3, "only {accepted} accepted");
+    // Every accepted task runs, later.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done.load(std::sync::atomic::Ordering::SeqCst) < accepted && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), accepted, "every accepted task ran");
+    let report = server.shutdown().await.unwrap();
+    assert!(report.is_clean(), "{report:?}");
 }

@@ -84,7 +84,6 @@ impl Background {
         let (id, request) = self.register("async");
         let server = request.server.clone();
         let route = request.route.route.clone();
-        let route_id = request.route.id;
         let method = request.method.clone();
         let task = async move {
             server.tracker.task_started(id);
@@ -101,7 +100,9 @@ impl Background {
         };
         // Stalls inside the task are reported against the route that
         // scheduled it.
-        self.request.schedule(Box::pin(Routed::new(task, route_id, Phase::Background)));
+        let executor = self.request.server.executor.as_ref();
+        let routed = Routed::new(task, self.request.route.clone(), Phase::Background, executor);
+        self.request.schedule(Box::pin(routed));
     }
 
     /// Runs a blocking closure on the blocking lane after the response. If the

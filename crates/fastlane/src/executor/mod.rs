@@ -37,6 +37,7 @@
 //! than a tick (1 ms), or another runner is idle, the monitor moves the tasks
 //! it has not started to the shared queue.
 
+pub(crate) mod budget;
 mod monitor;
 pub(crate) mod reactor;
 pub(crate) mod slot;
@@ -55,6 +56,7 @@ use std::time::{Duration, Instant};
 use async_task::Runnable;
 
 use crate::metrics::Metrics;
+use budget::{Budget, Gate};
 use reactor::Reactor;
 pub(crate) use slot::{enter_route, Phase};
 use slot::{Slot, CURRENT, STUCK};
@@ -94,9 +96,15 @@ pub struct IsolationConfig {
     /// 256: each stuck thread costs a stack (mostly untouched virtual memory)
     /// and a kernel task; 256 handlers blocked at once is far past a bug
     /// that needs fixing, and the cap keeps a flood of them from exhausting
-    /// the process. When stuck threads fill every place beyond `runners`, new
-    /// requests for the routes that are stalling get `503` at once, while
-    /// the `runners` healthy threads go on serving the other routes.
+    /// the process.
+    ///
+    /// The routes that stall may hold all but `runners + 2` of them (the
+    /// *stall budget*): the rest are kept for the routes that behave. When
+    /// the budget is spent, new requests for a route that is stalling (or
+    /// stalled in the last 10 s) get `503` with `Retry-After` at once, and
+    /// work already accepted for such routes (background tasks, jobs, later
+    /// polls of a request) waits for a thread, in turn, instead of taking
+    /// one from the others.
     pub max_threads: usize,
 }
 
@@ -109,6 +117,9 @@ impl Default for IsolationConfig {
 
 /// While any stall is going on, keep this many runners idle: a new request
 /// may itself block, and the next one must still find a free runner at once.
+/// Also the threads the stall budget leaves beyond `runners`: a route that
+/// stalls for the first time is only known once it has (it holds no permit),
+/// and the reserve absorbs such surprises without touching the runners.
 const SPARES_WHILE_STALLING: usize = 2;
 
 /// A spare runner (beyond [`IsolationConfig::runners`]) retires after this
@@ -131,6 +142,8 @@ struct Shared {
     runtime: tokio::runtime::Handle,
     routes: Arc<RouteTable>,
     metrics: Metrics,
+    /// The threads the routes that stall may hold at once.
+    budget: Arc<Budget>,
     epoch: Instant,
     /// The nice value of the thread that created the executor: runners are
     /// only started from threads at this priority or better.
@@ -241,12 +254,16 @@ impl Executor {
             }
         };
         let queue = Queue { roles: vec![Role::default(); reactors.len()], ..Queue::default() };
+        let budget =
+            Arc::new(Budget::new(config.max_threads.saturating_sub(config.runners + SPARES_WHILE_STALLING)));
+        metrics.isolation().stall_budget.set(budget.limit() as i64);
         let shared = Arc::new(Shared {
             config,
             header_read_timeout,
             runtime,
             routes,
             metrics,
+            budget,
             epoch: Instant::now(),
             base_nice: monitor::current_nice(),
             reactors,
@@ -274,16 +291,10 @@ impl Executor {
         runnable.schedule();
     }
 
-    /// True when stuck runners have taken every thread beyond the healthy
-    /// `runners`: no replacement can be started, so the routes that stall
-    /// must be refused to keep the remaining threads for the others.
-    pub(crate) fn saturated(&self) -> bool {
-        let s = &self.shared;
-        s.stuck.load(Ordering::Relaxed) + s.config.runners >= s.config.max_threads
-    }
-
-    pub(crate) fn max_threads(&self) -> usize {
-        self.shared.config.max_threads
+    /// The threads the routes that stall may hold at once (see
+    /// [`budget`]).
+    pub(crate) fn budget(&self) -> &Arc<Budget> {
+        &self.shared.budget
     }
 
     /// The reactor a new connection served here registers with: each in
@@ -583,6 +594,9 @@ impl Shared {
     fn stall_ended(&self, slot: &Slot, took: Duration) {
         self.stuck.fetch_sub(1, Ordering::Relaxed);
         self.metrics.isolation().stuck.dec();
+        if slot.charged.swap(false, Ordering::Relaxed) {
+            self.budget.release();
+        }
         let route = self.routes.by_id(slot.stuck_route.load(Ordering::Relaxed));
         let Some(route) = route else { return };
         route.stalls.ended(took);
@@ -660,18 +674,24 @@ pub(crate) fn stall_message(
 
 pin_project_lite::pin_project! {
     /// Marks every poll of the inner future as work for a route, so that a
-    /// stall inside it is reported against that route.
+    /// stall inside it is reported against that route, and runs it under
+    /// the stall budget while the route is suspect: accepted work of a
+    /// stalling route (a background task, a job) waits for a thread rather
+    /// than take one from the routes that behave.
     pub(crate) struct Routed<F> {
         #[pin]
         inner: F,
-        route: u32,
+        route: Arc<RouteInfo>,
         phase: Phase,
+        // The server's stall budget; `None` without isolation.
+        budget: Option<Arc<Budget>>,
+        gate: Gate,
     }
 }
 
 impl<F> Routed<F> {
-    pub(crate) fn new(inner: F, route: u32, phase: Phase) -> Self {
-        Self { inner, route, phase }
+    pub(crate) fn new(inner: F, route: Arc<RouteInfo>, phase: Phase, executor: Option<&Executor>) -> Self {
+        Self { inner, route, phase, budget: executor.map(|e| e.budget().clone()), gate: Gate::default() }
     }
 }
 
@@ -680,8 +700,14 @@ impl<F: Future> Future for Routed<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let _route = enter_route(*this.route, *this.phase);
-        this.inner.poll(cx)
+        let _route = enter_route(this.route.id, *this.phase);
+        let mut inner = this.inner;
+        match this.budget {
+            Some(budget) => {
+                this.gate.poll(budget, this.route.stalls.suspect(), cx, |cx| inner.as_mut().poll(cx))
+            }
+            None => inner.poll(cx),
+        }
     }
 }
 

@@ -88,6 +88,16 @@ fn mark_stuck(shared: &Shared, slot: &Slot, started: u64, now: u64) {
     slot.cpu_bound.store(false, Ordering::Relaxed);
     slot.cpu_mark.store(thread_cpu_ns(slot).unwrap_or(0), Ordering::Relaxed);
     slot.wall_mark.store(now, Ordering::Relaxed);
+    // A poll stuck under a permit is counted in the stall budget already;
+    // one stuck outside (a route nobody knew to stall) takes a place there
+    // until it returns, so the budget keeps the healthy threads free. The
+    // charge is made before the poll is marked, so that the runner, which
+    // gives it back when it sees the mark, cannot miss it.
+    let charge = slot.permits.load(Ordering::Relaxed) == 0;
+    if charge {
+        slot.charged.store(true, Ordering::Relaxed);
+        shared.budget.charge();
+    }
     // Only this poll: if it ended meanwhile, the swap fails and nothing is
     // recorded.
     if slot
@@ -95,6 +105,9 @@ fn mark_stuck(shared: &Shared, slot: &Slot, started: u64, now: u64) {
         .compare_exchange(started, started | STUCK, Ordering::AcqRel, Ordering::Relaxed)
         .is_err()
     {
+        if charge && slot.charged.swap(false, Ordering::Relaxed) {
+            shared.budget.release();
+        }
         return;
     }
     shared.stuck.fetch_add(1, Ordering::Relaxed);

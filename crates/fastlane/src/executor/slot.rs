@@ -54,6 +54,13 @@ pub(crate) struct Slot {
     /// reported against when it ends.
     pub(crate) stuck_route: AtomicU32,
     pub(crate) stuck_phase: AtomicU8,
+    /// Permits of the stall budget held by the current poll (see
+    /// [`super::budget`]): a poll that sticks while holding one is already
+    /// counted there.
+    pub(crate) permits: AtomicU32,
+    /// The monitor charged this runner's stuck poll to the stall budget (it
+    /// held no permit); the charge is given back when the poll returns.
+    pub(crate) charged: AtomicBool,
     /// The monitor lowered this thread's priority; it retires after the poll.
     pub(crate) demoted: AtomicBool,
     /// The stuck poll was burning CPU (not sleeping or waiting on I/O).

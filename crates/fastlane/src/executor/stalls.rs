@@ -85,7 +85,13 @@ pub(crate) struct StallStats {
     worst_us: AtomicU64,
     total_us: AtomicU64,
     rejected: AtomicU64,
+    /// [`crate::coarse::now_ms`] when the last stall ended (0: never).
+    last_ended_ms: AtomicU64,
 }
+
+/// A route that stalled less than this long ago is still suspect: its next
+/// requests may stall too, and run under the stall budget.
+const SUSPECT_FOR_MS: u64 = 10_000;
 
 impl StallStats {
     pub(crate) fn began(&self) {
@@ -94,6 +100,7 @@ impl StallStats {
 
     pub(crate) fn ended(&self, took: Duration) {
         let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.last_ended_ms.store(crate::coarse::now_ms().max(1), Ordering::Relaxed);
         self.ongoing.fetch_sub(1, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
         self.last_us.store(us, Ordering::Relaxed);
@@ -104,6 +111,17 @@ impl StallStats {
     /// Stalls of this route going on right now.
     pub(crate) fn ongoing(&self) -> u32 {
         self.ongoing.load(Ordering::Relaxed)
+    }
+
+    /// The route is stalling now, or stalled within the last
+    /// [`SUSPECT_FOR_MS`]: its polls run under the stall budget (see
+    /// [`super::budget`]). Two atomic loads: asked on every poll of a request.
+    pub(crate) fn suspect(&self) -> bool {
+        if self.ongoing.load(Ordering::Relaxed) > 0 {
+            return true;
+        }
+        let ended = self.last_ended_ms.load(Ordering::Relaxed);
+        ended != 0 && crate::coarse::now_ms().saturating_sub(ended) < SUSPECT_FOR_MS
     }
 
     pub(crate) fn rejected(&self) {

@@ -85,6 +85,13 @@ pub(crate) struct IsolationGauges {
     pub(crate) demoted: Counter,
     /// Requests answered 503 because their route was stalling at the cap.
     pub(crate) rejected: Counter,
+    /// The threads the routes that stall may hold at once.
+    pub(crate) stall_budget: Gauge,
+    /// Of those, held now (set when the metrics are rendered).
+    pub(crate) stall_budget_used: Gauge,
+    /// Accepted work of stalling routes waiting for a thread of the budget
+    /// (set when the metrics are rendered).
+    pub(crate) stall_budget_waiting: Gauge,
 }
 
 /// The metrics of one server. Cheap to clone.
@@ -215,8 +222,23 @@ impl Metrics {
         );
         registry.register(
             "isolation_rejected",
-            "Requests answered 503 because their route was stalling with every runner thread in use",
+            "Requests answered 503 because their route was stalling with the stall budget spent",
             isolation.rejected.clone(),
+        );
+        registry.register(
+            "isolation_stall_budget",
+            "Runner threads the routes that stall may hold at once; the rest are kept for the others",
+            isolation.stall_budget.clone(),
+        );
+        registry.register(
+            "isolation_stall_budget_used",
+            "Runner threads held by routes that stall (or stuck outside any route known to stall)",
+            isolation.stall_budget_used.clone(),
+        );
+        registry.register(
+            "isolation_stall_budget_waiting",
+            "Accepted work of stalling routes (background tasks, jobs, requests) waiting for a thread of the budget",
+            isolation.stall_budget_waiting.clone(),
         );
 
         Self {

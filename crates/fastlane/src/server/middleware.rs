@@ -29,6 +29,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::state::{RequestState, ServerState};
+use crate::executor::budget::Gate;
 use crate::executor::{enter_route, Phase, RouteInfo};
 use crate::lane::panic_message;
 use crate::ApiError;
@@ -100,22 +101,24 @@ where
         let request = Arc::new(RequestState::new(state.clone(), route, started));
 
         if let Some(executor) = &state.executor {
-            // Every runner is taken and this route is among those holding
-            // them: refuse it, so that the routes that behave still get the
-            // threads that free up.
-            if request.route.stalls.ongoing() > 0 && executor.saturated() {
+            // This route has been stalling and the threads set aside for
+            // stalls are all taken: refuse it at once, so that the routes
+            // that behave keep theirs (see `executor::budget`).
+            if request.route.stalls.suspect() && !executor.budget().has_room() {
                 request.route.stalls.rejected();
                 state.metrics.isolation().rejected.inc();
                 let error = ApiError::unavailable(format!(
-                    "{} {} is stalling its threads and all {} runner threads are in use; retry later",
+                    "{} {} is stalling its threads, and the {} threads set aside for stalling routes are in use; \
+                     retry later",
                     request.method,
                     request.route.route,
-                    executor.max_threads()
+                    executor.budget().limit()
                 ));
                 return ResponseFuture {
                     state: State::Done { response: Some(error.into_response()) },
                     request,
                     sleep: None,
+                    gate: Gate::default(),
                 };
             }
         }
@@ -131,6 +134,7 @@ where
                     state: State::Done { response: Some(error.into_response()) },
                     request,
                     sleep: None,
+                    gate: Gate::default(),
                 };
             }
         }
@@ -141,7 +145,7 @@ where
             Ok(future) => State::Running { future },
             Err(payload) => State::Done { response: Some(panicked(&request, &*payload)) },
         };
-        ResponseFuture { state: inner, request, sleep: None }
+        ResponseFuture { state: inner, request, sleep: None, gate: Gate::default() }
     }
 }
 
@@ -172,6 +176,9 @@ pin_project! {
         // Boxed so that the future stays small and `Unpin`; started on the
         // first poll, once the route's own timeout (if any) is known.
         sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+        // Runs the handler's polls under the stall budget while its route
+        // is suspect.
+        gate: Gate,
     }
 }
 
@@ -189,12 +196,22 @@ where
                 .unwrap_or_else(|| ApiError::internal("polled after completion").into_response()),
             StateProj::Running { future } => {
                 let _route = enter_route(this.request.route.id, Phase::Handler);
-                let polled = catch_unwind(AssertUnwindSafe(|| future.poll(cx)));
+                let poll = |cx: &mut Context<'_>| match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
+                    Ok(Poll::Pending) => Poll::Pending,
+                    Ok(Poll::Ready(result)) => Poll::Ready(Ok(result)),
+                    Err(payload) => Poll::Ready(Err(payload)),
+                };
+                let polled = match this.request.server.executor.as_ref() {
+                    Some(executor) => {
+                        this.gate.poll(executor.budget(), this.request.route.stalls.suspect(), cx, poll)
+                    }
+                    None => poll(cx),
+                };
                 match polled {
-                    Ok(Poll::Ready(Ok(response))) => response,
-                    Ok(Poll::Ready(Err(never))) => match never {},
-                    Err(payload) => panicked(this.request, &*payload),
-                    Ok(Poll::Pending) => {
+                    Poll::Ready(Ok(Ok(response))) => response,
+                    Poll::Ready(Ok(Err(never))) => match never {},
+                    Poll::Ready(Err(payload)) => panicked(this.request, &*payload),
+                    Poll::Pending => {
                         if this.sleep.is_none() {
                             // The route's timeout layer has run by now (it
                             // runs on the first poll), so this is the right
@@ -262,16 +279,18 @@ fn finish(request: &Arc<RequestState>, response: Response) -> Response {
         return response;
     }
     let (parts, body) = response.into_parts();
-    let body = TrackedBody { inner: body, request: Some(request.clone()) };
+    let body = TrackedBody { inner: body, request: Some(request.clone()), gate: Gate::default() };
     Response::from_parts(parts, Body::new(body))
 }
 
 pin_project! {
-    /// A response body that finishes its request when it ends.
+    /// A response body that finishes its request when it ends, and is
+    /// polled under the stall budget while its route is suspect.
     struct TrackedBody {
         #[pin]
         inner: Body,
         request: Option<Arc<RequestState>>,
+        gate: Gate,
     }
 }
 
@@ -285,7 +304,16 @@ impl http_body::Body for TrackedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = self.project();
         let _route = this.request.as_ref().map(|r| enter_route(r.route.id, Phase::Body));
-        let polled = this.inner.poll_frame(cx);
+        let mut inner = this.inner;
+        let budget = this.request.as_ref().and_then(|r| Some((r.server.executor.as_ref()?, r)));
+        let polled = match budget {
+            Some((executor, request)) => {
+                this.gate.poll(executor.budget(), request.route.stalls.suspect(), cx, |cx| {
+                    inner.as_mut().poll_frame(cx)
+                })
+            }
+            None => inner.poll_frame(cx),
+        };
         if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = &polled {
             if let Some(request) = this.request.take() {
                 request.finish();

@@ -31,6 +31,13 @@ impl ServerState {
     /// the server's state (not counted per request) brought up to date.
     pub(crate) fn render_metrics(&self) -> String {
         self.metrics.set_requests_in_flight(self.tracker.requests_in_flight());
+        if let Some(executor) = &self.executor {
+            let isolation = self.metrics.isolation();
+            isolation.stall_budget_used.set(i64::try_from(executor.budget().used()).unwrap_or(i64::MAX));
+            isolation
+                .stall_budget_waiting
+                .set(i64::try_from(executor.budget().waiting()).unwrap_or(i64::MAX));
+        }
         self.metrics.render()
     }
 
