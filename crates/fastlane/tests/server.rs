@@ -219,26 +219,6 @@ async fn http2_with_prior_knowledge_is_served() {
 }
 
 #[tokio::test]
-async fn an_idle_http2_connection_is_not_cut_by_the_header_read_timeout() {
-    use http_body_util::{BodyExt, Empty};
-    let app = Router::new().route("/", get(|| async { "over h2" }));
-    let config = Config { header_read_timeout: Duration::from_millis(300), ..Config::default() };
-    let server = start(app, config).await;
-    let (mut sender, conn) = h2_connect(server.local_addr()).await;
-    // Idle before its first request, and between requests, for several
-    // times the timeout: HTTP/2 manages its own idle connections.
-    for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(1200)).await;
-        assert!(!conn.is_finished(), "the server closed an idle HTTP/2 connection");
-        let req = http::Request::get(server.url("/")).body(Empty::<bytes::Bytes>::new()).unwrap();
-        let response = sender.send_request(req).await.unwrap();
-        assert_eq!(&response.into_body().collect().await.unwrap().to_bytes()[..], b"over h2");
-    }
-    drop(sender);
-    server.shutdown().await.unwrap();
-}
-
-#[tokio::test]
 async fn binding_a_taken_port_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();

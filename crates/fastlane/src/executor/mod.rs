@@ -38,6 +38,7 @@
 //! it has not started to the shared queue.
 
 pub(crate) mod budget;
+mod frames;
 mod monitor;
 pub(crate) mod reactor;
 pub(crate) mod slot;

@@ -38,6 +38,8 @@ use std::time::Duration;
 
 use mio::{Events, Interest, Token};
 
+use super::frames::{FrameScanner, Sniffed};
+
 /// The token of the reactor's own wake-up (an eventfd): never a connection's.
 const WAKE_TOKEN: Token = Token(usize::MAX);
 
@@ -101,7 +103,7 @@ impl Reactor {
             self.sources().remove(token);
             return Err(err);
         }
-        Ok(Connection { stream, state, token, reactor: self.clone(), sniffed: false })
+        Ok(Connection { stream, state, token, reactor: self.clone(), scanner: Some(FrameScanner::default()) })
     }
 
     /// Waits up to `timeout` for readiness and wakes the tasks waiting for
@@ -179,45 +181,55 @@ impl Reactor {
         }
     }
 
-    /// Closes the connections that have waited longer than `timeout` for a
-    /// request (a complete request head) to come; returns how many.
+    /// Enforces the header-read timeout on the connections: closes those
+    /// that have waited longer than `timeout` for a request (HTTP/1), or for
+    /// the rest of a preface, a frame header or a header block (HTTP/2), and
+    /// asks HTTP/2 connections with no stream open for that long to close
+    /// gracefully (GOAWAY). Returns how many were closed.
     ///
-    /// Waiting means: no request in flight, no response being written, and
-    /// not exempt (HTTP/2 and upgraded connections, whose idle periods are
-    /// theirs to manage). Called by the monitor every [`IDLE_CHECK_EVERY`].
+    /// Upgraded connections (WebSocket, CONNECT) are the app's and never
+    /// cut. Called by the monitor every [`IDLE_CHECK_EVERY`].
     #[allow(unsafe_code)]
     pub(crate) fn cut_idle(&self, timeout: Duration) -> usize {
         let now = crate::coarse::now_ms();
         let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        let idle: Vec<Arc<IoState>> = {
+        let mut asked = Vec::new();
+        let cut: Vec<Arc<IoState>> = {
             let sources = self.sources();
-            let idle: Vec<_> = sources
-                .entries
-                .iter()
-                .filter_map(|(_, s)| s.as_ref())
-                .filter(|s| s.waited_ms(now).is_some_and(|waited| waited > limit))
-                .cloned()
-                .collect();
-            for state in &idle {
+            let mut cut = Vec::new();
+            for state in sources.entries.iter().filter_map(|(_, s)| s.as_ref()) {
+                match state.verdict(now, limit) {
+                    Verdict::Keep => {}
+                    Verdict::Cut => cut.push(state.clone()),
+                    Verdict::AskToClose => asked.push(state.clone()),
+                }
+            }
+            for state in &cut {
                 // SAFETY: as in `shut_all`: the descriptor is still open.
                 unsafe { libc::shutdown(state.fd, libc::SHUT_RDWR) };
                 // Once: its task will see the end at its next read.
                 state.exempt.store(true, Ordering::Relaxed);
             }
-            idle
+            cut
         };
-        for state in &idle {
+        for state in &cut {
             state.read.wake(true);
             state.write.wake(true);
         }
-        if !idle.is_empty() {
+        for state in &asked {
+            state.close_asked_ms.store(now.max(1), Ordering::Relaxed);
+            // Its task runs, sees the request and sends GOAWAY.
+            state.read.wake(false);
+        }
+        if !cut.is_empty() || !asked.is_empty() {
             tracing::debug!(
-                connections = idle.len(),
-                "closed connections that sent no complete request within {:.1} s",
+                closed = cut.len(),
+                asked_to_close = asked.len(),
+                "connections that sent no complete request (or header block) within {:.1} s",
                 timeout.as_secs_f64()
             );
         }
-        idle.len()
+        cut.len()
     }
 
     fn sources(&self) -> MutexGuard<'_, Sources> {
@@ -284,6 +296,25 @@ struct IoState {
     idle_since: AtomicU64,
     /// Never cut for idling.
     exempt: AtomicBool,
+    /// The connection speaks HTTP/2 (its first bytes were the preface).
+    http2: AtomicBool,
+    /// HTTP/2: [`crate::coarse::now_ms`] since when the client owes the rest
+    /// of its preface, a frame header or a header block; 0 when it owes
+    /// nothing (see [`FrameScanner`]).
+    pending_since: AtomicU64,
+    /// HTTP/2: when the idle watch asked the connection to close gracefully
+    /// (0: not asked).
+    close_asked_ms: AtomicU64,
+}
+
+/// What the idle watch does with a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Keep,
+    /// Shut the socket: the client is too slow, or gone.
+    Cut,
+    /// HTTP/2 with no stream open for too long: send GOAWAY.
+    AskToClose,
 }
 
 impl IoState {
@@ -296,16 +327,53 @@ impl IoState {
             write_blocked: AtomicBool::new(false),
             idle_since: AtomicU64::new(crate::coarse::now_ms()),
             exempt: AtomicBool::new(false),
+            http2: AtomicBool::new(false),
+            // An HTTP/2 connection owes its preface from the start.
+            pending_since: AtomicU64::new(crate::coarse::now_ms().max(1)),
+            close_asked_ms: AtomicU64::new(0),
         }
     }
 
-    /// How long the connection has waited for a request as of `now`, or
-    /// `None` if it is not waiting.
-    fn waited_ms(&self, now: u64) -> Option<u64> {
-        let waiting = self.busy.load(Ordering::Relaxed) == 0
-            && !self.write_blocked.load(Ordering::Relaxed)
-            && !self.exempt.load(Ordering::Relaxed);
-        waiting.then(|| now.saturating_sub(self.idle_since.load(Ordering::Relaxed)))
+    /// The idle watch's decision as of `now`, for a timeout of `limit` ms.
+    fn verdict(&self, now: u64, limit: u64) -> Verdict {
+        if self.exempt.load(Ordering::Relaxed) {
+            return Verdict::Keep;
+        }
+        let since = |at: &AtomicU64| now.saturating_sub(at.load(Ordering::Relaxed));
+        // Waiting for a request: none in flight, no response being written.
+        let waiting = self.busy.load(Ordering::Relaxed) == 0 && !self.write_blocked.load(Ordering::Relaxed);
+        if !self.http2.load(Ordering::Relaxed) {
+            return if waiting && since(&self.idle_since) > limit { Verdict::Cut } else { Verdict::Keep };
+        }
+        // HTTP/2: a preface, frame header or header block half sent for too
+        // long is cut whatever else the connection is doing (a slow stream
+        // must not shelter a slowloris one).
+        let pending = self.pending_since.load(Ordering::Relaxed);
+        if pending != 0 && now.saturating_sub(pending) > limit {
+            return Verdict::Cut;
+        }
+        if !waiting || since(&self.idle_since) <= limit {
+            return Verdict::Keep;
+        }
+        match self.close_asked_ms.load(Ordering::Relaxed) {
+            0 => Verdict::AskToClose,
+            // Asked, and still there a timeout later: the client does not
+            // close its side.
+            asked if now.saturating_sub(asked) > limit => Verdict::Cut,
+            _ => Verdict::Keep,
+        }
+    }
+
+    /// Notes what the scanner made of the bytes just read.
+    fn sniffed(&self, sniffed: Sniffed) {
+        let Sniffed::Http2 { pending } = sniffed else { return };
+        self.http2.store(true, Ordering::Relaxed);
+        let since = self.pending_since.load(Ordering::Relaxed);
+        match (pending, since) {
+            (true, 0) => self.pending_since.store(crate::coarse::now_ms().max(1), Ordering::Relaxed),
+            (false, since) if since != 0 => self.pending_since.store(0, Ordering::Relaxed),
+            _ => {}
+        }
     }
 
     fn became_idle(&self) {
@@ -349,10 +417,16 @@ impl IdleWatch {
         }
     }
 
-    /// The connection is no longer HTTP/1 requests (HTTP/2, or upgraded):
-    /// idle periods are not for us to cut.
+    /// The connection is the app's now (upgraded: a WebSocket, a CONNECT
+    /// tunnel): idle periods are not for us to cut.
     pub(crate) fn exempt(&self) {
         self.state.exempt.store(true, Ordering::Relaxed);
+    }
+
+    /// The idle watch asks the connection to close gracefully (an HTTP/2
+    /// connection with no stream open for the timeout).
+    pub(crate) fn close_asked(&self) -> bool {
+        self.state.close_asked_ms.load(Ordering::Relaxed) != 0
     }
 }
 
@@ -460,13 +534,10 @@ pub(crate) struct Connection {
     state: Arc<IoState>,
     token: Token,
     reactor: Arc<Reactor>,
-    /// Its first bytes have been looked at (for the HTTP/2 preface).
-    sniffed: bool,
+    /// Follows the incoming bytes while the connection may be HTTP/2; `None`
+    /// once it is known not to be.
+    scanner: Option<FrameScanner>,
 }
-
-/// How an HTTP/2 connection begins (RFC 9113, 3.4); no HTTP/1 request
-/// starts so.
-const HTTP2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -512,15 +583,13 @@ impl hyper::rt::Read for Connection {
             Ok((n, n < len))
         });
         let n = ready!(read)?;
-        if !this.sniffed && n > 0 {
-            this.sniffed = true;
+        if let Some(scanner) = this.scanner.as_mut().filter(|_| n > 0) {
             // SAFETY: `read` initialized the first `n` bytes of the
             // unfilled part; they are only looked at, before `advance`.
-            let first: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_mut().as_ptr().cast(), n) };
-            let len = first.len().min(HTTP2_PREFACE_START.len());
-            if len >= 4 && first[..len] == HTTP2_PREFACE_START[..len] {
-                // HTTP/2 has its own idle handling: not ours to cut.
-                this.state.exempt.store(true, Ordering::Relaxed);
+            let bytes: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_mut().as_ptr().cast(), n) };
+            match scanner.feed(bytes) {
+                Sniffed::Http1 => this.scanner = None,
+                sniffed => this.state.sniffed(sniffed),
             }
         }
         // SAFETY: `read` initialized exactly `n` bytes of the unfilled part.
@@ -589,17 +658,49 @@ mod tests {
         let state = Arc::new(IoState::new(-1));
         let watch = IdleWatch { state: state.clone() };
         let now = crate::coarse::now_ms();
-        assert_eq!(state.waited_ms(now + 50), Some(50), "a new connection waits for its first request");
+        let later = now + 50;
+        assert_eq!(state.verdict(later, 40), Verdict::Cut, "a new connection waits for its first request");
+        assert_eq!(state.verdict(later, 60), Verdict::Keep, "within the limit");
         watch.request_started();
-        assert_eq!(state.waited_ms(now + 50), None, "a request is in flight");
+        assert_eq!(state.verdict(later, 40), Verdict::Keep, "a request is in flight");
         watch.request_done();
-        assert!(state.waited_ms(now + 50).is_some());
+        assert_eq!(state.verdict(later, 40), Verdict::Cut);
         // A response too big for the socket's buffer is being written.
         let _ = state.wrote(Poll::<()>::Pending);
-        assert_eq!(state.waited_ms(now + 50), None);
+        assert_eq!(state.verdict(later, 40), Verdict::Keep);
         let _ = state.wrote(Poll::Ready(()));
-        assert!(state.waited_ms(now + 50).is_some());
+        assert_eq!(state.verdict(later, 40), Verdict::Cut);
         watch.exempt();
-        assert_eq!(state.waited_ms(now + 50), None, "HTTP/2 and upgraded connections are never cut");
+        assert_eq!(state.verdict(later, 40), Verdict::Keep, "upgraded connections are never cut");
+    }
+
+    #[test]
+    fn an_http2_connection_is_cut_for_a_late_header_block_and_asked_to_close_when_idle() {
+        crate::coarse::tick();
+        let state = Arc::new(IoState::new(-1));
+        let watch = IdleWatch { state: state.clone() };
+        let now = crate::coarse::now_ms();
+        // Only the start of the preface: owed since the connection began.
+        state.sniffed(Sniffed::Http2 { pending: true });
+        assert_eq!(state.verdict(now + 50, 40), Verdict::Cut);
+        // Preface and SETTINGS whole, a stream open.
+        state.sniffed(Sniffed::Http2 { pending: false });
+        watch.request_started();
+        assert_eq!(state.verdict(now + 50, 40), Verdict::Keep);
+        // A second stream's header block half sent: cut once it is late,
+        // although the first stream is busy.
+        state.sniffed(Sniffed::Http2 { pending: true });
+        let pending_since = state.pending_since.load(Ordering::Relaxed);
+        assert_eq!(state.verdict(pending_since + 30, 40), Verdict::Keep);
+        assert_eq!(state.verdict(pending_since + 50, 40), Verdict::Cut);
+        state.sniffed(Sniffed::Http2 { pending: false });
+        watch.request_done();
+        let idle_since = state.idle_since.load(Ordering::Relaxed);
+        assert_eq!(state.verdict(idle_since + 30, 40), Verdict::Keep);
+        assert_eq!(state.verdict(idle_since + 50, 40), Verdict::AskToClose, "idle: GOAWAY");
+        state.close_asked_ms.store(idle_since + 50, Ordering::Relaxed);
+        assert!(watch.close_asked());
+        assert_eq!(state.verdict(idle_since + 60, 40), Verdict::Keep, "given time to close");
+        assert_eq!(state.verdict(idle_since + 100, 40), Verdict::Cut, "and cut if it does not");
     }
 }

@@ -522,8 +522,10 @@ fn start_connection(
     match state.executor.as_ref().and_then(|e| e.reactor()) {
         Some(reactor) => match stream.into_std().and_then(|stream| reactor.register(stream)) {
             Ok(io) => {
-                let service = ConnectionService::new(router, state, Some(io.idle_watch()));
-                let serve = serve_connection(io, builders.watched.clone(), service, state.clone(), stop);
+                let watch = io.idle_watch();
+                let service = ConnectionService::new(router, state, Some(watch.clone()));
+                let serve =
+                    serve_connection(io, builders.watched.clone(), service, state.clone(), stop, Some(watch));
                 state.start_task(Box::pin(serve));
             }
             // The descriptor could not be moved (out of memory for the epoll
@@ -532,8 +534,14 @@ fn start_connection(
         },
         None => {
             let service = ConnectionService::new(router, state, None);
-            let serve =
-                serve_connection(TokioIo::new(stream), builders.timed.clone(), service, state.clone(), stop);
+            let serve = serve_connection(
+                TokioIo::new(stream),
+                builders.timed.clone(),
+                service,
+                state.clone(),
+                stop,
+                None,
+            );
             state.start_task(Box::pin(serve));
         }
     }
@@ -545,6 +553,7 @@ async fn serve_connection<I>(
     service: ConnectionService,
     state: Arc<ServerState>,
     mut stop: watch::Receiver<bool>,
+    idle: Option<IdleWatch>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -561,7 +570,14 @@ async fn serve_connection<I>(
     let shutdown = stopped(&mut stop);
     tokio::pin!(shutdown);
     let mut registered = false;
+    let mut closing = false;
     let ended = std::future::poll_fn(|cx| {
+        if !closing && idle.as_ref().is_some_and(IdleWatch::close_asked) {
+            // An HTTP/2 connection idle for too long: GOAWAY, then hyper
+            // closes it (the idle watch cuts it if the client does not).
+            closing = true;
+            conn.as_mut().graceful_shutdown();
+        }
         if !registered || changed.has_changed().unwrap_or(true) {
             registered = true;
             changed.borrow_and_update();
@@ -621,12 +637,7 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
     type Future = Served;
 
     fn call(&self, req: http::Request<Incoming>) -> Self::Future {
-        let busy = self.watch.as_ref().map(|watch| {
-            if req.version() == http::Version::HTTP_2 {
-                watch.exempt();
-            }
-            Busy::new(watch, req.method() == http::Method::CONNECT)
-        });
+        let busy = self.watch.as_ref().map(|watch| Busy::new(watch, req.method() == http::Method::CONNECT));
         let inner = match internal_endpoint(&self.state, &req) {
             Some(response) => Either::Left(std::future::ready(Ok(response))),
             // `Router` is always ready (its `poll_ready` returns `Ready` at once).
