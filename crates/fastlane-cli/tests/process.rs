@@ -104,3 +104,27 @@ fn probe_tells_requests_that_were_answered_in_turn() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("ran one after another: sent together (up to 2 in flight)"), "{stdout}");
 }
+
+#[test]
+fn request_data_cannot_forge_or_flood_log_lines() {
+    let demo = Demo::start(&[]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let post = |name: &str| {
+        let body = serde_json::json!({ "name": name, "work_ms": 1 });
+        rt.block_on(fastlane::client::post_json(&demo.url("/profile"), &body)).expect("request").status
+    };
+    let forged = "x\n2026-11-26T00:00:00.000000Z ERROR fastlane::server: FAKE\r\u{1b}[2K";
+    assert_eq!(post(forged), 200);
+    assert_eq!(post(&"y".repeat(2_000_000)), 200);
+    assert!(demo.wait_for_count("profile computed", 2, Duration::from_secs(10)));
+    let log = demo.log.lock().unwrap().clone();
+    assert!(!log.iter().any(|line| line.contains("FAKE") && !line.contains("profile computed")), "{log:?}");
+    let line = log.iter().find(|l| l.contains("FAKE")).unwrap();
+    assert!(
+        line.contains(r#"name=x\n2026-11-26T00:00:00.000000Z ERROR fastlane::server: FAKE\r\u{1b}[2K"#),
+        "{line}"
+    );
+    let longest = log.iter().map(String::len).max().unwrap();
+    assert!(longest < 4096, "a log line of {longest} bytes");
+    assert!(log.iter().any(|l| l.contains("yyyy…[") && l.contains("more bytes]")), "the cut is said");
+}

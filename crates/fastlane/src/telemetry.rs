@@ -1,18 +1,218 @@
-//! Logging set-up for binaries.
+//! Logging set-up for binaries, with log lines that a client cannot forge.
+//!
+//! Request-derived values reach log lines all the time: a name from a JSON
+//! body, a path, a header. Written as they are, a value holding a newline
+//! starts a line of the client's choosing (`...\n2026-11-26T00:00:00Z ERROR
+//! fastlane::server: FAKE`), an escape sequence recolours or rewrites the
+//! terminal, and a 2 MB value becomes a 2 MB line. [`LogFields`] writes every
+//! field (the message included) with control characters escaped and its
+//! length bounded.
+
+use std::fmt::{self, Write as _};
+
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::FormatFields;
 
 /// Installs a `tracing` subscriber that prints to stderr, filtered by
 /// `RUST_LOG` (default: `info` for everything). Call it once at the start of
 /// `main`; a second call does nothing.
 ///
 /// Request lines look like `GET /users/{id} 200 1.3ms`: the seed article's
-/// `log_requests` middleware, built in.
+/// `log_requests` middleware, built in. Every field is written by
+/// [`LogFields`]: control characters escaped, values bounded.
 pub fn init_logging() {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .fmt_fields(LogFields::default())
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .try_init();
+}
+
+/// Formats a log event's fields as `tracing-subscriber`'s default does
+/// (`message key=value ...`), but safe to give values a client controls:
+/// newlines, carriage returns, tabs, escape sequences and every other
+/// control or bidirectional-override character are written escaped
+/// (`\n`, `\u{1b}`), and each value is cut after [`LogFields::max_len`]
+/// bytes with a note of how much was left out. One event is always one line.
+///
+/// [`init_logging`] uses it; an app with a subscriber of its own can too.
+///
+/// # Examples
+///
+/// ```
+/// let subscriber = tracing_subscriber::fmt()
+///     .fmt_fields(fastlane::LogFields::default())
+///     .with_writer(std::io::stderr)
+///     .finish();
+/// # let _ = subscriber;
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct LogFields {
+    max_len: usize,
+}
+
+impl Default for LogFields {
+    /// Values up to 1 KiB: a stall report or a request line fits whole, a
+    /// pasted document does not.
+    fn default() -> Self {
+        Self { max_len: 1024 }
+    }
+}
+
+impl LogFields {
+    /// Cuts each value after `max_len` bytes of output (at least 16).
+    #[must_use]
+    pub fn max_len(self, max_len: usize) -> Self {
+        Self { max_len: max_len.max(16) }
+    }
+}
+
+impl<'writer> FormatFields<'writer> for LogFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
+        let mut visitor = Visitor { writer, max_len: self.max_len, first: true, result: Ok(()) };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct Visitor<'writer> {
+    writer: Writer<'writer>,
+    max_len: usize,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl Visitor<'_> {
+    fn write(&mut self, field: &Field, value: fmt::Arguments<'_>) {
+        if self.result.is_err() {
+            return;
+        }
+        self.result = self.write_field(field, value);
+    }
+
+    fn write_field(&mut self, field: &Field, value: fmt::Arguments<'_>) -> fmt::Result {
+        if !self.first {
+            self.writer.write_char(' ')?;
+        }
+        self.first = false;
+        let name = field.name();
+        // `r#type` fields are named `type` in the output, as tracing does.
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        if name != "message" && !name.starts_with("log.") {
+            write!(self.writer, "{name}=")?;
+        }
+        let mut escaped = Escaped { out: &mut self.writer, left: self.max_len, dropped: 0 };
+        escaped.write_fmt(value)?;
+        let dropped = escaped.dropped;
+        if dropped > 0 {
+            write!(self.writer, "…[{dropped} more bytes]")?;
+        }
+        Ok(())
+    }
+}
+
+impl Visit for Visitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.write(field, format_args!("{value}"));
+        } else {
+            // Quoted, as tracing's default format writes strings.
+            self.write(field, format_args!("{value:?}"));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.write(field, format_args!("{value:?}"));
+    }
+}
+
+/// Writes through to `out`, escaping what must not reach a log line as it
+/// is, up to `left` bytes; counts what it leaves out.
+struct Escaped<'a, W: fmt::Write> {
+    out: &'a mut W,
+    left: usize,
+    dropped: usize,
+}
+
+/// Characters written escaped: controls (C0, DEL, C1: newlines, escape
+/// sequences), the Unicode line and paragraph separators, and the
+/// bidirectional overrides that make text read differently than it is.
+fn must_escape(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        // The usual case, a short clean piece, goes through as it is.
+        if s.len() <= self.left && !s.chars().any(must_escape) {
+            self.left -= s.len();
+            return self.out.write_str(s);
+        }
+        for (at, c) in s.char_indices() {
+            let mut buf = [0u8; 12];
+            let piece: &str = match c {
+                '\n' => "\\n",
+                '\r' => "\\r",
+                '\t' => "\\t",
+                c if must_escape(c) => {
+                    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+                    let _ = std::io::Write::write_fmt(&mut cursor, format_args!("\\u{{{:x}}}", c as u32));
+                    let len = usize::try_from(cursor.position()).unwrap_or(0);
+                    std::str::from_utf8(&buf[..len]).unwrap_or("\\u{?}")
+                }
+                c => c.encode_utf8(&mut buf),
+            };
+            if piece.len() > self.left {
+                self.left = 0;
+                self.dropped += s.len() - at;
+                return Ok(());
+            }
+            self.left -= piece.len();
+            self.out.write_str(piece)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn escape(value: &str, max_len: usize) -> String {
+        let mut out = String::new();
+        let mut escaped = Escaped { out: &mut out, left: max_len, dropped: 0 };
+        escaped.write_str(value).unwrap();
+        let dropped = escaped.dropped;
+        if dropped > 0 {
+            out.push_str(&format!("…[{dropped} more bytes]"));
+        }
+        out
+    }
+
+    #[test]
+    fn control_characters_are_escaped_and_clean_text_is_untouched() {
+        assert_eq!(escape("GET /users/{id} 200 1.3ms", 100), "GET /users/{id} 200 1.3ms");
+        assert_eq!(
+            escape("x\n2026-11-26T00:00:00.000000Z ERROR fastlane::server: FAKE", 100),
+            "x\\n2026-11-26T00:00:00.000000Z ERROR fastlane::server: FAKE"
+        );
+        assert_eq!(escape("a\r\tb\u{1b}[31mred\u{7f}", 100), "a\\r\\tb\\u{1b}[31mred\\u{7f}");
+        assert_eq!(escape("ok\u{2028}no\u{202e}rev", 100), "ok\\u{2028}no\\u{202e}rev");
+        assert_eq!(escape("naïve 東京", 100), "naïve 東京");
+    }
+
+    #[test]
+    fn long_values_are_cut_and_say_how_much_was_left_out() {
+        let long = "a".repeat(2_000_000);
+        assert_eq!(escape(&long, 10), format!("aaaaaaaaaa…[{} more bytes]", 2_000_000 - 10));
+        // Never in the middle of a character or an escape.
+        assert_eq!(escape("ab東京", 4), "ab…[6 more bytes]");
+        assert_eq!(escape("ab\ncd", 3), "ab…[3 more bytes]");
+    }
 }
