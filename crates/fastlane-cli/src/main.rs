@@ -18,6 +18,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the demo app (the seed articles' scenarios) on 127.0.0.1:8000.
+    // The demo's routes sleep up to 60 s, so its request timeout is longer
+    // than an app's (see `run_demo`); its help says so.
+    #[command(mut_arg("request_timeout", |arg| arg.help(
+        "Seconds a handler has to answer before the client gets 504; 0 disables [default: 90 in the demo]"
+    )))]
     Demo {
         #[command(flatten)]
         serve: fastlane::ServeArgs,
@@ -229,6 +234,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// The demo's request timeout: longer than its longest route (60 s).
+const DEMO_REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+
 async fn run_demo(serve: fastlane::ServeArgs, jobs_url: String, job_concurrency: usize) -> ExitCode {
     fastlane::init_logging();
     let store = match fastlane_jobs::connect(&jobs_url).await {
@@ -244,8 +252,9 @@ async fn run_demo(serve: fastlane::ServeArgs, jobs_url: String, job_concurrency:
         ..fastlane_jobs::WorkerConfig::default()
     });
     let base = fastlane::Config {
-        // The demo's routes sleep up to 60 s; let them finish.
-        request_timeout: Some(Duration::from_secs(90)),
+        // The demo's routes sleep up to 60 s; let them finish. (Its help
+        // text says 90: see `Command::Demo`.)
+        request_timeout: Some(DEMO_REQUEST_TIMEOUT),
         expose_internal: true,
         ..fastlane::Config::default()
     };

@@ -128,3 +128,11 @@ fn request_data_cannot_forge_or_flood_log_lines() {
     assert!(longest < 4096, "a log line of {longest} bytes");
     assert!(log.iter().any(|l| l.contains("yyyy…[") && l.contains("more bytes]")), "the cut is said");
 }
+
+#[test]
+fn the_demo_help_shows_the_demo_own_request_timeout() {
+    let output = Command::new(env!("CARGO_BIN_EXE_fastlane")).args(["demo", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    let line = help.lines().skip_while(|l| !l.contains("--request-timeout")).nth(1).unwrap_or_default();
+    assert!(line.contains("[default: 90 in the demo]"), "{help}");
+}

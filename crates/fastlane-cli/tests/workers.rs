@@ -209,3 +209,38 @@ fn a_worker_that_keeps_dying_young_is_restarted_with_growing_delays() {
     let (code, _) = demo.wait_after_term();
     assert_eq!(code, Some(0));
 }
+
+#[test]
+fn during_a_graceful_drain_new_connections_are_refused_at_once() {
+    use std::io::{Read, Write};
+    let demo = Demo::start(&["--workers", "2"]);
+    assert!(demo.wait_for_count("worker ready", 2, Duration::from_secs(10)));
+    let url = demo.url("/slow/async?secs=3");
+    let slow = std::thread::spawn(move || get(&url).status);
+    std::thread::sleep(Duration::from_millis(300));
+    let addr = demo.url("").trim_start_matches("http://").to_owned();
+    demo.signal(libc::SIGTERM);
+    assert!(demo.wait_for_log("supervisor shutting down", Duration::from_secs(5)).is_some());
+    std::thread::sleep(Duration::from_millis(200));
+    // The slow request is still draining; a new client learns at once that
+    // nobody will serve it (refused, or reset if it got into the backlog).
+    let started = Instant::now();
+    let outcome = match std::net::TcpStream::connect(&addr) {
+        Err(err) => format!("refused: {err}"),
+        Ok(mut conn) => {
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = conn.write_all(b"GET /fast HTTP/1.1\r\nHost: t\r\n\r\n");
+            let mut buf = [0u8; 64];
+            match conn.read(&mut buf) {
+                Ok(0) => "closed".to_owned(),
+                Ok(n) => panic!("served during the drain: {:?}", String::from_utf8_lossy(&buf[..n])),
+                Err(err) => format!("error: {err}"),
+            }
+        }
+    };
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "the new connection waited {took:?} ({outcome})");
+    assert_eq!(slow.join().unwrap(), 200, "the request in flight finished its drain");
+    let (code, _) = demo.wait(Duration::from_secs(20));
+    assert_eq!(code, Some(0));
+}

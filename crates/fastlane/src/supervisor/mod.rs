@@ -117,8 +117,13 @@ pub(crate) async fn supervise(
             _ = tick.tick() => sup.check(),
         }
     }
-    let report = sup.shutdown().await;
+    // Closed before the drain: the workers close their copies as they stop
+    // accepting, and with ours gone too the socket stops listening, so a
+    // new connection is refused at once instead of waiting in the accept
+    // queue of a socket nobody will accept from again. (The drain starts no
+    // worker, so the descriptor is not needed any more.)
     drop(listener);
+    let report = sup.shutdown().await;
     Ok(ShutdownReport { drained_in: report, workers_failed: sup.failed, ..Default::default() })
 }
 
