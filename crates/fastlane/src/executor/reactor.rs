@@ -232,6 +232,12 @@ impl Reactor {
         cut.len()
     }
 
+    /// Connections registered now.
+    pub(crate) fn connections(&self) -> usize {
+        let sources = self.sources();
+        sources.entries.len() - sources.free.len()
+    }
+
     fn sources(&self) -> MutexGuard<'_, Sources> {
         // Nothing panics while holding this lock.
         self.sources.lock().unwrap_or_else(|p| p.into_inner())
