@@ -106,6 +106,7 @@ struct Inner {
     requests: Family<RequestLabels, Counter>,
     latency: HistogramFamily,
     in_flight: Gauge,
+    connections: Gauge,
     tasks: Family<TaskLabels, Counter>,
     tasks_pending: Gauge,
     lanes: LaneGauges,
@@ -152,6 +153,8 @@ impl Metrics {
         );
         let in_flight = Gauge::default();
         registry.register("http_requests_in_flight", "Requests being handled now", in_flight.clone());
+        let connections = Gauge::default();
+        registry.register("http_connections_open", "Client connections open now", connections.clone());
         let tasks = Family::<TaskLabels, Counter>::default();
         registry.register(
             "background_tasks",
@@ -247,6 +250,7 @@ impl Metrics {
                 requests,
                 latency,
                 in_flight,
+                connections,
                 tasks,
                 tasks_pending,
                 lanes: lane_gauges,
@@ -273,6 +277,10 @@ impl Metrics {
     /// metrics are rendered, rather than counted up and down per request).
     pub(crate) fn set_requests_in_flight(&self, n: usize) {
         self.inner.in_flight.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn set_connections_open(&self, n: usize) {
+        self.inner.connections.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// The latency histogram of a route (resolved once per route).

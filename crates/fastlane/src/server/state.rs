@@ -31,6 +31,7 @@ impl ServerState {
     /// the server's state (not counted per request) brought up to date.
     pub(crate) fn render_metrics(&self) -> String {
         self.metrics.set_requests_in_flight(self.tracker.requests_in_flight());
+        self.metrics.set_connections_open(self.tracker.connections_open());
         if let Some(executor) = &self.executor {
             let isolation = self.metrics.isolation();
             isolation.stall_budget_used.set(i64::try_from(executor.budget().used()).unwrap_or(i64::MAX));

@@ -168,6 +168,10 @@ impl Tracker {
         self.changed_if_draining();
     }
 
+    pub(crate) fn connections_open(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn requests_in_flight(&self) -> usize {
         self.requests.len()
     }
