@@ -73,22 +73,42 @@ pub async fn run(config: &MixedConfig) -> MixedResult {
     let deadline = start + config.duration;
     let load_ok = Arc::new(AtomicU64::new(0));
     let load_errors = Arc::new(AtomicU64::new(0));
-    let mut load = Vec::new();
-    if let Some(url) = &config.load_url {
-        for _ in 0..config.load_concurrency {
-            let (url, ok, errors) = (url.clone(), load_ok.clone(), load_errors.clone());
-            load.push(tokio::spawn(async move {
-                tokio::time::sleep_until(start).await;
-                while Instant::now() < deadline {
-                    let left = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
-                    match tokio::time::timeout(left, fastlane::client::get(&url)).await {
-                        Ok(Ok(r)) if r.status.is_success() => ok.fetch_add(1, Ordering::Relaxed),
-                        _ => errors.fetch_add(1, Ordering::Relaxed),
-                    };
+    // The load runs on a thread and runtime of its own: sharing the probe's
+    // runtime, a load that loops fast (a server refusing it at once) would
+    // queue the probe's tasks behind its own, and the probe would measure
+    // its own client's backlog instead of the server.
+    let load = config.load_url.clone().map(|url| {
+        let (ok, errors, concurrency) = (load_ok.clone(), load_errors.clone(), config.load_concurrency);
+        std::thread::spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    eprintln!("fastlane bench mixed: no runtime for the load: {err}");
+                    return;
                 }
-            }));
-        }
-    }
+            };
+            runtime.block_on(async move {
+                for _ in 0..concurrency {
+                    let (url, ok, errors) = (url.clone(), ok.clone(), errors.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep_until(start).await;
+                        while Instant::now() < deadline {
+                            let left =
+                                deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
+                            match tokio::time::timeout(left, fastlane::client::get(&url)).await {
+                                Ok(Ok(r)) if r.status.is_success() => ok.fetch_add(1, Ordering::Relaxed),
+                                _ => errors.fetch_add(1, Ordering::Relaxed),
+                            };
+                        }
+                    });
+                }
+                // The load stops at the deadline: dropping the runtime
+                // abandons the requests still in flight (a blocking server
+                // may hold them for seconds).
+                tokio::time::sleep_until(deadline).await;
+            });
+        })
+    });
 
     let count = (config.rate * config.duration.as_secs_f64()).round().max(1.0) as usize;
     let interval = Duration::from_secs_f64(1.0 / config.rate);
@@ -112,11 +132,8 @@ pub async fn run(config: &MixedConfig) -> MixedResult {
             _ => errors += 1,
         }
     }
-    // The load stops at the deadline; requests still in flight then are
-    // abandoned (a blocking server may hold them for seconds).
-    tokio::time::sleep_until(deadline).await;
-    for task in &load {
-        task.abort();
+    if let Some(load) = load {
+        let _ = tokio::task::spawn_blocking(move || load.join()).await;
     }
     MixedResult {
         fast: stats(latencies, errors),
