@@ -175,6 +175,10 @@ enum BenchCommand {
         /// Print one JSON object instead of a summary line.
         #[arg(long)]
         json: bool,
+        /// Load clients refused with 503 wait for its Retry-After before sending
+        /// again, as well-behaved clients do (without it: again at once).
+        #[arg(long)]
+        honor_retry_after: bool,
     },
 }
 
@@ -203,7 +207,16 @@ fn main() -> ExitCode {
             runtime.block_on(run_probe(config, svg))
         }
         Command::Jobs(command) => runtime.block_on(run_jobs(command)),
-        Command::Bench(BenchCommand::Mixed { fast, load, concurrency, rate, duration, timeout, json }) => {
+        Command::Bench(BenchCommand::Mixed {
+            fast,
+            load,
+            concurrency,
+            rate,
+            duration,
+            timeout,
+            json,
+            honor_retry_after,
+        }) => {
             let valid = |v: f64| v.is_finite() && v > 0.0 && v <= 3600.0;
             for (flag, value) in [("--rate", rate), ("--duration", duration), ("--timeout", timeout)] {
                 if !valid(value) {
@@ -218,6 +231,7 @@ fn main() -> ExitCode {
                 load_url: load,
                 load_concurrency: concurrency as usize,
                 timeout: Duration::from_secs_f64(timeout),
+                honor_retry_after,
             };
             let result = runtime.block_on(mixed::run(&config));
             if json {

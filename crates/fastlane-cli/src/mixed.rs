@@ -36,6 +36,10 @@ pub struct MixedConfig {
     pub load_concurrency: usize,
     /// A probe request slower than this counts as an error.
     pub timeout: Duration,
+    /// A load client refused with `503` and a `Retry-After` waits that long
+    /// before it sends again, as well-behaved clients (and proxies) do;
+    /// without it, it sends again at once.
+    pub honor_retry_after: bool,
 }
 
 /// Latency figures of the probe, in milliseconds.
@@ -79,6 +83,7 @@ pub async fn run(config: &MixedConfig) -> MixedResult {
     // its own client's backlog instead of the server.
     let load = config.load_url.clone().map(|url| {
         let (ok, errors, concurrency) = (load_ok.clone(), load_errors.clone(), config.load_concurrency);
+        let honor_retry_after = config.honor_retry_after;
         std::thread::spawn(move || {
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(runtime) => runtime,
@@ -95,10 +100,18 @@ pub async fn run(config: &MixedConfig) -> MixedResult {
                         while Instant::now() < deadline {
                             let left =
                                 deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
-                            match tokio::time::timeout(left, fastlane::client::get(&url)).await {
+                            let response = tokio::time::timeout(left, fastlane::client::get(&url)).await;
+                            match &response {
                                 Ok(Ok(r)) if r.status.is_success() => ok.fetch_add(1, Ordering::Relaxed),
                                 _ => errors.fetch_add(1, Ordering::Relaxed),
                             };
+                            if let Some(wait) =
+                                response.ok().and_then(Result::ok).and_then(|r| retry_after(&r))
+                            {
+                                if honor_retry_after {
+                                    tokio::time::sleep_until(deadline.min(Instant::now() + wait)).await;
+                                }
+                            }
                         }
                     });
                 }
@@ -140,6 +153,15 @@ pub async fn run(config: &MixedConfig) -> MixedResult {
         load_ok: load_ok.load(Ordering::Relaxed),
         load_errors: load_errors.load(Ordering::Relaxed),
     }
+}
+
+/// How long a `503` asks the client to wait (`Retry-After` in seconds).
+fn retry_after(response: &fastlane::client::Response) -> Option<Duration> {
+    if response.status != http::StatusCode::SERVICE_UNAVAILABLE {
+        return None;
+    }
+    let secs: u64 = response.headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs.min(60)))
 }
 
 fn stats(mut latencies: Vec<Duration>, errors: usize) -> ProbeStats {

@@ -17,6 +17,7 @@ fn steady_load(demo: &Demo, secs: f64) -> std::thread::JoinHandle<mixed::MixedRe
         load_url: None,
         load_concurrency: 0,
         timeout: Duration::from_secs(10),
+        honor_retry_after: false,
     };
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();

@@ -51,6 +51,15 @@ fn short_timeout() -> Config {
     Config { header_read_timeout: Duration::from_millis(500), ..Config::default() }
 }
 
+/// The same, served on the runners' reactor and on tokio's I/O
+/// (`--no-isolation`), whose connections' tasks apply the deadlines.
+fn both_isolation_modes() -> [Config; 2] {
+    [true, false].map(|enabled| Config {
+        isolation: fastlane::IsolationConfig { enabled, ..Default::default() },
+        ..short_timeout()
+    })
+}
+
 /// Reads until the server closes `conn`; returns how long that took.
 async fn closed_within(conn: &mut TcpStream, limit: Duration, what: &str) -> Duration {
     let started = Instant::now();
@@ -63,7 +72,14 @@ async fn closed_within(conn: &mut TcpStream, limit: Duration, what: &str) -> Dur
 
 #[tokio::test]
 async fn connections_that_never_finish_their_preface_or_a_header_block_are_cut() {
-    let server = start(app(), short_timeout()).await;
+    for config in both_isolation_modes() {
+        never_finished_preface_or_header_block(config).await;
+    }
+}
+
+async fn never_finished_preface_or_header_block(config: Config) {
+    let isolated = config.isolation.enabled;
+    let server = start(app(), config).await;
     let settings = frame(SETTINGS, 0, 0, &[]);
     let half_headers = frame(HEADERS, END_STREAM | END_HEADERS, 1, &get_slow_block());
     let half_headers = &half_headers[..half_headers.len() / 2];
@@ -87,13 +103,14 @@ async fn connections_that_never_finish_their_preface_or_a_header_block_are_cut()
             clients.push(tokio::spawn(async move {
                 let mut conn = TcpStream::connect(addr).await.unwrap();
                 conn.write_all(&bytes).await.unwrap();
-                (what, closed_within(&mut conn, Duration::from_secs(5), what).await)
+                let label = format!("isolation {isolated}, {what}");
+                (what, closed_within(&mut conn, Duration::from_secs(5), &label).await)
             }));
         }
     }
     for client in clients {
         let (what, took) = client.await.unwrap();
-        assert!(took >= Duration::from_millis(300), "{what}: cut after only {took:?}");
+        assert!(took >= Duration::from_millis(300), "isolation {isolated}, {what}: cut after only {took:?}");
     }
     // The server is still there for everyone else.
     assert_eq!(fastlane::client::get(&server.url("/")).await.unwrap().text(), "over h2");
@@ -102,7 +119,14 @@ async fn connections_that_never_finish_their_preface_or_a_header_block_are_cut()
 
 #[tokio::test]
 async fn a_late_header_block_is_cut_even_beside_a_stream_in_progress() {
-    let server = start(app(), short_timeout()).await;
+    for config in both_isolation_modes() {
+        late_header_block_beside_a_busy_stream(config).await;
+    }
+}
+
+async fn late_header_block_beside_a_busy_stream(config: Config) {
+    let isolated = config.isolation.enabled;
+    let server = start(app(), config).await;
     let mut conn = TcpStream::connect(server.local_addr()).await.unwrap();
     let mut bytes = PREFACE.to_vec();
     bytes.extend(frame(SETTINGS, 0, 0, &[]));
@@ -112,7 +136,10 @@ async fn a_late_header_block_is_cut_even_beside_a_stream_in_progress() {
     bytes.extend(frame(HEADERS, END_STREAM, 3, &get_slow_block()));
     conn.write_all(&bytes).await.unwrap();
     let took = closed_within(&mut conn, Duration::from_secs(5), "open header block").await;
-    assert!(took < Duration::from_millis(1400), "cut only after {took:?}: the busy stream sheltered it");
+    assert!(
+        took < Duration::from_millis(1400),
+        "isolation {isolated}: cut only after {took:?}: the busy stream sheltered it"
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -135,7 +162,14 @@ async fn h2_connect(
 
 #[tokio::test]
 async fn streams_in_progress_are_never_cut_and_an_idle_connection_is_closed_gracefully() {
-    let server = start(app(), short_timeout()).await;
+    for config in both_isolation_modes() {
+        long_stream_then_idle(config).await;
+    }
+}
+
+async fn long_stream_then_idle(config: Config) {
+    let isolated = config.isolation.enabled;
+    let server = start(app(), config).await;
     let (mut sender, conn) = h2_connect(server.local_addr()).await;
     // A stream three times as long as the timeout.
     let req = http::Request::get(server.url("/slow")).body(Empty::new()).unwrap();
@@ -143,12 +177,10 @@ async fn streams_in_progress_are_never_cut_and_an_idle_connection_is_closed_grac
     assert_eq!(&response.into_body().collect().await.unwrap().to_bytes()[..], b"slow");
     // Then idle: the server sends GOAWAY and the connection ends cleanly.
     let started = Instant::now();
-    tokio::time::timeout(Duration::from_secs(5), conn)
-        .await
-        .expect("the idle connection was closed")
-        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(closed.is_ok(), "isolation {isolated}: the idle connection was not closed");
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(300), "closed after only {took:?}");
+    assert!(took >= Duration::from_millis(300), "isolation {isolated}: closed after only {took:?}");
     assert!(sender.ready().await.is_err(), "the client learnt that the connection is gone");
     server.shutdown().await.unwrap();
 }

@@ -38,7 +38,7 @@
 //! it has not started to the shared queue.
 
 pub(crate) mod budget;
-mod frames;
+pub(crate) mod frames;
 mod monitor;
 pub(crate) mod reactor;
 pub(crate) mod slot;

@@ -25,7 +25,10 @@
 //! request head, which cost about 8 % of hello-world's CPU time (measured with
 //! `bench/cpu.py`, the timer on against off). Here a connection only keeps
 //! two counters up to date, and the monitor looks at all of them ten times a
-//! second.
+//! second. hyper has no such deadline for HTTP/2 at all; for those
+//! connections the reactor follows the client's frames ([`super::frames`])
+//! and applies the same timeout to a preface, frame header or header block
+//! that is not whole, and to a connection with no stream open (GOAWAY).
 
 use std::io::{self, Write};
 use std::net::Shutdown;
@@ -315,7 +318,7 @@ struct IoState {
 
 /// What the idle watch does with a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
+pub(crate) enum Verdict {
     Keep,
     /// Shut the socket: the client is too slow, or gone.
     Cut,
@@ -433,6 +436,40 @@ impl IdleWatch {
     /// connection with no stream open for the timeout).
     pub(crate) fn close_asked(&self) -> bool {
         self.state.close_asked_ms.load(Ordering::Relaxed) != 0
+    }
+
+    /// A watch for a connection served on tokio's I/O (`--no-isolation`),
+    /// outside any reactor: its task applies the HTTP/2 deadlines itself
+    /// (see `server::sniff`), with the same rules.
+    pub(crate) fn standalone() -> Self {
+        Self { state: Arc::new(IoState::new(-1)) }
+    }
+
+    /// Notes what the frame scanner made of bytes just read.
+    pub(crate) fn sniffed(&self, sniffed: Sniffed) {
+        self.state.sniffed(sniffed);
+    }
+
+    /// Notes how a write went (blocked on a full socket, or through).
+    pub(crate) fn wrote<T>(&self, result: Poll<T>) -> Poll<T> {
+        self.state.wrote(result)
+    }
+
+    /// The connection speaks HTTP/2.
+    pub(crate) fn is_http2(&self) -> bool {
+        self.state.http2.load(Ordering::Relaxed)
+    }
+
+    /// What the idle watch would do now, for a timeout of `timeout`; an
+    /// [`Verdict::AskToClose`] is noted as asked.
+    pub(crate) fn judge(&self, timeout: Duration) -> Verdict {
+        let now = crate::coarse::now_ms();
+        let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let verdict = self.state.verdict(now, limit);
+        if verdict == Verdict::AskToClose {
+            self.state.close_asked_ms.store(now.max(1), Ordering::Relaxed);
+        }
+        verdict
     }
 }
 

@@ -10,6 +10,7 @@
 mod config;
 mod middleware;
 mod report;
+mod sniff;
 mod state;
 mod timeout;
 mod timer;
@@ -30,7 +31,7 @@ use axum::routing::future::RouteFuture;
 use axum::Router;
 use futures_util::future::Either;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -47,6 +48,7 @@ use crate::executor::{Executor, RouteTable};
 use crate::metrics::Metrics;
 use crate::supervisor::worker::WorkerEnv;
 use crate::{Error, Lanes};
+use sniff::{Action, Deadlines, Sniffing};
 
 /// On shutdown, a connection younger than this is left to receive its first
 /// request before it is asked to close. Older idle keep-alive connections
@@ -524,8 +526,9 @@ fn start_connection(
             Ok(io) => {
                 let watch = io.idle_watch();
                 let service = ConnectionService::new(router, state, Some(watch.clone()));
+                let watch = Watch::Reactor(watch);
                 let serve =
-                    serve_connection(io, builders.watched.clone(), service, state.clone(), stop, Some(watch));
+                    serve_connection(io, builders.watched.clone(), service, state.clone(), stop, watch);
                 state.start_task(Box::pin(serve));
             }
             // The descriptor could not be moved (out of memory for the epoll
@@ -533,14 +536,19 @@ fn start_connection(
             Err(err) => tracing::warn!(error = %err, "could not register a connection; closed it"),
         },
         None => {
-            let service = ConnectionService::new(router, state, None);
+            // hyper enforces the HTTP/1 deadline here; the HTTP/2 ones are
+            // the connection task's (see `sniff`).
+            let watch = IdleWatch::standalone();
+            let service = ConnectionService::new(router, state, Some(watch.clone()));
+            let deadlines = Deadlines::new(watch.clone(), state.config.header_read_timeout);
+            let io = Sniffing::new(stream, watch);
             let serve = serve_connection(
-                TokioIo::new(stream),
+                io,
                 builders.timed.clone(),
                 service,
                 state.clone(),
                 stop,
-                None,
+                Watch::Task(deadlines),
             );
             state.start_task(Box::pin(serve));
         }
@@ -553,7 +561,7 @@ async fn serve_connection<I>(
     service: ConnectionService,
     state: Arc<ServerState>,
     mut stop: watch::Receiver<bool>,
-    idle: Option<IdleWatch>,
+    mut deadlines: Watch,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -572,25 +580,46 @@ async fn serve_connection<I>(
     let mut registered = false;
     let mut closing = false;
     let ended = std::future::poll_fn(|cx| {
-        if !closing && idle.as_ref().is_some_and(IdleWatch::close_asked) {
-            // An HTTP/2 connection idle for too long: GOAWAY, then hyper
-            // closes it (the idle watch cuts it if the client does not).
-            closing = true;
-            conn.as_mut().graceful_shutdown();
-        }
         if !registered || changed.has_changed().unwrap_or(true) {
             registered = true;
             changed.borrow_and_update();
             if shutdown.as_mut().poll(cx).is_ready() {
-                return std::task::Poll::Ready(None);
+                return std::task::Poll::Ready(Ended::Shutdown);
             }
         }
-        conn.as_mut().poll(cx).map(Some)
+        if let std::task::Poll::Ready(result) = conn.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Ended::Served(result));
+        }
+        // Looked at after the connection's poll, which may just have
+        // learnt that it speaks HTTP/2 (and must then arm the check).
+        let action = match &mut deadlines {
+            Watch::Reactor(idle) if idle.close_asked() => Action::CloseGracefully,
+            Watch::Reactor(_) => Action::Wait,
+            Watch::Task(deadlines) => deadlines.poll(cx),
+        };
+        match action {
+            Action::Wait => std::task::Poll::Pending,
+            Action::CloseGracefully if !closing => {
+                // An HTTP/2 connection idle for too long: GOAWAY, then hyper
+                // closes it (the idle watch cuts it if the client does not).
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+                conn.as_mut().poll(cx).map(Ended::Served)
+            }
+            Action::CloseGracefully => std::task::Poll::Pending,
+            Action::Cut => std::task::Poll::Ready(Ended::Cut),
+        }
     })
     .await;
     let result = match ended {
-        Some(result) => result,
-        None => {
+        Ended::Served(result) => result,
+        Ended::Cut => {
+            tracing::debug!(
+                "closed an HTTP/2 connection that sent no complete preface or header block in time"
+            );
+            Ok(())
+        }
+        Ended::Shutdown => {
             // hyper closes a connection that has not sent a byte yet at once.
             // A client that has just connected has its request on the wire:
             // give it a moment to arrive so that it is answered, not reset.
@@ -609,6 +638,22 @@ async fn serve_connection<I>(
         tracing::debug!(error = %err, "connection ended with an error");
     }
     state.tracker.connection_closed();
+}
+
+/// Who enforces a connection's deadlines beyond hyper's own.
+enum Watch {
+    /// The runners' reactor (its monitor cuts; the task is only asked to
+    /// close gracefully).
+    Reactor(IdleWatch),
+    /// The connection's task, on tokio's I/O: the HTTP/2 deadlines.
+    Task(Deadlines),
+}
+
+/// How `serve_connection`'s main loop ended.
+enum Ended<T> {
+    Served(T),
+    Shutdown,
+    Cut,
 }
 
 /// What hyper calls for each request of a connection: fastlane's own

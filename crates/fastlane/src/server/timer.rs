@@ -159,7 +159,9 @@ fn lock(shard: usize) -> MutexGuard<'static, Slab> {
     shards()[shard].0.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn start_sweeper() {
+/// Starts the sweeper (once per process), which also keeps the coarse clock
+/// ticking.
+pub(crate) fn start_sweeper() {
     static STARTED: OnceLock<()> = OnceLock::new();
     STARTED.get_or_init(|| {
         let spawned = std::thread::Builder::new().name("fastlane-timer".into()).spawn(sweep);
