@@ -38,11 +38,12 @@ pub struct Config {
     /// sends them in one go, a slowloris attacker never finishes. Measured
     /// to a tenth of a second (it is checked ten times a second).
     ///
-    /// On HTTP/2 connections (with isolation on) it is the time a client has
-    /// to finish its preface and first SETTINGS, a frame header, or a header
-    /// block once begun (the connection is cut otherwise), and the longest a
-    /// connection stays with no stream open (it is then sent GOAWAY). Under
-    /// `--no-isolation` only hyper's own HTTP/1 deadline applies.
+    /// On HTTP/2 connections it is the time a client has to finish its
+    /// preface and first SETTINGS, a frame header, or a header block once
+    /// begun (the connection is cut otherwise), and the longest a connection
+    /// stays with no stream open (it is then sent GOAWAY). Without isolation
+    /// these are checked every quarter of the timeout, so they may take up
+    /// to 1.25 times it.
     pub header_read_timeout: Duration,
     /// Largest request body accepted, in bytes, answered `413` beyond.
     /// Default 2 MiB, as axum: enough for JSON APIs; raise it for uploads.
