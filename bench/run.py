@@ -23,6 +23,7 @@ started are stopped, by their PID.
 
 import argparse
 import datetime
+import html
 import json
 import math
 import os
@@ -217,7 +218,7 @@ def chart(results, names, path):
     height = top + row_h * len(SCENARIOS) + 60
     lo, hi = 1.0, 30000.0
     x = lambda ms: left + width * (math.log10(max(ms, lo)) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
-    s = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 120}" height="{height}" '
+    s = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 200}" height="{height}" '
          f'font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>',
          f'<text x="{left}" y="22" font-size="15">GET /fast p99 latency under each load (ms, log scale; lower is better)</text>']
     for tick in [1, 10, 100, 1000, 10000]:
@@ -226,7 +227,7 @@ def chart(results, names, path):
                  f'<text x="{tx:.1f}" y="{height - 30}" text-anchor="middle">{tick:,}</text>')
     for i, (scenario, _, _) in enumerate(SCENARIOS):
         y0 = top + i * row_h
-        s.append(f'<text x="{left - 8}" y="{y0 + row_h / 2:.1f}" text-anchor="end">{scenario}</text>')
+        s.append(f'<text x="{left - 8}" y="{y0 + row_h / 2:.1f}" text-anchor="end">{html.escape(scenario)}</text>')
         for j, name in enumerate(names):
             r = results[name][scenario]["fast"]
             p99 = p99_of(r)
@@ -255,7 +256,14 @@ def main():
     parser.add_argument("--wrk-seconds", type=int, default=5, help="seconds per wrk round (default 5)")
     parser.add_argument("--wrk-rounds", type=int, default=3, help="wrk rounds per server (default 3)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    parser.add_argument("--chart-only", action="store_true",
+                        help="redraw docs/bench-fast-p99.svg from docs/bench-results.json, measuring nothing")
     args = parser.parse_args()
+    if args.chart_only:
+        out = Path(args.out)
+        raw = json.loads((out.parent / "bench-results.json").read_text())
+        chart(raw["mixed"], list(raw["mixed"]), out.parent / "bench-fast-p99.svg")
+        return
     command = "python3 bench/run.py" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if k != "out" and v != parser.get_default(k))
@@ -346,7 +354,7 @@ def write_report(out, command, args, names, results, throughput, memory, worker_
     lines += ["", "![GET /fast p99 per scenario](bench-fast-p99.svg)", ""]
     lines += [
         "The slow requests themselves in the same runs: answered with a 2xx / refused, failed or cut by the end "
-        "of the run (a refused request is sent again at once).",
+        "of the run (a refused request is sent again after its `Retry-After`, or at once in the twins).",
         "",
         "| scenario | " + " | ".join(names) + " |",
         "|" + " --- |" * (1 + len(names)),
