@@ -161,6 +161,21 @@ async fn h2_connect(
 }
 
 #[tokio::test]
+async fn http2_with_prior_knowledge_is_served() {
+    let app = Router::new().route("/", get(|| async { "over h2" }));
+    let server = start(app, Config::default()).await;
+
+    let (mut sender, _conn) = h2_connect(server.local_addr()).await;
+    let req = http::Request::get(server.url("/")).body(Empty::<bytes::Bytes>::new()).unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"over h2");
+    drop(sender);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn streams_in_progress_are_never_cut_and_an_idle_connection_is_closed_gracefully() {
     for config in both_isolation_modes() {
         long_stream_then_idle(config).await;

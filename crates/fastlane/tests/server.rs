@@ -1,5 +1,5 @@
 //! The server's built-in behaviour over real sockets: panics, timeouts,
-//! limits, metrics, HTTP/2.
+//! limits, metrics (HTTP/2: tests/http2.rs).
 
 mod support;
 
@@ -181,40 +181,6 @@ async fn the_in_flight_gauge_counts_requests_until_they_are_answered() {
     assert_eq!(slow.await.unwrap().unwrap().text(), "slow");
     let metrics = client::get(&server.url("/metrics")).await.unwrap().text();
     assert_eq!(gauge(&metrics).as_deref(), Some("0"), "{metrics}");
-    server.shutdown().await.unwrap();
-}
-
-/// An HTTP/2 connection with prior knowledge; the handle ends with it.
-async fn h2_connect(
-    addr: std::net::SocketAddr,
-) -> (hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>, tokio::task::JoinHandle<()>)
-{
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    (sender, conn)
-}
-
-#[tokio::test]
-async fn http2_with_prior_knowledge_is_served() {
-    use http_body_util::{BodyExt, Empty};
-    let app = Router::new().route("/", get(|| async { "over h2" }));
-    let server = start(app, Config::default()).await;
-
-    let (mut sender, _conn) = h2_connect(server.local_addr()).await;
-    let req = http::Request::get(server.url("/")).body(Empty::<bytes::Bytes>::new()).unwrap();
-    let response = sender.send_request(req).await.unwrap();
-    assert_eq!(response.version(), http::Version::HTTP_2);
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(&body[..], b"over h2");
-    drop(sender);
     server.shutdown().await.unwrap();
 }
 
