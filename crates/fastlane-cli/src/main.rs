@@ -25,7 +25,7 @@ enum Command {
     )))]
     Demo {
         #[command(flatten)]
-        serve: fastlane::ServeArgs,
+        serve: Box<fastlane::ServeArgs>,
         /// Job store for POST /jobs/{name} and the in-server job worker.
         #[arg(long, env = "FASTLANE_JOBS_URL", default_value = "sqlite://fastlane-demo-jobs.db")]
         jobs_url: String,
@@ -59,11 +59,16 @@ enum Command {
     Jobs(JobsCommand),
 }
 
+/// What `--url` of every `jobs` subcommand takes (one text, eight flags).
+const STORE_URL_HELP: &str = "The job store: sqlite://jobs.db (a file, relative to the working directory, \
+    created on first use), sqlite:///var/lib/app/jobs.db (an absolute path), or \
+    postgres://user:password@host:5432/dbname (a PostgreSQL database shared by many workers)";
+
 #[derive(Debug, Subcommand)]
 enum JobsCommand {
     /// Run a worker with the built-in job types (noop, sleep, fail) until SIGTERM/SIGINT.
     Work {
-        #[arg(long, env = "FASTLANE_JOBS_URL")]
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
         url: String,
         /// Jobs run at once.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -82,7 +87,7 @@ enum JobsCommand {
     },
     /// Enqueue jobs (the name and payload are checked against the built-in types).
     Enqueue {
-        #[arg(long, env = "FASTLANE_JOBS_URL")]
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
         url: String,
         /// Job type: noop, sleep or fail.
         name: String,
@@ -98,7 +103,7 @@ enum JobsCommand {
     },
     /// Counts per state.
     Stats {
-        #[arg(long, env = "FASTLANE_JOBS_URL")]
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
         url: String,
         /// One JSON object with a key per state.
         #[arg(long)]
@@ -106,7 +111,7 @@ enum JobsCommand {
     },
     /// The newest jobs.
     List {
-        #[arg(long, env = "FASTLANE_JOBS_URL")]
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
         url: String,
         /// Only jobs in this state.
         #[arg(long)]
@@ -116,25 +121,25 @@ enum JobsCommand {
     },
     /// One job with its attempts, as JSON.
     Show {
-        #[arg(long, env = "FASTLANE_JOBS_URL")]
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
         url: String,
         id: i64,
     },
     /// Make a dead or cancelled job available again.
     Retry {
-        #[arg(long, env = "FASTLANE_JOBS_URL")]
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
         url: String,
         id: i64,
     },
     /// Cancel a pending job, or ask a running one to stop.
     Cancel {
-        #[arg(long, env = "FASTLANE_JOBS_URL")]
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
         url: String,
         id: i64,
     },
     /// Enqueue N noop jobs, drain them with a worker, print the rates.
     Bench {
-        #[arg(long, env = "FASTLANE_JOBS_URL")]
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
         url: String,
         #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
         jobs: u64,
@@ -193,7 +198,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Demo { serve, jobs_url, job_concurrency } => {
-            runtime.block_on(run_demo(serve, jobs_url, job_concurrency as usize))
+            runtime.block_on(run_demo(*serve, jobs_url, job_concurrency as usize))
         }
         Command::Probe { total, concurrency, timeout, svg, urls } => {
             let total = total.map_or(urls.len(), |n| n as usize);
@@ -252,7 +257,7 @@ fn main() -> ExitCode {
 const DEMO_REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 
 async fn run_demo(serve: fastlane::ServeArgs, jobs_url: String, job_concurrency: usize) -> ExitCode {
-    fastlane::init_logging();
+    fastlane::init_logging_with(&serve.log_config());
     let store = match fastlane_jobs::connect(&jobs_url).await {
         Ok(store) => store,
         Err(err) => {

@@ -136,3 +136,23 @@ fn the_demo_help_shows_the_demo_own_request_timeout() {
     let line = help.lines().skip_while(|l| !l.contains("--request-timeout")).nth(1).unwrap_or_default();
     assert!(line.contains("[default: 90 in the demo]"), "{help}");
 }
+
+#[test]
+fn log_level_and_access_log_flags_shape_the_log() {
+    // --log-level warning: the stall warning, and no INFO line at all.
+    let demo = Demo::start_with_env(&["--log-level", "warning"], &[("RUST_LOG", "")]);
+    assert_eq!(get(&demo.url("/test1")).status, 200);
+    assert_eq!(get(&demo.url("/cpu/async-blocking?ms=60")).status, 200);
+    assert!(demo.wait_for_log("fastlane::stall", Duration::from_secs(5)).is_some());
+    let log = demo.log.lock().unwrap().clone();
+    assert!(!log.iter().any(|l| l.contains(" INFO ")), "{log:#?}");
+
+    // --no-access-log: every line but the request lines.
+    let demo = Demo::start_with_env(&["--no-access-log"], &[("RUST_LOG", "")]);
+    assert_eq!(get(&demo.url("/test1")).status, 200);
+    assert_eq!(get(&demo.url("/cpu/async-blocking?ms=60")).status, 200);
+    assert!(demo.wait_for_log("fastlane::stall", Duration::from_secs(5)).is_some());
+    let log = demo.log.lock().unwrap().clone();
+    assert!(log.iter().any(|l| l.contains(" INFO ") && l.contains("fastlane listening")), "{log:#?}");
+    assert!(!log.iter().any(|l| l.contains("fastlane::request")), "{log:#?}");
+}

@@ -23,9 +23,46 @@ use tracing_subscriber::fmt::FormatFields;
 /// `log_requests` middleware, built in. Every field is written by
 /// [`LogFields`]: control characters escaped, values bounded.
 pub fn init_logging() {
+    init_logging_with(&LogConfig::default());
+}
+
+/// What [`init_logging_with`] sets up; [`ServeArgs::log_config`](crate::ServeArgs::log_config)
+/// reads it from `--log-level` and `--access-log` / `--no-access-log`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogConfig {
+    /// The least severe level written. `RUST_LOG`, when set, replaces it
+    /// with a filter of its own (`fastlane=debug,sqlx=warn`).
+    pub level: tracing::Level,
+    /// A line per request (`GET /users/{id} 200 1.3ms`, target
+    /// `fastlane::request`). Off, every other line stays.
+    pub access_log: bool,
+}
+
+impl Default for LogConfig {
+    /// `info`, with the access log.
+    fn default() -> Self {
+        Self { level: tracing::Level::INFO, access_log: true }
+    }
+}
+
+/// [`init_logging`] with a level and the access log chosen.
+pub fn init_logging_with(config: &LogConfig) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let level = config.level.to_string().to_ascii_lowercase();
+    // RUST_LOG wins when it says something; set but empty, it says nothing.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(rust_log) if !rust_log.trim().is_empty() => EnvFilter::try_new(&rust_log).unwrap_or_else(|err| {
+            eprintln!("RUST_LOG=`{rust_log}` is not a filter ({err}); logging at {level} instead");
+            EnvFilter::new(&level)
+        }),
+        _ => EnvFilter::new(level),
+    };
+    let filter = match config.access_log {
+        true => filter,
+        // A directive this simple always parses.
+        false => filter.add_directive("fastlane::request=off".parse().expect("a valid directive")),
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .fmt_fields(LogFields::default())

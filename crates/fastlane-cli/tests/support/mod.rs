@@ -44,8 +44,9 @@ impl Demo {
             .args(["demo", "--port", "0"])
             .args(extra)
             .env("FASTLANE_JOBS_URL", format!("sqlite://{}", jobs_db.display()))
-            .envs(env.iter().copied())
+            // Before the test's own, which may replace it.
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

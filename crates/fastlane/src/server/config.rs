@@ -164,28 +164,45 @@ pub struct ServeArgs {
     /// Port to listen on; 0 picks a free port [default: 8000].
     #[arg(long, short, env = "FASTLANE_PORT")]
     pub port: Option<u16>,
+    /// Address and port as HOST:PORT, as gunicorn's --bind (instead of --host and --port).
+    #[arg(long, short = 'b', value_name = "HOST:PORT", env = "FASTLANE_BIND", value_parser = parse_bind,
+          conflicts_with_all = ["host", "port"])]
+    pub bind: Option<(String, u16)>,
+    /// Log level: trace, debug, info, warning or error [default: info]. RUST_LOG, when set, overrides
+    /// it with a filter of its own (e.g. RUST_LOG=fastlane=debug,sqlx=warn).
+    #[arg(long, env = "FASTLANE_LOG_LEVEL", value_parser = parse_log_level)]
+    pub log_level: Option<tracing::Level>,
+    /// Log a line per request (`GET /users/{id} 200 1.3ms`) [default: on].
+    #[arg(long, overrides_with = "no_access_log")]
+    pub access_log: bool,
+    /// Log no line per request (the other logs stay).
+    #[arg(long, env = "FASTLANE_NO_ACCESS_LOG", overrides_with = "access_log")]
+    pub no_access_log: bool,
     /// Seconds a handler has to answer before the client gets 504; 0 disables [default: 60].
     #[arg(long, env = "FASTLANE_REQUEST_TIMEOUT", value_parser = parse_secs)]
     pub request_timeout: Option<f64>,
-    /// Seconds a client has to send its request headers [default: 10].
-    #[arg(long, env = "FASTLANE_HEADER_READ_TIMEOUT", value_parser = parse_positive_secs)]
+    /// Seconds a client has to send its request headers, and the longest an idle keep-alive
+    /// connection stays open (uvicorn's --timeout-keep-alive) [default: 10].
+    #[arg(long, visible_alias = "timeout-keep-alive", env = "FASTLANE_HEADER_READ_TIMEOUT",
+          value_parser = parse_positive_secs)]
     pub header_read_timeout: Option<f64>,
     /// Seconds a graceful shutdown waits for requests and background tasks [default: 30].
-    #[arg(long, alias = "graceful-timeout", env = "FASTLANE_GRACE_PERIOD", value_parser = parse_secs)]
+    #[arg(long, visible_aliases = ["graceful-timeout", "timeout-graceful-shutdown"], env = "FASTLANE_GRACE_PERIOD",
+          value_parser = parse_secs)]
     pub grace_period: Option<f64>,
     /// Largest request body in bytes [default: 2097152].
     #[arg(long, env = "FASTLANE_BODY_LIMIT")]
     pub body_limit: Option<usize>,
-    /// Threads of the blocking lane.
+    /// Threads of the blocking lane [default: 64].
     #[arg(long, env = "FASTLANE_BLOCKING_THREADS", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub blocking_threads: Option<u32>,
-    /// Jobs that may wait for a blocking thread before requests get 503.
+    /// Jobs that may wait for a blocking thread before requests get 503 [default: 128].
     #[arg(long, env = "FASTLANE_BLOCKING_QUEUE")]
     pub blocking_queue: Option<usize>,
-    /// Threads of the CPU lane (default: one per core).
+    /// Threads of the CPU lane [default: one per core].
     #[arg(long, env = "FASTLANE_CPU_THREADS", value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub cpu_threads: Option<u32>,
-    /// Jobs that may wait for a CPU thread before requests get 503.
+    /// Jobs that may wait for a CPU thread before requests get 503 [default: 8 per core].
     #[arg(long, env = "FASTLANE_CPU_QUEUE")]
     pub cpu_queue: Option<usize>,
     /// Worker processes under a supervisor; 1 runs a single process [default: 1].
@@ -194,10 +211,10 @@ pub struct ServeArgs {
     /// Seconds a worker's I/O runtime may go without answering before the supervisor replaces it [default: 30].
     #[arg(long, alias = "worker-timeout", env = "FASTLANE_TIMEOUT", value_parser = parse_positive_secs)]
     pub timeout: Option<f64>,
-    /// Recycle each worker after about this many requests.
+    /// Recycle each worker after about this many requests [default: never].
     #[arg(long, env = "FASTLANE_MAX_REQUESTS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_requests: Option<u64>,
-    /// Add up to this many requests, at random, to --max-requests per worker.
+    /// Add up to this many requests, at random, to --max-requests per worker [default: 0].
     #[arg(long, env = "FASTLANE_MAX_REQUESTS_JITTER")]
     pub max_requests_jitter: Option<u64>,
     /// Milliseconds one poll of an async handler may take before it counts as a stall [default: 10].
@@ -212,7 +229,7 @@ pub struct ServeArgs {
     /// Run async handlers on tokio's workers, without stall isolation (as plain axum).
     #[arg(long, env = "FASTLANE_NO_ISOLATION")]
     pub no_isolation: bool,
-    /// Nice value added to CPU-lane threads (0-19).
+    /// Nice value added to CPU-lane threads, 0-19 [default: 10].
     #[arg(long, env = "FASTLANE_CPU_NICE", value_parser = clap::value_parser!(i32).range(0..=19))]
     pub cpu_nice: Option<i32>,
 }
@@ -225,6 +242,30 @@ fn parse_secs(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
+fn parse_bind(s: &str) -> Result<(String, u16), String> {
+    let (host, port) =
+        s.rsplit_once(':').ok_or_else(|| format!("`{s}` is not HOST:PORT (e.g. 127.0.0.1:8000)"))?;
+    let port = port.parse().map_err(|_| format!("`{port}` in `{s}` is not a port (0-65535)"))?;
+    // `[::1]:8000`: the brackets belong to the URL form, not to the address.
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if host.is_empty() {
+        return Err(format!("`{s}` has no host (e.g. 127.0.0.1:8000, or 0.0.0.0:8000 for every interface)"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+/// uvicorn's level names (`warning`, `critical`) and tracing's.
+fn parse_log_level(s: &str) -> Result<tracing::Level, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "trace" => Ok(tracing::Level::TRACE),
+        "debug" => Ok(tracing::Level::DEBUG),
+        "info" => Ok(tracing::Level::INFO),
+        "warn" | "warning" => Ok(tracing::Level::WARN),
+        "error" | "critical" => Ok(tracing::Level::ERROR),
+        _ => Err(format!("`{s}` is not a log level: trace, debug, info, warning or error")),
+    }
+}
+
 fn parse_positive_secs(s: &str) -> Result<f64, String> {
     let v = parse_secs(s)?;
     if v == 0.0 {
@@ -234,6 +275,15 @@ fn parse_positive_secs(s: &str) -> Result<f64, String> {
 }
 
 impl ServeArgs {
+    /// How these flags want the logs: pass it to
+    /// [`init_logging_with`](crate::init_logging_with).
+    pub fn log_config(&self) -> crate::LogConfig {
+        crate::LogConfig {
+            level: self.log_level.unwrap_or(tracing::Level::INFO),
+            access_log: !self.no_access_log,
+        }
+    }
+
     /// The configuration these flags describe (defaults for the rest).
     pub fn into_config(self) -> Config {
         self.apply(Config::default())
@@ -248,6 +298,10 @@ impl ServeArgs {
             config.host = host;
         }
         if let Some(port) = self.port {
+            config.port = port;
+        }
+        if let Some((host, port)) = self.bind {
+            config.host = host;
             config.port = port;
         }
         if let Some(secs) = self.request_timeout {
@@ -328,5 +382,44 @@ mod tests {
         assert_eq!(config.isolation.stall_threshold, Duration::from_millis(25));
         let refused = Cli::try_parse_from(["t", "--runners", "0"]).err().expect("0 runners is refused");
         assert!(refused.to_string().contains("--runners"), "{refused}");
+    }
+
+    #[test]
+    fn flags_as_uvicorn_and_gunicorn_users_type_them() {
+        let cli = Cli::try_parse_from([
+            "t",
+            "--bind",
+            "0.0.0.0:9000",
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            "--timeout-keep-alive",
+            "5",
+            "--timeout-graceful-shutdown",
+            "7",
+        ])
+        .expect("valid flags");
+        let logs = cli.serve.log_config();
+        assert_eq!((logs.level, logs.access_log), (tracing::Level::WARN, false));
+        let config = cli.serve.into_config();
+        assert_eq!((config.host.as_str(), config.port), ("0.0.0.0", 9000));
+        assert_eq!(config.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(config.grace_period, Duration::from_secs(7));
+        let v6 = Cli::try_parse_from(["t", "-b", "[::1]:8001"]).unwrap().serve.into_config();
+        assert_eq!((v6.host.as_str(), v6.port), ("::1", 8001));
+        let graceful = Cli::try_parse_from(["t", "--graceful-timeout", "3"]).unwrap().serve.into_config();
+        assert_eq!(graceful.grace_period, Duration::from_secs(3));
+        // The last of --access-log / --no-access-log wins.
+        let on = Cli::try_parse_from(["t", "--no-access-log", "--access-log"]).unwrap();
+        assert!(on.serve.log_config().access_log);
+        for (args, named) in [
+            (&["t", "--bind", "8000"][..], "--bind"),
+            (&["t", "--bind", "localhost:http"], "--bind"),
+            (&["t", "--bind", "127.0.0.1:9000", "--port", "1"], "--port"),
+            (&["t", "--log-level", "loud"], "--log-level"),
+        ] {
+            let err = Cli::try_parse_from(args).err().unwrap_or_else(|| panic!("{args:?} was accepted"));
+            assert!(err.to_string().contains(named), "{args:?}: {err}");
+        }
     }
 }
