@@ -21,6 +21,10 @@ fn sigterm_drains_running_background_tasks_and_exits_zero() {
     assert!(log.contains("action 1 done"), "{log}");
     assert!(log.contains("action 3 done"), "{log}");
     assert!(log.contains("nothing was cut"), "{log}");
+    // Durations read as a person writes them: `drained_in=1.4s`, never `1.5483e-5`.
+    let done = log.lines().find(|l| l.contains("nothing was cut")).unwrap();
+    let drained = done.split("drained_in=").nth(1).unwrap_or_default();
+    assert!(drained.ends_with('s') && !drained.contains("e-"), "{done}");
 }
 
 #[test]

@@ -217,9 +217,42 @@ impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
     }
 }
 
+/// A duration as a log line shows it: rounded milliseconds below a second
+/// (`0.42ms`, `3.1ms`, `250ms`), seconds below a minute (`1.5s`), minutes
+/// and seconds beyond (`2m05s`); never `1.5483e-5`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Human(pub(crate) std::time::Duration);
+
+impl fmt::Display for Human {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_secs_f64() * 1000.0;
+        match ms {
+            ms if ms < 1.0 => write!(f, "{ms:.2}ms"),
+            ms if ms < 10.0 => write!(f, "{ms:.1}ms"),
+            ms if ms < 1000.0 => write!(f, "{ms:.0}ms"),
+            ms if ms < 60_000.0 => write!(f, "{:.1}s", ms / 1000.0),
+            _ => {
+                let secs = self.0.as_secs();
+                write!(f, "{}m{:02}s", secs / 60, secs % 60)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_as_milliseconds_seconds_or_minutes() {
+        use std::time::Duration;
+        let show = |d: Duration| Human(d).to_string();
+        assert_eq!(show(Duration::from_nanos(15_483)), "0.02ms");
+        assert_eq!(show(Duration::from_micros(3_140)), "3.1ms");
+        assert_eq!(show(Duration::from_micros(250_400)), "250ms");
+        assert_eq!(show(Duration::from_millis(1_500)), "1.5s");
+        assert_eq!(show(Duration::from_secs(125)), "2m05s");
+    }
 
     fn escape(value: &str, max_len: usize) -> String {
         let mut out = String::new();

@@ -231,7 +231,7 @@ where
                                 tracing::warn!(
                                     method = %this.request.method,
                                     route = %this.request.route.route,
-                                    timeout_s = timeout.as_secs_f64(),
+                                    timeout = %crate::telemetry::Human(timeout),
                                     "request timed out; answered 504"
                                 );
                                 // Drop the handler's future now: its work is abandoned.

@@ -392,7 +392,7 @@ impl BoundServer {
         tracing::info!(
             requests = state.tracker.requests_in_flight(),
             background_tasks = state.tracker.tasks_pending(),
-            grace_s = grace.as_secs_f64(),
+            grace = %crate::telemetry::Human(grace),
             "shutting down: draining in-flight requests and background tasks"
         );
         let started = Instant::now();
@@ -403,7 +403,7 @@ impl BoundServer {
         let report = ShutdownReport { requests, tasks, drained_in: started.elapsed(), workers_failed: 0 };
         if report.is_clean() {
             tracing::info!(
-                drained_in_s = report.drained_in.as_secs_f64(),
+                drained_in = %crate::telemetry::Human(report.drained_in),
                 "shutdown complete: nothing was cut"
             );
         } else {

@@ -198,8 +198,8 @@ impl Supervisor {
                         worker = worker.id,
                         pid = worker.pid(),
                         %status,
-                        lived_s = lived.as_secs_f64(),
-                        restart_in_s = backoff.as_secs_f64(),
+                        lived = %crate::telemetry::Human(lived),
+                        restart_in = %crate::telemetry::Human(*backoff),
                         "worker died; restarting it"
                     );
                 }
