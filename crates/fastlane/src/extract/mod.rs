@@ -1,6 +1,6 @@
 //! Extractors whose rejections are JSON [`ApiError`]s that name the field.
 //!
-//! axum's own `Query` and `Json` reject with a plain-text body. These wrap
+//! axum's own `Path`, `Query` and `Json` reject with a plain-text body. These wrap
 //! the same parsing (serde, with the path of the failing field) and answer
 //! `422` (or `400`/`413`/`415`) with the JSON body every fastlane error has.
 
@@ -73,6 +73,85 @@ where
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         Self::parse(parts.uri.query().unwrap_or_default())
+    }
+}
+
+/// Path parameter extractor; a parameter that does not parse is a `422`
+/// naming it, with the same JSON body as [`Query`]'s (axum's own `Path`
+/// answers `400` in plain text).
+///
+/// # Examples
+///
+/// ```
+/// use fastlane::extract::Path;
+///
+/// async fn user(Path(id): Path<u32>) -> String {
+///     format!("user {id}")
+/// }
+/// let app: axum::Router = axum::Router::new().route("/users/{id}", axum::routing::get(user));
+/// # let _ = app;
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        use axum::extract::path::ErrorKind;
+        use axum::extract::rejection::PathRejection;
+        let rejection = match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => return Ok(Path(value)),
+            Err(rejection) => rejection,
+        };
+        let PathRejection::FailedToDeserializePathParams(failed) = rejection else {
+            // No parameters at all: the extractor is on a route without any.
+            return Err(ApiError::internal(format!(
+                "the path parameters could not be read: {}",
+                rejection.body_text()
+            )));
+        };
+        // The name of the n-th parameter, for errors that only give a position.
+        let name_at = |index: usize| {
+            let names: Vec<String> = parts
+                .extensions
+                .get::<axum::extract::MatchedPath>()
+                .map(|m| {
+                    m.as_str()
+                        .split('/')
+                        .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
+                        .map(|s| s.trim_start_matches('*').to_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            names.get(index).cloned().unwrap_or_else(|| format!("{index}"))
+        };
+        let invalid = |field: String, value: &str, expected: &str| {
+            ApiError::unprocessable(field, format!("`{value}` is not a valid {expected}"))
+        };
+        Err(match failed.into_kind() {
+            ErrorKind::ParseErrorAtKey { key, value, expected_type } => invalid(key, &value, expected_type),
+            ErrorKind::ParseErrorAtIndex { index, value, expected_type } => {
+                invalid(name_at(index), &value, expected_type)
+            }
+            ErrorKind::ParseError { value, expected_type } => invalid(name_at(0), &value, expected_type),
+            ErrorKind::InvalidUtf8InPathParam { key } => {
+                ApiError::unprocessable(key, "not valid UTF-8 once percent-decoded")
+            }
+            ErrorKind::DeserializeError { key, value, message } => {
+                ApiError::unprocessable(key, format!("`{value}`: {message}"))
+            }
+            // The handler's type does not fit its route: the app's bug, not
+            // the client's.
+            kind @ (ErrorKind::WrongNumberOfParameters { .. } | ErrorKind::UnsupportedType { .. }) => {
+                ApiError::internal(format!("the route's path parameters do not fit the handler: {kind}"))
+            }
+            kind => ApiError::new(http::StatusCode::UNPROCESSABLE_ENTITY, format!("invalid path: {kind}")),
+        })
     }
 }
 
