@@ -160,3 +160,18 @@ fn log_level_and_access_log_flags_shape_the_log() {
     assert!(log.iter().any(|l| l.contains(" INFO ") && l.contains("fastlane listening")), "{log:#?}");
     assert!(!log.iter().any(|l| l.contains("fastlane::request")), "{log:#?}");
 }
+
+#[test]
+fn a_stall_past_the_request_timeout_says_why_no_504_came() {
+    let demo = Demo::start(&["--request-timeout", "1"]);
+    // The seeds' bug blocks its thread for 2 s: the 1 s timeout cannot fire.
+    assert_eq!(get(&demo.url("/test2?secs=2")).status, 200);
+    assert!(demo.wait_for_log("timeout passed meanwhile", Duration::from_secs(5)).is_some());
+    let line = demo.lines_with("blocked its thread for").pop().unwrap();
+    assert!(
+        line.contains("its 1.0s timeout passed meanwhile and could not fire: a timeout interrupts a handler only at an .await"),
+        "{line}"
+    );
+    // A sync route is timed out as promised.
+    assert_eq!(get(&demo.url("/slow/sync?secs=2")).status, 504);
+}

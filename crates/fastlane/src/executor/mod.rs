@@ -59,7 +59,7 @@ use async_task::Runnable;
 use crate::metrics::Metrics;
 use budget::{Budget, Gate};
 use reactor::Reactor;
-pub(crate) use slot::{enter_route, Phase};
+pub(crate) use slot::{enter_deadline, enter_route, Phase};
 use slot::{Slot, CURRENT, STUCK};
 pub(crate) use stalls::{RouteInfo, RouteTable, NO_ROUTE};
 
@@ -603,13 +603,24 @@ impl Shared {
         route.stalls.ended(took);
         self.metrics.stall_ended(&route, took);
         let cpu = slot.cpu_bound.swap(false, Ordering::Relaxed);
+        let mut message = stall_message(&route, slot.stuck_phase(), took, Some(cpu), true);
+        let deadline = slot.stuck_deadline_ms.swap(0, Ordering::Relaxed);
+        if deadline != 0 && crate::coarse::now_ms() > deadline {
+            // The request's timeout passed while its thread was blocked:
+            // the 504 could not be sent, since a timeout can only take over
+            // when the handler yields at an `.await`.
+            let timeout = Duration::from_millis(slot.stuck_timeout_ms.load(Ordering::Relaxed));
+            message.push_str(&format!(
+                "; its {} timeout passed meanwhile and could not fire: a timeout interrupts a handler only at an .await",
+                crate::telemetry::Human(timeout)
+            ));
+        }
         tracing::warn!(
             target: "fastlane::stall",
             method = %route.method,
             route = %route.route,
             ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
-            "{}",
-            stall_message(&route, slot.stuck_phase(), took, Some(cpu), true)
+            "{message}"
         );
     }
 }

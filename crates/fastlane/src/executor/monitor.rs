@@ -154,6 +154,7 @@ fn mark_stuck(shared: &Shared, slot: &Slot, started: u64, now: u64) {
     let phase = slot.phase();
     slot.stuck_route.store(route_id, Ordering::Relaxed);
     slot.stuck_phase.store(phase as u8, Ordering::Relaxed);
+    slot.note_stuck_deadline();
     slot.cpu_bound.store(false, Ordering::Relaxed);
     slot.cpu_mark.store(thread_cpu_ns(slot).unwrap_or(0), Ordering::Relaxed);
     slot.wall_mark.store(now, Ordering::Relaxed);

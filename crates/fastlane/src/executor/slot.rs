@@ -61,6 +61,14 @@ pub(crate) struct Slot {
     /// The monitor charged this runner's stuck poll to the stall budget (it
     /// held no permit); the charge is given back when the poll returns.
     pub(crate) charged: AtomicBool,
+    /// The request being polled: its timeout, and when it expires
+    /// ([`crate::coarse::now_ms`]); 0 for none. With the `stuck_` copies
+    /// taken when the poll is judged stuck, the stall report can say that
+    /// the timeout could not fire while the thread was blocked.
+    deadline_ms: AtomicU64,
+    timeout_ms: AtomicU64,
+    pub(crate) stuck_deadline_ms: AtomicU64,
+    pub(crate) stuck_timeout_ms: AtomicU64,
     /// The monitor lowered this thread's priority; it retires after the poll.
     pub(crate) demoted: AtomicBool,
     /// The stuck poll was burning CPU (not sleeping or waiting on I/O).
@@ -87,6 +95,12 @@ impl Slot {
 
     pub(crate) fn phase(&self) -> Phase {
         Phase::from_u8(self.phase.load(Ordering::Relaxed))
+    }
+
+    /// Copies what is being polled now into the `stuck_` fields.
+    pub(crate) fn note_stuck_deadline(&self) {
+        self.stuck_deadline_ms.store(self.deadline_ms.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.stuck_timeout_ms.store(self.timeout_ms.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     pub(crate) fn stuck_phase(&self) -> Phase {
@@ -130,6 +144,39 @@ impl Drop for RouteGuard {
                 if let Some(slot) = c.borrow().as_ref() {
                     slot.route.store(route, Ordering::Relaxed);
                     slot.phase.store(phase, Ordering::Relaxed);
+                }
+            });
+        }
+    }
+}
+
+/// While alive, the current runner (if any) is marked as polling a request
+/// whose `timeout` expires at `deadline_ms` (coarse clock).
+#[derive(Debug)]
+pub(crate) struct DeadlineGuard {
+    previous: Option<(u64, u64)>,
+}
+
+/// Marks the current runner thread as polling a request with a timeout.
+pub(crate) fn enter_deadline(deadline_ms: u64, timeout_ms: u64) -> DeadlineGuard {
+    let previous = CURRENT.with(|c| {
+        c.borrow().as_ref().map(|slot| {
+            (
+                slot.deadline_ms.swap(deadline_ms, Ordering::Relaxed),
+                slot.timeout_ms.swap(timeout_ms, Ordering::Relaxed),
+            )
+        })
+    });
+    DeadlineGuard { previous }
+}
+
+impl Drop for DeadlineGuard {
+    fn drop(&mut self) {
+        if let Some((deadline, timeout)) = self.previous {
+            CURRENT.with(|c| {
+                if let Some(slot) = c.borrow().as_ref() {
+                    slot.deadline_ms.store(deadline, Ordering::Relaxed);
+                    slot.timeout_ms.store(timeout, Ordering::Relaxed);
                 }
             });
         }

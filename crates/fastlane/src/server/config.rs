@@ -226,6 +226,10 @@ pub struct ServeArgs {
     /// Most runner threads for async handlers, stuck ones included [default: 256].
     #[arg(long, env = "FASTLANE_MAX_THREADS", value_parser = clap::value_parser!(u32).range(2..=100_000))]
     pub max_threads: Option<u32>,
+    /// Serve /metrics and /_fastlane/* (stalls, worker) [default: off in an app, on in the demo]:
+    /// they show route names and load to whoever can reach the port.
+    #[arg(long, env = "FASTLANE_EXPOSE_INTERNAL")]
+    pub expose_internal: bool,
     /// Run async handlers on tokio's workers, without stall isolation (as plain axum).
     #[arg(long, env = "FASTLANE_NO_ISOLATION")]
     pub no_isolation: bool,
@@ -337,6 +341,9 @@ impl ServeArgs {
         if let Some(n) = self.max_threads {
             config.isolation.max_threads = n as usize;
         }
+        if self.expose_internal {
+            config.expose_internal = true;
+        }
         if self.no_isolation {
             config.isolation.enabled = false;
         }
@@ -409,6 +416,9 @@ mod tests {
         assert_eq!((v6.host.as_str(), v6.port), ("::1", 8001));
         let graceful = Cli::try_parse_from(["t", "--graceful-timeout", "3"]).unwrap().serve.into_config();
         assert_eq!(graceful.grace_period, Duration::from_secs(3));
+        assert!(!graceful.expose_internal, "off unless asked for");
+        let exposed = Cli::try_parse_from(["t", "--expose-internal"]).unwrap().serve.into_config();
+        assert!(exposed.expose_internal);
         // The last of --access-log / --no-access-log wins.
         let on = Cli::try_parse_from(["t", "--no-access-log", "--access-log"]).unwrap();
         assert!(on.serve.log_config().access_log);

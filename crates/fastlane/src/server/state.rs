@@ -65,6 +65,8 @@ pub(crate) struct RequestState {
     pub(crate) method: http::Method,
     pub(crate) route: Arc<RouteInfo>,
     pub(crate) started: Instant,
+    /// `started` on the coarse clock ([`crate::coarse::now_ms`]).
+    pub(crate) started_ms: u64,
     /// A per-route timeout set by [`RouteTimeout`](crate::RouteTimeout), in
     /// milliseconds; [`TIMEOUT_UNSET`] means "use the server's".
     timeout: AtomicU64,
@@ -93,6 +95,7 @@ impl RequestState {
             method,
             route,
             started,
+            started_ms: crate::coarse::now_ms(),
             timeout: AtomicU64::new(TIMEOUT_UNSET),
             pending: Mutex::new(Some(Vec::new())),
         }
