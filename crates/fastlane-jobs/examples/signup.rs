@@ -1,5 +1,5 @@
 //! Durable jobs inside a fastlane server: `cargo run -p fastlane-jobs --example signup`,
-//! then `curl -d '{"email": "ada@example.com"}' localhost:8000/signup` and
+//! then `curl -H 'content-type: application/json' -d '{"email": "ada@example.com"}' localhost:8000/signup` and
 //! `curl localhost:8000/jobs/1`. Stop it and start it again: nothing is lost.
 use std::time::Duration;
 
