@@ -299,9 +299,14 @@ async fn run_demo(serve: fastlane::ServeArgs, jobs_url: String, job_concurrency:
     println!("  {:<40} routes that stalled (JSON)", "GET  /_fastlane/stalls");
     println!("  {:<40} which worker process answered (JSON)", "GET  /_fastlane/worker");
     println!("\njobs: {jobs_url} (worker inside the server, {job_concurrency} at once)");
+    println!("      the store is kept across restarts (ids go on from the last run); --jobs-url for another");
+    // The hint names this very binary, which need not be on the PATH.
+    let me = std::env::current_exe().map_or_else(|_| "fastlane".to_owned(), |p| p.display().to_string());
     println!("\ntry:  curl 'http://{addr}/slow/sync?secs=2' & curl 'http://{addr}/test1'");
-    println!("      curl -d '{{\"ms\": 5000}}' http://{addr}/jobs/sleep; curl http://{addr}/jobs/1");
-    println!("      fastlane probe -n 2 -c 2 'http://{addr}/slow/sync?secs=2'\n");
+    println!(
+        "      curl -d '{{\"ms\": 5000}}' http://{addr}/jobs/sleep   # then GET /jobs/<the id it prints>"
+    );
+    println!("      {me} probe -n 2 -c 2 'http://{addr}/slow/sync?secs=2'\n");
     demo_exit(server.serve().await)
 }
 

@@ -90,6 +90,10 @@ fn the_demo_prints_its_routes_and_a_curl_line_and_logs_every_request() {
         assert!(out.contains(route), "route `{route}` not printed:\n{out}");
     }
     assert!(out.contains("try:  curl 'http://"), "no curl line:\n{out}");
+    // The probe hint names the binary that runs, which need not be on the PATH.
+    let me = env!("CARGO_BIN_EXE_fastlane");
+    assert!(out.contains(&format!("{me} probe -n 2")), "the hint does not name {me}:\n{out}");
+    assert!(out.contains("kept across restarts"), "{out}");
     drop(out);
     let (code, _) = demo.wait_after_term();
     assert_eq!(code, Some(0));
