@@ -105,12 +105,9 @@ pub async fn run(config: &MixedConfig) -> MixedResult {
                                 Ok(Ok(r)) if r.status.is_success() => ok.fetch_add(1, Ordering::Relaxed),
                                 _ => errors.fetch_add(1, Ordering::Relaxed),
                             };
-                            if let Some(wait) =
-                                response.ok().and_then(Result::ok).and_then(|r| retry_after(&r))
-                            {
-                                if honor_retry_after {
-                                    tokio::time::sleep_until(deadline.min(Instant::now() + wait)).await;
-                                }
+                            let wait = response.ok().and_then(Result::ok).and_then(|r| retry_after(&r));
+                            if let Some(wait) = wait.filter(|_| honor_retry_after) {
+                                tokio::time::sleep_until(deadline.min(Instant::now() + wait)).await;
                             }
                         }
                     });

@@ -192,26 +192,19 @@ impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
             return self.out.write_str(s);
         }
         for (at, c) in s.char_indices() {
-            let mut buf = [0u8; 12];
-            let piece: &str = match c {
-                '\n' => "\\n",
-                '\r' => "\\r",
-                '\t' => "\\t",
-                c if must_escape(c) => {
-                    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-                    let _ = std::io::Write::write_fmt(&mut cursor, format_args!("\\u{{{:x}}}", c as u32));
-                    let len = usize::try_from(cursor.position()).unwrap_or(0);
-                    std::str::from_utf8(&buf[..len]).unwrap_or("\\u{?}")
-                }
-                c => c.encode_utf8(&mut buf),
-            };
-            if piece.len() > self.left {
+            // `\n`, `\r`, `\t`, `\u{1b}`, `\u{2028}`: Rust's own escapes.
+            let escaped = must_escape(c).then(|| c.escape_default());
+            let len = escaped.as_ref().map_or(c.len_utf8(), ExactSizeIterator::len);
+            if len > self.left {
                 self.left = 0;
                 self.dropped += s.len() - at;
                 return Ok(());
             }
-            self.left -= piece.len();
-            self.out.write_str(piece)?;
+            self.left -= len;
+            match escaped {
+                Some(escaped) => write!(self.out, "{escaped}")?,
+                None => self.out.write_char(c)?,
+            }
         }
         Ok(())
     }

@@ -59,7 +59,7 @@ use async_task::Runnable;
 use crate::metrics::Metrics;
 use budget::{Budget, Gate};
 use reactor::Reactor;
-pub(crate) use slot::{enter_deadline, enter_route, Phase};
+pub(crate) use slot::{enter_request, enter_route, request_deadline_changed, Phase};
 use slot::{Slot, CURRENT, STUCK};
 pub(crate) use stalls::{RouteInfo, RouteTable, NO_ROUTE};
 

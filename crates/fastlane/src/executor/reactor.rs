@@ -373,6 +373,16 @@ impl IoState {
         }
     }
 
+    /// Follows `bytes`, just read, with the connection's frame scanner,
+    /// which is dropped once the connection is known not to be HTTP/2.
+    fn follow(&self, scanner: &mut Option<FrameScanner>, bytes: &[u8]) {
+        let Some(following) = scanner.as_mut().filter(|_| !bytes.is_empty()) else { return };
+        match following.feed(bytes) {
+            Sniffed::Http1 => *scanner = None,
+            sniffed => self.sniffed(sniffed),
+        }
+    }
+
     /// Notes what the scanner made of the bytes just read.
     fn sniffed(&self, sniffed: Sniffed) {
         let Sniffed::Http2 { pending } = sniffed else { return };
@@ -445,9 +455,10 @@ impl IdleWatch {
         Self { state: Arc::new(IoState::new(-1)) }
     }
 
-    /// Notes what the frame scanner made of bytes just read.
-    pub(crate) fn sniffed(&self, sniffed: Sniffed) {
-        self.state.sniffed(sniffed);
+    /// Follows `bytes`, just read, with the connection's frame scanner (see
+    /// [`FrameScanner`]).
+    pub(crate) fn follow(&self, scanner: &mut Option<FrameScanner>, bytes: &[u8]) {
+        self.state.follow(scanner, bytes);
     }
 
     /// Notes how a write went (blocked on a full socket, or through).
@@ -626,14 +637,11 @@ impl hyper::rt::Read for Connection {
             Ok((n, n < len))
         });
         let n = ready!(read)?;
-        if let Some(scanner) = this.scanner.as_mut().filter(|_| n > 0) {
+        if this.scanner.is_some() {
             // SAFETY: `read` initialized the first `n` bytes of the
             // unfilled part; they are only looked at, before `advance`.
             let bytes: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_mut().as_ptr().cast(), n) };
-            match scanner.feed(bytes) {
-                Sniffed::Http1 => this.scanner = None,
-                sniffed => this.state.sniffed(sniffed),
-            }
+            this.state.follow(&mut this.scanner, bytes);
         }
         // SAFETY: `read` initialized exactly `n` bytes of the unfilled part.
         unsafe { buf.advance(n) };

@@ -119,19 +119,48 @@ thread_local! {
 }
 
 /// While alive, the current runner (if any) is marked as polling `route` in
-/// `phase`; dropping it restores what was there before (polls nest: a
-/// connection polls a request, which polls its body).
+/// `phase` (for a request's handler, with the request's deadline); dropping
+/// it restores what was there before (polls nest: a connection polls a
+/// request, which polls its body).
 #[derive(Debug)]
 pub(crate) struct RouteGuard {
-    /// What to restore; `None` off the runners (nothing was marked).
-    previous: Option<(u32, u8)>,
+    /// What to restore (route, phase, deadline, timeout); `None` off the
+    /// runners (nothing was marked).
+    previous: Option<(u32, u8, u64, u64)>,
 }
 
 /// Marks the current runner thread as working for `route` in `phase`.
 pub(crate) fn enter_route(route: u32, phase: Phase) -> RouteGuard {
+    enter(route, phase, 0, 0)
+}
+
+/// Marks the current runner thread as polling the handler of a request of
+/// `route` whose `timeout_ms` expires at `deadline_ms` (coarse clock; 0 for
+/// none): a stall past it can then say why no 504 came.
+pub(crate) fn enter_request(route: u32, deadline_ms: u64, timeout_ms: u64) -> RouteGuard {
+    enter(route, Phase::Handler, deadline_ms, timeout_ms)
+}
+
+/// The request being polled on this runner changed its timeout (a route's
+/// own, set while its handler is polled).
+pub(crate) fn request_deadline_changed(deadline_ms: u64, timeout_ms: u64) {
+    CURRENT.with(|c| {
+        if let Some(slot) = c.borrow().as_ref() {
+            slot.deadline_ms.store(deadline_ms, Ordering::Relaxed);
+            slot.timeout_ms.store(timeout_ms, Ordering::Relaxed);
+        }
+    });
+}
+
+fn enter(route: u32, phase: Phase, deadline_ms: u64, timeout_ms: u64) -> RouteGuard {
     let previous = CURRENT.with(|c| {
         c.borrow().as_ref().map(|slot| {
-            (slot.route.swap(route, Ordering::Relaxed), slot.phase.swap(phase as u8, Ordering::Relaxed))
+            (
+                slot.route.swap(route, Ordering::Relaxed),
+                slot.phase.swap(phase as u8, Ordering::Relaxed),
+                slot.deadline_ms.swap(deadline_ms, Ordering::Relaxed),
+                slot.timeout_ms.swap(timeout_ms, Ordering::Relaxed),
+            )
         })
     });
     RouteGuard { previous }
@@ -139,44 +168,13 @@ pub(crate) fn enter_route(route: u32, phase: Phase) -> RouteGuard {
 
 impl Drop for RouteGuard {
     fn drop(&mut self) {
-        if let Some((route, phase)) = self.previous {
+        if let Some((route, phase, deadline_ms, timeout_ms)) = self.previous {
             CURRENT.with(|c| {
                 if let Some(slot) = c.borrow().as_ref() {
                     slot.route.store(route, Ordering::Relaxed);
                     slot.phase.store(phase, Ordering::Relaxed);
-                }
-            });
-        }
-    }
-}
-
-/// While alive, the current runner (if any) is marked as polling a request
-/// whose `timeout` expires at `deadline_ms` (coarse clock).
-#[derive(Debug)]
-pub(crate) struct DeadlineGuard {
-    previous: Option<(u64, u64)>,
-}
-
-/// Marks the current runner thread as polling a request with a timeout.
-pub(crate) fn enter_deadline(deadline_ms: u64, timeout_ms: u64) -> DeadlineGuard {
-    let previous = CURRENT.with(|c| {
-        c.borrow().as_ref().map(|slot| {
-            (
-                slot.deadline_ms.swap(deadline_ms, Ordering::Relaxed),
-                slot.timeout_ms.swap(timeout_ms, Ordering::Relaxed),
-            )
-        })
-    });
-    DeadlineGuard { previous }
-}
-
-impl Drop for DeadlineGuard {
-    fn drop(&mut self) {
-        if let Some((deadline, timeout)) = self.previous {
-            CURRENT.with(|c| {
-                if let Some(slot) = c.borrow().as_ref() {
-                    slot.deadline_ms.store(deadline, Ordering::Relaxed);
-                    slot.timeout_ms.store(timeout, Ordering::Relaxed);
+                    slot.deadline_ms.store(deadline_ms, Ordering::Relaxed);
+                    slot.timeout_ms.store(timeout_ms, Ordering::Relaxed);
                 }
             });
         }

@@ -30,7 +30,7 @@ use tower::{Layer, Service};
 
 use super::state::{RequestState, ServerState};
 use crate::executor::budget::Gate;
-use crate::executor::{enter_deadline, enter_route, Phase, RouteInfo};
+use crate::executor::{enter_request, enter_route, Phase, RouteInfo};
 use crate::lane::panic_message;
 use crate::ApiError;
 
@@ -195,14 +195,9 @@ where
                 .take()
                 .unwrap_or_else(|| ApiError::internal("polled after completion").into_response()),
             StateProj::Running { future } => {
-                let _route = enter_route(this.request.route.id, Phase::Handler);
-                // So that a stall past the timeout says why no 504 came.
-                let timeout_ms =
-                    this.request.timeout().map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
-                let _deadline = enter_deadline(
-                    if timeout_ms == 0 { 0 } else { this.request.started_ms + timeout_ms },
-                    timeout_ms,
-                );
+                // With the deadline, so that a stall past it says why no 504 came.
+                let (deadline_ms, timeout_ms) = this.request.deadline_ms();
+                let _route = enter_request(this.request.route.id, deadline_ms, timeout_ms);
                 let poll = |cx: &mut Context<'_>| match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
                     Ok(Poll::Pending) => Poll::Pending,
                     Ok(Poll::Ready(result)) => Poll::Ready(Ok(result)),

@@ -525,7 +525,7 @@ fn start_connection(
         Some(reactor) => match stream.into_std().and_then(|stream| reactor.register(stream)) {
             Ok(io) => {
                 let watch = io.idle_watch();
-                let service = ConnectionService::new(router, state, Some(watch.clone()));
+                let service = ConnectionService::new(router, state, watch.clone(), true);
                 let watch = Watch::Reactor(watch);
                 let serve =
                     serve_connection(io, builders.watched.clone(), service, state.clone(), stop, watch);
@@ -539,7 +539,7 @@ fn start_connection(
             // hyper enforces the HTTP/1 deadline here; the HTTP/2 ones are
             // the connection task's (see `sniff`).
             let watch = IdleWatch::standalone();
-            let service = ConnectionService::new(router, state, Some(watch.clone()));
+            let service = ConnectionService::new(router, state, watch.clone(), false);
             let deadlines = Deadlines::new(watch.clone(), state.config.header_read_timeout);
             let io = Sniffing::new(stream, watch);
             let serve = serve_connection(
@@ -615,7 +615,8 @@ async fn serve_connection<I>(
         Ended::Served(result) => result,
         Ended::Cut => {
             tracing::debug!(
-                "closed an HTTP/2 connection that sent no complete preface or header block in time"
+                "closed an HTTP/2 connection past its deadline (a preface or header block left unfinished, \
+                 or no close after GOAWAY)"
             );
             Ok(())
         }
@@ -665,14 +666,18 @@ enum Ended<T> {
 struct ConnectionService {
     router: RefCell<Router>,
     state: Arc<ServerState>,
-    /// On the runners' reactor: tells its idle watch (the header-read
-    /// timeout) when requests are in flight.
-    watch: Option<IdleWatch>,
+    /// Tells the connection's idle watch (the header-read timeout) when
+    /// requests are in flight.
+    watch: IdleWatch,
+    /// The watch needs HTTP/1 requests too (on the runners' reactor, which
+    /// enforces the HTTP/1 deadline itself); on tokio's I/O hyper does, and
+    /// only HTTP/2 streams are counted.
+    watch_http1: bool,
 }
 
 impl ConnectionService {
-    fn new(router: Router, state: &Arc<ServerState>, watch: Option<IdleWatch>) -> Self {
-        Self { router: RefCell::new(router), state: state.clone(), watch }
+    fn new(router: Router, state: &Arc<ServerState>, watch: IdleWatch, watch_http1: bool) -> Self {
+        Self { router: RefCell::new(router), state: state.clone(), watch, watch_http1 }
     }
 }
 
@@ -682,7 +687,8 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
     type Future = Served;
 
     fn call(&self, req: http::Request<Incoming>) -> Self::Future {
-        let busy = self.watch.as_ref().map(|watch| Busy::new(watch, req.method() == http::Method::CONNECT));
+        let watched = self.watch_http1 || req.version() == http::Version::HTTP_2;
+        let busy = watched.then(|| Busy::new(&self.watch, req.method() == http::Method::CONNECT));
         let inner = match internal_endpoint(&self.state, &req) {
             Some(response) => Either::Left(std::future::ready(Ok(response))),
             // `Router` is always ready (its `poll_ready` returns `Ready` at once).

@@ -17,13 +17,15 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::executor::frames::{FrameScanner, Sniffed};
+use crate::executor::frames::FrameScanner;
 use crate::executor::reactor::{IdleWatch, Verdict};
 
-/// A TCP stream whose incoming bytes are followed for HTTP/2 frames.
+/// A TCP stream whose incoming bytes are followed for HTTP/2 frames; hyper
+/// reads it through hyper-util's `TokioIo`, like any tokio stream.
 #[derive(Debug)]
 pub(crate) struct Sniffing {
     stream: TcpStream,
@@ -33,40 +35,22 @@ pub(crate) struct Sniffing {
 }
 
 impl Sniffing {
-    pub(crate) fn new(stream: TcpStream, watch: IdleWatch) -> Self {
-        Self { stream, scanner: Some(FrameScanner::default()), watch }
+    pub(crate) fn new(stream: TcpStream, watch: IdleWatch) -> TokioIo<Self> {
+        TokioIo::new(Self { stream, scanner: Some(FrameScanner::default()), watch })
     }
 }
 
-impl hyper::rt::Read for Sniffing {
-    #[allow(unsafe_code)]
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        mut buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
+impl AsyncRead for Sniffing {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let n = {
-            // SAFETY: tokio's `ReadBuf` only ever initializes the slice it is
-            // given (the cursor's unfilled part), and never de-initializes it.
-            let mut read_buf = tokio::io::ReadBuf::uninit(unsafe { buf.as_mut() });
-            std::task::ready!(Pin::new(&mut this.stream).poll_read(cx, &mut read_buf))?;
-            let filled = read_buf.filled();
-            if let Some(scanner) = this.scanner.as_mut().filter(|_| !filled.is_empty()) {
-                match scanner.feed(filled) {
-                    Sniffed::Http1 => this.scanner = None,
-                    sniffed => this.watch.sniffed(sniffed),
-                }
-            }
-            filled.len()
-        };
-        // SAFETY: `poll_read` initialized exactly `n` bytes of the unfilled part.
-        unsafe { buf.advance(n) };
+        let before = buf.filled().len();
+        std::task::ready!(Pin::new(&mut this.stream).poll_read(cx, buf))?;
+        this.watch.follow(&mut this.scanner, &buf.filled()[before..]);
         Poll::Ready(Ok(()))
     }
 }
 
-impl hyper::rt::Write for Sniffing {
+impl AsyncWrite for Sniffing {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.watch.wrote(Pin::new(&mut this.stream).poll_write(cx, buf))

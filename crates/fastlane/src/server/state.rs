@@ -107,6 +107,22 @@ impl RequestState {
             None => TIMEOUT_NONE,
         };
         self.timeout.store(value, Ordering::Relaxed);
+        // Set while the handler is polled: the runner's published deadline
+        // follows (see `RouteGuard`).
+        let (deadline_ms, timeout_ms) = self.deadline_ms();
+        crate::executor::request_deadline_changed(deadline_ms, timeout_ms);
+    }
+
+    /// When the timeout expires on the coarse clock, and its length, in
+    /// milliseconds; (0, 0) without one.
+    pub(crate) fn deadline_ms(&self) -> (u64, u64) {
+        match self.timeout() {
+            Some(timeout) => {
+                let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX >> 1).max(1);
+                (self.started_ms.saturating_add(timeout_ms), timeout_ms)
+            }
+            None => (0, 0),
+        }
     }
 
     /// The timeout that applies: the route's own if it set one, else the
