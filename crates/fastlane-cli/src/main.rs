@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use fastlane_cli::{demo, jobs, mixed, probe};
+use fastlane_cli::{demo, jobs, mixed, probe, serve};
 use fastlane_jobs::Store as _;
 
 #[derive(Debug, Parser)]
@@ -33,6 +33,14 @@ enum Command {
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         job_concurrency: u32,
     },
+    /// Serve an ASGI app (FastAPI, Starlette) as it is: `fastlane serve main:app`.
+    #[command(mut_arg("workers", |arg| arg.help(
+        "Python worker processes, each running the app on its own event loop [default: 1]"
+    )))]
+    #[command(mut_arg("timeout", |arg| arg.help(
+        "Accepted as gunicorn's -t; a worker is never killed for a slow or blocked event loop"
+    )))]
+    Serve(Box<serve::ServeCommand>),
     /// Send requests concurrently and show whether they ran in parallel.
     Probe {
         /// Requests to send in all (default: one per URL).
@@ -212,6 +220,7 @@ fn main() -> ExitCode {
             runtime.block_on(run_probe(config, svg))
         }
         Command::Jobs(command) => runtime.block_on(run_jobs(command)),
+        Command::Serve(command) => runtime.block_on(serve::run(*command)),
         Command::Bench(BenchCommand::Mixed {
             fast,
             load,

@@ -61,7 +61,7 @@ pub use server::{
     SpawnedServer,
 };
 pub use supervisor::worker::worker_id;
-pub use telemetry::{init_logging, init_logging_with, LogConfig, LogFields};
+pub use telemetry::{init_logging, init_logging_with, Human as HumanDuration, LogConfig, LogFields};
 
 /// The README's code blocks, compiled as doctests so that they stay true.
 #[cfg(doctest)]

@@ -212,9 +212,10 @@ impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
 
 /// A duration as a log line shows it: rounded milliseconds below a second
 /// (`0.42ms`, `3.1ms`, `250ms`), seconds below a minute (`1.5s`), minutes
-/// and seconds beyond (`2m05s`); never `1.5483e-5`.
+/// and seconds beyond (`2m05s`); never `1.5483e-5`. Exported as
+/// `fastlane::HumanDuration`, for the logs of crates built on fastlane.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Human(pub(crate) std::time::Duration);
+pub struct Human(pub std::time::Duration);
 
 impl fmt::Display for Human {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -172,20 +172,26 @@ impl Drop for Demo {
 
 impl Demo {
     fn stop(&mut self) {
-        // SIGTERM first, so that a supervisor takes its workers down with it.
-        if let Ok(None) = self.child.try_wait() {
-            send_signal(self.child.id(), libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child);
     }
+}
+
+/// Ends a child process this test started: SIGTERM first, so that a
+/// supervisor (or `fastlane serve`) takes its workers down with it; SIGKILL
+/// after 10 s.
+pub fn stop_child(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        send_signal(child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 pub fn get(url: &str) -> fastlane::client::Response {

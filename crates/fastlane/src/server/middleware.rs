@@ -98,7 +98,8 @@ where
         let path = req.extensions().get::<MatchedPath>().map_or(UNMATCHED, MatchedPath::as_str);
         let route = self.shared.route(req.method(), path);
         let state = &self.shared.state;
-        let request = Arc::new(RequestState::new(state.clone(), route, started));
+        let unmatched = (path == UNMATCHED).then(|| req.uri().path().into());
+        let request = Arc::new(RequestState::new(state.clone(), route, started, unmatched));
 
         if let Some(executor) = &state.executor {
             // This route has been stalling and the threads set aside for
@@ -270,7 +271,7 @@ fn finish(request: &Arc<RequestState>, response: Response) -> Response {
         target: "fastlane::request",
         "{} {} {} {:.1}ms",
         request.method,
-        request.route.route,
+        request.unmatched_path.as_deref().unwrap_or(&request.route.route),
         status,
         elapsed.as_secs_f64() * 1000.0
     );

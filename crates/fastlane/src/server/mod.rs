@@ -379,7 +379,7 @@ impl BoundServer {
                 () = &mut signal => break,
                 () = stopped(&mut stop_rx) => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _peer)) => start_connection(stream, &builders, &router, &state, &stop),
+                    Ok((stream, peer)) => start_connection(stream, peer, &builders, &router, &state, &stop),
                     Err(err) => accept_error(local_addr, err).await,
                 },
             }
@@ -514,6 +514,7 @@ where
 /// their reactor, when isolation is on; on tokio otherwise.
 fn start_connection(
     stream: TcpStream,
+    peer: SocketAddr,
     builders: &Builders,
     router: &Router,
     state: &Arc<ServerState>,
@@ -525,7 +526,7 @@ fn start_connection(
         Some(reactor) => match stream.into_std().and_then(|stream| reactor.register(stream)) {
             Ok(io) => {
                 let watch = io.idle_watch();
-                let service = ConnectionService::new(router, state, watch.clone(), true);
+                let service = ConnectionService::new(router, state, watch.clone(), true, peer);
                 let watch = Watch::Reactor(watch);
                 let serve =
                     serve_connection(io, builders.watched.clone(), service, state.clone(), stop, watch);
@@ -539,7 +540,7 @@ fn start_connection(
             // hyper enforces the HTTP/1 deadline here; the HTTP/2 ones are
             // the connection task's (see `sniff`).
             let watch = IdleWatch::standalone();
-            let service = ConnectionService::new(router, state, watch.clone(), false);
+            let service = ConnectionService::new(router, state, watch.clone(), false, peer);
             let deadlines = Deadlines::new(watch.clone(), state.config.header_read_timeout);
             let io = Sniffing::new(stream, watch);
             let serve = serve_connection(
@@ -673,11 +674,20 @@ struct ConnectionService {
     /// enforces the HTTP/1 deadline itself); on tokio's I/O hyper does, and
     /// only HTTP/2 streams are counted.
     watch_http1: bool,
+    /// The client's address, given to each request as axum's
+    /// `ConnectInfo<SocketAddr>` (an ASGI app's `client`, too).
+    peer: SocketAddr,
 }
 
 impl ConnectionService {
-    fn new(router: Router, state: &Arc<ServerState>, watch: IdleWatch, watch_http1: bool) -> Self {
-        Self { router: RefCell::new(router), state: state.clone(), watch, watch_http1 }
+    fn new(
+        router: Router,
+        state: &Arc<ServerState>,
+        watch: IdleWatch,
+        watch_http1: bool,
+        peer: SocketAddr,
+    ) -> Self {
+        Self { router: RefCell::new(router), state: state.clone(), watch, watch_http1, peer }
     }
 }
 
@@ -686,7 +696,8 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
     type Error = Infallible;
     type Future = Served;
 
-    fn call(&self, req: http::Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(axum::extract::ConnectInfo(self.peer));
         let watched = self.watch_http1 || req.version() == http::Version::HTTP_2;
         let busy = watched.then(|| Busy::new(&self.watch, req.method() == http::Method::CONNECT));
         let inner = match internal_endpoint(&self.state, &req) {

@@ -67,6 +67,10 @@ pub(crate) struct RequestState {
     pub(crate) started: Instant,
     /// `started` on the coarse clock ([`crate::coarse::now_ms`]).
     pub(crate) started_ms: u64,
+    /// The request's path when no route matched it (the app's fallback, an
+    /// ASGI app behind fastlane): the access log shows it instead of the
+    /// route, which is `<unmatched>` for all of them.
+    pub(crate) unmatched_path: Option<Box<str>>,
     /// A per-route timeout set by [`RouteTimeout`](crate::RouteTimeout), in
     /// milliseconds; [`TIMEOUT_UNSET`] means "use the server's".
     timeout: AtomicU64,
@@ -86,7 +90,12 @@ impl std::fmt::Debug for RequestState {
 }
 
 impl RequestState {
-    pub(crate) fn new(server: Arc<ServerState>, route: Arc<RouteInfo>, started: Instant) -> Self {
+    pub(crate) fn new(
+        server: Arc<ServerState>,
+        route: Arc<RouteInfo>,
+        started: Instant,
+        unmatched_path: Option<Box<str>>,
+    ) -> Self {
         let method = route.method.clone();
         let id = server.tracker.add_request(&route, started);
         Self {
@@ -96,6 +105,7 @@ impl RequestState {
             route,
             started,
             started_ms: crate::coarse::now_ms(),
+            unmatched_path,
             timeout: AtomicU64::new(TIMEOUT_UNSET),
             pending: Mutex::new(Some(Vec::new())),
         }

@@ -1,0 +1,449 @@
+//! One HTTP request, handed to a worker: its head (and small body) as a
+//! frame, the rest of its body when the app asks, and the response back as
+//! an HTTP body that grants the worker credit as the client takes it.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use fastlane::ApiError;
+use http::StatusCode;
+use http_body::Frame;
+use tokio::sync::mpsc;
+
+use crate::frame::{self, RequestHead};
+use crate::pool::{Pick, Shared};
+use crate::worker::{Event, Worker};
+
+/// A body of at most this many bytes, with its length declared, is read
+/// before the request goes out, in the same frame.
+const INLINE_BODY: u64 = 64 * 1024;
+
+/// How long a request waits for a worker whose loop is free before `503`.
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The server's address, for the scope's `server`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ServerAddr(pub(crate) SocketAddr);
+
+/// Serves `req` with a worker.
+pub(crate) async fn dispatch(
+    shared: Arc<Shared>,
+    server: ServerAddr,
+    req: axum::extract::Request,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    if parts
+        .headers
+        .get(http::header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+    {
+        return ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "fastlane serve does not serve WebSocket connections yet".to_owned(),
+        )
+        .into_response();
+    }
+    let path = parts.uri.path();
+    let key = format!("{} {}", parts.method, path);
+    let suspect = shared.is_suspect(&key);
+    let worker = match choose(&shared, suspect, &key).await {
+        Ok(worker) => worker,
+        Err(response) => return response,
+    };
+
+    // A small body whose length is declared goes out with the head.
+    let limit = shared.config.body_limit;
+    let declared =
+        parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let (inline, rest) = if http_body::Body::is_end_stream(&body) {
+        (Bytes::new(), None)
+    } else if declared.is_some_and(|n| n <= INLINE_BODY) {
+        match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit)).await {
+            Ok(collected) => (collected.to_bytes(), None),
+            Err(err) => return bad_body(&err.to_string()),
+        }
+    } else {
+        (Bytes::new(), Some(body))
+    };
+
+    let raw_path = parts.uri.path().as_bytes();
+    let decoded = percent_decode(path);
+    let client =
+        parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| (c.0.ip().to_string(), c.0.port()));
+    let version = match parts.version {
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_2 => "2",
+        _ => "1.1",
+    };
+    let head = RequestHead {
+        method: parts.method.as_str(),
+        path: &decoded,
+        raw_path,
+        query: parts.uri.query().unwrap_or("").as_bytes(),
+        headers: &parts.headers,
+        client,
+        server: (server.0.ip().to_string(), server.0.port()),
+        scheme: "http",
+        http_version: version,
+        more_body: rest.is_some(),
+        body: &inline,
+    };
+    let (id, events) = worker.register(parts.method.clone(), path.to_owned());
+    worker.send(frame::encode_request(id, &head));
+    let exchange = Exchange { worker, id, events, body: rest, sent: 0, limit, finished: false };
+    exchange.response().await
+}
+
+/// Waits for a worker that may take the request.
+async fn choose(shared: &Arc<Shared>, suspect: bool, key: &str) -> Result<Arc<Worker>, Response> {
+    let deadline = tokio::time::Instant::now() + QUEUE_TIMEOUT;
+    loop {
+        let notified = shared.available.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let alive = match shared.pick(suspect) {
+            Pick::Worker(worker) => return Ok(worker),
+            Pick::None { alive } => alive,
+        };
+        let spare = shared.want_spare(alive);
+        if shared.stopping.load(Ordering::Relaxed) {
+            return Err(unavailable("the server is shutting down", 1));
+        }
+        if suspect && !spare {
+            // The route blocks loops, and taking the last free one would
+            // leave nothing for the requests that behave.
+            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(unavailable(
+                &format!(
+                    "{key} has been blocking its worker's event loop, and no other worker is free (--max-workers {}); \
+                     retry later",
+                    shared.config.max_workers
+                ),
+                1,
+            ));
+        }
+        tokio::select! {
+            () = &mut notified => {}
+            // The monitor clears a stall from its own thread: look again soon
+            // even if a wake-up was missed between the check and the wait.
+            () = tokio::time::sleep(Duration::from_millis(5)) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(unavailable(
+                &format!("no worker's event loop was free for {} s", QUEUE_TIMEOUT.as_secs()),
+                5,
+            ));
+        }
+    }
+}
+
+fn unavailable(message: &str, retry_after: u32) -> Response {
+    let mut response = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message.to_owned()).into_response();
+    response.headers_mut().insert(http::header::RETRY_AFTER, retry_after.into());
+    response
+}
+
+fn bad_body(error: &str) -> Response {
+    if error.contains("length limit exceeded") {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the request body is over the limit (--body-limit)".to_owned(),
+        )
+        .into_response();
+    }
+    ApiError::new(StatusCode::BAD_REQUEST, format!("the request body could not be read: {error}"))
+        .into_response()
+}
+
+fn bad_gateway(message: String) -> Response {
+    ApiError::new(StatusCode::BAD_GATEWAY, message).into_response()
+}
+
+/// A request's exchange with its worker. Dropped before the response ends
+/// (the client went away, or a timeout answered), it tells the worker.
+struct Exchange {
+    worker: Arc<Worker>,
+    id: u32,
+    events: mpsc::UnboundedReceiver<Event>,
+    /// The request body not yet sent.
+    body: Option<Body>,
+    sent: usize,
+    limit: usize,
+    finished: bool,
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.worker.send(frame::encode(frame::DISCONNECT, self.id, b""));
+        }
+    }
+}
+
+impl Exchange {
+    /// Waits for the response start, feeding the request body meanwhile.
+    async fn response(mut self) -> Response {
+        loop {
+            let Some(event) = self.events.recv().await else {
+                return self.lost();
+            };
+            match event {
+                Event::WantBody => {
+                    if let Err(response) = self.feed().await {
+                        return response;
+                    }
+                }
+                Event::Start(payload) => return self.start(&payload),
+                Event::Chunk(..) | Event::Reset => {
+                    return bad_gateway("the app's response was malformed (body before start)".into())
+                }
+                Event::Lost => return self.lost(),
+            }
+        }
+    }
+
+    fn lost(&mut self) -> Response {
+        self.finished = true;
+        tracing::error!(
+            worker = self.worker.number,
+            "the worker exited while serving a request; answered 502"
+        );
+        bad_gateway(format!("the app's worker {} exited while serving this request", self.worker.number))
+    }
+
+    /// Sends the next piece of the request body.
+    async fn feed(&mut self) -> Result<(), Response> {
+        let Some(body) = self.body.as_mut() else {
+            self.worker.send(frame::encode_data(frame::BODY, self.id, false, b""));
+            return Ok(());
+        };
+        let next = std::future::poll_fn(|cx| next_data(body, cx)).await;
+        self.forward(next).map_err(|error| bad_body(&error))
+    }
+
+    /// Sends what the request body gave; the error says why it was refused.
+    fn forward(&mut self, next: Option<Result<Bytes, axum::Error>>) -> Result<(), String> {
+        match next {
+            Some(Ok(data)) => {
+                self.sent += data.len();
+                if self.sent > self.limit {
+                    self.body = None;
+                    return Err("length limit exceeded".to_owned());
+                }
+                self.worker.send(frame::encode_data(frame::BODY, self.id, true, &data));
+                Ok(())
+            }
+            None => {
+                self.body = None;
+                self.worker.send(frame::encode_data(frame::BODY, self.id, false, b""));
+                Ok(())
+            }
+            Some(Err(err)) => {
+                self.body = None;
+                Err(err.to_string())
+            }
+        }
+    }
+
+    /// The response, from its start: whole if the body is already here.
+    fn start(mut self, payload: &[u8]) -> Response {
+        let (status, headers) = match frame::decode_start(payload) {
+            Ok(start) => start,
+            Err(err) => {
+                tracing::error!(
+                    worker = self.worker.number,
+                    "the app's response start is invalid: {err}; answered 500"
+                );
+                return ApiError::internal(format!("the app's response start is invalid: {err}"))
+                    .into_response();
+            }
+        };
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let map = response.headers_mut();
+        map.reserve(headers.len());
+        for (name, value) in headers {
+            let name = http::HeaderName::from_bytes(&name);
+            let value = http::HeaderValue::from_maybe_shared(value);
+            match (name, value) {
+                (Ok(name), Ok(value)) => {
+                    map.append(name, value);
+                }
+                _ => {
+                    tracing::error!(
+                        worker = self.worker.number,
+                        "the app sent an invalid response header; answered 500"
+                    );
+                    return ApiError::internal("the app sent an invalid response header").into_response();
+                }
+            }
+        }
+        // The common case: the whole body follows the start at once.
+        let next = match self.events.try_recv() {
+            Ok(Event::Chunk(data, false)) => {
+                self.finished = true;
+                *response.body_mut() = Body::from(data);
+                return response;
+            }
+            Ok(event) => Some(event),
+            Err(_) => None,
+        };
+        *response.body_mut() = Body::new(Streaming { exchange: self, next, want_body: false, ended: false });
+        response
+    }
+}
+
+/// The next data of a request body, skipping trailers.
+fn next_data(body: &mut Body, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, axum::Error>>> {
+    loop {
+        match std::task::ready!(Pin::new(&mut *body).poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if data.is_empty() => continue,
+                Ok(data) => return Poll::Ready(Some(Ok(data))),
+                Err(_) => continue,
+            },
+            Some(Err(err)) => return Poll::Ready(Some(Err(err))),
+            None => return Poll::Ready(None),
+        }
+    }
+}
+
+use http_body::Body as _;
+
+/// A response body coming from the worker, chunk by chunk.
+struct Streaming {
+    exchange: Exchange,
+    /// An event taken off the channel before the body was made.
+    next: Option<Event>,
+    /// The app waits for request body.
+    want_body: bool,
+    ended: bool,
+}
+
+impl http_body::Body for Streaming {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            // The app may read its request while it streams its response (an echo).
+            if this.want_body {
+                let exchange = &mut this.exchange;
+                let next = match exchange.body.as_mut() {
+                    Some(body) => match next_data(body, cx) {
+                        Poll::Ready(next) => Some(next),
+                        Poll::Pending => None,
+                    },
+                    None => Some(None),
+                };
+                if let Some(next) = next {
+                    this.want_body = false;
+                    if exchange.forward(next).is_err() {
+                        return Poll::Ready(Some(Err(std::io::Error::other("the request body was refused"))));
+                    }
+                }
+            }
+            let event = match this.next.take() {
+                Some(event) => Some(event),
+                None => match this.exchange.events.poll_recv(cx) {
+                    Poll::Ready(event) => event,
+                    Poll::Pending => return Poll::Pending,
+                },
+            };
+            match event {
+                Some(Event::Chunk(data, more)) => {
+                    let exchange = &mut this.exchange;
+                    if !data.is_empty() {
+                        let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                        exchange.worker.send(frame::encode_u32(frame::CREDIT, exchange.id, n));
+                    }
+                    if !more {
+                        exchange.finished = true;
+                        this.ended = true;
+                    }
+                    if data.is_empty() {
+                        if this.ended {
+                            return Poll::Ready(None);
+                        }
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Event::WantBody) => this.want_body = true,
+                Some(Event::Start(_)) => {}
+                Some(Event::Reset) => {
+                    this.exchange.finished = true;
+                    this.ended = true;
+                    return Poll::Ready(Some(Err(std::io::Error::other(
+                        "the app failed during its response",
+                    ))));
+                }
+                Some(Event::Lost) | None => {
+                    this.exchange.finished = true;
+                    this.ended = true;
+                    return Poll::Ready(Some(Err(std::io::Error::other(
+                        "the app's worker exited during the response",
+                    ))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+}
+
+/// `%xx` sequences decoded, as uvicorn does (`urllib.parse.unquote`):
+/// invalid UTF-8 becomes U+FFFD.
+pub(crate) fn percent_decode(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains('%') {
+        return path.into();
+    }
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn paths_are_decoded_as_uvicorn_decodes_them() {
+        assert_eq!(percent_decode("/a%20b"), "/a b");
+        assert_eq!(percent_decode("/caf%C3%A9"), "/café");
+        assert_eq!(percent_decode("/bad%zz%4"), "/bad%zz%4");
+        assert_eq!(percent_decode("/x%FF"), "/x\u{FFFD}");
+        assert_eq!(percent_decode("/plain"), "/plain");
+    }
+}

@@ -1,0 +1,306 @@
+//! The wire between the front and a Python worker: frames, and the two
+//! payloads that carry Python values (`marshal` data).
+//!
+//! A frame is a 9-byte header (payload length `u32`, type `u8`, request id
+//! `u32`, little endian) and its payload. `python/fastlane_worker.py` has the
+//! same type numbers.
+//!
+//! A request goes out as the `marshal` encoding of a tuple, which Python
+//! decodes in C straight into the scope's `str`, `bytes` and tuples; the
+//! response start comes back as `marshal.dumps((status, headers), 2)`, of
+//! which only the few codes that version writes for ints, bytes, tuples and
+//! lists are read here.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Bytes of a frame header.
+pub(crate) const HEADER: usize = 9;
+
+/// Process → front: who is calling (JSON).
+pub(crate) const HELLO: u8 = 1;
+/// Process → front: the import (zygote) or lifespan startup (worker) is done.
+pub(crate) const READY: u8 = 2;
+/// Process → front: the import or startup failed; text says what to do.
+pub(crate) const FAILED: u8 = 3;
+/// Front → zygote: fork worker number `id`.
+pub(crate) const FORK: u8 = 4;
+/// Zygote → front: a worker exited (JSON `pid`, `code`).
+pub(crate) const EXITED: u8 = 5;
+/// Front → zygote: SIGKILL the worker whose pid is the id.
+pub(crate) const KILL: u8 = 6;
+/// Worker → front: `u32` more requests may be sent that it has not started.
+pub(crate) const SLOTS: u8 = 7;
+/// Front → worker: a request (marshal).
+pub(crate) const REQUEST: u8 = 10;
+/// Front → worker: a request body chunk (flags byte, bytes).
+pub(crate) const BODY: u8 = 11;
+/// Worker → front: the app waits for more request body.
+pub(crate) const WANT_BODY: u8 = 12;
+/// Front → worker: the client went away.
+pub(crate) const DISCONNECT: u8 = 13;
+/// Front → worker: `u32` more response bytes may be sent.
+pub(crate) const CREDIT: u8 = 14;
+/// Worker → front: status and headers (marshal).
+pub(crate) const START: u8 = 15;
+/// Worker → front: response body (flags byte, bytes).
+pub(crate) const CHUNK: u8 = 16;
+/// Worker → front: the response cannot be completed.
+pub(crate) const RESET: u8 = 17;
+/// Worker → front: the request's task ended, background tasks included.
+pub(crate) const DONE: u8 = 18;
+/// Front → worker: stop within `u32` milliseconds.
+pub(crate) const SHUTDOWN: u8 = 20;
+/// Worker → front: stopped (JSON: what was cut).
+pub(crate) const BYE: u8 = 21;
+/// Front → watchdog: the loop thread's stack, please.
+pub(crate) const STACK: u8 = 30;
+/// Watchdog → front: the stack (JSON).
+pub(crate) const STACK_REPLY: u8 = 31;
+
+/// Flags byte of `BODY` and `CHUNK`: more follows.
+pub(crate) const MORE: u8 = 1;
+
+/// A frame with `payload`.
+pub(crate) fn encode(kind: u8, id: u32, payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(HEADER + payload.len());
+    put_header(&mut out, kind, id, payload.len());
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// A body frame: the flags byte, then `data`.
+pub(crate) fn encode_data(kind: u8, id: u32, more: bool, data: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(HEADER + 1 + data.len());
+    put_header(&mut out, kind, id, 1 + data.len());
+    out.put_u8(if more { MORE } else { 0 });
+    out.put_slice(data);
+    out.freeze()
+}
+
+/// A frame whose payload is one `u32`.
+pub(crate) fn encode_u32(kind: u8, id: u32, value: u32) -> Bytes {
+    encode(kind, id, &value.to_le_bytes())
+}
+
+fn put_header(out: &mut BytesMut, kind: u8, id: u32, len: usize) {
+    let len = u32::try_from(len).expect("frames are far smaller than 4 GiB");
+    out.put_u32_le(len);
+    out.put_u8(kind);
+    out.put_u32_le(id);
+}
+
+/// A frame header's fields.
+pub(crate) fn parse_header(header: &[u8; HEADER]) -> (usize, u8, u32) {
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let id = u32::from_le_bytes([header[5], header[6], header[7], header[8]]);
+    (len, header[4], id)
+}
+
+/// What a request frame carries: the scope's fields that vary, in the order
+/// the worker unpacks them.
+#[derive(Debug)]
+pub(crate) struct RequestHead<'a> {
+    pub(crate) method: &'a str,
+    /// Percent-decoded.
+    pub(crate) path: &'a str,
+    pub(crate) raw_path: &'a [u8],
+    pub(crate) query: &'a [u8],
+    pub(crate) headers: &'a http::HeaderMap,
+    pub(crate) client: Option<(String, u16)>,
+    pub(crate) server: (String, u16),
+    pub(crate) scheme: &'a str,
+    pub(crate) http_version: &'a str,
+    /// More body follows what `body` holds.
+    pub(crate) more_body: bool,
+    pub(crate) body: &'a [u8],
+}
+
+/// The `REQUEST` frame for `head`.
+pub(crate) fn encode_request(id: u32, head: &RequestHead<'_>) -> Bytes {
+    let mut out = BytesMut::with_capacity(
+        HEADER + 128 + head.path.len() * 2 + head.query.len() + head.body.len() + head.headers.len() * 48,
+    );
+    out.put_slice(&[0; HEADER]);
+    let mut m = Marshal(&mut out);
+    m.small_tuple(11);
+    m.str(head.method);
+    m.str(head.path);
+    m.bytes(head.raw_path);
+    m.bytes(head.query);
+    m.list(head.headers.len());
+    for (name, value) in head.headers {
+        m.small_tuple(2);
+        // `http` keeps header names lowercase, as ASGI wants them.
+        m.bytes(name.as_str().as_bytes());
+        m.bytes(value.as_bytes());
+    }
+    match &head.client {
+        Some((host, port)) => {
+            m.small_tuple(2);
+            m.str(host);
+            m.int(i32::from(*port));
+        }
+        None => m.none(),
+    }
+    m.small_tuple(2);
+    m.str(&head.server.0);
+    m.int(i32::from(head.server.1));
+    m.str(head.scheme);
+    m.str(head.http_version);
+    m.bool(head.more_body);
+    m.bytes(head.body);
+    let len = out.len() - HEADER;
+    let mut header = BytesMut::with_capacity(HEADER);
+    put_header(&mut header, REQUEST, id, len);
+    out[..HEADER].copy_from_slice(&header);
+    out.freeze()
+}
+
+/// Writes `marshal` codes (the subset every Python 3 reads).
+struct Marshal<'a>(&'a mut BytesMut);
+
+impl Marshal<'_> {
+    fn small_tuple(&mut self, n: u8) {
+        self.0.put_u8(b')');
+        self.0.put_u8(n);
+    }
+    fn list(&mut self, n: usize) {
+        self.0.put_u8(b'[');
+        self.0.put_u32_le(n as u32);
+    }
+    fn str(&mut self, s: &str) {
+        self.0.put_u8(b'u');
+        self.0.put_u32_le(s.len() as u32);
+        self.0.put_slice(s.as_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.put_u8(b's');
+        self.0.put_u32_le(b.len() as u32);
+        self.0.put_slice(b);
+    }
+    fn int(&mut self, v: i32) {
+        self.0.put_u8(b'i');
+        self.0.put_i32_le(v);
+    }
+    fn bool(&mut self, v: bool) {
+        self.0.put_u8(if v { b'T' } else { b'F' });
+    }
+    fn none(&mut self) {
+        self.0.put_u8(b'N');
+    }
+}
+
+/// A response start the front cannot use; says what the app got wrong.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub(crate) struct BadStart(pub(crate) String);
+
+/// Status and headers from a `START` payload.
+pub(crate) fn decode_start(payload: &[u8]) -> Result<(u16, Vec<(Bytes, Bytes)>), BadStart> {
+    let mut r = Reader { data: payload, pos: 0 };
+    if r.sequence()? != 2 {
+        return Err(BadStart("the start message is not (status, headers)".into()));
+    }
+    let status = match r.code()? {
+        b'i' => r.i32()?,
+        b'T' | b'F' => return Err(BadStart("the response status is a bool, not an int".into())),
+        other => {
+            return Err(BadStart(format!("the response status is not an int (marshal code {other:#x})")))
+        }
+    };
+    let status = u16::try_from(status)
+        .ok()
+        .filter(|s| (100..=999).contains(s))
+        .ok_or_else(|| BadStart(format!("the response status {status} is not between 100 and 999")))?;
+    let n = r.sequence()?;
+    let mut headers = Vec::with_capacity(n);
+    for _ in 0..n {
+        if r.sequence()? != 2 {
+            return Err(BadStart("a response header is not a (name, value) pair".into()));
+        }
+        let name = r.bytes("name")?;
+        let value = r.bytes("value")?;
+        headers.push((Bytes::copy_from_slice(name), Bytes::copy_from_slice(value)));
+    }
+    Ok((status, headers))
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], BadStart> {
+        let end = self.pos.checked_add(n).filter(|&end| end <= self.data.len());
+        let end = end.ok_or_else(|| BadStart("the start message is cut short".into()))?;
+        let out = &self.data[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+    fn code(&mut self) -> Result<u8, BadStart> {
+        // Version 2 writes no reference flags; mask it anyway.
+        Ok(self.take(1)?[0] & 0x7f)
+    }
+    fn i32(&mut self) -> Result<i32, BadStart> {
+        let b = self.take(4)?;
+        Ok(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn sequence(&mut self) -> Result<usize, BadStart> {
+        match self.code()? {
+            b'(' | b'[' => {
+                let n = self.i32()?;
+                usize::try_from(n).map_err(|_| BadStart("a negative length".into()))
+            }
+            b')' => Ok(usize::from(self.take(1)?[0])),
+            other => Err(BadStart(format!("expected a tuple or list, found marshal code {other:#x}"))),
+        }
+    }
+    fn bytes(&mut self, what: &str) -> Result<&'a [u8], BadStart> {
+        match self.code()? {
+            b's' => {
+                let n = usize::try_from(self.i32()?).map_err(|_| BadStart("a negative length".into()))?;
+                self.take(n)
+            }
+            b'u' | b't' | b'a' | b'A' | b'z' | b'Z' | b'r' => Err(BadStart(format!(
+                "a response header {what} is a str; ASGI header names and values are bytes"
+            ))),
+            other => {
+                Err(BadStart(format!("a response header {what} is not bytes (marshal code {other:#x})")))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_as_python_marshals_it_is_read() {
+        // marshal.dumps((200, [(b"content-type", b"text/plain"), (b"x", b"")]), 2)
+        let mut data = vec![b'(', 2, 0, 0, 0, b'i', 200, 0, 0, 0, b'[', 2, 0, 0, 0];
+        for (name, value) in [(&b"content-type"[..], &b"text/plain"[..]), (b"x", b"")] {
+            data.extend([b'(', 2, 0, 0, 0, b's']);
+            data.extend((name.len() as u32).to_le_bytes());
+            data.extend(name);
+            data.push(b's');
+            data.extend((value.len() as u32).to_le_bytes());
+            data.extend(value);
+        }
+        let (status, headers) = decode_start(&data).unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(headers[0].0.as_ref(), b"content-type");
+        assert_eq!(headers[1].1.as_ref(), b"");
+    }
+
+    #[test]
+    fn a_str_header_is_named_as_the_mistake_it_is() {
+        let data = [
+            b'(', 2, 0, 0, 0, b'i', 200, 0, 0, 0, b'[', 1, 0, 0, 0, b'(', 2, 0, 0, 0, b'u', 1, 0, 0, 0, b'a',
+        ];
+        let err = decode_start(&data).unwrap_err();
+        assert!(err.0.contains("is a str"), "{err}");
+        assert!(decode_start(&data[..7]).unwrap_err().0.contains("cut short"));
+    }
+}

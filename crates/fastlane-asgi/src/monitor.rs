@@ -1,0 +1,357 @@
+//! The monitor: a thread of the front that reads every worker's loop tick
+//! each millisecond. A loop that has not ticked for the stall threshold is
+//! stalled: it gets no new requests, its watchdog thread is asked for the
+//! loop's Python stack, and the stall is logged twice, once while it lasts
+//! (where, and what to do) and once when it ends (how long, and who waited).
+//! It also retires spare workers that have been idle for a while.
+//!
+//! Nothing here depends on a Python loop answering: the tick is a counter in
+//! a shared file, and the stack comes from another thread of the worker.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use crate::frame;
+use crate::pool::Shared;
+use crate::worker::Worker;
+
+/// How often the ticks are read.
+const PERIOD: Duration = Duration::from_millis(1);
+
+/// A spare (a worker beyond `--workers`) idle this long stops.
+const SPARE_IDLE: Duration = Duration::from_secs(30);
+
+/// How long the watchdog has to answer with the stack. A loop in pure
+/// Python hands the GIL over every 5 ms; a C call that holds it does not.
+const STACK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Starts the monitor thread for `shared`; it ends with the pool.
+pub(crate) fn start(shared: &Arc<Shared>) {
+    let weak = Arc::downgrade(shared);
+    std::thread::Builder::new()
+        .name("fastlane-asgi-monitor".into())
+        .spawn(move || run(weak))
+        .expect("the monitor thread starts");
+}
+
+/// What the monitor knows of one worker's loop.
+struct Seen {
+    ticks: u64,
+    changed: Instant,
+    idle_since: Option<Instant>,
+    stall: Option<Stall>,
+}
+
+/// A stall in progress.
+struct Stall {
+    since: Instant,
+    /// Shared with the thread that asks for the stack: whichever of the two
+    /// learns last (the stack, or the end) writes what is left to write.
+    shared: Arc<Mutex<StallLog>>,
+}
+
+/// What has been learnt of a stall so far.
+#[derive(Default)]
+struct StallLog {
+    report: Option<Report>,
+    /// The stall ended before its stack came: how long it lasted.
+    ended: Option<Duration>,
+}
+
+/// What a stall report says: where the loop was and for which request.
+#[derive(Debug, Default, Clone)]
+struct Report {
+    /// `GET /test2`, with the route template when the app told it.
+    request: Option<String>,
+    /// The request's response had ended: a background task blocked.
+    background: bool,
+    /// `main.py:14 in test2: time.sleep(8)`, innermost app frame first.
+    frames: Vec<String>,
+    /// Why there is no stack.
+    no_stack: Option<String>,
+    /// The loop thread was in the loop's own wait, running no code of the
+    /// app: the tick was late because the process was not scheduled.
+    idle: bool,
+}
+
+fn run(weak: Weak<Shared>) {
+    let mut seen: HashMap<u32, Seen> = HashMap::new();
+    let mut last_housekeeping = Instant::now();
+    loop {
+        std::thread::sleep(PERIOD);
+        let Some(shared) = weak.upgrade() else { return };
+        if shared.stopping.load(Ordering::Relaxed) && shared.snapshot().is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let workers = shared.snapshot();
+        for worker in &workers {
+            let Some(ticks) = worker.ticks() else { continue };
+            let entry = seen.entry(worker.number).or_insert(Seen {
+                ticks,
+                changed: now,
+                idle_since: None,
+                stall: None,
+            });
+            if ticks != entry.ticks {
+                entry.ticks = ticks;
+                entry.changed = now;
+                if let Some(stall) = entry.stall.take() {
+                    worker.stalled.store(false, Ordering::Relaxed);
+                    shared.available.notify_waiters();
+                    ended(&shared, worker, stall, now);
+                }
+            } else if entry.stall.is_none()
+                && now.duration_since(entry.changed) > shared.config.stall_threshold
+                && !worker.gone.load(Ordering::Relaxed)
+            {
+                worker.stalled.store(true, Ordering::Relaxed);
+                shared.stats.stalls.fetch_add(1, Ordering::Relaxed);
+                shared.stalled();
+                let log = Arc::new(Mutex::new(StallLog::default()));
+                entry.stall = Some(Stall { since: entry.changed, shared: log.clone() });
+                let (shared, worker, since) = (shared.clone(), worker.clone(), entry.changed);
+                // The answer may take a while (or never come): not on this thread.
+                let _ = std::thread::Builder::new()
+                    .name("fastlane-asgi-stack".into())
+                    .spawn(move || began(&shared, &worker, since, &log));
+            }
+            let busy = worker.in_flight.load(Ordering::Relaxed) > 0;
+            entry.idle_since = match (busy, entry.idle_since) {
+                (true, _) => None,
+                (false, None) => Some(now),
+                (false, since) => since,
+            };
+        }
+        if now.duration_since(last_housekeeping) >= Duration::from_secs(1) {
+            last_housekeeping = now;
+            seen.retain(|number, _| workers.iter().any(|w| w.number == *number));
+            retire_idle_spare(&shared, &workers, &seen, now);
+        }
+    }
+}
+
+/// Stops one spare that has been idle for [`SPARE_IDLE`], while no loop is
+/// stalled and more workers run than `--workers` asks for.
+fn retire_idle_spare(shared: &Shared, workers: &[Arc<Worker>], seen: &HashMap<u32, Seen>, now: Instant) {
+    let open: Vec<_> = workers.iter().filter(|w| !w.closing.load(Ordering::Relaxed)).collect();
+    if open.len() <= shared.config.workers || open.iter().any(|w| w.stalled.load(Ordering::Relaxed)) {
+        return;
+    }
+    // The newest first: the first workers stay.
+    let idle = open.iter().rev().find(|w| {
+        seen.get(&w.number)
+            .and_then(|s| s.idle_since)
+            .is_some_and(|since| now.duration_since(since) >= SPARE_IDLE)
+    });
+    if let Some(worker) = idle {
+        tracing::info!(
+            worker = worker.number,
+            pid = worker.pid,
+            "stopping a spare worker, idle for {}",
+            fastlane::HumanDuration(SPARE_IDLE)
+        );
+        worker.retire(Duration::from_secs(5));
+    }
+}
+
+/// The first line of a stall: asks the watchdog for the stack and logs it
+/// (with the end, if the stall ended meanwhile).
+fn began(shared: &Shared, worker: &Worker, since: Instant, log: &Mutex<StallLog>) {
+    let report = ask_stack(shared, worker);
+    let mut log = log.lock().expect("stall log lock");
+    if report.idle {
+        // No code of the app held the loop: a busy machine delayed the
+        // process. Nothing to fix, and no route to suspect.
+        tracing::debug!(
+            worker = worker.number,
+            "a tick of worker {} came late while its loop was idle",
+            worker.number
+        );
+        log.report = Some(report);
+        return;
+    }
+    if let Some(request) = &report.request {
+        shared.mark_suspect(
+            request_key(request),
+            if log.ended.is_some() { Some(Instant::now()) } else { None },
+        );
+    }
+    let (waited, so_far) = match log.ended {
+        Some(lasted) => (lasted, ""),
+        None => (since.elapsed(), " so far"),
+    };
+    let at = match (report.frames.first(), &report.no_stack) {
+        (Some(frame), _) => format!(" at {frame}"),
+        (None, Some(why)) => format!(" ({why})"),
+        (None, None) => String::new(),
+    };
+    let called_from = match report.frames.len() {
+        0 | 1 => String::new(),
+        _ => format!(", called from {}", report.frames[1..].join(" ← ")),
+    };
+    tracing::warn!(
+        target: "fastlane::stall",
+        worker = worker.number,
+        pid = worker.pid,
+        "{} blocked the event loop of worker {} for {}{so_far}{at}{called_from}; {}. Fix: {}",
+        culprit(&report),
+        worker.number,
+        fastlane::HumanDuration(waited),
+        if so_far.is_empty() { "it took no new requests meanwhile" } else { "it takes no new requests until it returns" },
+        fix(&report)
+    );
+    log.report = Some(report);
+}
+
+/// `GET /test2`, `a background task of GET /x`, or what else blocked.
+fn culprit(report: &Report) -> String {
+    match &report.request {
+        Some(request) if report.background => format!("a background task of {request}"),
+        Some(request) => request.clone(),
+        None => "a task of the app".to_owned(),
+    }
+}
+
+/// The line at a stall's end: how long, and which requests waited for it.
+fn ended(shared: &Shared, worker: &Worker, stall: Stall, now: Instant) {
+    let lasted = now.duration_since(stall.since);
+    let mut log = stall.shared.lock().expect("stall log lock");
+    let Some(report) = log.report.clone() else {
+        // The stack has not come yet: its line will say how long it lasted.
+        log.ended = Some(lasted);
+        return;
+    };
+    drop(log);
+    if report.idle {
+        return;
+    }
+    if let Some(request) = &report.request {
+        shared.mark_suspect(request_key(request), Some(now));
+    }
+    let others: Vec<_> =
+        worker.in_flight_list().into_iter().filter(|r| Some(r) != report.request.as_ref()).collect();
+    let waited = match others.len() {
+        0 => "no other request waited".to_owned(),
+        n if n <= 3 => format!("{} waited for it", others.join(", ")),
+        n => format!("{} and {} more waited for it", others[..3].join(", "), n - 3),
+    };
+    tracing::warn!(
+        target: "fastlane::stall",
+        worker = worker.number,
+        pid = worker.pid,
+        "the event loop of worker {} was blocked {} by {}{}; {waited}",
+        worker.number,
+        fastlane::HumanDuration(lasted),
+        culprit(&report),
+        report.frames.first().map(|f| format!(" at {}", f.split(": ").next().unwrap_or(f))).unwrap_or_default(),
+    );
+}
+
+/// `GET /items/{id}` → the key suspects are kept under: the request line as
+/// the front saw it (`GET /items/3`); a report carries both.
+fn request_key(request: &str) -> &str {
+    request.split(" (").next().unwrap_or(request)
+}
+
+/// What to do about a stall, in one sentence.
+fn fix(report: &Report) -> &'static str {
+    if report.background {
+        "make the background function a plain `def` (Starlette runs it in a thread), or move its blocking call \
+         to `await asyncio.to_thread(...)`"
+    } else if report.request.is_some() {
+        "declare the endpoint with `def` instead of `async def` (FastAPI runs it in a thread), or wrap the \
+         blocking call in `await run_in_threadpool(...)` / `await asyncio.to_thread(...)`, or use an async library"
+    } else {
+        "move the blocking call to `await asyncio.to_thread(...)`, or use an async library"
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+struct StackReply {
+    #[serde(default)]
+    stack: Vec<(String, u32, String, bool, String)>,
+    request: Option<u32>,
+    route: Option<String>,
+    #[serde(default)]
+    after_response: bool,
+    #[serde(default)]
+    idle: bool,
+    error: Option<String>,
+}
+
+/// Asks the worker's watchdog thread for the loop's stack.
+fn ask_stack(shared: &Shared, worker: &Worker) -> Report {
+    let mut guard = worker.watchdog.lock().expect("watchdog lock");
+    let Some(sock) = guard.as_mut() else {
+        return Report { no_stack: Some("its watchdog is not connected".into()), ..Report::default() };
+    };
+    let reply = (|| -> std::io::Result<Vec<u8>> {
+        sock.set_read_timeout(Some(STACK_TIMEOUT))?;
+        sock.write_all(&frame::encode(frame::STACK, 0, b""))?;
+        let mut header = [0u8; frame::HEADER];
+        sock.read_exact(&mut header)?;
+        let (len, kind, _) = frame::parse_header(&header);
+        if kind != frame::STACK_REPLY {
+            return Err(std::io::Error::other(format!("the watchdog answered with a frame of type {kind}")));
+        }
+        let mut payload = vec![0u8; len];
+        sock.read_exact(&mut payload)?;
+        Ok(payload)
+    })();
+    let reply: StackReply = match reply {
+        Ok(payload) => serde_json::from_slice(&payload).unwrap_or_default(),
+        Err(err) => {
+            // A late answer would be read as the next one's: start afresh without it.
+            *guard = None;
+            let why = if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+                "its Python stack could not be read: the loop holds the GIL (a C extension?)".to_owned()
+            } else {
+                format!("its Python stack could not be read: {err}")
+            };
+            return Report { no_stack: Some(why), ..Report::default() };
+        }
+    };
+    drop(guard);
+    let mut report = Report { background: reply.after_response, idle: reply.idle, ..Report::default() };
+    if let Some(err) = reply.error {
+        report.no_stack = Some(format!("its Python stack could not be read: {err}"));
+    }
+    if let Some(id) = reply.request {
+        if let Some((line, answered)) = worker.describe(id) {
+            report.request = Some(match &reply.route {
+                Some(route) if !line.ends_with(route.as_str()) => format!("{line} (route {route})"),
+                _ => line,
+            });
+            report.background |= answered;
+        }
+    }
+    if report.request.is_none() {
+        // A task the request started (a streaming body's, an anyio task
+        // group's) is not the request's own; with one request in flight on
+        // the worker, it is that request's.
+        if let [(line, answered)] = worker.in_flight_entries().as_slice() {
+            report.request = Some(line.clone());
+            report.background = *answered;
+        }
+    }
+    let app_dir =
+        std::fs::canonicalize(&shared.config.app_dir).unwrap_or_else(|_| shared.config.app_dir.clone());
+    let show = |(file, line, func, _, source): &(String, u32, String, bool, String)| {
+        let path = std::path::Path::new(file);
+        let file = path.strip_prefix(&app_dir).map_or_else(|_| file.clone(), |p| p.display().to_string());
+        if source.is_empty() {
+            format!("{file}:{line} in {func}")
+        } else {
+            format!("{file}:{line} in {func}: {source}")
+        }
+    };
+    // The app's own frames are the ones to fix; library frames only when
+    // there is nothing else (the app's code called no Python of its own).
+    let app: Vec<_> = reply.stack.iter().filter(|f| f.3).take(3).map(show).collect();
+    report.frames = if app.is_empty() { reply.stack.iter().take(3).map(show).collect() } else { app };
+    report
+}
