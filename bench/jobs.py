@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import write_section
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 VENV = BENCH / ".venv"
@@ -331,17 +333,6 @@ def celery_version():
     return out.split()[0] if out else "?"
 
 
-def write_section(out, section):
-    text = out.read_text() if out.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        before, rest = text.split(BEGIN, 1)
-        after = rest.split(END, 1)[1]
-        text = before + section.rstrip("\n") + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    out.write_text(text)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=50_000, help="no-op jobs per throughput round (default 50000)")
@@ -396,7 +387,7 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.parent / "bench-jobs.json").write_text(
         json.dumps({"command": command, "rounds": rounds, "recovery": recovery}, indent=1) + "\n")
-    write_section(out, report(command, args, rounds, recovery))
+    write_section(out, BEGIN, END, report(command, args, rounds, recovery))
     log(f"wrote the jobs section of {out}")
 
 

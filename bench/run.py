@@ -5,8 +5,8 @@ FastAPI+uvicorn on the demo's routes, in one run, one server after another.
     python3 bench/run.py                 # everything; writes docs/BENCHMARKS.md
     python3 bench/run.py --duration 3    # a quicker, noisier pass
 
-(The durable jobs benchmark is bench/jobs.py; it writes its own section of
-docs/BENCHMARKS.md, which this script keeps.)
+(The durable jobs benchmark is bench/jobs.py and the ASGI one bench/asgi.py;
+each writes its own section of docs/BENCHMARKS.md, which this script keeps.)
 
 It builds what it needs (fastlane and the Rust peers in release mode, a venv
 with FastAPI for the Python peer, wrk from Debian's packages if missing), runs:
@@ -34,8 +34,9 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from common import answers, tree_rss_kib
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -119,34 +120,14 @@ class Server:
         self.name = name
         self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/fast", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
+        if answers(f"http://127.0.0.1:{PORT}/fast", 30):
+            return
         self.stop()
         raise RuntimeError(f"{name} did not start")
 
     def memory_kib(self):
         """Resident memory of the process and all its descendants."""
-        total = 0
-        pids, frontier = [], [self.proc.pid]
-        while frontier:
-            pid = frontier.pop()
-            pids.append(pid)
-            out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
-            frontier += [int(p) for p in out.stdout.split()]
-        for pid in pids:
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-            except OSError:
-                pass
-        return total
+        return tree_rss_kib(self.proc.pid)[0]
 
     def stop(self):
         if self.proc.poll() is None:
@@ -429,12 +410,13 @@ def write_report(out, command, args, names, results, throughput, memory, worker_
     ]
     lines += [f"| {n} | {kib / 1024:.1f} | {kib / 2048:.1f} |" for n, kib in worker_memory.items()]
     lines.append("")
-    # The durable jobs section is bench/jobs.py's: keep it.
+    # The durable jobs and ASGI sections are bench/jobs.py's and bench/asgi.py's: keep them.
     old = out.read_text() if out.exists() else ""
-    begin, end = "<!-- jobs:begin -->", "<!-- jobs:end -->"
-    if begin in old and end in old:
-        lines.append(begin + old.split(begin, 1)[1].split(end, 1)[0] + end)
-        lines.append("")
+    for part in ("jobs", "asgi"):
+        begin, end = f"<!-- {part}:begin -->", f"<!-- {part}:end -->"
+        if begin in old and end in old:
+            lines.append(begin + old.split(begin, 1)[1].split(end, 1)[0] + end)
+            lines.append("")
     out.write_text("\n".join(lines))
 
 

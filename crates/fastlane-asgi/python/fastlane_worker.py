@@ -15,7 +15,10 @@ endian) and a payload. Requests arrive as `marshal` data (decoded in C, the chea
 the scope's tuples and bytes); responses leave as `marshal` version 2 data the front decodes.
 
 How the front sees a stuck loop without trusting it: the loop adds one to a counter in a shared
-file every TICK seconds; the front reads the file. When the counter stops, the front asks this
+file every TICK seconds; the front reads the file. Requests a stuck loop has not started are taken
+back by the front and served elsewhere: each request's task, before it runs the app, claims its id
+under the file's lock (flock), unless the front has revoked it there first; the lock makes the two
+decisions exclusive, so a request runs once, here or elsewhere. When the counter stops, the front asks this
 process's watchdog thread (which blocks on its own socket, costing nothing meanwhile) for the
 loop thread's Python stack. A blocking call releases the GIL, and a pure-Python loop hands it over
 every few milliseconds, so the answer comes while the loop is still stuck.
@@ -24,6 +27,7 @@ Only the standard library is used here: this file runs with whatever Python the 
 """
 
 import asyncio
+import fcntl
 import importlib
 import json
 import marshal
@@ -40,8 +44,15 @@ import sysconfig
 import traceback
 
 HEADER = struct.Struct("<IBI")
+U16 = struct.Struct("<H")
 U32 = struct.Struct("<I")
-TICK_COUNTER = struct.Struct("<Q")
+U64 = struct.Struct("<Q")
+U64_PAIR = struct.Struct("<QQ")
+
+# The shared file of a worker (the front reads and writes it too), little endian u64s:
+TICKS_AT = 0  # the loop's tick counter
+STARTED_AT = 8  # the id of the last request whose task started (written under the file's lock)
+REVOKED_AT = 16  # a range of ids, first and last, the front took back (written under the lock)
 
 # Frame types; the front's `frame.rs` has the same numbers.
 HELLO = 1  # process -> front: who is calling (json)
@@ -51,6 +62,8 @@ FORK = 4  # front -> zygote: fork worker number N (the id field)
 EXITED = 5  # zygote -> front: a worker exited (json: pid, status)
 KILL = 6  # front -> zygote: SIGKILL the worker whose pid is the id field
 SLOTS = 7  # worker -> front: u32 requests started since the last SLOTS (so as many more may come)
+NICE = 8  # front -> zygote: set the nice value (i32 payload) of the worker whose pid is the id field
+NICED = 9  # zygote -> front: whether it could (one byte), for the pid in the id field
 REQUEST = 10  # front -> worker: a request (marshal)
 BODY = 11  # front -> worker: a request body chunk; flags byte + bytes
 WANT_BODY = 12  # worker -> front: the app waits for more request body
@@ -62,6 +75,13 @@ RESET = 17  # worker -> front: the response cannot be completed (the app failed 
 DONE = 18  # worker -> front: the request's task ended (its background tasks too)
 SHUTDOWN = 20  # front -> worker: stop; u32 grace period in milliseconds
 BYE = 21  # worker -> front: stopped (json: what was cut)
+WS_CONNECT = 40  # front -> worker: a WebSocket handshake (the REQUEST payload)
+WS_ACCEPT = 41  # worker -> front: the app accepted (marshal: subprotocol or None, headers)
+WS_CLOSE = 42  # worker -> front: u16 code + reason; before the accept, the handshake is denied (403)
+WS_TEXT = 43  # both ways: a text message (utf-8)
+WS_BYTES = 44  # both ways: a binary message
+WS_GONE = 45  # front -> worker: the client closed the connection or went away (u16 code)
+WS_TAKEN = 46  # worker -> front: u32 more messages the app has taken (the front reads as many more)
 STACK = 30  # front -> watchdog: the loop thread's stack, please
 STACK_REPLY = 31  # watchdog -> front: json
 
@@ -77,6 +97,8 @@ LIBRARY_DIRS = tuple(
 # Response bytes a request may have in flight towards the front before it waits for CREDIT.
 WINDOW = 256 * 1024
 TICK = 0.002
+# After a late tick, claims take the lock this long (see `Connection.claim`).
+CAREFUL_FOR = 0.05
 ASGI = {"version": "3.0", "spec_version": "2.4"}
 DISCONNECTED = {"type": "http.disconnect"}
 
@@ -199,6 +221,14 @@ def zygote(config):
         return 1
     front.sendall(frame(READY, 0))
 
+    def tell(data):
+        # The reaper below runs between bytecodes, possibly in the middle of a send: keep it out.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            front.sendall(data)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+
     def reap(_signum, _frame):
         while True:
             try:
@@ -218,12 +248,23 @@ def zygote(config):
         got = recv_frame(front)
         if got is None:
             return 0
-        kind, number, _ = got
+        kind, number, payload = got
         if kind == KILL:
             try:
                 os.kill(number, signal.SIGKILL)
             except OSError:
                 pass
+            continue
+        if kind == NICE:
+            # A worker whose loop spins the CPU runs at a lower priority while it does, so that
+            # it takes no CPU time from the front and the other workers. Raising it back needs a
+            # privilege a service seldom has: the front then replaces the worker instead.
+            try:
+                os.setpriority(os.PRIO_PROCESS, number, struct.unpack("<i", payload)[0])
+                done = b"\x01"
+            except OSError:
+                done = b"\x00"
+            tell(frame(NICED, number, done))
             continue
         if kind != FORK:
             continue
@@ -269,10 +310,10 @@ def worker(app, config, number):
     loop = new_loop(config["loop"])
     asyncio.set_event_loop(loop)
     tick_path = os.path.join(config["dir"], f"tick-{number}")
-    with open(tick_path, "w+b") as f:
-        f.truncate(mmap.PAGESIZE)
-        ticks = mmap.mmap(f.fileno(), mmap.PAGESIZE)
-    server = Server(app, config, loop, front, ticks)
+    shared = open(tick_path, "w+b")  # noqa: SIM115: open for the worker's life
+    shared.truncate(mmap.PAGESIZE)
+    ticks = mmap.mmap(shared.fileno(), mmap.PAGESIZE)
+    server = Server(app, config, loop, front, ticks, shared.fileno())
     threading.Thread(target=server.watch, args=(watchdog,), name="fastlane-watchdog", daemon=True).start()
     try:
         return loop.run_until_complete(server.run())
@@ -283,13 +324,20 @@ def worker(app, config, number):
 class Server:
     """One worker's requests, lifespan and stop."""
 
-    def __init__(self, app, config, loop, sock, ticks):
+    def __init__(self, app, config, loop, sock, ticks, lock_fd):
         self.app = app
+        self.lock_fd = lock_fd
         self.config = config
         self.loop = loop
         self.sock = sock
         self.ticks = ticks
         self.count = 0
+        self.last_tick = self.tick_due = time.monotonic()
+        self.careful_until = self.last_tick + CAREFUL_FOR
+        # A tick later than this was held up; a claim within `fresh` of a tick that was not may skip the lock.
+        threshold = config["stall_threshold_ms"] / 1000
+        self.late = min(0.003, threshold / 3)
+        self.fresh = threshold / 3
         self.state = {}
         self.conn = None
         self.loop_thread = threading.get_ident()
@@ -297,8 +345,15 @@ class Server:
 
     # The tick the front watches: a stuck loop stops counting.
     def tick(self):
+        now = time.monotonic()
+        if now - self.tick_due > self.late:
+            # The loop was held up: the front may be taking requests back.
+            # Claims take the lock for a while (see `Connection.claim`).
+            self.careful_until = now + CAREFUL_FOR
         self.count += 1
-        TICK_COUNTER.pack_into(self.ticks, 0, self.count)
+        U64.pack_into(self.ticks, TICKS_AT, self.count)
+        self.last_tick = now
+        self.tick_due = now + TICK
         self.loop.call_later(TICK, self.tick)
 
     async def run(self):
@@ -454,6 +509,7 @@ class Connection(asyncio.Protocol):
         self.pending = b""
         self.out = []
         self.flushing = False
+        self.lazy_pending = False
         self.started = 0
         self.transport = None
         self.writable = None
@@ -488,10 +544,23 @@ class Connection(asyncio.Protocol):
             self.flushing = True
             self.loop.call_soon(self.flush)
 
-    def schedule_flush(self):
-        if not self.flushing:
-            self.flushing = True
-            self.loop.call_soon(self.flush)
+    def send_lazily(self, kind, rid, payload=b""):
+        """A frame that can wait for the next write (or a millisecond): a request's end, the count of
+        requests started. Under load it rides with a response; idle, it costs one write per ms."""
+        self.out.append(HEADER.pack(len(payload), kind, rid))
+        if payload:
+            self.out.append(payload)
+        self.schedule_lazily()
+
+    def schedule_lazily(self):
+        # One timer at most: a write before it fires takes the frames along, and it finds nothing.
+        if not self.lazy_pending:
+            self.lazy_pending = True
+            self.loop.call_later(0.001, self.lazy_flush)
+
+    def lazy_flush(self):
+        self.lazy_pending = False
+        self.flush()
 
     def flush(self):
         self.flushing = False
@@ -518,6 +587,9 @@ class Connection(asyncio.Protocol):
             if kind == REQUEST:
                 self.request(rid, payload)
                 continue
+            if kind == WS_CONNECT:
+                self.websocket(rid, payload)
+                continue
             cycle = self.cycles.get(rid)
             if kind == BODY:
                 if cycle is not None:
@@ -528,10 +600,20 @@ class Connection(asyncio.Protocol):
             elif kind == DISCONNECT:
                 if cycle is not None:
                     cycle.disconnect()
+            elif kind == WS_TEXT or kind == WS_BYTES:
+                if cycle is not None:
+                    cycle.arrived(payload.decode() if kind == WS_TEXT else payload, kind == WS_TEXT)
+            elif kind == WS_GONE:
+                if cycle is not None:
+                    cycle.gone(U16.unpack(payload)[0])
             elif kind == SHUTDOWN:
                 stopping = self.server.stopping
                 if stopping is not None and not stopping.done():
                     stopping.set_result(U32.unpack(payload)[0] / 1000)
+                # As uvicorn does: WebSockets do not hold a shutdown; their apps see a disconnect (1012).
+                for cycle in list(self.cycles.values()):
+                    if isinstance(cycle, WebSocketCycle):
+                        cycle.shut_down()
         self.pending = data[pos:] if pos < end else b""
 
     def request(self, rid, payload):
@@ -557,10 +639,68 @@ class Connection(asyncio.Protocol):
         self.by_task[task] = cycle
         cycle.task = task
 
+    def websocket(self, rid, payload):
+        method, path, raw_path, query, headers, client, server, scheme, version, _, _ = marshal.loads(payload)
+        protocols = []
+        for name, value in headers:
+            if name == b"sec-websocket-protocol":
+                protocols += [p.strip() for p in value.decode("latin-1").split(",") if p.strip()]
+        scope = {
+            "type": "websocket",
+            "asgi": ASGI,
+            "http_version": version,
+            "server": server,
+            "client": client,
+            "scheme": scheme,
+            "root_path": self.root_path,
+            "path": self.root_path + path if self.root_path else path,
+            "raw_path": self.root_raw + raw_path if self.root_path else raw_path,
+            "query_string": query,
+            "headers": headers,
+            "subprotocols": protocols,
+            "state": self.server.state.copy(),
+        }
+        cycle = WebSocketCycle(self, rid, scope)
+        self.cycles[rid] = cycle
+        task = self.loop.create_task(cycle.run())
+        self.by_task[task] = cycle
+        cycle.task = task
+
+    def claim(self, rid):
+        """Whether request `rid` may start here: not if the front took it back while it waited.
+
+        The front takes requests back only from a loop that has not ticked for the stall threshold, and
+        only after checking, under the file's lock, that it still has not. So while the loop has been
+        ticking on time (the last tick within a third of the threshold, none late for CAREFUL_FOR), the
+        front cannot be taking anything back: the claim is a plain write, no system call. Otherwise it
+        takes the lock, and the front's decision and this one exclude each other.
+        """
+        server = self.server
+        now = time.monotonic()
+        if now - server.last_tick < server.fresh and now >= server.careful_until:
+            U64.pack_into(server.ticks, STARTED_AT, rid)
+            return True
+        fcntl.flock(server.lock_fd, fcntl.LOCK_EX)
+        try:
+            first, last = U64_PAIR.unpack_from(server.ticks, REVOKED_AT)
+            if first <= rid <= last:
+                return False
+            U64.pack_into(server.ticks, STARTED_AT, rid)
+            return True
+        finally:
+            fcntl.flock(server.lock_fd, fcntl.LOCK_UN)
+
+    def revoked(self, cycle):
+        """Forgets a request the front took back (it runs on another worker)."""
+        del self.cycles[cycle.rid]
+        self.by_task.pop(cycle.task, None)
+        if not self.cycles and self.idle is not None and not self.idle.done():
+            self.idle.set_result(None)
+
     def finished(self, cycle):
         del self.cycles[cycle.rid]
         self.by_task.pop(cycle.task, None)
-        self.send(DONE, cycle.rid)
+        self.send_lazily(DONE, cycle.rid)
         if not self.cycles and self.idle is not None and not self.idle.done():
             self.idle.set_result(None)
 
@@ -577,20 +717,78 @@ class Connection(asyncio.Protocol):
             scope = cycle.scope
             route = getattr(scope.get("route"), "path", None)
             what = "a background task of " if cycle.complete else ""
-            cut.append(f"{what}{scope['method']} {route if isinstance(route, str) else scope['path']}")
+            method = scope.get("method", "WEBSOCKET")
+            cut.append(f"{what}{method} {route if isinstance(route, str) else scope['path']}")
             cycle.task.cancel()
         if cut:
             await asyncio.sleep(0)
         return cut
 
 
-class Cycle:
+class Exchange:
+    """What a request and a WebSocket share: the claim before the app runs, and the byte credit the
+    front grants for what goes back to it."""
+
+    __slots__ = ()
+
+    def begin(self):
+        """Claims this request for this worker; False if the front took it back (see `Connection.claim`)."""
+        conn = self.conn
+        if not conn.claim(self.rid):
+            conn.revoked(self)
+            return False
+        conn.started += 1
+        conn.schedule_lazily()
+        return True
+
+    def credit_arrived(self, n):
+        self.credit += n
+        waiter = self.credit_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def run(self):
+        """Runs the app for this request; the subclass says what a failure or an early return means."""
+        conn = self.conn
+        if not self.begin():
+            return
+        try:
+            await conn.app(self.scope, self.receive, self.send)
+        except asyncio.CancelledError:
+            self.cancelled()
+            raise
+        except BaseException:  # noqa: BLE001: the worker lives on
+            log("error", f"exception in the ASGI app, {self.describe()}:\n{traceback.format_exc()}")
+            self.failed()
+        else:
+            self.returned()
+        finally:
+            self.complete = True
+            conn.finished(self)
+
+    async def spend_credit(self, n):
+        """Waits until the front may take `n` more bytes; False if the client went away meanwhile."""
+        while self.credit <= 0 and not self.cut_off():
+            self.credit_waiter = self.conn.loop.create_future()
+            await self.credit_waiter
+            self.credit_waiter = None
+        if self.cut_off():
+            return False
+        self.credit -= n
+        return True
+
+
+class Cycle(Exchange):
     """One request: the app's `receive` and `send`, and the task that runs it."""
 
     __slots__ = (
         "conn", "rid", "scope", "chunks", "more", "asked", "waiter", "started", "complete",
         "disconnected", "credit", "credit_waiter", "task", "status",
     )
+
+    def cut_off(self):
+        """Nothing more can reach the client."""
+        return self.disconnected
 
     def __init__(self, conn, rid, scope, body, more):
         self.conn = conn
@@ -618,12 +816,6 @@ class Cycle:
         self.more = bool(more)
         self.asked = False
         self.wake()
-
-    def credit_arrived(self, n):
-        self.credit += n
-        waiter = self.credit_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def disconnect(self):
         self.disconnected = True
@@ -663,14 +855,13 @@ class Cycle:
                 return
             conn = self.conn
             if body:
-                while self.credit <= 0 and not self.disconnected:
-                    self.credit_waiter = conn.loop.create_future()
-                    await self.credit_waiter
-                    self.credit_waiter = None
-                if self.disconnected:
+                if not await self.spend_credit(len(body)):
                     return
-                self.credit -= len(body)
             conn.send(CHUNK, self.rid, (b"\x01" if more else b"\x00") + body)
+            if not more:
+                # Written now, not at the end of this loop turn: a task that
+                # blocks later in the same turn must not hold a finished response.
+                conn.flush()
             if conn.writable is not None:
                 await conn.writable
         elif kind == "http.response.start":
@@ -690,39 +881,171 @@ class Cycle:
         else:
             raise RuntimeError(f"the app sent {kind!r}, which is not a message of an HTTP request")
 
-    async def run(self):
-        conn = self.conn
-        conn.started += 1
-        conn.schedule_flush()
-        try:
-            await conn.app(self.scope, self.receive, self.send)
-        except asyncio.CancelledError:
-            if not self.complete and not self.disconnected:
-                conn.send(RESET, self.rid)
-            raise
-        except BaseException:  # noqa: BLE001: the worker lives on; the client gets a 500
-            log("error", f"exception in the ASGI app, {self.scope['method']} {self.scope['path']}:\n{traceback.format_exc()}")
-            if not self.started:
-                self.internal_error()
-            elif not self.complete:
-                conn.send(RESET, self.rid)
-        else:
-            if not self.started:
-                log("error", f"the ASGI app returned without answering {self.scope['method']} {self.scope['path']}")
-                self.internal_error()
-            elif not self.complete and not self.disconnected:
-                log("error", f"the ASGI app returned before finishing its response to {self.scope['method']} {self.scope['path']}")
-                conn.send(RESET, self.rid)
-        finally:
-            self.complete = True
-            conn.finished(self)
+    def describe(self):
+        return f"{self.scope['method']} {self.scope['path']}"
+
+    def cancelled(self):
+        if not self.complete and not self.disconnected:
+            self.conn.send(RESET, self.rid)
+
+    def failed(self):
+        # The client gets a 500, or a cut response if it had begun.
+        if not self.started:
+            self.internal_error()
+        elif not self.complete:
+            self.conn.send(RESET, self.rid)
+
+    def returned(self):
+        if not self.started:
+            log("error", f"the ASGI app returned without answering {self.describe()}")
+            self.internal_error()
+        elif not self.complete and not self.disconnected:
+            log("error", f"the ASGI app returned before finishing its response to {self.describe()}")
+            self.conn.send(RESET, self.rid)
 
     def internal_error(self):
         self.started = self.complete = True
-        body = b"Internal Server Error"
-        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21")]
-        self.conn.send(START, self.rid, marshal.dumps((500, headers), 2))
-        self.conn.send(CHUNK, self.rid, b"\x00" + body)
+        send_internal_error(self.conn, self.rid)
+
+
+def send_internal_error(conn, rid):
+    """A plain 500, for an app that failed before it answered."""
+    body = b"Internal Server Error"
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21")]
+    conn.send(START, rid, marshal.dumps((500, headers), 2))
+    conn.send(CHUNK, rid, b"\x00" + body)
+    conn.flush()
+
+
+class ClientDisconnected(OSError):
+    """Sent on a WebSocket the client has closed (uvicorn raises the same)."""
+
+
+class WebSocketCycle(Exchange):
+    """One WebSocket connection: the app's `receive` and `send`, and the task that runs it."""
+
+    def cut_off(self):
+        """Nothing more can reach the client."""
+        return self.closed
+
+    def __init__(self, conn, rid, scope):
+        self.conn = conn
+        self.rid = rid
+        self.scope = scope
+        self.inbox = [{"type": "websocket.connect"}]
+        self.waiter = None
+        self.accepted = False
+        # The app closed it (or denied it), or the client went away: nothing more goes out.
+        self.closed = False
+        self.complete = False
+        self.credit = WINDOW
+        self.credit_waiter = None
+        self.task = None
+
+    def wake(self):
+        for waiter in (self.waiter, self.credit_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def arrived(self, data, text):
+        self.inbox.append({"type": "websocket.receive", "text": data} if text else {"type": "websocket.receive", "bytes": data})
+        self.wake()
+
+    def gone(self, code):
+        if not self.closed:
+            self.inbox.append({"type": "websocket.disconnect", "code": code})
+        self.closed = True
+        self.wake()
+
+    def disconnect(self):
+        self.gone(1006)
+
+    def shut_down(self):
+        if self.accepted and not self.closed:
+            self.conn.send(WS_CLOSE, self.rid, U16.pack(1012) + b"server shutting down")
+            self.conn.flush()
+        self.gone(1012)
+
+    async def receive(self):
+        while not self.inbox:
+            if self.closed:
+                return {"type": "websocket.disconnect", "code": 1006}
+            self.waiter = self.conn.loop.create_future()
+            await self.waiter
+            self.waiter = None
+        message = self.inbox.pop(0)
+        if message["type"] == "websocket.receive":
+            self.conn.send_lazily(WS_TAKEN, self.rid, U32.pack(1))
+        return message
+
+    async def send(self, message):
+        kind = message["type"]
+        conn = self.conn
+        if kind == "websocket.send":
+            if not self.accepted:
+                raise RuntimeError("the app sent 'websocket.send' before 'websocket.accept'")
+            if self.closed:
+                raise ClientDisconnected("the WebSocket is closed")
+            data = message.get("bytes")
+            if data is not None:
+                frame_kind = WS_BYTES
+            else:
+                data = message.get("text")
+                if data is None:
+                    raise RuntimeError("'websocket.send' needs 'text' or 'bytes'")
+                data = data.encode()
+                frame_kind = WS_TEXT
+            if not await self.spend_credit(len(data)):
+                raise ClientDisconnected("the WebSocket is closed")
+            conn.send(frame_kind, self.rid, data)
+            conn.flush()
+        elif kind == "websocket.accept":
+            if self.accepted or self.closed:
+                raise RuntimeError("the app sent 'websocket.accept' twice, or after closing")
+            self.accepted = True
+            headers = message.get("headers") or []
+            protocol = message.get("subprotocol")
+            try:
+                accept = marshal.dumps((protocol, headers), 2)
+            except ValueError:
+                accept = marshal.dumps((protocol, plain_start(200, headers)[1]), 2)
+            conn.send(WS_ACCEPT, self.rid, accept)
+            conn.flush()
+        elif kind == "websocket.close":
+            if self.closed:
+                return
+            self.closed = True
+            code = message.get("code") or 1000
+            reason = (message.get("reason") or "").encode()[:123]
+            conn.send(WS_CLOSE, self.rid, U16.pack(code) + reason)
+            conn.flush()
+        else:
+            raise RuntimeError(f"the app sent {kind!r}, which is not a message of a WebSocket")
+
+    def describe(self):
+        return f"WebSocket {self.scope['path']}"
+
+    def close_with(self, code, reason=b""):
+        if not self.closed:
+            self.closed = True
+            self.conn.send(WS_CLOSE, self.rid, U16.pack(code) + reason)
+            self.conn.flush()
+
+    def cancelled(self):
+        if self.accepted:
+            self.close_with(1012, b"server shutting down")
+
+    def failed(self):
+        if not self.accepted and not self.closed:
+            # Before the handshake is answered: an HTTP 500, as uvicorn answers.
+            self.closed = True
+            send_internal_error(self.conn, self.rid)
+        else:
+            self.close_with(1011)
+
+    def returned(self):
+        # Returned without closing: closed normally (or, before an accept, denied).
+        self.close_with(1000)
 
 
 def plain_start(status, headers):

@@ -16,9 +16,9 @@ use bytes::Bytes;
 use fastlane::ApiError;
 use http::StatusCode;
 use http_body::Frame;
-use tokio::sync::mpsc;
 
 use crate::frame::{self, RequestHead};
+use crate::mailbox::Mailbox;
 use crate::pool::{Pick, Shared};
 use crate::worker::{Event, Worker};
 
@@ -39,31 +39,18 @@ pub(crate) async fn dispatch(
     server: ServerAddr,
     req: axum::extract::Request,
 ) -> Response {
-    let (parts, body) = req.into_parts();
-    if parts
-        .headers
-        .get(http::header::UPGRADE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
-    {
-        return ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "fastlane serve does not serve WebSocket connections yet".to_owned(),
-        )
-        .into_response();
+    if crate::websocket::is_handshake(req.headers()) {
+        return crate::websocket::dispatch(shared, server, req).await;
     }
+    let (parts, body) = req.into_parts();
     let path = parts.uri.path();
     let key = format!("{} {}", parts.method, path);
-    let suspect = shared.is_suspect(&key);
-    let worker = match choose(&shared, suspect, &key).await {
-        Ok(worker) => worker,
-        Err(response) => return response,
-    };
 
     // A small body whose length is declared goes out with the head.
     let limit = shared.config.body_limit;
     let declared =
         parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let (inline, rest) = if http_body::Body::is_end_stream(&body) {
+    let (inline, mut rest) = if http_body::Body::is_end_stream(&body) {
         (Bytes::new(), None)
     } else if declared.is_some_and(|n| n <= INLINE_BODY) {
         match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit)).await {
@@ -74,74 +61,109 @@ pub(crate) async fn dispatch(
         (Bytes::new(), Some(body))
     };
 
-    let raw_path = parts.uri.path().as_bytes();
     let decoded = percent_decode(path);
+    let head = request_head(&parts, &decoded, server, "http", rest.is_some(), &inline);
+    // Once, or again when a worker whose loop blocked gave it back unstarted.
+    loop {
+        let (worker, suspect) = match choose(&shared, &key).await {
+            Ok(chosen) => chosen,
+            Err(response) => return response,
+        };
+        let (id, events) = worker.dispatch(frame::REQUEST, key.clone(), suspect, &head);
+        let exchange = Exchange { worker, id, events, body: rest, sent: 0, limit, finished: false };
+        match exchange.response().await {
+            Outcome::Response(response) => return response,
+            Outcome::Revoked(body) => rest = body,
+            Outcome::Accepted(..) => {
+                return bad_gateway("the app accepted a WebSocket on an HTTP request".into())
+            }
+        }
+    }
+}
+
+/// The scope's fields of a request, for its frame: `decoded` is its path,
+/// percent-decoded.
+pub(crate) fn request_head<'a>(
+    parts: &'a http::request::Parts,
+    decoded: &'a str,
+    server: ServerAddr,
+    scheme: &'a str,
+    more_body: bool,
+    body: &'a [u8],
+) -> RequestHead<'a> {
     let client =
         parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| (c.0.ip().to_string(), c.0.port()));
-    let version = match parts.version {
+    let http_version = match parts.version {
         http::Version::HTTP_10 => "1.0",
         http::Version::HTTP_2 => "2",
         _ => "1.1",
     };
-    let head = RequestHead {
+    RequestHead {
         method: parts.method.as_str(),
-        path: &decoded,
-        raw_path,
+        path: decoded,
+        raw_path: parts.uri.path().as_bytes(),
         query: parts.uri.query().unwrap_or("").as_bytes(),
         headers: &parts.headers,
         client,
         server: (server.0.ip().to_string(), server.0.port()),
-        scheme: "http",
-        http_version: version,
-        more_body: rest.is_some(),
-        body: &inline,
-    };
-    let (id, events) = worker.register(parts.method.clone(), path.to_owned());
-    worker.send(frame::encode_request(id, &head));
-    let exchange = Exchange { worker, id, events, body: rest, sent: 0, limit, finished: false };
-    exchange.response().await
+        scheme,
+        http_version,
+        more_body,
+        body,
+    }
 }
 
-/// Waits for a worker that may take the request.
-async fn choose(shared: &Arc<Shared>, suspect: bool, key: &str) -> Result<Arc<Worker>, Response> {
+/// How an exchange with a worker ended.
+pub(crate) enum Outcome {
+    Response(Response),
+    /// The worker gave the request back unstarted; here is its body.
+    Revoked(Option<Body>),
+    /// The app accepted a WebSocket (the accept's payload); the exchange
+    /// goes on over the upgraded connection.
+    Accepted(Box<Exchange>, bytes::Bytes),
+}
+
+/// Waits for a worker that may take the request. Whether its path is
+/// suspect is looked at again each time: a path can become suspect while its
+/// requests wait (the first of them blocked a loop meanwhile).
+pub(crate) async fn choose(shared: &Arc<Shared>, key: &str) -> Result<(Arc<Worker>, bool), Response> {
     let deadline = tokio::time::Instant::now() + QUEUE_TIMEOUT;
     loop {
         let notified = shared.available.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let alive = match shared.pick(suspect) {
-            Pick::Worker(worker) => return Ok(worker),
-            Pick::None { alive } => alive,
+        let suspect = shared.is_suspect(key);
+        let (alive, stalled, fallback) = match shared.pick(suspect) {
+            Pick::Worker(worker) => return Ok((worker, suspect)),
+            Pick::Tainted { worker, alive, stalled } => (alive, stalled, Some(worker)),
+            Pick::None { alive, stalled } => (alive, stalled, None),
         };
-        let spare = shared.want_spare(alive);
+        let spare = shared.want_spare(alive, stalled);
         if shared.stopping.load(Ordering::Relaxed) {
             return Err(unavailable("the server is shutting down", 1));
         }
-        if suspect && !spare {
-            // The route blocks loops, and taking the last free one would
-            // leave nothing for the requests that behave.
-            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
-            return Err(unavailable(
-                &format!(
-                    "{key} has been blocking its worker's event loop, and no other worker is free (--max-workers {}); \
-                     retry later",
-                    shared.config.max_workers
-                ),
-                1,
-            ));
+        if let (Some(worker), false) = (fallback, spare) {
+            return Ok((worker, suspect));
         }
         tokio::select! {
             () = &mut notified => {}
             // The monitor clears a stall from its own thread: look again soon
             // even if a wake-up was missed between the check and the wait.
-            () = tokio::time::sleep(Duration::from_millis(5)) => {}
+            () = tokio::time::sleep(Duration::from_millis(2)) => {}
         }
         if tokio::time::Instant::now() >= deadline {
             shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
-            return Err(unavailable(
-                &format!("no worker's event loop was free for {} s", QUEUE_TIMEOUT.as_secs()),
-                5,
-            ));
+            let why = if suspect {
+                format!(
+                    "{key} has been blocking its worker's event loop, and for {} s no worker was free for it while \
+                     keeping one for other requests (--max-workers {}); retry later",
+                    QUEUE_TIMEOUT.as_secs(),
+                    shared.config.max_workers
+                )
+            } else {
+                format!("no worker's event loop was free for {} s", QUEUE_TIMEOUT.as_secs())
+            };
+            return Err(unavailable(&why, 5));
         }
     }
 }
@@ -164,50 +186,73 @@ fn bad_body(error: &str) -> Response {
         .into_response()
 }
 
-fn bad_gateway(message: String) -> Response {
+pub(crate) fn bad_gateway(message: String) -> Response {
     ApiError::new(StatusCode::BAD_GATEWAY, message).into_response()
 }
 
 /// A request's exchange with its worker. Dropped before the response ends
 /// (the client went away, or a timeout answered), it tells the worker.
-struct Exchange {
-    worker: Arc<Worker>,
-    id: u32,
-    events: mpsc::UnboundedReceiver<Event>,
+pub(crate) struct Exchange {
+    pub(crate) worker: Arc<Worker>,
+    pub(crate) id: u32,
+    pub(crate) events: Arc<Mailbox>,
     /// The request body not yet sent.
     body: Option<Body>,
     sent: usize,
     limit: usize,
-    finished: bool,
+    /// Nothing more to tell the worker when dropped.
+    pub(crate) finished: bool,
 }
 
 impl Drop for Exchange {
     fn drop(&mut self) {
         if !self.finished {
-            self.worker.send(frame::encode(frame::DISCONNECT, self.id, b""));
+            self.worker.send(frame::DISCONNECT, self.id, b"");
         }
     }
 }
 
 impl Exchange {
+    /// An exchange whose request went out as request `id` of `worker`.
+    pub(crate) fn new(worker: Arc<Worker>, id: u32, events: Arc<Mailbox>, limit: usize) -> Self {
+        Self { worker, id, events, body: None, sent: 0, limit, finished: false }
+    }
+
     /// Waits for the response start, feeding the request body meanwhile.
-    async fn response(mut self) -> Response {
+    pub(crate) async fn response(mut self) -> Outcome {
         loop {
-            let Some(event) = self.events.recv().await else {
-                return self.lost();
+            let Some(event) = self.events.take().await else {
+                return Outcome::Response(self.lost());
             };
-            match event {
-                Event::WantBody => {
-                    if let Err(response) = self.feed().await {
-                        return response;
-                    }
-                }
-                Event::Start(payload) => return self.start(&payload),
+            let response = match event {
+                Event::WantBody => match self.feed().await {
+                    Ok(()) => continue,
+                    Err(response) => response,
+                },
+                Event::Start(payload) => self.start(&payload),
                 Event::Chunk(..) | Event::Reset => {
-                    return bad_gateway("the app's response was malformed (body before start)".into())
+                    bad_gateway("the app's response was malformed (body before start)".into())
                 }
-                Event::Lost => return self.lost(),
-            }
+                Event::Lost => self.lost(),
+                Event::Revoked => {
+                    self.finished = true;
+                    return Outcome::Revoked(self.body.take());
+                }
+                Event::WsAccept(payload) => return Outcome::Accepted(Box::new(self), payload),
+                Event::WsClose(_) => {
+                    // Closed before the accept: the handshake is denied, as ASGI says.
+                    self.finished = true;
+                    ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "the app refused the WebSocket connection".to_owned(),
+                    )
+                    .into_response()
+                }
+                Event::WsMessage(..) | Event::WsTaken(_) => {
+                    bad_gateway("the app sent a WebSocket message before accepting".into())
+                }
+            };
+            return Outcome::Response(response);
         }
     }
 
@@ -223,7 +268,7 @@ impl Exchange {
     /// Sends the next piece of the request body.
     async fn feed(&mut self) -> Result<(), Response> {
         let Some(body) = self.body.as_mut() else {
-            self.worker.send(frame::encode_data(frame::BODY, self.id, false, b""));
+            self.worker.send_data(frame::BODY, self.id, false, b"");
             return Ok(());
         };
         let next = std::future::poll_fn(|cx| next_data(body, cx)).await;
@@ -239,12 +284,12 @@ impl Exchange {
                     self.body = None;
                     return Err("length limit exceeded".to_owned());
                 }
-                self.worker.send(frame::encode_data(frame::BODY, self.id, true, &data));
+                self.worker.send_data(frame::BODY, self.id, true, &data);
                 Ok(())
             }
             None => {
                 self.body = None;
-                self.worker.send(frame::encode_data(frame::BODY, self.id, false, b""));
+                self.worker.send_data(frame::BODY, self.id, false, b"");
                 Ok(())
             }
             Some(Err(err)) => {
@@ -288,14 +333,13 @@ impl Exchange {
             }
         }
         // The common case: the whole body follows the start at once.
-        let next = match self.events.try_recv() {
-            Ok(Event::Chunk(data, false)) => {
+        let next = match self.events.try_take() {
+            Some(Event::Chunk(data, false)) => {
                 self.finished = true;
                 *response.body_mut() = Body::from(data);
                 return response;
             }
-            Ok(event) => Some(event),
-            Err(_) => None,
+            next => next,
         };
         *response.body_mut() = Body::new(Streaming { exchange: self, next, want_body: false, ended: false });
         response
@@ -361,7 +405,7 @@ impl http_body::Body for Streaming {
             }
             let event = match this.next.take() {
                 Some(event) => Some(event),
-                None => match this.exchange.events.poll_recv(cx) {
+                None => match this.exchange.events.poll_take(cx) {
                     Poll::Ready(event) => event,
                     Poll::Pending => return Poll::Pending,
                 },
@@ -371,7 +415,7 @@ impl http_body::Body for Streaming {
                     let exchange = &mut this.exchange;
                     if !data.is_empty() {
                         let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
-                        exchange.worker.send(frame::encode_u32(frame::CREDIT, exchange.id, n));
+                        exchange.worker.send_u32(frame::CREDIT, exchange.id, n);
                     }
                     if !more {
                         exchange.finished = true;
@@ -386,7 +430,11 @@ impl http_body::Body for Streaming {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Event::WantBody) => this.want_body = true,
-                Some(Event::Start(_)) => {}
+                Some(Event::Start(_))
+                | Some(Event::WsAccept(_))
+                | Some(Event::WsClose(_))
+                | Some(Event::WsMessage(..))
+                | Some(Event::WsTaken(_)) => {}
                 Some(Event::Reset) => {
                     this.exchange.finished = true;
                     this.ended = true;
@@ -394,7 +442,7 @@ impl http_body::Body for Streaming {
                         "the app failed during its response",
                     ))));
                 }
-                Some(Event::Lost) | None => {
+                Some(Event::Lost) | Some(Event::Revoked) | None => {
                     this.exchange.finished = true;
                     this.ended = true;
                     return Poll::Ready(Some(Err(std::io::Error::other(

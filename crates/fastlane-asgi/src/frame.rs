@@ -28,6 +28,10 @@ pub(crate) const FORK: u8 = 4;
 pub(crate) const EXITED: u8 = 5;
 /// Front → zygote: SIGKILL the worker whose pid is the id.
 pub(crate) const KILL: u8 = 6;
+/// Front → zygote: set the nice value (`i32`) of the worker whose pid is the id.
+pub(crate) const NICE: u8 = 8;
+/// Zygote → front: whether it could (one byte), for the pid in the id.
+pub(crate) const NICED: u8 = 9;
 /// Worker → front: `u32` more requests may be sent that it has not started.
 pub(crate) const SLOTS: u8 = 7;
 /// Front → worker: a request (marshal).
@@ -52,6 +56,20 @@ pub(crate) const DONE: u8 = 18;
 pub(crate) const SHUTDOWN: u8 = 20;
 /// Worker → front: stopped (JSON: what was cut).
 pub(crate) const BYE: u8 = 21;
+/// Front → worker: a WebSocket handshake (a `REQUEST` payload).
+pub(crate) const WS_CONNECT: u8 = 40;
+/// Worker → front: the app accepted (marshal: subprotocol or None, headers).
+pub(crate) const WS_ACCEPT: u8 = 41;
+/// Worker → front: `u16` code and reason; before the accept, a denial.
+pub(crate) const WS_CLOSE: u8 = 42;
+/// Both ways: a text message (UTF-8).
+pub(crate) const WS_TEXT: u8 = 43;
+/// Both ways: a binary message.
+pub(crate) const WS_BYTES: u8 = 44;
+/// Front → worker: the client closed or went away (`u16` code).
+pub(crate) const WS_GONE: u8 = 45;
+/// Worker → front: `u32` more messages the app has taken.
+pub(crate) const WS_TAKEN: u8 = 46;
 /// Front → watchdog: the loop thread's stack, please.
 pub(crate) const STACK: u8 = 30;
 /// Watchdog → front: the stack (JSON).
@@ -60,26 +78,29 @@ pub(crate) const STACK_REPLY: u8 = 31;
 /// Flags byte of `BODY` and `CHUNK`: more follows.
 pub(crate) const MORE: u8 = 1;
 
-/// A frame with `payload`.
+/// A frame with `payload`, on its own.
 pub(crate) fn encode(kind: u8, id: u32, payload: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(HEADER + payload.len());
-    put_header(&mut out, kind, id, payload.len());
-    out.put_slice(payload);
+    put(&mut out, kind, id, payload);
     out.freeze()
 }
 
-/// A body frame: the flags byte, then `data`.
-pub(crate) fn encode_data(kind: u8, id: u32, more: bool, data: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(HEADER + 1 + data.len());
-    put_header(&mut out, kind, id, 1 + data.len());
+/// Appends a frame with `payload`.
+pub(crate) fn put(out: &mut BytesMut, kind: u8, id: u32, payload: &[u8]) {
+    put_header(out, kind, id, payload.len());
+    out.put_slice(payload);
+}
+
+/// Appends a body frame: the flags byte, then `data`.
+pub(crate) fn put_data(out: &mut BytesMut, kind: u8, id: u32, more: bool, data: &[u8]) {
+    put_header(out, kind, id, 1 + data.len());
     out.put_u8(if more { MORE } else { 0 });
     out.put_slice(data);
-    out.freeze()
 }
 
-/// A frame whose payload is one `u32`.
-pub(crate) fn encode_u32(kind: u8, id: u32, value: u32) -> Bytes {
-    encode(kind, id, &value.to_le_bytes())
+/// Appends a frame whose payload is one `u32`.
+pub(crate) fn put_u32(out: &mut BytesMut, kind: u8, id: u32, value: u32) {
+    put(out, kind, id, &value.to_le_bytes());
 }
 
 fn put_header(out: &mut BytesMut, kind: u8, id: u32, len: usize) {
@@ -115,13 +136,14 @@ pub(crate) struct RequestHead<'a> {
     pub(crate) body: &'a [u8],
 }
 
-/// The `REQUEST` frame for `head`.
-pub(crate) fn encode_request(id: u32, head: &RequestHead<'_>) -> Bytes {
-    let mut out = BytesMut::with_capacity(
+/// Appends the `REQUEST` (or `WS_CONNECT`: `kind`) frame for `head`.
+pub(crate) fn put_request(out: &mut BytesMut, kind: u8, id: u32, head: &RequestHead<'_>) {
+    let start = out.len();
+    out.reserve(
         HEADER + 128 + head.path.len() * 2 + head.query.len() + head.body.len() + head.headers.len() * 48,
     );
     out.put_slice(&[0; HEADER]);
-    let mut m = Marshal(&mut out);
+    let mut m = Marshal(out);
     m.small_tuple(11);
     m.str(head.method);
     m.str(head.path);
@@ -149,11 +171,11 @@ pub(crate) fn encode_request(id: u32, head: &RequestHead<'_>) -> Bytes {
     m.str(head.http_version);
     m.bool(head.more_body);
     m.bytes(head.body);
-    let len = out.len() - HEADER;
-    let mut header = BytesMut::with_capacity(HEADER);
-    put_header(&mut header, REQUEST, id, len);
-    out[..HEADER].copy_from_slice(&header);
-    out.freeze()
+    let len = u32::try_from(out.len() - start - HEADER).expect("a request head is far smaller than 4 GiB");
+    let header = &mut out[start..start + HEADER];
+    header[..4].copy_from_slice(&len.to_le_bytes());
+    header[4] = kind;
+    header[5..].copy_from_slice(&id.to_le_bytes());
 }
 
 /// Writes `marshal` codes (the subset every Python 3 reads).
@@ -190,13 +212,16 @@ impl Marshal<'_> {
     }
 }
 
+/// Header names and values, as the app sent them.
+pub(crate) type Headers = Vec<(Bytes, Bytes)>;
+
 /// A response start the front cannot use; says what the app got wrong.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{0}")]
 pub(crate) struct BadStart(pub(crate) String);
 
 /// Status and headers from a `START` payload.
-pub(crate) fn decode_start(payload: &[u8]) -> Result<(u16, Vec<(Bytes, Bytes)>), BadStart> {
+pub(crate) fn decode_start(payload: &[u8]) -> Result<(u16, Headers), BadStart> {
     let mut r = Reader { data: payload, pos: 0 };
     if r.sequence()? != 2 {
         return Err(BadStart("the start message is not (status, headers)".into()));
@@ -212,17 +237,30 @@ pub(crate) fn decode_start(payload: &[u8]) -> Result<(u16, Vec<(Bytes, Bytes)>),
         .ok()
         .filter(|s| (100..=999).contains(s))
         .ok_or_else(|| BadStart(format!("the response status {status} is not between 100 and 999")))?;
-    let n = r.sequence()?;
-    let mut headers = Vec::with_capacity(n);
-    for _ in 0..n {
-        if r.sequence()? != 2 {
-            return Err(BadStart("a response header is not a (name, value) pair".into()));
-        }
-        let name = r.bytes("name")?;
-        let value = r.bytes("value")?;
-        headers.push((Bytes::copy_from_slice(name), Bytes::copy_from_slice(value)));
-    }
+    let headers = r.headers()?;
     Ok((status, headers))
+}
+
+/// The subprotocol and headers of a `WS_ACCEPT` payload.
+pub(crate) fn decode_accept(payload: &[u8]) -> Result<(Option<String>, Headers), BadStart> {
+    let mut r = Reader { data: payload, pos: 0 };
+    if r.sequence()? != 2 {
+        return Err(BadStart("the accept message is not (subprotocol, headers)".into()));
+    }
+    let protocol = match r.code()? {
+        b'N' => None,
+        b'u' | b't' => {
+            let n = usize::try_from(r.i32()?).map_err(|_| BadStart("a negative length".into()))?;
+            let text = std::str::from_utf8(r.take(n)?)
+                .map_err(|_| BadStart("the subprotocol is not UTF-8".into()))?;
+            Some(text.to_owned())
+        }
+        other => {
+            return Err(BadStart(format!("the subprotocol is not a str or None (marshal code {other:#x})")))
+        }
+    };
+    let headers = r.headers()?;
+    Ok((protocol, headers))
 }
 
 struct Reader<'a> {
@@ -256,6 +294,20 @@ impl<'a> Reader<'a> {
             other => Err(BadStart(format!("expected a tuple or list, found marshal code {other:#x}"))),
         }
     }
+    fn headers(&mut self) -> Result<Headers, BadStart> {
+        let n = self.sequence()?;
+        let mut headers = Vec::with_capacity(n.min(256));
+        for _ in 0..n {
+            if self.sequence()? != 2 {
+                return Err(BadStart("a response header is not a (name, value) pair".into()));
+            }
+            let name = self.bytes("name")?;
+            let value = self.bytes("value")?;
+            headers.push((Bytes::copy_from_slice(name), Bytes::copy_from_slice(value)));
+        }
+        Ok(headers)
+    }
+
     fn bytes(&mut self, what: &str) -> Result<&'a [u8], BadStart> {
         match self.code()? {
             b's' => {

@@ -6,15 +6,21 @@
 //!
 //! * The front (this crate, in the `fastlane` process) owns the sockets and
 //!   speaks HTTP through [`fastlane::Server`]; every request is handed to a
-//!   Python worker process over a Unix socket (`dispatch.rs`, `frame.rs`).
+//!   Python worker process over a Unix socket (`dispatch.rs`; the frames in
+//!   `frame.rs`, the socket's bytes in `wire.rs`, each request's events in
+//!   `mailbox.rs`), and so is each WebSocket (`websocket.rs`).
 //! * Each worker runs the app on one event loop, as uvicorn does, so the
 //!   app's loop-bound clients and pools work as they always have. Workers are
-//!   forked from a zygote that imported the app once (`pool.rs`,
-//!   `python/fastlane_worker.py`).
+//!   forked from a zygote that imported the app once (`zygote.rs`,
+//!   `python/fastlane_worker.py`); the pool chooses a worker per request,
+//!   starts spares and replaces the dead (`pool.rs`, `worker.rs`); a reload
+//!   starts a new zygote (`reload.rs` watches the files for `--reload`).
 //! * A monitor thread reads each loop's tick (`monitor.rs`): a loop that has
-//!   not ticked for the stall threshold gets no new requests, its Python stack
-//!   is logged with the request and the fix, and while every worker is stalled
-//!   a spare starts, up to [`AppConfig::max_workers`].
+//!   not ticked for the stall threshold gets no new requests, the requests it
+//!   has not started go elsewhere, its Python stack is logged with the request
+//!   and the fix, a loop that spins the CPU runs at a lower priority, and
+//!   while every worker is stalled a spare starts, up to
+//!   [`AppConfig::max_workers`].
 //!
 //! # Example
 //!
@@ -30,9 +36,14 @@
 
 mod dispatch;
 mod frame;
+mod mailbox;
 mod monitor;
 mod pool;
+mod reload;
+mod websocket;
+mod wire;
 mod worker;
+mod zygote;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -69,6 +80,9 @@ pub struct AppConfig {
     pub start_timeout: Duration,
     /// Largest request body, in bytes (`413` beyond). Default 100 MiB.
     pub body_limit: usize,
+    /// At a reload, the old workers' time to finish their requests and
+    /// background tasks. Default 30 s (the server's grace period).
+    pub grace_period: Duration,
 }
 
 impl AppConfig {
@@ -86,6 +100,7 @@ impl AppConfig {
             stall_threshold: Duration::from_millis(10),
             start_timeout: Duration::from_secs(60),
             body_limit: 100 * 1024 * 1024,
+            grace_period: Duration::from_secs(30),
         }
     }
 }
@@ -167,6 +182,21 @@ impl Pool {
         self.cut.lock().expect("cut lock").clone().unwrap_or_default()
     }
 
+    /// Reloads the app without dropping a request: a fresh import of its
+    /// code, new workers (lifespan startup included), then the old workers
+    /// drain and stop. If the new code fails to import or start, the old
+    /// workers go on serving and the error says why. Returns the new
+    /// workers' pids.
+    pub async fn reload(&self) -> Result<Vec<u32>, String> {
+        self.shared.reload(self.shared.config.grace_period).await
+    }
+
+    /// Reloads whenever a Python file under `dirs` changes (`--reload`, for
+    /// development), looking twice a second.
+    pub fn reload_on_changes(&self, dirs: Vec<PathBuf>) {
+        reload::watch(self.clone(), dirs);
+    }
+
     /// Process ids of the workers now.
     pub fn worker_pids(&self) -> Vec<u32> {
         self.shared.snapshot().iter().map(|w| w.pid).collect()
@@ -224,6 +254,11 @@ impl Companion for PoolCompanion {
                     "asgi_worker_restarts",
                     "Workers that exited unexpectedly and were replaced",
                     shared.stats.restarts.load(Ordering::Relaxed),
+                ),
+                counter(
+                    "asgi_requests_moved",
+                    "Requests a blocked loop had not started, taken back and served by another worker",
+                    shared.stats.moved.load(Ordering::Relaxed),
                 ),
                 counter(
                     "asgi_rejected",

@@ -18,6 +18,9 @@ use crate::frame;
 use crate::pool::Shared;
 use crate::worker::Worker;
 
+/// The nice value of a loop thread that spins the CPU (the CPU lane's default).
+const DEMOTED_NICE: i32 = 10;
+
 /// How often the ticks are read.
 const PERIOD: Duration = Duration::from_millis(1);
 
@@ -48,6 +51,8 @@ struct Seen {
 /// A stall in progress.
 struct Stall {
     since: Instant,
+    /// When it was seen, and the loop thread's CPU time then.
+    seen: (Instant, Option<u64>),
     /// Shared with the thread that asks for the stack: whichever of the two
     /// learns last (the stack, or the end) writes what is left to write.
     shared: Arc<Mutex<StallLog>>,
@@ -88,6 +93,7 @@ fn run(weak: Weak<Shared>) {
         }
         let now = Instant::now();
         let workers = shared.snapshot();
+        shared.recount_tainted(&workers);
         for worker in &workers {
             let Some(ticks) = worker.ticks() else { continue };
             let entry = seen.entry(worker.number).or_insert(Seen {
@@ -101,23 +107,30 @@ fn run(weak: Weak<Shared>) {
                 entry.changed = now;
                 if let Some(stall) = entry.stall.take() {
                     worker.stalled.store(false, Ordering::Relaxed);
+                    if worker.demoted.load(Ordering::Relaxed) {
+                        shared.nice(worker, 0);
+                    }
                     shared.available.notify_waiters();
                     ended(&shared, worker, stall, now);
                 }
-            } else if entry.stall.is_none()
-                && now.duration_since(entry.changed) > shared.config.stall_threshold
+            } else if let Some(stall) = &entry.stall {
+                take_back(&shared, worker, ticks);
+                demote_if_spinning(&shared, worker, stall, now);
+            } else if now.duration_since(entry.changed) > shared.config.stall_threshold
                 && !worker.gone.load(Ordering::Relaxed)
             {
                 worker.stalled.store(true, Ordering::Relaxed);
                 shared.stats.stalls.fetch_add(1, Ordering::Relaxed);
                 shared.stalled();
                 let log = Arc::new(Mutex::new(StallLog::default()));
-                entry.stall = Some(Stall { since: entry.changed, shared: log.clone() });
-                let (shared, worker, since) = (shared.clone(), worker.clone(), entry.changed);
+                let seen = (now, worker.loop_cpu_ns());
+                entry.stall = Some(Stall { since: entry.changed, seen, shared: log.clone() });
+                let (asker, stuck, since) = (shared.clone(), worker.clone(), entry.changed);
                 // The answer may take a while (or never come): not on this thread.
                 let _ = std::thread::Builder::new()
                     .name("fastlane-asgi-stack".into())
-                    .spawn(move || began(&shared, &worker, since, &log));
+                    .spawn(move || began(&asker, &stuck, since, &log));
+                take_back(&shared, worker, ticks);
             }
             let busy = worker.in_flight.load(Ordering::Relaxed) > 0;
             entry.idle_since = match (busy, entry.idle_since) {
@@ -131,6 +144,45 @@ fn run(weak: Weak<Shared>) {
             seen.retain(|number, _| workers.iter().any(|w| w.number == *number));
             retire_idle_spare(&shared, &workers, &seen, now);
         }
+    }
+}
+
+/// Sends what a blocked loop has not started to other workers (the loop's
+/// tick counter read `ticks` a moment ago and has not moved since the stall
+/// began).
+fn take_back(shared: &Shared, worker: &Worker, ticks: u64) {
+    if worker.unstarted.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    if let Some(n) = worker.revoke_unstarted(ticks).filter(|&n| n > 0) {
+        shared.stats.moved.fetch_add(n as u64, Ordering::Relaxed);
+        tracing::debug!(worker = worker.number, "took back {n} requests its blocked loop had not started");
+    }
+}
+
+/// A loop that has spun the CPU for most of the time since its stall was
+/// seen (a pure-Python loop, not a blocking call) and for at least the
+/// threshold gets a lower priority until it comes back: the other workers
+/// and the front keep their CPU time (as the Rust executor demotes a
+/// runner thread that hogs its core).
+fn demote_if_spinning(shared: &Shared, worker: &Worker, stall: &Stall, now: Instant) {
+    if worker.demoted.load(Ordering::Relaxed) {
+        return;
+    }
+    let (seen, Some(cpu_then)) = stall.seen else { return };
+    let elapsed = now.duration_since(seen);
+    if elapsed < shared.config.stall_threshold {
+        return;
+    }
+    let Some(cpu_now) = worker.loop_cpu_ns() else { return };
+    let spun = Duration::from_nanos(cpu_now.saturating_sub(cpu_then));
+    if spun * 2 >= elapsed {
+        shared.nice(worker, DEMOTED_NICE);
+        tracing::debug!(
+            worker = worker.number,
+            "worker {}'s loop spins the CPU: lowered its priority",
+            worker.number
+        );
     }
 }
 

@@ -9,17 +9,14 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 
 use crate::frame;
-use crate::worker::{self, FrameReader, Worker};
+use crate::wire::{self, FrameReader, Outbox};
+use crate::worker::{self, Worker};
+use crate::zygote::{self, Launch, Zygote};
 use crate::{AppConfig, StartError};
-
-/// The worker's source, written next to the socket at start-up so that its
-/// tracebacks name a real file.
-const WORKER_SOURCE: &str = include_str!("../python/fastlane_worker.py");
 
 /// A path that stalled a loop stays suspect this long after its last stall
 /// ended: it may not take the last responsive worker meanwhile.
@@ -38,6 +35,8 @@ pub(crate) struct Stats {
     pub(crate) restarts: AtomicU64,
     pub(crate) spares_started: AtomicU64,
     pub(crate) rejected: AtomicU64,
+    /// Requests a blocked loop had not started, taken back and served elsewhere.
+    pub(crate) moved: AtomicU64,
 }
 
 /// A fork asked for and not yet answered.
@@ -45,7 +44,12 @@ pub(crate) struct Stats {
 struct Pending {
     watchdog: Option<std::os::unix::net::UnixStream>,
     ready: Option<oneshot::Sender<Result<Arc<Worker>, String>>>,
+    /// The zygote it was forked from.
+    generation: u32,
 }
+
+/// A zygote's socket once it has said HELLO, for a reload waiting for it.
+type ZygoteConnection = (FrameReader, tokio::net::unix::OwnedWriteHalf);
 
 /// What every request, the monitor and the companion share.
 #[derive(Debug)]
@@ -55,8 +59,18 @@ pub(crate) struct Shared {
     pub(crate) workers: RwLock<Vec<Arc<Worker>>>,
     /// Signalled when a worker may have become able to take a request.
     pub(crate) available: Notify,
-    /// Frames to the zygote; dropped (closing its socket, so it exits) at the end.
-    zygote: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
+    /// How to start a zygote (again, at a reload).
+    launch: Launch,
+    /// The zygotes by generation: the current one forks new workers, older
+    /// ones stay until their workers are gone (they are their parent).
+    zygotes: Mutex<HashMap<u32, Arc<Zygote>>>,
+    /// The current zygote's generation: 0, then one more per reload.
+    generation: AtomicU32,
+    /// A reload's new zygote connects through the shared listener: its socket
+    /// goes here.
+    new_zygote: Mutex<Option<oneshot::Sender<ZygoteConnection>>>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
     next_number: AtomicU32,
     /// Forks asked for and not yet ready or failed.
     starting: AtomicUsize,
@@ -118,63 +132,29 @@ impl Shared {
     }
 
     async fn start_in(config: AppConfig, python: PathBuf, dir: PathBuf) -> Result<Arc<Self>, StartError> {
-        let script = dir.join("fastlane_worker.py");
-        std::fs::write(&script, WORKER_SOURCE).map_err(StartError::Io)?;
         let socket = dir.join("front.sock");
         let listener = UnixListener::bind(&socket).map_err(StartError::Io)?;
-        let settings = serde_json::json!({
-            "socket": socket,
-            "dir": dir,
-            "app": config.app,
-            "factory": config.factory,
-            "app_dir": config.app_dir,
-            "root_path": config.root_path,
-            "loop": config.event_loop,
-        });
-        let mut child = tokio::process::Command::new(&python)
-            .arg(&script)
-            .arg(settings.to_string())
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .map_err(|source| StartError::Spawn { python: python.clone(), source })?;
-        let zygote_pid = child.id().unwrap_or(0);
-
-        // The zygote connects, then says whether the app imported.
-        let deadline = tokio::time::sleep(config.start_timeout);
-        tokio::pin!(deadline);
-        let sock = tokio::select! {
-            accepted = listener.accept() => accepted.map_err(StartError::Io)?.0,
-            status = child.wait() => return Err(StartError::Exited { python, status: status.ok() }),
-            () = &mut deadline => return Err(StartError::Timeout(config.start_timeout)),
+        let launch = Launch::prepare(&config, python, &dir, &socket)?;
+        // The first zygote connects before anything else does.
+        let connected = async {
+            let (sock, _) = listener.accept().await.ok()?;
+            let (read, write) = sock.into_split();
+            let mut reader = FrameReader::new(read);
+            let (kind, _, _) = reader.next().await?;
+            (kind == frame::HELLO).then_some((reader, write))
         };
-        let (read, write) = sock.into_split();
-        let mut reader = FrameReader::new(read);
-        let import = async {
-            let _hello = reader.next().await;
-            reader.next().await
-        };
-        let answer = tokio::select! {
-            answer = import => answer,
-            status = child.wait() => return Err(StartError::Exited { python, status: status.ok() }),
-            () = &mut deadline => return Err(StartError::Timeout(config.start_timeout)),
-        };
-        match answer {
-            Some((frame::READY, _, _)) => {}
-            Some((frame::FAILED, _, message)) => {
-                return Err(StartError::App(String::from_utf8_lossy(&message).trim_end().to_owned()))
-            }
-            _ => return Err(StartError::Exited { python, status: child.wait().await.ok() }),
-        }
-        tracing::debug!(app = %config.app, python = %python.display(), "the app imported in the zygote (pid {zygote_pid})");
-
-        let (zygote_tx, zygote_rx) = mpsc::unbounded_channel();
-        tokio::spawn(worker::write_frames(write, zygote_rx));
+        let (zygote, reader, child) = zygote::start(&launch, connected, config.start_timeout).await?;
+        tracing::debug!(app = %config.app, "the app imported in the zygote (pid {})", zygote.pid);
         let shared = Arc::new(Self {
             config,
             dir,
             workers: RwLock::new(Vec::new()),
             available: Notify::new(),
-            zygote: Mutex::new(Some(zygote_tx)),
+            launch,
+            zygotes: Mutex::new(HashMap::from([(0, Arc::new(zygote))])),
+            generation: AtomicU32::new(0),
+            new_zygote: Mutex::new(None),
+            reloading: tokio::sync::Mutex::new(()),
             next_number: AtomicU32::new(1),
             starting: AtomicUsize::new(0),
             pending: Mutex::new(HashMap::new()),
@@ -184,7 +164,7 @@ impl Shared {
             crashes: AtomicU32::new(0),
             runtime: tokio::runtime::Handle::current(),
         });
-        tokio::spawn(zygote_reports(shared.clone(), reader, child));
+        tokio::spawn(zygote::reports(reader, child, shared.quiet_about(0), shared.on_niced()));
         tokio::spawn(accept_workers(shared.clone(), listener));
 
         let forks: Vec<_> = (0..shared.config.workers).map(|_| shared.fork()).collect();
@@ -206,19 +186,145 @@ impl Shared {
         Ok(shared)
     }
 
-    /// Asks the zygote for a new worker; the receiver learns whether it started.
+    /// Whether the zygote of `generation` may exit unremarked: the pool is
+    /// stopping, or a reload has replaced it.
+    fn quiet_about(self: &Arc<Self>, generation: u32) -> impl Fn() -> bool + Send + 'static {
+        let shared = Arc::downgrade(self);
+        move || {
+            shared.upgrade().is_none_or(|shared| {
+                shared.stopping.load(Ordering::Relaxed)
+                    || shared.generation.load(Ordering::Relaxed) != generation
+            })
+        }
+    }
+
+    /// What to do with a `NICED` answer: a worker whose priority could not
+    /// be raised back after it spun the CPU is replaced by a fresh one.
+    fn on_niced(self: &Arc<Self>) -> impl Fn(u32, bool) + Send + 'static {
+        let shared = Arc::downgrade(self);
+        move |pid, done| {
+            let Some(shared) = shared.upgrade() else { return };
+            let Some(worker) = shared.snapshot().into_iter().find(|w| w.pid == pid) else { return };
+            let restoring = !worker.demoted.load(Ordering::Relaxed);
+            if done
+                || !restoring
+                || worker.closing.load(Ordering::Relaxed)
+                || shared.stopping.load(Ordering::Relaxed)
+            {
+                return;
+            }
+            tracing::info!(
+                worker = worker.number,
+                pid,
+                "worker {} keeps its lowered priority (raising it needs a privilege); a fresh worker takes its place",
+                worker.number
+            );
+            worker.retire(shared.config.grace_period);
+            shared.fork_in_background("in place of a worker left at a lowered priority");
+        }
+    }
+
+    /// Sets the nice value of `worker`'s event loop thread (through its
+    /// zygote, its parent): 10 while it spins the CPU, 0 after.
+    pub(crate) fn nice(&self, worker: &Worker, value: i32) {
+        worker.demoted.store(value > 0, Ordering::Relaxed);
+        if let Some(zygote) = self.zygote(worker.generation) {
+            zygote.out.push(|buf| frame::put(buf, frame::NICE, worker.pid, &value.to_le_bytes()));
+        }
+    }
+
+    /// The zygote of `generation`, if it is still there.
+    fn zygote(&self, generation: u32) -> Option<Arc<Zygote>> {
+        self.zygotes.lock().expect("zygotes lock").get(&generation).cloned()
+    }
+
+    /// Asks the current zygote for a new worker; the receiver learns whether it started.
     fn fork(&self) -> oneshot::Receiver<Result<Arc<Worker>, String>> {
         let number = self.next_number.fetch_add(1, Ordering::Relaxed);
+        let generation = self.generation.load(Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.starting.fetch_add(1, Ordering::Relaxed);
-        self.pending.lock().expect("pending lock").entry(number).or_default().ready = Some(tx);
-        self.to_zygote(frame::encode(frame::FORK, number, b""));
+        {
+            let mut pending = self.pending.lock().expect("pending lock");
+            let entry = pending.entry(number).or_default();
+            entry.ready = Some(tx);
+            entry.generation = generation;
+        }
+        if let Some(zygote) = self.zygote(generation) {
+            zygote.out.push(|buf| frame::put(buf, frame::FORK, number, b""));
+        }
         rx
     }
 
-    fn to_zygote(&self, frame: Bytes) {
-        if let Some(zygote) = self.zygote.lock().expect("zygote lock").as_ref() {
-            let _ = zygote.send(frame);
+    /// Reloads the app: a new zygote imports its code afresh, `workers` new
+    /// workers start from it (lifespan startup included), and only then do
+    /// the old ones stop taking requests and drain within `grace`. If the new
+    /// code does not import or start, the old workers go on serving and the
+    /// error says why. Returns the new workers' pids.
+    pub(crate) async fn reload(self: &Arc<Self>, grace: Duration) -> Result<Vec<u32>, String> {
+        let _one_at_a_time = self.reloading.lock().await;
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err("the server is stopping".into());
+        }
+        let (tx, rx) = oneshot::channel();
+        *self.new_zygote.lock().expect("new zygote lock") = Some(tx);
+        let started = zygote::start(&self.launch, async { rx.await.ok() }, self.config.start_timeout).await;
+        let (zygote, reader, child) = started.map_err(|err| err.to_string())?;
+        let old = self.generation.load(Ordering::Relaxed);
+        let generation = old + 1;
+        self.zygotes.lock().expect("zygotes lock").insert(generation, Arc::new(zygote));
+        tokio::spawn(zygote::reports(reader, child, self.quiet_about(generation), self.on_niced()));
+        self.generation.store(generation, Ordering::Relaxed);
+
+        let forks: Vec<_> = (0..self.config.workers).map(|_| self.fork()).collect();
+        let mut failure = None;
+        for ready in forks {
+            match tokio::time::timeout(self.config.start_timeout, ready).await {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err(message))) => failure = Some(message),
+                Ok(Err(_)) | Err(_) => {
+                    failure =
+                        Some(format!("a new worker did not start within {:?}", self.config.start_timeout))
+                }
+            }
+        }
+        let keep = if failure.is_some() { old } else { generation };
+        self.generation.store(keep, Ordering::Relaxed);
+        let leaving: Vec<_> = self.snapshot().into_iter().filter(|w| w.generation != keep).collect();
+        for worker in &leaving {
+            worker.retire(grace);
+        }
+        self.available.notify_waiters();
+        // The zygotes of the workers that leave go once those are gone.
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + grace + LIFESPAN_SHUTDOWN;
+            while leaving.iter().any(|w| !w.gone.load(Ordering::Relaxed)) {
+                if tokio::time::Instant::now() >= deadline {
+                    for worker in leaving.iter().filter(|w| !w.gone.load(Ordering::Relaxed)) {
+                        tracing::error!(
+                            worker = worker.number,
+                            pid = worker.pid,
+                            "an old worker did not stop after the reload; killed it"
+                        );
+                        shared.kill(worker);
+                    }
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let mut zygotes = shared.zygotes.lock().expect("zygotes lock");
+            zygotes.retain(|&g, zygote| {
+                let stays = g == shared.generation.load(Ordering::Relaxed);
+                if !stays {
+                    zygote.out.close();
+                }
+                stays
+            });
+        });
+        match failure {
+            Some(message) => Err(message),
+            None => Ok(self.snapshot().iter().filter(|w| w.generation == keep).map(|w| w.pid).collect()),
         }
     }
 
@@ -254,11 +360,20 @@ impl Shared {
         }
     }
 
+    /// Recounts each worker's suspect requests in flight (the monitor's
+    /// job, each millisecond).
+    pub(crate) fn recount_tainted(&self, workers: &[Arc<Worker>]) {
+        for worker in workers {
+            let n = worker.count_tainted(|key| self.is_suspect(key));
+            worker.tainted.store(n, Ordering::Relaxed);
+        }
+    }
+
     /// Marks `key` as stalling (`ended: None`) or as having stalled until now.
     pub(crate) fn mark_suspect(&self, key: &str, ended: Option<Instant>) {
         let mut suspects = self.suspects.lock().expect("suspects lock");
         if suspects.len() >= SUSPECTS_KEPT && !suspects.contains_key(key) {
-            suspects.retain(|_, ended| ended.map_or(true, |at| at.elapsed() < SUSPECT_FOR));
+            suspects.retain(|_, ended| ended.is_none_or(|at| at.elapsed() < SUSPECT_FOR));
             if suspects.len() >= SUSPECTS_KEPT {
                 return;
             }
@@ -266,37 +381,58 @@ impl Shared {
         suspects.insert(key.to_owned(), ended);
     }
 
-    /// A worker for a request, or why none can take it now. A suspect path
-    /// never takes the last responsive worker.
+    /// A worker for a request, or why none can take it now.
+    ///
+    /// Requests go to the least loaded responsive worker that runs no
+    /// suspect request (a *clean* one). A suspect request also needs another
+    /// clean worker to remain, for the requests that behave. A request that
+    /// behaves finds a responsive but tainted worker only as a last resort
+    /// ([`Pick::Tainted`]), when no spare can start.
     pub(crate) fn pick(&self, suspect: bool) -> Pick {
         let workers = self.workers.read().expect("workers lock");
-        let mut best: Option<&Arc<Worker>> = None;
-        let mut open = 0;
-        for worker in workers.iter().filter(|w| w.takes_requests()) {
-            open += 1;
-            let load = worker.in_flight.load(Ordering::Relaxed);
-            if best.map_or(true, |b| load < b.in_flight.load(Ordering::Relaxed)) {
-                best = Some(worker);
+        let least = |clean: bool| {
+            let mut best: Option<&Arc<Worker>> = None;
+            let mut count = 0;
+            for worker in workers.iter().filter(|w| w.takes_requests() && (!clean || w.is_clean())) {
+                count += 1;
+                let load = worker.in_flight.load(Ordering::Relaxed);
+                if best.is_none_or(|b| load < b.in_flight.load(Ordering::Relaxed)) {
+                    best = Some(worker);
+                }
+            }
+            (best.cloned(), count)
+        };
+        let (clean, clean_count) = least(true);
+        match clean {
+            Some(worker) if !suspect || clean_count >= 2 => return Pick::Worker(worker),
+            _ => {}
+        }
+        let alive = workers.iter().filter(|w| !w.gone.load(Ordering::Relaxed)).count();
+        // A blocked or blocking loop is why nothing is free: a spare helps.
+        let stalled = workers.iter().any(|w| w.stalled.load(Ordering::Relaxed) || !w.is_clean());
+        if !suspect {
+            if let (Some(worker), _) = least(false) {
+                return Pick::Tainted { worker, alive, stalled };
             }
         }
-        match best {
-            Some(worker) if !suspect || open >= 2 => Pick::Worker(worker.clone()),
-            _ => Pick::None { alive: workers.iter().filter(|w| !w.gone.load(Ordering::Relaxed)).count() },
-        }
+        Pick::None { alive, stalled }
     }
 
     /// Called by the monitor when a loop stalls: if no worker can take a
     /// request now, a spare starts before the next request has to wait for it.
     pub(crate) fn stalled(self: &Arc<Self>) {
-        if let Pick::None { alive } = self.pick(false) {
-            self.want_spare(alive);
+        if let Pick::None { alive, stalled } | Pick::Tainted { alive, stalled, .. } = self.pick(false) {
+            self.want_spare(alive, stalled);
         }
     }
 
-    /// Starts a spare if every worker is stalled or full and the cap allows.
-    /// Returns whether one is starting (now or already).
-    pub(crate) fn want_spare(self: &Arc<Self>, alive: usize) -> bool {
-        if self.stopping.load(Ordering::Relaxed) {
+    /// Starts a spare, when no worker can take a request and a blocked loop
+    /// is why (`stalled`), if the cap allows. Returns whether one is starting
+    /// (now or already). Workers that are only full (busy, but their loops
+    /// turn) get no spare: more processes than that do not add cores, and
+    /// the request waits for a slot instead.
+    pub(crate) fn want_spare(self: &Arc<Self>, alive: usize, stalled: bool) -> bool {
+        if self.stopping.load(Ordering::Relaxed) || !stalled {
             return false;
         }
         let starting = self.starting.load(Ordering::Relaxed);
@@ -307,7 +443,7 @@ impl Shared {
             return false;
         }
         self.stats.spares_started.fetch_add(1, Ordering::Relaxed);
-        self.fork_in_background("a spare: every worker's loop was stalled or full");
+        self.fork_in_background("a spare: no worker's event loop was free, and one was blocked");
         true
     }
 
@@ -349,7 +485,9 @@ impl Shared {
 
     /// SIGKILL for a worker that did not stop (sent by the zygote, its parent).
     pub(crate) fn kill(&self, worker: &Worker) {
-        self.to_zygote(frame::encode(frame::KILL, worker.pid, b""));
+        if let Some(zygote) = self.zygote(worker.generation) {
+            zygote.out.push(|buf| frame::put(buf, frame::KILL, worker.pid, b""));
+        }
     }
 
     /// Stops the workers: their requests and background tasks get `grace`,
@@ -417,7 +555,9 @@ impl Shared {
     /// Closes the zygote's socket (it exits) and removes the private directory.
     pub(crate) fn stop_processes(&self) {
         self.stopping.store(true, Ordering::Relaxed);
-        self.zygote.lock().expect("zygote lock").take();
+        for zygote in self.zygotes.lock().expect("zygotes lock").values() {
+            zygote.out.close();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -426,41 +566,19 @@ impl Shared {
 #[derive(Debug)]
 pub(crate) enum Pick {
     Worker(Arc<Worker>),
-    None { alive: usize },
-}
-
-/// The zygote's reports (workers that exited); when its socket closes the
-/// app can no longer start workers.
-async fn zygote_reports(shared: Arc<Shared>, mut reader: FrameReader, mut child: tokio::process::Child) {
-    while let Some((kind, _, payload)) = reader.next().await {
-        if kind == frame::EXITED {
-            #[derive(serde::Deserialize)]
-            struct Exited {
-                pid: u32,
-                code: i32,
-            }
-            if let Ok(exited) = serde_json::from_slice::<Exited>(&payload) {
-                let level_error = !shared.stopping.load(Ordering::Relaxed) && exited.code != 0;
-                if level_error {
-                    tracing::warn!(
-                        pid = exited.pid,
-                        code = exited.code,
-                        "a worker process exited with code {}",
-                        exited.code
-                    );
-                } else {
-                    tracing::debug!(pid = exited.pid, code = exited.code, "a worker process exited");
-                }
-            }
-        }
-    }
-    let status = child.wait().await;
-    if !shared.stopping.load(Ordering::Relaxed) {
-        tracing::error!(
-            ?status,
-            "the zygote (the process that forks workers) exited; no new worker can start"
-        );
-    }
+    /// Only a worker running a suspect request is free: use it if no spare
+    /// can start.
+    Tainted {
+        worker: Arc<Worker>,
+        alive: usize,
+        stalled: bool,
+    },
+    /// None can take it: how many workers live, and whether a blocked (or
+    /// blocking) loop is among the reasons.
+    None {
+        alive: usize,
+        stalled: bool,
+    },
 }
 
 /// Takes the connections of new workers and of their watchdogs.
@@ -479,6 +597,8 @@ async fn accept_workers(shared: Arc<Shared>, listener: UnixListener) {
 #[derive(serde::Deserialize)]
 struct Hello {
     role: String,
+    /// A worker's (and its watchdog's) number; a zygote has none.
+    #[serde(default)]
     number: u32,
     pid: u32,
 }
@@ -491,6 +611,13 @@ async fn handshake(shared: &Arc<Shared>, sock: UnixStream) -> Result<(), String>
         return Err(format!("the first frame was of type {kind}, not HELLO"));
     }
     let hello: Hello = serde_json::from_slice(&hello).map_err(|e| e.to_string())?;
+    if hello.role == "zygote" {
+        // A reload's: hand it over (a zygote no reload waits for is closed).
+        if let Some(waiting) = shared.new_zygote.lock().expect("new zygote lock").take() {
+            let _ = waiting.send((reader, write));
+        }
+        return Ok(());
+    }
     if hello.role == "watchdog" {
         let sock = read_half_back(reader, write)?;
         let mut pending = shared.pending.lock().expect("pending lock");
@@ -526,15 +653,16 @@ async fn handshake(shared: &Arc<Shared>, sock: UnixStream) -> Result<(), String>
             return Ok(());
         }
     }
-    let ticks =
-        std::fs::File::open(shared.dir.join(format!("tick-{}", hello.number))).map_err(|e| e.to_string())?;
-    let (out_tx, out_rx) = mpsc::unbounded_channel();
-    let watchdog = {
+    let file = shared.dir.join(format!("tick-{}", hello.number));
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(file).map_err(|e| e.to_string())?;
+    let out = Arc::new(Outbox::default());
+    let (watchdog, generation) = {
         let mut pending = shared.pending.lock().expect("pending lock");
-        pending.remove(&hello.number).and_then(|p| p.watchdog)
+        let entry = pending.remove(&hello.number).unwrap_or_default();
+        (entry.watchdog, entry.generation)
     };
-    let worker = Arc::new(Worker::new(hello.number, hello.pid, out_tx, ticks, watchdog));
-    tokio::spawn(worker::write_frames(write, out_rx));
+    let worker = Arc::new(Worker::new(hello.number, hello.pid, generation, out.clone(), file, watchdog));
+    tokio::spawn(wire::write_out(write, out));
     shared.workers.write().expect("workers lock").push(worker.clone());
     if shared.stopping.load(Ordering::Relaxed) {
         worker.retire(Duration::ZERO);
@@ -554,7 +682,7 @@ fn read_half_back(
     reader: FrameReader,
     write: tokio::net::unix::OwnedWriteHalf,
 ) -> Result<std::os::unix::net::UnixStream, String> {
-    let read = reader.into_inner();
+    let read = reader.into_inner().ok_or("the watchdog sent more than its HELLO")?;
     let sock = read.reunite(write).map_err(|e| e.to_string())?;
     let sock = sock.into_std().map_err(|e| e.to_string())?;
     sock.set_nonblocking(false).map_err(|e| e.to_string())?;

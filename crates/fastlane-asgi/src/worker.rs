@@ -5,20 +5,24 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::mpsc;
+use bytes::Bytes;
 
 use crate::frame;
+use crate::mailbox::Mailbox;
+use crate::wire::{FrameReader, Outbox};
 
 /// Requests a worker may hold that it has not started. A loop that blocks
 /// strands at most this many behind it; the rest go to other workers.
 pub(crate) const UNSTARTED_SLOTS: usize = 16;
+
+/// Offsets in the file shared with a worker (little endian `u64`s).
+const TICKS_AT: u64 = 0;
+const STARTED_AT: u64 = 8;
+const REVOKED_AT: u64 = 16;
 
 /// What the worker said about one request, for the request's own task.
 #[derive(Debug)]
@@ -31,6 +35,17 @@ pub(crate) enum Event {
     WantBody,
     /// The app failed after starting its response.
     Reset,
+    /// Taken back before it started (its worker's loop blocked): send it
+    /// to another worker.
+    Revoked,
+    /// The app accepted a WebSocket (the marshal payload).
+    WsAccept(Bytes),
+    /// The app closed (or, before accepting, denied) a WebSocket.
+    WsClose(Bytes),
+    /// A message for the client: text (UTF-8) or binary.
+    WsMessage(Bytes, bool),
+    /// The app took this many more messages.
+    WsTaken(u32),
     /// The worker went away.
     Lost,
 }
@@ -38,9 +53,9 @@ pub(crate) enum Event {
 /// A request in flight on a worker.
 #[derive(Debug)]
 pub(crate) struct Entry {
-    pub(crate) events: mpsc::UnboundedSender<Event>,
-    pub(crate) method: http::Method,
-    pub(crate) path: String,
+    pub(crate) events: Arc<Mailbox>,
+    /// `GET /path`: what the logs show, and what suspects are kept under.
+    pub(crate) key: String,
     pub(crate) since: Instant,
     /// Its response has ended; what runs now is its background work.
     pub(crate) answered: bool,
@@ -52,20 +67,33 @@ pub(crate) struct Worker {
     /// Its number in the logs (`worker 2`): 1, 2, ... in start order.
     pub(crate) number: u32,
     pub(crate) pid: u32,
-    out: mpsc::UnboundedSender<Bytes>,
+    /// The generation of the zygote it was forked from (one more per reload).
+    pub(crate) generation: u32,
+    out: Arc<Outbox>,
     pub(crate) requests: Mutex<HashMap<u32, Entry>>,
-    next_id: AtomicU32,
+    /// Ids are given out and their frames queued under this lock, so the
+    /// worker receives (and starts) them in id order: "started up to N"
+    /// then says which ones have not started.
+    next_id: Mutex<u32>,
     /// Requests sent and not done (background tasks included).
     pub(crate) in_flight: AtomicUsize,
     /// Requests sent that the worker has not said it started.
     pub(crate) unstarted: AtomicUsize,
     /// The monitor saw its loop stop ticking and it has not ticked since.
     pub(crate) stalled: AtomicBool,
+    /// Requests in flight on it whose path is suspect (counted by the
+    /// monitor each millisecond): a loop about to block. Other requests go
+    /// to workers without any while there are some.
+    pub(crate) tainted: AtomicUsize,
+    /// Its loop thread runs at a lowered priority (it spun the CPU).
+    pub(crate) demoted: AtomicBool,
     /// Told to stop (shutdown, or a spare retiring): no new requests.
     pub(crate) closing: AtomicBool,
     /// Its socket has closed.
     pub(crate) gone: AtomicBool,
-    ticks: File,
+    /// The file shared with the worker: its tick counter, the last id it
+    /// started, and the range of ids taken back (see `python/fastlane_worker.py`).
+    shared: File,
     /// The watchdog thread's socket, for the loop's stack during a stall.
     pub(crate) watchdog: Mutex<Option<std::os::unix::net::UnixStream>>,
     pub(crate) started: Instant,
@@ -77,38 +105,63 @@ impl Worker {
     pub(crate) fn new(
         number: u32,
         pid: u32,
-        out: mpsc::UnboundedSender<Bytes>,
-        ticks: File,
+        generation: u32,
+        out: Arc<Outbox>,
+        shared: File,
         watchdog: Option<std::os::unix::net::UnixStream>,
     ) -> Self {
         Self {
             number,
             pid,
+            generation,
             out,
             requests: Mutex::new(HashMap::new()),
-            next_id: AtomicU32::new(1),
+            next_id: Mutex::new(1),
             in_flight: AtomicUsize::new(0),
             unstarted: AtomicUsize::new(0),
+            tainted: AtomicUsize::new(0),
             stalled: AtomicBool::new(false),
+            demoted: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             gone: AtomicBool::new(false),
-            ticks,
+            shared,
             watchdog: Mutex::new(watchdog),
             started: Instant::now(),
             bye: Mutex::new(None),
         }
     }
 
-    /// Sends a frame (queued for the writer task; dropped if the worker is gone).
-    pub(crate) fn send(&self, frame: Bytes) {
-        let _ = self.out.send(frame);
+    /// Queues a frame for the worker (dropped if it is gone).
+    pub(crate) fn send(&self, kind: u8, id: u32, payload: &[u8]) {
+        self.out.push(|buf| frame::put(buf, kind, id, payload));
+    }
+
+    /// Queues a body frame.
+    pub(crate) fn send_data(&self, kind: u8, id: u32, more: bool, data: &[u8]) {
+        self.out.push(|buf| frame::put_data(buf, kind, id, more, data));
+    }
+
+    /// Queues a frame whose payload is one `u32`.
+    pub(crate) fn send_u32(&self, kind: u8, id: u32, value: u32) {
+        self.out.push(|buf| frame::put_u32(buf, kind, id, value));
     }
 
     /// Asks the worker to stop within `grace`; it takes no new requests.
     pub(crate) fn retire(&self, grace: std::time::Duration) {
         self.closing.store(true, Ordering::Relaxed);
         let ms = u32::try_from(grace.as_millis()).unwrap_or(u32::MAX);
-        self.send(frame::encode_u32(frame::SHUTDOWN, 0, ms));
+        self.send_u32(frame::SHUTDOWN, 0, ms);
+    }
+
+    /// Counts its requests in flight whose key `suspect` says is suspect.
+    pub(crate) fn count_tainted(&self, suspect: impl Fn(&str) -> bool) -> usize {
+        let requests = self.requests.lock().expect("worker requests lock");
+        requests.values().filter(|e| suspect(&e.key)).count()
+    }
+
+    /// Whether it runs no suspect request.
+    pub(crate) fn is_clean(&self) -> bool {
+        self.tainted.load(Ordering::Relaxed) == 0
     }
 
     /// Whether a new request may go to this worker now.
@@ -119,32 +172,101 @@ impl Worker {
             && self.unstarted.load(Ordering::Relaxed) < UNSTARTED_SLOTS
     }
 
-    /// Registers a request and returns its id; the caller sends it.
-    pub(crate) fn register(
+    /// Registers a request and sends it: `head` is its request frame.
+    pub(crate) fn dispatch(
         &self,
-        method: http::Method,
-        path: String,
-    ) -> (u32, mpsc::UnboundedReceiver<Event>) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (events, rx) = mpsc::unbounded_channel();
-        let entry = Entry { events, method, path, since: Instant::now(), answered: false };
+        kind: u8,
+        key: String,
+        suspect: bool,
+        head: &frame::RequestHead<'_>,
+    ) -> (u32, Arc<Mailbox>) {
+        let events = Arc::new(Mailbox::default());
+        if suspect {
+            // At once, before the monitor's next count: nothing else may
+            // queue behind it meanwhile.
+            self.tainted.fetch_add(1, Ordering::Relaxed);
+        }
+        let entry = Entry { events: events.clone(), key, since: Instant::now(), answered: false };
+        let mut next_id = self.next_id.lock().expect("worker id lock");
+        let id = *next_id;
+        *next_id += 1;
         self.requests.lock().expect("worker requests lock").insert(id, entry);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.unstarted.fetch_add(1, Ordering::Relaxed);
-        (id, rx)
+        self.out.push(|buf| frame::put_request(buf, kind, id, head));
+        drop(next_id);
+        (id, events)
+    }
+
+    /// Takes back the requests sent to this worker that it has not started
+    /// (its loop is blocked): their exchanges are told to go elsewhere.
+    /// Returns how many, or `None` if the worker holds the lock right now
+    /// (the monitor tries again a millisecond later).
+    ///
+    /// Under the shared file's lock, and only while the loop's tick counter
+    /// still reads `stalled_at`, the worker either has started a request (and
+    /// said so in the file) or will see it revoked there when its task comes
+    /// to start: never both, so it runs once.
+    pub(crate) fn revoke_unstarted(&self, stalled_at: u64) -> Option<usize> {
+        let next_id = self.next_id.lock().expect("worker id lock");
+        let last_sent = u64::from(*next_id - 1);
+        self.shared.try_lock().ok()?;
+        let revoked = (|| -> std::io::Result<Option<(u64, u64)>> {
+            let mut buf = [0u8; 8];
+            // The loop must still be stuck: once it ticks again, its claims
+            // may skip the lock (see `claim` in the worker).
+            self.shared.read_exact_at(&mut buf, TICKS_AT)?;
+            if u64::from_le_bytes(buf) != stalled_at {
+                return Ok(None);
+            }
+            self.shared.read_exact_at(&mut buf, STARTED_AT)?;
+            let started = u64::from_le_bytes(buf);
+            if started >= last_sent {
+                return Ok(None);
+            }
+            let mut range = [0u8; 16];
+            range[..8].copy_from_slice(&(started + 1).to_le_bytes());
+            range[8..].copy_from_slice(&last_sent.to_le_bytes());
+            self.shared.write_all_at(&range, REVOKED_AT)?;
+            Ok(Some((started + 1, last_sent)))
+        })();
+        let _ = self.shared.unlock();
+        drop(next_id);
+        let (first, last) = revoked.ok()??;
+        let mut requests = self.requests.lock().expect("worker requests lock");
+        let mut n = 0;
+        for id in first..=last {
+            let Ok(id) = u32::try_from(id) else { continue };
+            if let Some(entry) = requests.remove(&id) {
+                entry.events.put(Event::Revoked);
+                n += 1;
+            }
+        }
+        drop(requests);
+        self.in_flight.fetch_sub(n, Ordering::Relaxed);
+        let _ =
+            self.unstarted.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(n)));
+        Some(n)
+    }
+
+    /// CPU time its event loop thread (the process's main thread) has used,
+    /// in nanoseconds, from `/proc`.
+    pub(crate) fn loop_cpu_ns(&self) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{0}/task/{0}/schedstat", self.pid)).ok()?;
+        stat.split_whitespace().next()?.parse().ok()
     }
 
     /// The loop's tick counter, read from the file the worker maps.
     pub(crate) fn ticks(&self) -> Option<u64> {
         let mut buf = [0u8; 8];
-        self.ticks.read_exact_at(&mut buf, 0).ok()?;
+        self.shared.read_exact_at(&mut buf, TICKS_AT).ok()?;
         Some(u64::from_le_bytes(buf))
     }
 
     /// `GET /x` of request `id`, if it is still in flight.
     pub(crate) fn describe(&self, id: u32) -> Option<(String, bool)> {
         let requests = self.requests.lock().expect("worker requests lock");
-        requests.get(&id).map(|e| (format!("{} {}", e.method, e.path), e.answered))
+        requests.get(&id).map(|e| (e.key.clone(), e.answered))
     }
 
     /// The requests in flight, oldest first, as `GET /x`.
@@ -156,56 +278,9 @@ impl Worker {
     /// response has ended (background work runs).
     pub(crate) fn in_flight_entries(&self) -> Vec<(String, bool)> {
         let requests = self.requests.lock().expect("worker requests lock");
-        let mut list: Vec<_> =
-            requests.values().map(|e| (e.since, format!("{} {}", e.method, e.path), e.answered)).collect();
+        let mut list: Vec<_> = requests.values().map(|e| (e.since, e.key.clone(), e.answered)).collect();
         list.sort();
         list.into_iter().map(|(_, what, answered)| (what, answered)).collect()
-    }
-}
-
-/// Writes the frames queued for a worker, as many per write as are queued.
-pub(crate) async fn write_frames(mut sock: OwnedWriteHalf, mut frames: mpsc::UnboundedReceiver<Bytes>) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    while let Some(first) = frames.recv().await {
-        buf.clear();
-        buf.extend_from_slice(&first);
-        while buf.len() < 1024 * 1024 {
-            match frames.try_recv() {
-                Ok(more) => buf.extend_from_slice(&more),
-                Err(_) => break,
-            }
-        }
-        if sock.write_all(&buf).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Reads frames off a Unix socket.
-#[derive(Debug)]
-pub(crate) struct FrameReader {
-    sock: tokio::io::BufReader<OwnedReadHalf>,
-}
-
-impl FrameReader {
-    pub(crate) fn new(sock: OwnedReadHalf) -> Self {
-        Self { sock: tokio::io::BufReader::with_capacity(64 * 1024, sock) }
-    }
-
-    /// The socket back (what it buffered is lost: call only between frames
-    /// that the peer sends one at a time).
-    pub(crate) fn into_inner(self) -> OwnedReadHalf {
-        self.sock.into_inner()
-    }
-
-    /// The next frame, or `None` at the end of the stream (or a broken one).
-    pub(crate) async fn next(&mut self) -> Option<(u8, u32, Bytes)> {
-        let mut header = [0u8; frame::HEADER];
-        self.sock.read_exact(&mut header).await.ok()?;
-        let (len, kind, id) = frame::parse_header(&header);
-        let mut payload = BytesMut::zeroed(len);
-        self.sock.read_exact(&mut payload).await.ok()?;
-        Some((kind, id, payload.freeze()))
     }
 }
 
@@ -225,6 +300,13 @@ pub(crate) async fn read_frames(worker: Arc<Worker>, mut reader: FrameReader, ch
                 Event::Chunk(payload.slice(1..), more)
             }
             frame::WANT_BODY => Event::WantBody,
+            frame::WS_ACCEPT => Event::WsAccept(payload),
+            frame::WS_CLOSE => Event::WsClose(payload),
+            frame::WS_TEXT => Event::WsMessage(payload, true),
+            frame::WS_BYTES => Event::WsMessage(payload, false),
+            frame::WS_TAKEN if payload.len() == 4 => {
+                Event::WsTaken(u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]))
+            }
             frame::RESET => Event::Reset,
             frame::SLOTS if payload.len() == 4 => {
                 let n = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]) as usize;
@@ -236,7 +318,8 @@ pub(crate) async fn read_frames(worker: Arc<Worker>, mut reader: FrameReader, ch
             }
             frame::DONE => {
                 let entry = worker.requests.lock().expect("worker requests lock").remove(&id);
-                if entry.is_some() {
+                if let Some(entry) = entry {
+                    entry.events.close();
                     worker.in_flight.fetch_sub(1, Ordering::Relaxed);
                 }
                 changed();
@@ -258,14 +341,16 @@ pub(crate) async fn read_frames(worker: Arc<Worker>, mut reader: FrameReader, ch
         };
         let requests = worker.requests.lock().expect("worker requests lock");
         if let Some(entry) = requests.get(&id) {
-            let _ = entry.events.send(event);
+            entry.events.put(event);
         }
     }
     worker.gone.store(true, Ordering::Relaxed);
     let lost: Vec<_> = worker.requests.lock().expect("worker requests lock").drain().collect();
     worker.in_flight.store(0, Ordering::Relaxed);
     for (_, entry) in lost {
-        let _ = entry.events.send(Event::Lost);
+        entry.events.put(Event::Lost);
+        entry.events.close();
     }
+    worker.out.close();
     changed();
 }

@@ -40,6 +40,21 @@ enum Command {
     #[command(mut_arg("timeout", |arg| arg.help(
         "Accepted as gunicorn's -t; a worker is never killed for a slow or blocked event loop"
     )))]
+    // Flags of a Rust app's server that mean nothing here (refused if given).
+    #[command(mut_arg("max_requests", |arg| arg.hide(true)))]
+    #[command(mut_arg("max_requests_jitter", |arg| arg.hide(true)))]
+    #[command(mut_arg("runners", |arg| arg.hide(true)))]
+    #[command(mut_arg("max_threads", |arg| arg.hide(true)))]
+    #[command(mut_arg("no_isolation", |arg| arg.hide(true)))]
+    #[command(mut_arg("blocking_threads", |arg| arg.hide(true)))]
+    #[command(mut_arg("blocking_queue", |arg| arg.hide(true)))]
+    #[command(mut_arg("cpu_threads", |arg| arg.hide(true)))]
+    #[command(mut_arg("cpu_queue", |arg| arg.hide(true)))]
+    #[command(mut_arg("cpu_nice", |arg| arg.hide(true)))]
+    #[command(mut_arg("stall_threshold_ms", |arg| arg.help(
+        "Milliseconds a worker's event loop may go without coming back before it counts as blocked \
+         (at least 5) [default: 10]"
+    )))]
     Serve(Box<serve::ServeCommand>),
     /// Send requests concurrently and show whether they ran in parallel.
     Probe {

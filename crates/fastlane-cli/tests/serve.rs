@@ -44,13 +44,28 @@ struct Served {
 
 impl Served {
     fn start(python: &PathBuf, app: &str, extra: &[&str]) -> Served {
+        Self::start_with_env(python, app, extra, &[])
+    }
+
+    fn start_with_env(python: &PathBuf, app: &str, extra: &[&str], env: &[(&str, &str)]) -> Served {
+        Self::start_in(python, app, &apps_dir(), extra, env)
+    }
+
+    fn start_in(
+        python: &PathBuf,
+        app: &str,
+        app_dir: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Served {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fastlane"))
             .args(["serve", app, "--port", "0", "--python"])
             .arg(python)
             .arg("--app-dir")
-            .arg(apps_dir())
+            .arg(app_dir)
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -208,8 +223,19 @@ fn fastapi_features_work_over_the_live_server() {
     assert_eq!(get(&served.url("/fast")).status, 200, "the worker lives on after a 500");
 
     // Dependencies with yield close after the response; lifespan state.
-    assert_eq!(json(&get(&served.url("/dependency")))["value"], "the resource");
-    assert_eq!(json(&get(&served.url("/events"))), serde_json::json!(["opened", "closed"]));
+    let dependency = json(&get(&served.url("/dependency")));
+    assert_eq!(dependency["value"], "the resource");
+    // The events are the worker's own (a spare may have started): ask until
+    // that worker answers.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let events = loop {
+        let events = json(&get(&served.url("/events")));
+        if events["pid"] == dependency["pid"] {
+            break events["events"].clone();
+        }
+        assert!(Instant::now() < deadline, "the worker {} never answered again", dependency["pid"]);
+    };
+    assert_eq!(events, serde_json::json!(["opened", "closed"]));
     let state = json(&get(&served.url("/state")));
     assert_eq!(state, serde_json::json!({"app_state": "lifespan", "lifespan_state": "lifespan state"}));
 
@@ -223,19 +249,29 @@ fn fastapi_features_work_over_the_live_server() {
         served.log()
     );
 
-    // The request body streams through `receive` while the response streams back.
-    let echoed = send(
-        Method::POST,
-        &served.url("/echo-stream"),
-        Some(("application/octet-stream", Bytes::from(vec![7u8; 300_000]))),
-    );
-    assert_eq!(echoed.body.len(), 300_000);
-
     // One access line per request, with the path.
     assert!(served.wait_for_log("GET /items/3 200", Duration::from_secs(2)), "{}", served.log());
     let (code, log) = served.stop(Duration::from_secs(20));
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("lifespan shutdown in"), "{log}");
+}
+
+#[test]
+fn request_bodies_stream_in_while_responses_stream_out() {
+    let Some(python) = python("request_bodies_stream_in_while_responses_stream_out") else { return };
+    let served = Served::start(&python, "echo:app", &["--workers", "2"]);
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let handles: Vec<_> = (0..20)
+        .map(|_| {
+            let (url, body) = (served.url("/echo"), Bytes::from(body.clone()));
+            std::thread::spawn(move || {
+                send(Method::POST, &url, Some(("application/octet-stream", body))).body
+            })
+        })
+        .collect();
+    for handle in handles {
+        assert!(handle.join().unwrap() == body, "an echoed body differs from what was sent");
+    }
 }
 
 /// Time to the first body byte, time to the end, and the text of a GET.
@@ -301,6 +337,215 @@ fn test1_answers_at_once_while_test2_blocks_its_event_loop() {
     assert!(first.contains("in test2: time.sleep(secs)"), "{first}");
     assert!(first.contains("`def` instead of `async def`"), "{first}");
     assert!(log.contains("started a worker (a spare"), "{log}");
+}
+
+#[test]
+fn requests_a_blocked_loop_has_not_started_are_served_elsewhere_and_run_once() {
+    let Some(python) = python("requests_a_blocked_loop_has_not_started_are_served_elsewhere_and_run_once")
+    else {
+        return;
+    };
+    // One worker, so that the requests sent right behind the blocking one
+    // go to the same loop before anyone can know it is blocked.
+    let calls = std::env::temp_dir().join(format!("fastlane-test-calls-{}", std::process::id()));
+    let _ = std::fs::remove_file(&calls);
+    let served = Served::start_with_env(
+        &python,
+        "app:app",
+        &["--expose-internal", "--max-workers", "3"],
+        &[("FASTLANE_TEST_CALLS_FILE", calls.to_str().unwrap())],
+    );
+    let mut answered = 0;
+    for round in 0..3 {
+        let url = served.url("/test2?secs=2");
+        let blocked = std::thread::spawn(move || get(&url).status.as_u16());
+        std::thread::sleep(Duration::from_millis(2));
+        let probes: Vec<_> = (0..5)
+            .map(|_| {
+                let url = served.url("/test1");
+                std::thread::spawn(move || {
+                    let sent = Instant::now();
+                    let response = get(&url);
+                    (response.text(), sent.elapsed())
+                })
+            })
+            .collect();
+        for probe in probes {
+            let (text, took) = probe.join().unwrap();
+            assert_eq!(text, "\"test1\"");
+            assert!(
+                took < Duration::from_millis(1500),
+                "round {round}: /test1 waited {took:?} behind the blocked loop"
+            );
+            answered += 1;
+        }
+        assert_eq!(blocked.join().unwrap(), 200);
+        let metrics = get(&served.url("/metrics")).text();
+        let moved = metric(&metrics, "fastlane_asgi_requests_moved_total");
+        if moved >= 1.0 {
+            // Each request ran exactly once, on one worker or another, even
+            // those the blocked loop found taken back when it came to them.
+            std::thread::sleep(Duration::from_millis(300));
+            let lines = std::fs::read_to_string(&calls).unwrap_or_default();
+            let _ = std::fs::remove_file(&calls);
+            assert_eq!(
+                lines.lines().count(),
+                answered,
+                "/test1 ran {} times for {answered} answers",
+                lines.lines().count()
+            );
+            return;
+        }
+    }
+    panic!("no request was taken back from the blocked loop in 3 rounds:\n{}", served.log());
+}
+
+/// A metric's value (summed over its label sets) from Prometheus text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_websocket_echoes_text_and_bytes_and_closes_with_the_apps_code() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let Some(python) = python("a_websocket_echoes_text_and_bytes_and_closes_with_the_apps_code") else {
+        return;
+    };
+    let served = Served::start(&python, "app:app", &[]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let connect = |path: &str, protocols: Option<&str>| {
+            let mut request = format!("ws://{}{path}", served.addr).into_client_request().unwrap();
+            if let Some(protocols) = protocols {
+                request.headers_mut().insert("sec-websocket-protocol", protocols.parse().unwrap());
+            }
+            let addr = served.addr.clone();
+            async move {
+                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                tokio_tungstenite::client_async(request, stream).await
+            }
+        };
+        let (mut ws, response) = connect("/ws", Some("chat, other")).await.expect("the handshake succeeds");
+        assert_eq!(response.headers()["sec-websocket-protocol"], "chat");
+        ws.send(Message::text("hello")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("echo: hello"));
+        ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(vec![3u8, 2, 1]));
+        // Many messages in a row: the flow control lets them all through, in order.
+        for i in 0..100 {
+            ws.send(Message::text(format!("m{i}"))).await.unwrap();
+        }
+        for i in 0..100 {
+            assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(format!("echo: m{i}")));
+        }
+        ws.send(Message::text("close")).await.unwrap();
+        match ws.next().await.unwrap().unwrap() {
+            Message::Close(Some(frame)) => {
+                assert_eq!((u16::from(frame.code), frame.reason.as_str()), (4001, "asked to"))
+            }
+            other => panic!("expected the app's close, got {other:?}"),
+        }
+
+        // The client closes: the app sees websocket.disconnect with its code.
+        let (mut ws, _) = connect("/ws", None).await.unwrap();
+        let normal = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+            reason: "bye".into(),
+        };
+        ws.close(Some(normal)).await.unwrap();
+        // A handshake the app closes before accepting is denied with 403.
+        match connect("/ws-deny", None).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
+            other => panic!("expected a 403 denial, got {:?}", other.map(|(_, r)| r.status())),
+        }
+    });
+    assert!(
+        served.wait_for_log("websocket closed by the client with code 1000", Duration::from_secs(5)),
+        "{}",
+        served.log()
+    );
+}
+
+/// An app in a directory of its own, whose code a test can change.
+fn versioned_app(version: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "fastlane-reload-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_version(&dir, version);
+    dir
+}
+
+fn write_version(dir: &std::path::Path, version: &str) {
+    let source = format!(
+        "import asyncio, os\nfrom fastapi import FastAPI\n\nVERSION = {version:?}\napp = FastAPI()\n\n\n\
+         @app.get('/version')\nasync def version():\n    return {{'version': VERSION, 'pid': os.getpid()}}\n\n\n\
+         @app.get('/sleep')\nasync def sleep(secs: float = 1):\n    await asyncio.sleep(secs)\n    return {{'version': VERSION}}\n"
+    );
+    std::fs::write(dir.join("versioned.py"), source).unwrap();
+}
+
+fn serve_dir(python: &PathBuf, dir: &std::path::Path, extra: &[&str]) -> Served {
+    Served::start_in(python, "versioned:app", dir, extra, &[])
+}
+
+#[test]
+fn sighup_reloads_the_code_without_dropping_a_request_and_a_broken_reload_keeps_the_old_workers() {
+    let Some(python) = python("sighup_reloads_the_code_without_dropping_a_request") else { return };
+    let dir = versioned_app("one");
+    let served = serve_dir(&python, &dir, &["--workers", "2"]);
+    let before = json(&get(&served.url("/version")));
+    assert_eq!(before["version"], "one");
+    // A request in flight across the reload is answered by the old code.
+    let url = served.url("/sleep?secs=1.5");
+    let in_flight = std::thread::spawn(move || json(&get(&url)));
+    std::thread::sleep(Duration::from_millis(200));
+    write_version(&dir, "two");
+    support::send_signal(served.child.id(), libc::SIGHUP);
+    assert!(served.wait_for_log("reloaded: new workers", Duration::from_secs(30)), "{}", served.log());
+    let after = json(&get(&served.url("/version")));
+    assert_eq!(after["version"], "two");
+    assert_ne!(after["pid"], before["pid"]);
+    assert_eq!(in_flight.join().unwrap()["version"], "one");
+
+    // Code that does not import: the reload fails, the running workers stay.
+    std::fs::write(dir.join("versioned.py"), "this is not python\n").unwrap();
+    support::send_signal(served.child.id(), libc::SIGHUP);
+    assert!(
+        served.wait_for_log("the reload failed; the old workers go on serving", Duration::from_secs(30)),
+        "{}",
+        served.log()
+    );
+    assert_eq!(json(&get(&served.url("/version")))["version"], "two");
+    let (code, log) = served.stop(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn reload_follows_changes_to_the_apps_files() {
+    let Some(python) = python("reload_follows_changes_to_the_apps_files") else { return };
+    let dir = versioned_app("one");
+    let served = serve_dir(&python, &dir, &["--reload"]);
+    assert_eq!(json(&get(&served.url("/version")))["version"], "one");
+    write_version(&dir, "two");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while json(&get(&served.url("/version")))["version"] != "two" {
+        assert!(Instant::now() < deadline, "the change was not picked up:\n{}", served.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(served.log().contains("versioned.py changed; reloading"), "{}", served.log());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -426,6 +671,34 @@ fn apps_that_cannot_start_say_why_and_exit_non_zero() {
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("could not run /nonexistent/python"));
+}
+
+#[test]
+fn flags_that_mean_nothing_for_python_workers_are_refused_by_name() {
+    // No Python needed: the flags are checked before anything starts.
+    for (args, named) in [
+        (&["--runners", "2"][..], "--runners"),
+        (&["--blocking-threads", "4"], "--blocking-threads"),
+        (&["--max-requests", "100"], "--max-requests"),
+        (&["--stall-threshold-ms", "2"], "--stall-threshold-ms"),
+        (&["--root-path", "api"], "--root-path"),
+        (&["--workers", "4", "--max-workers", "2"], "--max-workers"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_fastlane"))
+            .args(["serve", "app:app", "--port", "0"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+    }
+    let help = Command::new(env!("CARGO_BIN_EXE_fastlane")).args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("--max-workers") && help.contains("--reload") && !help.contains("--runners"),
+        "{help}"
+    );
 }
 
 #[test]

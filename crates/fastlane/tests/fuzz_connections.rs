@@ -125,7 +125,7 @@ fn piece(rng: &mut Rng) -> Vec<u8> {
             // A header far longer than any sane one.
             let mut bytes = format!("GET {path} HTTP/1.1\r\nX-Long: ").into_bytes();
             let n = 1000 + rng.below(100_000);
-            bytes.extend(std::iter::repeat(b'a').take(n));
+            bytes.extend(std::iter::repeat_n(b'a', n));
             bytes.extend_from_slice(b"\r\n\r\n");
             bytes
         }

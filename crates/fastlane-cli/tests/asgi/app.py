@@ -7,7 +7,7 @@ import tempfile
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import BackgroundTasks, Depends, FastAPI, File, HTTPException, Request, UploadFile
+from fastapi import BackgroundTasks, Depends, FastAPI, File, HTTPException, Request, UploadFile, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
@@ -46,8 +46,15 @@ async def fast():
     return {"ok": True}
 
 
+CALLS_FILE = os.environ.get("FASTLANE_TEST_CALLS_FILE")
+
+
 @app.get("/test1")
 async def test1():
+    if CALLS_FILE:
+        # One line per run, from whichever worker ran it: the test counts them.
+        with open(CALLS_FILE, "a") as f:
+            f.write(f"{os.getpid()}\n")
     return "test1"
 
 
@@ -166,12 +173,12 @@ async def resource():
 
 @app.get("/dependency")
 async def dependency(value: str = Depends(resource)):
-    return {"value": value, "events_before": list(EVENTS)}
+    return {"value": value, "events_before": list(EVENTS), "pid": os.getpid()}
 
 
 @app.get("/events")
 async def events():
-    return EVENTS
+    return {"events": EVENTS, "pid": os.getpid()}
 
 
 @app.get("/state")
@@ -203,15 +210,29 @@ async def crash():
     os._exit(7)
 
 
-@app.post("/echo-stream")
-async def echo_stream(request: Request):
-    async def back():
-        async for chunk in request.stream():
-            yield chunk
-
-    return StreamingResponse(back(), media_type="application/octet-stream")
-
-
 @app.get("/pid")
 async def pid():
     return {"pid": os.getpid()}
+
+
+@app.websocket("/ws")
+async def websocket_echo(websocket: WebSocket):
+    protocols = websocket.scope["subprotocols"]
+    await websocket.accept(subprotocol=protocols[0] if protocols else None)
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            print(f"websocket closed by the client with code {message['code']}", flush=True)
+            return
+        if message.get("text") is not None:
+            if message["text"] == "close":
+                await websocket.close(code=4001, reason="asked to")
+                return
+            await websocket.send_text("echo: " + message["text"])
+        else:
+            await websocket.send_bytes(message["bytes"][::-1])
+
+
+@app.websocket("/ws-deny")
+async def websocket_deny(websocket: WebSocket):
+    await websocket.close()

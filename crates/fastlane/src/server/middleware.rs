@@ -29,6 +29,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::state::{RequestState, ServerState};
+use super::timer::CoarseTimer;
 use crate::executor::budget::Gate;
 use crate::executor::{enter_request, enter_route, Phase, RouteInfo};
 use crate::lane::panic_message;
@@ -174,9 +175,11 @@ pin_project! {
         #[pin]
         state: State<F>,
         request: Arc<RequestState>,
-        // Boxed so that the future stays small and `Unpin`; started on the
-        // first poll, once the route's own timeout (if any) is known.
-        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+        // Started on the first pending poll, once the route's own timeout (if
+        // any) is known. A coarse sleep (a tenth of a second): most requests
+        // end long before, and tokio's timer wheel would cost every pending
+        // request an insertion and a removal.
+        sleep: Option<Pin<Box<dyn hyper::rt::Sleep>>>,
         // Runs the handler's polls under the stall budget while its route
         // is suspect.
         gate: Gate,
@@ -220,8 +223,8 @@ where
                             // runs on the first poll), so this is the right
                             // deadline.
                             if let Some(timeout) = this.request.timeout() {
-                                let deadline = tokio::time::Instant::from_std(this.request.started + timeout);
-                                *this.sleep = Some(Box::pin(tokio::time::sleep_until(deadline)));
+                                let deadline = this.request.started + timeout;
+                                *this.sleep = Some(hyper::rt::Timer::sleep_until(&CoarseTimer, deadline));
                             }
                         }
                         let expired = match this.sleep.as_mut() {
