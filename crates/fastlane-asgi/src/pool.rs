@@ -86,7 +86,9 @@ pub(crate) struct Shared {
 }
 
 /// Finds the Python to run: `--python`, else the active virtualenv's, else
-/// `python3` on the PATH.
+/// the one beside this program when `pip` installed it into a virtualenv
+/// (`.venv/bin/fastlane` run without activating it), else `python3` on the
+/// PATH.
 fn find_python(config: &AppConfig) -> Result<PathBuf, StartError> {
     if let Some(python) = &config.python {
         return Ok(python.clone());
@@ -96,6 +98,14 @@ fn find_python(config: &AppConfig) -> Result<PathBuf, StartError> {
         if python.exists() {
             return Ok(python);
         }
+    }
+    let beside = std::env::current_exe().ok().and_then(|exe| {
+        let bin = exe.parent()?;
+        let python = bin.join("python");
+        (python.exists() && bin.parent()?.join("pyvenv.cfg").exists()).then_some(python)
+    });
+    if let Some(python) = beside {
+        return Ok(python);
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     for dir in std::env::split_paths(&path) {
@@ -390,19 +400,25 @@ impl Shared {
     /// ([`Pick::Tainted`]), when no spare can start.
     pub(crate) fn pick(&self, suspect: bool) -> Pick {
         let workers = self.workers.read().expect("workers lock");
-        let least = |clean: bool| {
-            let mut best: Option<&Arc<Worker>> = None;
-            let mut count = 0;
-            for worker in workers.iter().filter(|w| w.takes_requests() && (!clean || w.is_clean())) {
-                count += 1;
-                let load = worker.in_flight.load(Ordering::Relaxed);
-                if best.is_none_or(|b| load < b.in_flight.load(Ordering::Relaxed)) {
-                    best = Some(worker);
-                }
+        // Stalling requests keep to the workers that ran them lately, and
+        // the others keep away from those: the loops that block stay the
+        // same few, and a fast request does not meet the next blocker on the
+        // worker it used to find free.
+        let rank = |w: &Worker| {
+            let hosts = w.hosted_suspect_lately();
+            let load = w.in_flight.load(Ordering::Relaxed);
+            if suspect {
+                (!hosts, load)
+            } else {
+                (hosts, load)
             }
-            (best.cloned(), count)
         };
-        let (clean, clean_count) = least(true);
+        let best = |clean: bool| {
+            let open = workers.iter().filter(|w| w.takes_requests() && (!clean || w.is_clean()));
+            let count = open.clone().count();
+            (open.min_by_key(|w| rank(w)).cloned(), count)
+        };
+        let (clean, clean_count) = best(true);
         match clean {
             Some(worker) if !suspect || clean_count >= 2 => return Pick::Worker(worker),
             _ => {}
@@ -411,7 +427,7 @@ impl Shared {
         // A blocked or blocking loop is why nothing is free: a spare helps.
         let stalled = workers.iter().any(|w| w.stalled.load(Ordering::Relaxed) || !w.is_clean());
         if !suspect {
-            if let (Some(worker), _) = least(false) {
+            if let (Some(worker), _) = best(false) {
                 return Pick::Tainted { worker, alive, stalled };
             }
         }

@@ -85,6 +85,9 @@ pub(crate) struct Worker {
     /// monitor each millisecond): a loop about to block. Other requests go
     /// to workers without any while there are some.
     pub(crate) tainted: AtomicUsize,
+    /// When it was last sent a suspect request, in ms since it started
+    /// (`u64::MAX`: never).
+    suspect_at: std::sync::atomic::AtomicU64,
     /// Its loop thread runs at a lowered priority (it spun the CPU).
     pub(crate) demoted: AtomicBool,
     /// Told to stop (shutdown, or a spare retiring): no new requests.
@@ -121,6 +124,7 @@ impl Worker {
             unstarted: AtomicUsize::new(0),
             tainted: AtomicUsize::new(0),
             stalled: AtomicBool::new(false),
+            suspect_at: std::sync::atomic::AtomicU64::new(u64::MAX),
             demoted: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             gone: AtomicBool::new(false),
@@ -159,6 +163,12 @@ impl Worker {
         requests.values().filter(|e| suspect(&e.key)).count()
     }
 
+    /// Whether it was sent a suspect request in the last 10 s.
+    pub(crate) fn hosted_suspect_lately(&self) -> bool {
+        let at = self.suspect_at.load(Ordering::Relaxed);
+        at != u64::MAX && (self.started.elapsed().as_millis() as u64).saturating_sub(at) < 10_000
+    }
+
     /// Whether it runs no suspect request.
     pub(crate) fn is_clean(&self) -> bool {
         self.tainted.load(Ordering::Relaxed) == 0
@@ -185,6 +195,8 @@ impl Worker {
             // At once, before the monitor's next count: nothing else may
             // queue behind it meanwhile.
             self.tainted.fetch_add(1, Ordering::Relaxed);
+            let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+            self.suspect_at.store(now, Ordering::Relaxed);
         }
         let entry = Entry { events: events.clone(), key, since: Instant::now(), answered: false };
         let mut next_id = self.next_id.lock().expect("worker id lock");

@@ -706,7 +706,7 @@ fn the_scope_is_the_one_uvicorn_gives() {
     let Some(python) = python("the_scope_is_the_one_uvicorn_gives") else { return };
     let served = Served::start(&python, "app:app", &["--root-path", "/api"]);
     let port = free_port();
-    let mut uvicorn = Command::new(&python)
+    let uvicorn = Command::new(&python)
         .args([
             "-m",
             "uvicorn",
@@ -724,6 +724,8 @@ fn the_scope_is_the_one_uvicorn_gives() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start uvicorn");
+    // Stopped however the test ends (a failed assertion included).
+    let _uvicorn = KillOnDrop(uvicorn);
     let peer = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -752,8 +754,15 @@ fn the_scope_is_the_one_uvicorn_gives() {
         let theirs = get(&format!("{peer}{path}"));
         assert_eq!((ours.status, ours.text()), (theirs.status, theirs.text()), "{path}");
     }
-    let _ = uvicorn.kill();
-    let _ = uvicorn.wait();
+}
+
+/// A child process killed when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        support::stop_child(&mut self.0);
+    }
 }
 
 fn free_port() -> u16 {
