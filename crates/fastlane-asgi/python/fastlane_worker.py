@@ -259,19 +259,11 @@ def zygote(config):
             # A worker whose loop spins the CPU runs at a lower priority while it does, so that
             # it takes no CPU time from the front and the other workers. Raising it back needs a
             # privilege a service seldom has: the front then replaces the worker instead.
-            value = struct.unpack("<i", payload)[0]
             try:
-                os.setpriority(os.PRIO_PROCESS, number, value)
+                os.setpriority(os.PRIO_PROCESS, number, struct.unpack("<i", payload)[0])
                 done = b"\x01"
             except OSError:
                 done = b"\x00"
-            try:
-                # Where the kernel groups sessions for fairness (autogroup), each worker leads its own
-                # session: the group's weight is what competes with the front and everyone else.
-                with open(f"/proc/{number}/autogroup", "w") as f:
-                    f.write(str(value))
-            except OSError:
-                pass
             tell(frame(NICED, number, done))
             continue
         if kind != FORK:
@@ -280,14 +272,6 @@ def zygote(config):
         if pid == 0:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             front.close()
-            # A session of its own: where the kernel schedules sessions as groups (autogroup), a loop
-            # that spins then competes as one group among others, and its lowered priority counts
-            # against the front and other processes too, not only inside this app's group. It still
-            # stops with the front (its socket closes) and ignores the terminal's signals as before.
-            try:
-                os.setsid()
-            except OSError:
-                pass
             code = 1
             try:
                 code = worker(app, config, number)
