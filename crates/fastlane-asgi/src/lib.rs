@@ -225,47 +225,51 @@ impl Companion for PoolCompanion {
             let Some(shared) = shared.upgrade() else { return Vec::new() };
             let workers = shared.snapshot();
             let stalled = workers.iter().filter(|w| w.stalled.load(Ordering::Relaxed)).count();
-            let counter = |name, help, value: u64| CompanionMetric {
-                name,
-                help,
-                kind: MetricKind::Counter,
-                value: i64::try_from(value).unwrap_or(i64::MAX),
-            };
-            let gauge = |name, help, value: usize| CompanionMetric {
-                name,
-                help,
-                kind: MetricKind::Gauge,
-                value: i64::try_from(value).unwrap_or(i64::MAX),
-            };
-            vec![
-                gauge("asgi_workers", "Python worker processes serving", workers.len()),
-                gauge("asgi_workers_stalled", "Workers whose event loop is blocked now", stalled),
-                counter(
+            let stats = &shared.stats;
+            let count = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+            use MetricKind::{Counter, Gauge};
+            [
+                (Gauge, "asgi_workers", "Python worker processes serving", workers.len() as u64),
+                (Gauge, "asgi_workers_stalled", "Workers whose event loop is blocked now", stalled as u64),
+                (
+                    Counter,
                     "asgi_stalls",
                     "Times a worker's event loop was blocked past the threshold",
-                    shared.stats.stalls.load(Ordering::Relaxed),
+                    count(&stats.stalls),
                 ),
-                counter(
+                (
+                    Counter,
                     "asgi_spares_started",
                     "Spare workers started while every loop was blocked",
-                    shared.stats.spares_started.load(Ordering::Relaxed),
+                    count(&stats.spares_started),
                 ),
-                counter(
+                (
+                    Counter,
                     "asgi_worker_restarts",
                     "Workers that exited unexpectedly and were replaced",
-                    shared.stats.restarts.load(Ordering::Relaxed),
+                    count(&stats.restarts),
                 ),
-                counter(
+                (
+                    Counter,
                     "asgi_requests_moved",
                     "Requests a blocked loop had not started, taken back and served by another worker",
-                    shared.stats.moved.load(Ordering::Relaxed),
+                    count(&stats.moved),
                 ),
-                counter(
+                (
+                    Counter,
                     "asgi_rejected",
                     "Requests answered 503 because no worker's loop was free",
-                    shared.stats.rejected.load(Ordering::Relaxed),
+                    count(&stats.rejected),
                 ),
             ]
+            .into_iter()
+            .map(|(kind, name, help, value)| CompanionMetric {
+                name,
+                help,
+                kind,
+                value: i64::try_from(value).unwrap_or(i64::MAX),
+            })
+            .collect()
         }))
     }
 

@@ -363,18 +363,21 @@ impl Shared {
     /// Whether requests to `key` (`GET /path`) stalled a loop lately.
     pub(crate) fn is_suspect(&self, key: &str) -> bool {
         let suspects = self.suspects.lock().expect("suspects lock");
-        match suspects.get(key) {
-            Some(None) => true,
-            Some(Some(ended)) => ended.elapsed() < SUSPECT_FOR,
-            None => false,
-        }
+        suspect_in(&suspects, key, Instant::now())
     }
 
     /// Recounts each worker's suspect requests in flight (the monitor's
-    /// job, each millisecond).
+    /// job, each millisecond): under one lock of the suspects, and without
+    /// looking at any request while no path has ever stalled.
     pub(crate) fn recount_tainted(&self, workers: &[Arc<Worker>]) {
+        let suspects = self.suspects.lock().expect("suspects lock");
+        let now = Instant::now();
         for worker in workers {
-            let n = worker.count_tainted(|key| self.is_suspect(key));
+            let n = if suspects.is_empty() {
+                0
+            } else {
+                worker.count_tainted(|key| suspect_in(&suspects, key, now))
+            };
             worker.tainted.store(n, Ordering::Relaxed);
         }
     }
@@ -575,6 +578,16 @@ impl Shared {
             zygote.out.close();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether `key` is suspect in `suspects` at `now`: stalling, or stalled
+/// less than [`SUSPECT_FOR`] ago.
+fn suspect_in(suspects: &HashMap<String, Option<Instant>>, key: &str, now: Instant) -> bool {
+    match suspects.get(key) {
+        Some(None) => true,
+        Some(Some(ended)) => now.duration_since(*ended) < SUSPECT_FOR,
+        None => false,
     }
 }
 
