@@ -18,7 +18,8 @@ pub struct ServeCommand {
     /// Directory to import the app's module from.
     #[arg(long, default_value = ".", value_name = "DIR")]
     pub app_dir: PathBuf,
-    /// The Python to run the app with [default: the active virtualenv's, else python3 on the PATH].
+    /// The Python to run the app with [default: the active virtualenv's, else that of the virtualenv this
+    /// fastlane is installed in, else python3 on the PATH].
     #[arg(long, env = "FASTLANE_PYTHON", value_name = "PATH")]
     pub python: Option<PathBuf>,
     /// Most worker processes, spares included: spares start while every worker's event loop is
