@@ -10,7 +10,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::ConnectInfo;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use fastlane::ApiError;
@@ -62,7 +61,7 @@ pub(crate) async fn dispatch(
     };
 
     let decoded = percent_decode(path);
-    let head = request_head(&parts, &decoded, server, "http", rest.is_some(), &inline);
+    let head = request_head(&parts, &decoded, server, false, rest.is_some(), &inline);
     // Once, or again when a worker whose loop blocked gave it back unstarted.
     loop {
         let (worker, suspect) = match choose(&shared, &key).await {
@@ -82,17 +81,24 @@ pub(crate) async fn dispatch(
 }
 
 /// The scope's fields of a request, for its frame: `decoded` is its path,
-/// percent-decoded.
+/// percent-decoded. The client and scheme are the server's
+/// [`fastlane::ClientInfo`]: behind a trusted proxy, the forwarded ones.
 pub(crate) fn request_head<'a>(
     parts: &'a http::request::Parts,
     decoded: &'a str,
     server: ServerAddr,
-    scheme: &'a str,
+    websocket: bool,
     more_body: bool,
     body: &'a [u8],
 ) -> RequestHead<'a> {
-    let client =
-        parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| (c.0.ip().to_string(), c.0.port()));
+    let info = parts.extensions.get::<fastlane::ClientInfo>();
+    let client = info.map(|c| (c.addr.ip().to_string(), c.addr.port()));
+    let scheme = match (websocket, info.is_some_and(|c| c.https)) {
+        (false, false) => "http",
+        (false, true) => "https",
+        (true, false) => "ws",
+        (true, true) => "wss",
+    };
     let http_version = match parts.version {
         http::Version::HTTP_10 => "1.0",
         http::Version::HTTP_2 => "2",

@@ -219,6 +219,15 @@ impl Companion for PoolCompanion {
         format!("ASGI app {}", self.pool.shared.config.app)
     }
 
+    fn stalls(&self) -> Option<fastlane::StallSource> {
+        let shared = Arc::downgrade(&self.pool.shared);
+        Some(Arc::new(move || {
+            let Some(shared) = shared.upgrade() else { return Vec::new() };
+            let rows = shared.stall_rows.lock().expect("stall rows lock");
+            rows.values().cloned().collect()
+        }))
+    }
+
     fn metrics(&self) -> Option<MetricsSource> {
         let shared = Arc::downgrade(&self.pool.shared);
         Some(Arc::new(move || {

@@ -71,6 +71,9 @@ struct StallLog {
 struct Report {
     /// `GET /test2`, with the route template when the app told it.
     request: Option<String>,
+    /// The method and route (the template when the app told it, else the
+    /// path) the stall is counted under in `/_fastlane/stalls`.
+    route: Option<(String, String)>,
     /// The request's response had ended: a background task blocked.
     background: bool,
     /// `main.py:14 in test2: time.sleep(8)`, innermost app frame first.
@@ -232,6 +235,10 @@ fn began(shared: &Shared, worker: &Worker, since: Instant, log: &Mutex<StallLog>
             if log.ended.is_some() { Some(Instant::now()) } else { None },
         );
     }
+    count(shared, &report, |row| match log.ended {
+        Some(lasted) => row.ended(lasted),
+        None => row.ongoing += 1,
+    });
     let (waited, so_far) = match log.ended {
         Some(lasted) => (lasted, ""),
         None => (since.elapsed(), " so far"),
@@ -284,6 +291,10 @@ fn ended(shared: &Shared, worker: &Worker, stall: Stall, now: Instant) {
     if let Some(request) = &report.request {
         shared.mark_suspect(request_key(request), Some(now));
     }
+    count(shared, &report, |row| {
+        row.ongoing = row.ongoing.saturating_sub(1);
+        row.ended(lasted);
+    });
     let others: Vec<_> =
         worker.in_flight_list().into_iter().filter(|r| Some(r) != report.request.as_ref()).collect();
     let waited = match others.len() {
@@ -301,6 +312,27 @@ fn ended(shared: &Shared, worker: &Worker, stall: Stall, now: Instant) {
         culprit(&report),
         report.frames.first().map(|f| format!(" at {}", f.split(": ").next().unwrap_or(f))).unwrap_or_default(),
     );
+}
+
+/// `GET /items/3` and the app's route template `/items/{item_id}` → the
+/// row of `/_fastlane/stalls` (`GET`, `/items/{item_id}`).
+fn route_of(line: &str, template: Option<&str>) -> Option<(String, String)> {
+    let (method, path) = line.split_once(' ')?;
+    Some((method.to_owned(), template.unwrap_or(path).to_owned()))
+}
+
+/// Counts a stall in its route's row of `/_fastlane/stalls` (a task of no
+/// request has a row of its own), with where it was stuck.
+fn count(shared: &Shared, report: &Report, update: impl FnOnce(&mut fastlane::StallRow)) {
+    let (method, route) =
+        report.route.clone().unwrap_or_else(|| ("-".into(), "(a task of no request)".into()));
+    let mut rows = shared.stall_rows.lock().expect("stall rows lock");
+    let row =
+        rows.entry((method.clone(), route.clone())).or_insert_with(|| fastlane::StallRow::new(method, route));
+    if let Some(frame) = report.frames.first() {
+        row.at = Some(frame.clone());
+    }
+    update(row);
 }
 
 /// `GET /items/{id}` → the key suspects are kept under: the request line as
@@ -374,6 +406,7 @@ fn ask_stack(shared: &Shared, worker: &Worker) -> Report {
     }
     if let Some(id) = reply.request {
         if let Some((line, answered)) = worker.describe(id) {
+            report.route = route_of(&line, reply.route.as_deref());
             report.request = Some(match &reply.route {
                 Some(route) if !line.ends_with(route.as_str()) => format!("{line} (route {route})"),
                 _ => line,
@@ -386,6 +419,7 @@ fn ask_stack(shared: &Shared, worker: &Worker) -> Report {
         // group's) is not the request's own; with one request in flight on
         // the worker, it is that request's.
         if let [(line, answered)] = worker.in_flight_entries().as_slice() {
+            report.route = route_of(line, None);
             report.request = Some(line.clone());
             report.background = *answered;
         }

@@ -78,6 +78,8 @@ pub(crate) struct Shared {
     pub(crate) stopping: AtomicBool,
     /// `GET /path` → when it last stalled a loop (`None`: stalling now).
     suspects: Mutex<HashMap<String, Option<Instant>>>,
+    /// Blocked loops by the route that blocked them, for `/_fastlane/stalls`.
+    pub(crate) stall_rows: Mutex<HashMap<(String, String), fastlane::StallRow>>,
     pub(crate) stats: Stats,
     /// Workers that died soon after starting, in a row: the backoff of the next.
     crashes: AtomicU32,
@@ -170,6 +172,7 @@ impl Shared {
             pending: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
             suspects: Mutex::new(HashMap::new()),
+            stall_rows: Mutex::new(HashMap::new()),
             stats: Stats::default(),
             crashes: AtomicU32::new(0),
             runtime: tokio::runtime::Handle::current(),
@@ -229,9 +232,15 @@ impl Shared {
                 "worker {} keeps its lowered priority (raising it needs a privilege); a fresh worker takes its place",
                 worker.number
             );
-            worker.retire(shared.config.grace_period);
-            shared.fork_in_background("in place of a worker left at a lowered priority");
+            shared.replace(&worker, "in place of a worker left at a lowered priority");
         }
+    }
+
+    /// Retires `worker` (it drains what it runs) and forks a fresh one in
+    /// its place.
+    pub(crate) fn replace(self: &Arc<Self>, worker: &Worker, why: &'static str) {
+        worker.retire(self.config.grace_period);
+        self.fork_in_background(why);
     }
 
     /// Sets the nice value of `worker`'s event loop thread (through its

@@ -64,7 +64,7 @@ pub(crate) async fn dispatch(
     let path = parts.uri.path();
     let key_line = format!("WEBSOCKET {path}");
     let decoded = dispatch::percent_decode(path);
-    let head = dispatch::request_head(&parts, &decoded, server, "ws", false, b"");
+    let head = dispatch::request_head(&parts, &decoded, server, true, false, b"");
     let limit = shared.config.body_limit;
     loop {
         let (worker, suspect) = match dispatch::choose(&shared, &key_line).await {

@@ -300,7 +300,7 @@ fn stream_timing(addr: &str, path: &str) -> (Duration, Duration, String) {
 fn test1_answers_at_once_while_test2_blocks_its_event_loop() {
     let Some(python) = python("test1_answers_at_once_while_test2_blocks_its_event_loop") else { return };
     // One worker, as `uvicorn main:app` runs: the blocked loop is its only one.
-    let served = Served::start(&python, "app:app", &[]);
+    let served = Served::start(&python, "app:app", &["--expose-internal"]);
     let url = served.url("/test2?secs=8");
     let blocked = std::thread::spawn(move || {
         let sent = Instant::now();
@@ -308,6 +308,20 @@ fn test1_answers_at_once_while_test2_blocks_its_event_loop() {
         (response.status.as_u16(), sent.elapsed())
     });
     std::thread::sleep(Duration::from_millis(300));
+    // Listed while it lasts, by route, with where it is stuck.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let ongoing = loop {
+        let rows = json(&get(&served.url("/_fastlane/stalls")));
+        if let Some(row) = rows.as_array().unwrap().iter().find(|r| r["route"] == "/test2") {
+            break row.clone();
+        }
+        assert!(Instant::now() < deadline, "/_fastlane/stalls never listed /test2: {rows}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // (A fresh worker's first request may also stall it briefly while the
+    // app warms up, before the sleep: a stall of its own, counted apart.)
+    assert_eq!((&ongoing["method"], &ongoing["ongoing"]), (&"GET".into(), &1.into()), "{ongoing}");
+    assert!(ongoing["at"].as_str().unwrap().starts_with("app.py:"), "{ongoing}");
     for _ in 0..5 {
         let sent = Instant::now();
         let response = get(&served.url("/test1"));
@@ -337,6 +351,14 @@ fn test1_answers_at_once_while_test2_blocks_its_event_loop() {
     assert!(first.contains("in test2: time.sleep(secs)"), "{first}");
     assert!(first.contains("`def` instead of `async def`"), "{first}");
     assert!(log.contains("started a worker (a spare"), "{log}");
+    // Counted once it has ended, with how long it lasted.
+    let rows = json(&get(&served.url("/_fastlane/stalls")));
+    let row =
+        rows.as_array().unwrap().iter().find(|r| r["route"] == "/test2").unwrap_or_else(|| panic!("{rows}"));
+    assert_eq!(row["ongoing"], 0, "{row}");
+    assert!(row["count"].as_u64().unwrap() >= 1, "{row}");
+    assert!(row["worst_ms"].as_f64().unwrap() >= 7_900.0, "{row}");
+    assert!(row["at"].as_str().unwrap().contains("in test2: time.sleep(secs)"), "{row}");
 }
 
 #[test]
@@ -758,6 +780,69 @@ fn the_scope_is_the_one_uvicorn_gives() {
         let theirs = get(&format!("{peer}{path}"));
         assert_eq!((ours.status, ours.text()), (theirs.status, theirs.text()), "{path}");
     }
+    // Proxy headers from 127.0.0.1, which both trust by default: the client
+    // is the first untrusted hop from the right, the scheme the proxy's.
+    let peer_addr = format!("127.0.0.1:{port}");
+    for headers in [
+        &[("X-Forwarded-For", "6.6.6.6, 5.6.7.8"), ("X-Forwarded-Proto", "https")][..],
+        &[("X-Forwarded-For", "203.0.113.7")],
+        &[("X-Forwarded-Proto", "https")],
+    ] {
+        let ours = raw_json(&served.addr, "/scope", headers);
+        let theirs = raw_json(&peer_addr, "/scope", headers);
+        assert_eq!(
+            (&ours["client_host"], &ours["scheme"]),
+            (&theirs["client_host"], &theirs["scheme"]),
+            "{headers:?}"
+        );
+    }
+    let forwarded = raw_json(&served.addr, "/scope", &[("X-Forwarded-For", "6.6.6.6, 5.6.7.8")]);
+    assert_eq!(forwarded["client_host"], "5.6.7.8");
+    // The access log names the client it believed.
+    assert!(served.wait_for_log("client=5.6.7.8", Duration::from_secs(5)), "{}", served.log());
+}
+
+#[test]
+fn proxy_headers_from_an_untrusted_peer_are_ignored() {
+    let Some(python) = python("proxy_headers_from_an_untrusted_peer_are_ignored") else { return };
+    let spoofed = [("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-Proto", "https")];
+    // 127.0.0.1 is not among the trusted: a client spoofing its address
+    // and scheme is seen as what it is.
+    let served = Served::start(&python, "app:app", &["--forwarded-allow-ips", "10.0.0.0/8, ::1"]);
+    let scope = raw_json(&served.addr, "/scope", &spoofed);
+    assert_eq!((&scope["client_host"], &scope["scheme"]), (&"127.0.0.1".into(), &"http".into()));
+    assert!(served.wait_for_log("client=127.0.0.1", Duration::from_secs(5)), "{}", served.log());
+    assert!(!served.log().contains("6.6.6.6"), "{}", served.log());
+    // --no-proxy-headers ignores them from every peer.
+    let off = Served::start(&python, "app:app", &["--no-proxy-headers", "--forwarded-allow-ips", "*"]);
+    let scope = raw_json(&off.addr, "/scope", &spoofed);
+    assert_eq!((&scope["client_host"], &scope["scheme"]), (&"127.0.0.1".into(), &"http".into()));
+    // A list that is not addresses is refused, naming the flag.
+    let out = Command::new(env!("CARGO_BIN_EXE_fastlane"))
+        .args(["serve", "app:app", "--forwarded-allow-ips", "localhost"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--forwarded-allow-ips"), "{stderr}");
+    assert!(stderr.contains("`localhost` is not an IP address"), "{stderr}");
+}
+
+/// A GET with extra headers over a plain socket (the test client sends
+/// none of its own), and its JSON body.
+fn raw_json(addr: &str, path: &str, headers: &[(&str, &str)]) -> serde_json::Value {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no body: {response}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
 /// A child process killed when dropped.

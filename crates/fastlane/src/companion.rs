@@ -33,6 +33,13 @@ pub trait Companion: Send + 'static {
         None
     }
 
+    /// The stalls it has seen, for `GET /_fastlane/stalls` beside the
+    /// server's own routes (an ASGI app's blocked event loops). None by
+    /// default.
+    fn stalls(&self) -> Option<StallSource> {
+        None
+    }
+
     /// Runs until `stop` turns true, then finishes within `grace`.
     fn run(self: Box<Self>, stop: watch::Receiver<bool>, grace: Duration) -> CompanionFuture;
 }
@@ -61,6 +68,10 @@ pub struct CompanionMetric {
 
 /// Reads a companion's metrics; called at each scrape of `GET /metrics`.
 pub type MetricsSource = Arc<dyn Fn() -> Vec<CompanionMetric> + Send + Sync>;
+
+/// Reads a companion's stall rows; called at each request of
+/// `GET /_fastlane/stalls`.
+pub type StallSource = Arc<dyn Fn() -> Vec<crate::StallRow> + Send + Sync>;
 
 tokio::task_local! {
     /// The server whose companion (or a task it spawned) is running.

@@ -52,13 +52,15 @@ mod telemetry;
 
 pub use api_error::ApiError;
 pub use background::{Background, TaskResult};
-pub use companion::{spawn, Companion, CompanionFuture, CompanionMetric, MetricKind, MetricsSource, Spawner};
+pub use companion::{
+    spawn, Companion, CompanionFuture, CompanionMetric, MetricKind, MetricsSource, Spawner, StallSource,
+};
 pub use error::Error;
-pub use executor::IsolationConfig;
+pub use executor::{IsolationConfig, StallRow};
 pub use lane::{blocking, compute, cpu, sync, LaneConfig, LaneError, LaneHandler, Lanes};
 pub use server::{
-    BoundServer, Config, CutWork, RouteTimeout, ServeArgs, Server, ServerHandle, SetTimeout, ShutdownReport,
-    SpawnedServer,
+    BoundServer, ClientInfo, Config, CutWork, ForwardedAllowIps, RouteTimeout, ServeArgs, Server,
+    ServerHandle, SetTimeout, ShutdownReport, SpawnedServer,
 };
 pub use supervisor::worker::worker_id;
 pub use telemetry::{init_logging, init_logging_with, Human as HumanDuration, LogConfig, LogFields};

@@ -193,3 +193,55 @@ async fn binding_a_taken_port_is_a_clear_error() {
     let message = err.to_string();
     assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
 }
+
+/// The body of a GET sent with extra headers over a plain socket.
+async fn get_with_headers(addr: std::net::SocketAddr, path: &str, headers: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{headers}\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+#[tokio::test]
+async fn the_client_is_taken_from_proxy_headers_only_when_the_peer_is_trusted() {
+    async fn whoami(
+        client: fastlane::ClientInfo,
+        axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    ) -> String {
+        format!("{} {} {}", client.addr, client.scheme(), peer.ip())
+    }
+    let app = || Router::new().route("/whoami", get(whoami));
+    let spoof = "X-Forwarded-For: 6.6.6.6, 198.51.100.4\r\nX-Forwarded-Proto: https\r\n";
+
+    // The default trusts 127.0.0.1, where this test's client is.
+    let server = start(app(), Config::default()).await;
+    let body = get_with_headers(server.local_addr(), "/whoami", spoof).await;
+    assert_eq!(body, "198.51.100.4:0 https 127.0.0.1");
+    let body =
+        get_with_headers(server.local_addr(), "/whoami", "Forwarded: for=\"[2001:db8::7]\";proto=https\r\n")
+            .await;
+    assert_eq!(body, "[2001:db8::7]:0 https 127.0.0.1");
+    let body = get_with_headers(server.local_addr(), "/whoami", "").await;
+    assert!(body.starts_with("127.0.0.1:") && body.ends_with(" http 127.0.0.1"), "{body}");
+    server.shutdown().await.unwrap();
+
+    // A peer that is not trusted cannot say who it is.
+    let untrusted: fastlane::ForwardedAllowIps = "10.0.0.0/8".parse().unwrap();
+    let server = start(app(), Config { forwarded_allow_ips: untrusted, ..Config::default() }).await;
+    let body = get_with_headers(server.local_addr(), "/whoami", spoof).await;
+    assert!(body.starts_with("127.0.0.1:") && body.ends_with(" http 127.0.0.1"), "{body}");
+    server.shutdown().await.unwrap();
+
+    // Nor can anyone with proxy headers off.
+    let server = start(app(), Config { proxy_headers: false, ..Config::default() }).await;
+    let body = get_with_headers(server.local_addr(), "/whoami", spoof).await;
+    assert!(body.starts_with("127.0.0.1:") && body.ends_with(" http 127.0.0.1"), "{body}");
+    server.shutdown().await.unwrap();
+}

@@ -61,7 +61,8 @@ use budget::{Budget, Gate};
 use reactor::Reactor;
 pub(crate) use slot::{enter_request, enter_route, request_deadline_changed, Phase};
 use slot::{Slot, CURRENT, STUCK};
-pub(crate) use stalls::{RouteInfo, RouteTable, NO_ROUTE};
+pub use stalls::StallRow;
+pub(crate) use stalls::{worst_first, RouteInfo, RouteTable, NO_ROUTE};
 
 /// How the isolation of async handlers is set up.
 ///

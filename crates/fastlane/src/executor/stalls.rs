@@ -129,20 +129,63 @@ impl StallStats {
     }
 }
 
-/// One row of `GET /_fastlane/stalls`.
-#[derive(Debug, Serialize)]
-pub(crate) struct StallRow {
-    method: String,
-    route: String,
+/// One row of `GET /_fastlane/stalls`: a route whose handlers (or tasks)
+/// have stalled, made by the server for its own routes and by a
+/// [`Companion`](crate::Companion) for what it runs (an ASGI app's blocked
+/// event loops).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StallRow {
+    /// `GET`.
+    pub method: String,
+    /// The route template (`/items/{id}`), or the path when there is none.
+    pub route: String,
     /// Stalls that have ended.
-    count: u64,
+    pub count: u64,
     /// Stalls going on now.
-    ongoing: u32,
-    last_ms: f64,
-    worst_ms: f64,
-    total_ms: f64,
+    pub ongoing: u32,
+    /// How long the last stall that ended lasted.
+    pub last_ms: f64,
+    /// The longest stall.
+    pub worst_ms: f64,
+    /// All the stalls together.
+    pub total_ms: f64,
     /// Requests answered 503 because this route was stalling at the cap.
-    rejected: u64,
+    pub rejected: u64,
+    /// Where the last stall was stuck, when known (a Python app's
+    /// `main.py:25 in test2: time.sleep(secs)`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+}
+
+impl StallRow {
+    /// A row for `method route` with nothing counted yet.
+    pub fn new(method: impl Into<String>, route: impl Into<String>) -> Self {
+        Self {
+            method: method.into(),
+            route: route.into(),
+            count: 0,
+            ongoing: 0,
+            last_ms: 0.0,
+            worst_ms: 0.0,
+            total_ms: 0.0,
+            rejected: 0,
+            at: None,
+        }
+    }
+
+    /// Counts a stall that has ended after `lasted`.
+    pub fn ended(&mut self, lasted: Duration) {
+        let ms = lasted.as_secs_f64() * 1000.0;
+        self.count += 1;
+        self.last_ms = ms;
+        self.worst_ms = self.worst_ms.max(ms);
+        self.total_ms += ms;
+    }
+}
+
+/// Sorts stall rows worst first.
+pub(crate) fn worst_first(rows: &mut [StallRow]) {
+    rows.sort_by(|a, b| b.worst_ms.total_cmp(&a.worst_ms));
 }
 
 /// Statuses a route can count without a lock.
@@ -225,9 +268,10 @@ impl RouteTable {
                 worst_ms: ms(&r.stalls.worst_us),
                 total_ms: ms(&r.stalls.total_us),
                 rejected: r.stalls.rejected.load(Ordering::Relaxed),
+                at: None,
             })
             .collect();
-        rows.sort_by(|a, b| b.worst_ms.total_cmp(&a.worst_ms));
+        worst_first(&mut rows);
         rows
     }
 }

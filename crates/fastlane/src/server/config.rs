@@ -79,6 +79,15 @@ pub struct Config {
     /// off: it reveals route names and load to whoever can reach the port.
     /// The demo turns it on.
     pub expose_internal: bool,
+    /// Take the client's address and scheme from `X-Forwarded-For` /
+    /// `X-Forwarded-Proto` (or `Forwarded`) when the peer is one of
+    /// `forwarded_allow_ips`; see [`ClientInfo`](crate::ClientInfo). Default
+    /// on, as uvicorn's `--proxy-headers`: with the default trust list only a
+    /// proxy on this machine is believed.
+    pub proxy_headers: bool,
+    /// The peers whose proxy headers are believed. Default `127.0.0.1`, as
+    /// uvicorn and gunicorn.
+    pub forwarded_allow_ips: crate::ForwardedAllowIps,
 }
 
 impl Default for Config {
@@ -97,6 +106,8 @@ impl Default for Config {
             max_requests: None,
             max_requests_jitter: 0,
             expose_internal: false,
+            proxy_headers: true,
+            forwarded_allow_ips: crate::ForwardedAllowIps::default(),
         }
     }
 }
@@ -236,6 +247,17 @@ pub struct ServeArgs {
     /// Nice value added to CPU-lane threads, 0-19 [default: 10].
     #[arg(long, env = "FASTLANE_CPU_NICE", value_parser = clap::value_parser!(i32).range(0..=19))]
     pub cpu_nice: Option<i32>,
+    /// Take the client's address and scheme from X-Forwarded-For / X-Forwarded-Proto (or Forwarded)
+    /// sent by a peer in --forwarded-allow-ips [default: on].
+    #[arg(long, overrides_with = "no_proxy_headers")]
+    pub proxy_headers: bool,
+    /// Ignore proxy headers: the client is always the socket's peer.
+    #[arg(long, env = "FASTLANE_NO_PROXY_HEADERS", overrides_with = "proxy_headers")]
+    pub no_proxy_headers: bool,
+    /// Peers whose proxy headers are believed: comma-separated addresses and networks
+    /// (10.0.0.0/8), or * for any [default: 127.0.0.1].
+    #[arg(long, value_name = "IPS", env = "FORWARDED_ALLOW_IPS", value_parser = parse_allow_ips)]
+    pub forwarded_allow_ips: Option<crate::ForwardedAllowIps>,
 }
 
 fn parse_secs(s: &str) -> Result<f64, String> {
@@ -256,6 +278,10 @@ fn parse_bind(s: &str) -> Result<(String, u16), String> {
         return Err(format!("`{s}` has no host (e.g. 127.0.0.1:8000, or 0.0.0.0:8000 for every interface)"));
     }
     Ok((host.to_owned(), port))
+}
+
+fn parse_allow_ips(s: &str) -> Result<crate::ForwardedAllowIps, String> {
+    s.parse()
 }
 
 /// uvicorn's level names (`warning`, `critical`) and tracing's.
@@ -346,6 +372,17 @@ impl ServeArgs {
         }
         if self.no_isolation {
             config.isolation.enabled = false;
+        }
+        // The last of --proxy-headers / --no-proxy-headers given wins (clap
+        // clears the other); neither keeps the app's choice.
+        if self.proxy_headers {
+            config.proxy_headers = true;
+        }
+        if self.no_proxy_headers {
+            config.proxy_headers = false;
+        }
+        if let Some(ips) = self.forwarded_allow_ips {
+            config.forwarded_allow_ips = ips;
         }
         let lanes = &mut config.lanes;
         if let Some(n) = self.blocking_threads {

@@ -100,7 +100,8 @@ where
         let route = self.shared.route(req.method(), path);
         let state = &self.shared.state;
         let unmatched = (path == UNMATCHED).then(|| req.uri().path().into());
-        let request = Arc::new(RequestState::new(state.clone(), route, started, unmatched));
+        let client = req.extensions().get::<crate::ClientInfo>().map(|c| c.addr.ip());
+        let request = Arc::new(RequestState::new(state.clone(), route, started, unmatched, client));
 
         if let Some(executor) = &state.executor {
             // This route has been stalling and the threads set aside for
@@ -272,6 +273,7 @@ fn finish(request: &Arc<RequestState>, response: Response) -> Response {
     // `log_requests` middleware prints it: `GET /users/{id} 200 1.3ms`.
     tracing::info!(
         target: "fastlane::request",
+        client = request.client.map(tracing::field::display),
         "{} {} {} {:.1}ms",
         request.method,
         request.unmatched_path.as_deref().unwrap_or(&request.route.route),

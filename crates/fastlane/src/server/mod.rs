@@ -9,6 +9,7 @@
 
 mod config;
 mod middleware;
+mod proxy;
 mod report;
 mod sniff;
 mod state;
@@ -38,6 +39,7 @@ use tokio::sync::watch;
 use tower::Service;
 
 pub use config::{Config, ServeArgs};
+pub use proxy::{ClientInfo, ForwardedAllowIps};
 pub use report::{CutWork, ShutdownReport};
 pub(crate) use state::{RequestState, ServerState};
 pub use timeout::{RouteTimeout, SetTimeout};
@@ -163,6 +165,7 @@ impl Server {
             None => Mode::Single,
         };
         let sources = self.companions.iter().filter_map(|c| c.metrics()).collect();
+        let stall_sources = state::StallSources(self.companions.iter().filter_map(|c| c.stalls()).collect());
         let metrics = Metrics::new(&self.config.lanes, worker.map(|w| (w.id, w.restarts)), sources);
         let lanes = Lanes::with_gauges(self.config.lanes.clone(), metrics.lane_gauges());
         lanes.install_fallback();
@@ -187,6 +190,7 @@ impl Server {
             runtime,
             routes,
             executor,
+            stall_sources,
         });
         // axum's extractors already refuse bodies over 2 MiB; a layer (one
         // more boxed service per request) is only worth it for another limit.
@@ -674,8 +678,9 @@ struct ConnectionService {
     /// enforces the HTTP/1 deadline itself); on tokio's I/O hyper does, and
     /// only HTTP/2 streams are counted.
     watch_http1: bool,
-    /// The client's address, given to each request as axum's
-    /// `ConnectInfo<SocketAddr>` (an ASGI app's `client`, too).
+    /// The socket's peer, given to each request as axum's
+    /// `ConnectInfo<SocketAddr>`, and with the proxy headers as
+    /// [`ClientInfo`] (an ASGI app's `client`).
     peer: SocketAddr,
 }
 
@@ -697,6 +702,10 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
     type Future = Served;
 
     fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
+        let config = &self.state.config;
+        let trusted = config.proxy_headers.then_some(&config.forwarded_allow_ips);
+        let client = ClientInfo::resolve(self.peer, req.headers(), trusted);
+        req.extensions_mut().insert(client);
         req.extensions_mut().insert(axum::extract::ConnectInfo(self.peer));
         let watched = self.watch_http1 || req.version() == http::Version::HTTP_2;
         let busy = watched.then(|| Busy::new(&self.watch, req.method() == http::Method::CONNECT));
@@ -802,7 +811,12 @@ fn internal_endpoint<B>(state: &ServerState, req: &http::Request<B>) -> Option<R
     }
     match req.uri().path() {
         "/metrics" => Some(metrics_response(state)),
-        "/_fastlane/stalls" => Some(axum::Json(state.routes.stall_rows()).into_response()),
+        "/_fastlane/stalls" => {
+            let mut rows = state.routes.stall_rows();
+            rows.extend(state.stall_sources.0.iter().flat_map(|source| source()));
+            crate::executor::worst_first(&mut rows);
+            Some(axum::Json(rows).into_response())
+        }
         "/_fastlane/worker" => {
             let body = serde_json::json!({ "worker": crate::worker_id(), "pid": std::process::id() });
             Some(axum::Json(body).into_response())

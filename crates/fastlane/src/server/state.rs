@@ -24,6 +24,17 @@ pub(crate) struct ServerState {
     pub(crate) routes: Arc<RouteTable>,
     /// The watched executor; `None` when isolation is off.
     pub(crate) executor: Option<Executor>,
+    /// The companions' stall rows, listed with the routes'.
+    pub(crate) stall_sources: StallSources,
+}
+
+/// The companions' [`StallSource`](crate::StallSource)s.
+pub(crate) struct StallSources(pub(crate) Vec<crate::StallSource>);
+
+impl std::fmt::Debug for StallSources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} stall sources", self.0.len())
+    }
 }
 
 impl ServerState {
@@ -71,6 +82,9 @@ pub(crate) struct RequestState {
     /// ASGI app behind fastlane): the access log shows it instead of the
     /// route, which is `<unmatched>` for all of them.
     pub(crate) unmatched_path: Option<Box<str>>,
+    /// The client's address for the access log ([`crate::ClientInfo`]:
+    /// the forwarded one behind a trusted proxy).
+    pub(crate) client: Option<std::net::IpAddr>,
     /// A per-route timeout set by [`RouteTimeout`](crate::RouteTimeout), in
     /// milliseconds; [`TIMEOUT_UNSET`] means "use the server's".
     timeout: AtomicU64,
@@ -95,6 +109,7 @@ impl RequestState {
         route: Arc<RouteInfo>,
         started: Instant,
         unmatched_path: Option<Box<str>>,
+        client: Option<std::net::IpAddr>,
     ) -> Self {
         let method = route.method.clone();
         let id = server.tracker.add_request(&route, started);
@@ -106,6 +121,7 @@ impl RequestState {
             started,
             started_ms: crate::coarse::now_ms(),
             unmatched_path,
+            client,
             timeout: AtomicU64::new(TIMEOUT_UNSET),
             pending: Mutex::new(Some(Vec::new())),
         }
