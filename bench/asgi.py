@@ -162,11 +162,17 @@ def wrk(seconds, path):
     raise RuntimeError("wrk printed no Requests/sec:\n" + out)
 
 
+def chosen(args, app):
+    """The servers to run: all, or those named by --server."""
+    return {name: cmd for name, cmd in servers(app).items() if not args.server or name in args.server}
+
+
 def isolation(args):
     results = {}
-    for name, cmd in servers("app").items():
+    scenarios = [s for s in SCENARIOS if not args.scenario or s[0] == CONTROL or any(w in s[0] for w in args.scenario)]
+    for name, cmd in chosen(args, "app").items():
         results[name] = {}
-        for scenario, path, concurrency in SCENARIOS:
+        for scenario, path, concurrency in scenarios:
             log(f"{name}: {scenario}")
             server = Server(name, cmd, "/fast")
             try:
@@ -183,10 +189,10 @@ def throughput(args):
     """{app: {server: [rounds]}}, servers alternating round by round."""
     out = {}
     for app, path in [("app", "/fast"), ("plain", "/")]:
-        rounds = {name: [] for name in servers(app)}
-        errors = {name: 0 for name in servers(app)}
+        rounds = {name: [] for name in chosen(args, app)}
+        errors = {name: 0 for name in chosen(args, app)}
         for i in range(args.wrk_rounds):
-            for name, cmd in servers(app).items():
+            for name, cmd in chosen(args, app).items():
                 server = Server(name, cmd, path)
                 try:
                     wrk(2, path)  # warm up: lazy imports, connection pools
@@ -200,9 +206,9 @@ def throughput(args):
     return out
 
 
-def memory():
+def memory(args):
     out = {}
-    for name, cmd in servers("app").items():
+    for name, cmd in chosen(args, "app").items():
         server = Server(name, cmd, "/fast")
         try:
             time.sleep(2)
@@ -224,7 +230,7 @@ def verdicts(iso):
     bound = 2 * control + 10
     lines = []
     for scenario, _, _ in SCENARIOS:
-        if scenario in ("idle", CONTROL):
+        if scenario in ("idle", CONTROL) or scenario not in fl:
             continue
         fast = fl[scenario]["fast"]
         p99 = p99_of(fast)
@@ -266,6 +272,8 @@ def section(command, args, iso, tput, mem):
             "| --- | " + " | ".join("---" for _ in names) + " |",
         ]
         for scenario, _, _ in SCENARIOS:
+            if scenario not in iso[names[0]]:
+                continue
             cells = []
             for name in names:
                 r = iso[name][scenario]
@@ -279,7 +287,7 @@ def section(command, args, iso, tput, mem):
         lines += ["", "Requests of the load itself answered in the window:", "",
                   "| load | " + " | ".join(names) + " |", "| --- | " + " | ".join("---" for _ in names) + " |"]
         for scenario, path, _ in SCENARIOS:
-            if path:
+            if path and scenario in iso[names[0]]:
                 lines.append(f"| {scenario} | " + " | ".join(str(iso[n][scenario]["load_ok"]) for n in names) + " |")
         v = verdicts(iso)
         if v:
@@ -293,11 +301,11 @@ def section(command, args, iso, tput, mem):
                   "alternating, a fresh server each round; median (all rounds):", ""]
         for app, title in [("app", "FastAPI JSON hello world (`GET /fast`)"), ("plain", "bare ASGI hello world")]:
             rounds = tput[app]["rounds"]
-            base = statistics.median(rounds["uvicorn"])
+            base = statistics.median(rounds["uvicorn"]) if "uvicorn" in rounds else None
             lines += [f"{title}:", "", "| server | req/s | × uvicorn | rounds | errors |", "| --- | --- | --- | --- | --- |"]
             for name, values in rounds.items():
                 med = statistics.median(values)
-                lines.append(f"| {name} | {med:,.0f} | {med / base:.2f} | "
+                lines.append(f"| {name} | {med:,.0f} | {f'{med / base:.2f}' if base else '–'} | "
                              + ", ".join(f"{v:,.0f}" for v in values) + f" | {tput[app]['errors'][name]} |")
             lines.append("")
     if mem:
@@ -318,13 +326,20 @@ def main():
     parser.add_argument("--wrk-rounds", type=int, default=3, help="wrk rounds per server (default 3)")
     parser.add_argument("--only", choices=["isolation", "throughput", "memory"],
                         help="run one part and print it (docs/BENCHMARKS.md is left alone)")
+    parser.add_argument("--server", action="append", choices=["fastlane serve", "uvicorn", "granian"],
+                        help="only this server (repeatable); with --only, for a quick look")
+    parser.add_argument("--scenario", action="append", metavar="WORDS",
+                        help="only the isolation scenarios whose name contains WORDS (repeatable; the control "
+                             "always runs); with --only, for a quick look")
     parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     args = parser.parse_args()
+    if (args.server or args.scenario) and not args.only:
+        parser.error("--server and --scenario need --only: docs/BENCHMARKS.md keeps whole runs only")
     command = "python3 bench/asgi.py " + " ".join(sys.argv[1:])
     build()
     iso = isolation(args) if args.only in (None, "isolation") else {}
     tput = throughput(args) if args.only in (None, "throughput") else {}
-    mem = memory() if args.only in (None, "memory") else {}
+    mem = memory(args) if args.only in (None, "memory") else {}
     text = section(command.strip(), args, iso, tput, mem)
     if args.only:
         print(text)

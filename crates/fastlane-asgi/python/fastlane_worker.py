@@ -113,6 +113,25 @@ def log(level, message):
     sys.stderr.flush()
 
 
+def demote(pid, nice):
+    """Runs the worker `pid` (its loop thread) at a lower priority while its loop spins the CPU (`nice` > 0),
+    or at its normal one again (0). Whether it could.
+
+    Demoted, it runs under SCHED_IDLE as well as at the nice value: the lowest weight there is, and a thread
+    that wakes up on its core (the front, another worker) preempts it at once, where a nice value only
+    lowers its share (docs/DESIGN.md has the figures). Going back needs a privilege a service seldom has:
+    the front then replaces the worker instead."""
+    idle = getattr(os, "SCHED_IDLE", None)
+    try:
+        if idle is not None:
+            policy = idle if nice > 0 else os.SCHED_OTHER
+            os.sched_setscheduler(pid, policy, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+        return True
+    except OSError:
+        return False
+
+
 def recv_exact(sock, n):
     parts = []
     while n:
@@ -256,15 +275,7 @@ def zygote(config):
                 pass
             continue
         if kind == NICE:
-            # A worker whose loop spins the CPU runs at a lower priority while it does, so that
-            # it takes no CPU time from the front and the other workers. Raising it back needs a
-            # privilege a service seldom has: the front then replaces the worker instead.
-            try:
-                os.setpriority(os.PRIO_PROCESS, number, struct.unpack("<i", payload)[0])
-                done = b"\x01"
-            except OSError:
-                done = b"\x00"
-            tell(frame(NICED, number, done))
+            tell(frame(NICED, number, b"\x01" if demote(number, struct.unpack("<i", payload)[0]) else b"\x00"))
             continue
         if kind != FORK:
             continue

@@ -123,6 +123,9 @@ enum JobsCommand {
         /// Queue.
         #[arg(long, default_value = "default")]
         queue: String,
+        /// Attempts before a failing job is dead.
+        #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u32).range(1..))]
+        max_attempts: u32,
     },
     /// Counts per state.
     Stats {
@@ -415,12 +418,14 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        JobsCommand::Enqueue { url, name, payload, count, queue } => {
+        JobsCommand::Enqueue { url, name, payload, count, queue, max_attempts } => {
             let payload: serde_json::Value =
                 serde_json::from_str(&payload).map_err(|e| format!("--payload is not valid JSON: {e}"))?;
             let store = connect(url).await?;
             let registry = jobs::demo_registry();
-            let job = fastlane_jobs::NewJob::new(name.clone(), payload.clone()).queue(queue.clone());
+            let job = fastlane_jobs::NewJob::new(name.clone(), payload.clone())
+                .queue(queue.clone())
+                .max_attempts(max_attempts);
             registry.check(&job).map_err(|e| e.to_string())?;
             // One transaction per thousand jobs.
             let last = jobs::enqueue_copies(&store, &job, count, 1000).await.map_err(|e| e.to_string())?;
@@ -470,12 +475,29 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Retry { url, id } => {
-            let state = connect(url).await?.retry(id).await.map_err(|e| e.to_string())?;
-            println!("job {id}: {state}");
+            use fastlane_jobs::JobState::{Available, Running, Scheduled, Succeeded};
+            let store = connect(url).await?;
+            // A retry of a job that is waiting, running or done would do
+            // nothing: say so, and fail, rather than print its state as if
+            // something had happened.
+            let before = store.get(id).await.map_err(|e| e.to_string())?.state;
+            if matches!(before, Scheduled | Available | Running | Succeeded) {
+                return Err(format!(
+                    "job {id} is {before}: nothing to retry (retry makes a dead, cancelled or retrying job available again)"
+                ));
+            }
+            let state = store.retry(id).await.map_err(|e| e.to_string())?;
+            println!("job {id}: {before} -> {state}");
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Cancel { url, id } => {
-            let state = connect(url).await?.cancel(id).await.map_err(|e| e.to_string())?;
+            use fastlane_jobs::JobState::{Cancelled, Dead, Succeeded};
+            let store = connect(url).await?;
+            let before = store.get(id).await.map_err(|e| e.to_string())?.state;
+            if matches!(before, Succeeded | Dead | Cancelled) {
+                return Err(format!("job {id} is already {before}: nothing to cancel"));
+            }
+            let state = store.cancel(id).await.map_err(|e| e.to_string())?;
             let note = if state == fastlane_jobs::JobState::Running {
                 " (asked to stop; its worker tells the handler within about a second)"
             } else {

@@ -51,6 +51,8 @@ pub struct ProbeResult {
     pub samples: Vec<Sample>,
     /// From the first send to the last response.
     pub wall: Duration,
+    /// How many requests the probe let be in flight at once (`-c`).
+    pub concurrency: usize,
 }
 
 /// Sends the requests and collects their timings.
@@ -96,7 +98,7 @@ pub async fn run(config: &ProbeConfig) -> ProbeResult {
     }
     bar.finish_and_clear();
     let wall = samples.iter().map(|s| s.end).max().unwrap_or_default();
-    ProbeResult { samples, wall }
+    ProbeResult { samples, wall, concurrency: config.concurrency.max(1) }
 }
 
 /// The most intervals open at the same moment. An end at the same instant as
@@ -157,6 +159,11 @@ impl ProbeResult {
                 "overlapped (ran in parallel): up to {served} served at once; total {wall:.2} s against {:.2} s if one after another",
                 sum.as_secs_f64()
             )
+        } else if self.concurrency == 1 {
+            format!(
+                "ran one after another because -c 1 sends one request at a time: the client serialised them, \
+                 not the server; total {wall:.2} s. Use -c {n} to see whether the server runs them in parallel"
+            )
         } else if in_flight > 1 {
             format!(
                 "ran one after another: sent together (up to {in_flight} in flight), but the server answered them in turn; \
@@ -197,15 +204,26 @@ impl ProbeResult {
         out
     }
 
-    /// A timeline chart: one bar (`<rect>`) per request on a time axis.
+    /// A timeline chart: one bar (`<rect>`) per request on a time axis,
+    /// each labelled with its URL, status and duration (beside the bar when
+    /// the bar is too short to hold it), under the verdict, with a legend
+    /// of the colours and a caption on the axis.
     pub fn svg(&self) -> String {
-        const LEFT: f64 = 60.0;
+        const LEFT: f64 = 40.0;
         const WIDTH: f64 = 760.0;
         const ROW: f64 = 22.0;
-        const TOP: f64 = 40.0;
+        // The verdict, wrapped to the chart's width (about 100 characters
+        // at font-size 14), then the legend, then the bars.
+        let verdict = wrap(&self.verdict(), 100);
+        let extra = 18.0 * (verdict.len().max(1) - 1) as f64;
+        let legend_y = 32.0 + extra;
+        let top = 62.0 + extra;
+        /// A rough width of one character at font-size 12, to tell whether a
+        /// label fits inside its bar.
+        const CHAR: f64 = 6.8;
         let span = self.wall.as_secs_f64().max(0.001);
         let rows = self.samples.len();
-        let height = TOP + ROW * rows as f64 + 40.0;
+        let height = top + ROW * rows as f64 + 52.0;
         let x = |t: Duration| LEFT + t.as_secs_f64() / span * WIDTH;
         let mut svg = String::new();
         let _ = writeln!(
@@ -214,10 +232,31 @@ impl ProbeResult {
             w = LEFT + WIDTH + 40.0
         );
         let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-        let _ = writeln!(svg, r#"<text x="{LEFT}" y="20" font-size="14">{}</text>"#, escape(&self.verdict()));
-        // Time axis with about eight ticks at a round step.
+        for (i, line) in verdict.iter().enumerate() {
+            let _ = writeln!(
+                svg,
+                r#"<text x="{LEFT}" y="{}" font-size="14">{}</text>"#,
+                20.0 + 18.0 * i as f64,
+                escape(line)
+            );
+        }
+        // The legend: what the colours mean.
+        let mut lx = LEFT;
+        for (color, meaning) in
+            [(OK, "answered (< 400)"), (CLIENT_ERROR, "4xx"), (FAILED, "5xx, error or timeout")]
+        {
+            let _ = writeln!(
+                svg,
+                r#"<rect x="{lx:.1}" y="{legend_y}" width="12" height="12" fill="{color}"/><text x="{:.1}" y="{}">{}</text>"#,
+                lx + 16.0,
+                legend_y + 10.0,
+                escape(meaning)
+            );
+            lx += 16.0 + meaning.len() as f64 * CHAR + 18.0;
+        }
+        // Time axis with about eight ticks at a round step, and its caption.
         let step = nice_step(span / 8.0);
-        let axis_y = TOP + ROW * rows as f64 + 8.0;
+        let axis_y = top + ROW * rows as f64 + 8.0;
         let _ = writeln!(
             svg,
             r##"<line x1="{LEFT}" y1="{axis_y}" x2="{}" y2="{axis_y}" stroke="#333"/>"##,
@@ -228,34 +267,54 @@ impl ProbeResult {
             let tx = LEFT + t / span * WIDTH;
             let _ = writeln!(
                 svg,
-                r##"<line x1="{tx:.1}" y1="{TOP}" x2="{tx:.1}" y2="{axis_y}" stroke="#ddd"/><text x="{tx:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+                r##"<line x1="{tx:.1}" y1="{top}" x2="{tx:.1}" y2="{axis_y}" stroke="#ddd"/><text x="{tx:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
                 axis_y + 16.0,
                 format_secs(t)
             );
             t += step;
         }
+        let _ = writeln!(
+            svg,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#333">time since the first request was sent; each bar is one request, from sent to answered</text>"##,
+            LEFT + WIDTH / 2.0,
+            axis_y + 36.0
+        );
         for (i, s) in self.samples.iter().enumerate() {
-            let y = TOP + ROW * i as f64 + 3.0;
+            let y = top + ROW * i as f64 + 3.0;
             let x0 = x(s.start);
             let w = (x(s.end) - x0).max(1.0);
             let color = match s.outcome {
-                Ok(code) if code < 400 => "#2e8b57",
-                Ok(code) if code < 500 => "#e69500",
-                _ => "#c0392b",
+                Ok(code) if code < 400 => OK,
+                Ok(code) if code < 500 => CLIENT_ERROR,
+                _ => FAILED,
             };
-            let label = match &s.outcome {
+            let outcome = match &s.outcome {
                 Ok(code) => format!("{code} {:.3}s", s.duration().as_secs_f64()),
                 Err(_) => format!("error {:.3}s", s.duration().as_secs_f64()),
             };
+            let label = format!("{} {outcome}", short_url(&s.url));
             let _ = writeln!(
                 svg,
-                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">#{}</text><rect x="{x0:.1}" y="{y:.1}" width="{w:.1}" height="{:.1}" fill="{color}"><title>{}</title></rect><text x="{:.1}" y="{:.1}" fill="white">{}</text>"#,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">#{}</text><rect x="{x0:.1}" y="{y:.1}" width="{w:.1}" height="{:.1}" fill="{color}"><title>{}</title></rect>"#,
                 LEFT - 6.0,
                 y + 13.0,
                 i + 1,
                 ROW - 6.0,
-                escape(&format!("{} — {label}", s.url)),
-                x0 + 4.0,
+                escape(&format!("{} — {outcome}", s.url)),
+            );
+            // Inside the bar in white when it fits; else beside it (or, at
+            // the right edge, before it) in the bar's colour.
+            let text_width = label.chars().count() as f64 * CHAR + 8.0;
+            let (lx, anchor, fill) = if text_width <= w {
+                (x0 + 4.0, "start", "white")
+            } else if x0 + w + 4.0 + text_width <= LEFT + WIDTH + 40.0 {
+                (x0 + w + 4.0, "start", "#222")
+            } else {
+                (x0 - 4.0, "end", "#222")
+            };
+            let _ = writeln!(
+                svg,
+                r#"<text x="{lx:.1}" y="{:.1}" text-anchor="{anchor}" fill="{fill}">{}</text>"#,
                 y + 13.0,
                 escape(&label)
             );
@@ -263,6 +322,37 @@ impl ProbeResult {
         svg.push_str("</svg>\n");
         svg
     }
+}
+
+/// The colours of the bars.
+const OK: &str = "#2e8b57";
+const CLIENT_ERROR: &str = "#e69500";
+const FAILED: &str = "#c0392b";
+
+/// `text` in lines of at most `width` characters, broken at spaces.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for word in text.split(' ') {
+        match lines.last_mut() {
+            Some(line) if line.chars().count() + 1 + word.chars().count() <= width => {
+                line.push(' ');
+                line.push_str(word);
+            }
+            _ => lines.push(word.to_owned()),
+        }
+    }
+    lines
+}
+
+/// A URL as a bar's label: its path and query, cut to 48 characters.
+fn short_url(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let path = rest.find('/').map_or("/", |i| &rest[i..]);
+    if path.chars().count() <= 48 {
+        return path.to_owned();
+    }
+    let cut: String = path.chars().take(47).collect();
+    format!("{cut}…")
 }
 
 fn nice_step(raw: f64) -> f64 {
@@ -313,11 +403,12 @@ mod tests {
         let r = ProbeResult {
             samples: vec![sample(0, 2000), sample(5, 2005)],
             wall: Duration::from_millis(2005),
+            concurrency: 2,
         };
         assert_eq!((r.max_overlap(), r.served_overlap()), (2, 2));
         assert!(r.verdict().starts_with("overlapped"), "{}", r.verdict());
         let svg = r.svg();
-        assert_eq!(svg.matches("<rect x=").count(), 2, "{svg}");
+        assert_eq!(svg.matches("<rect x=").count(), 2 + 3, "two bars and the legend's three keys: {svg}");
     }
 
     #[test]
@@ -326,6 +417,7 @@ mod tests {
         let r = ProbeResult {
             samples: vec![sample(0, 2003), sample(1, 4005)],
             wall: Duration::from_millis(4005),
+            concurrency: 2,
         };
         assert_eq!((r.max_overlap(), r.served_overlap()), (2, 1));
         assert!(r.verdict().starts_with("ran one after another: sent together"), "{}", r.verdict());
@@ -336,8 +428,55 @@ mod tests {
         let r = ProbeResult {
             samples: vec![sample(0, 2000), sample(2000, 4000)],
             wall: Duration::from_millis(4000),
+            concurrency: 2,
         };
         assert_eq!(r.max_overlap(), 1);
         assert!(r.verdict().starts_with("ran one after another"), "{}", r.verdict());
+        // With -c 1 the client itself sent them one by one, and says so.
+        let r = ProbeResult { concurrency: 1, ..r };
+        assert!(r.verdict().contains("-c 1 sends one request at a time"), "{}", r.verdict());
+        assert!(r.verdict().contains("Use -c 2"), "{}", r.verdict());
+        // A verdict this long is wrapped to the chart's width.
+        let svg = r.svg();
+        assert!(svg.matches(r#"font-size="14">"#).count() >= 2, "{svg}");
+    }
+
+    #[test]
+    fn every_bar_is_labelled_with_its_url_and_the_chart_explains_itself() {
+        let long = format!("http://127.0.0.1:8000/slow/sync?secs=2&pad={}", "x".repeat(80));
+        let r = ProbeResult {
+            samples: vec![
+                Sample { url: "http://127.0.0.1:8000/test1".into(), ..sample(0, 3) },
+                Sample { url: long, ..sample(0, 2000) },
+                Sample {
+                    url: "http://127.0.0.1:8000/gone".into(),
+                    outcome: Err("refused".into()),
+                    ..sample(1990, 2000)
+                },
+            ],
+            wall: Duration::from_millis(2000),
+            concurrency: 3,
+        };
+        let svg = r.svg();
+        // A 3 ms bar is a sliver: its label goes beside it, in dark text.
+        assert!(svg.contains(r##"text-anchor="start" fill="#222">/test1 200 0.003s</text>"##), "{svg}");
+        // A long bar holds its label; a long URL is cut at 48 characters.
+        assert!(
+            svg.contains(
+                r#"fill="white">/slow/sync?secs=2&amp;pad=xxxxxxxxxxxxxxxxxxxxxxxxx… 200 2.000s</text>"#
+            ),
+            "{svg}"
+        );
+        // A short bar at the right edge is labelled before it.
+        assert!(svg.contains(r##"text-anchor="end" fill="#222">/gone error 0.010s</text>"##), "{svg}");
+        assert!(svg.contains("answered (&lt; 400)") && svg.contains("5xx, error or timeout"), "{svg}");
+        assert!(svg.contains("time since the first request was sent"), "{svg}");
+        // Every `<` opens a tag: text that needs escaping was escaped.
+        for (i, _) in svg.match_indices('<') {
+            let next = svg[i + 1..].chars().next().unwrap();
+            assert!(next.is_ascii_alphabetic() || next == '/', "a bare `<` at {i}: {svg}");
+        }
+        // Every bar has a label naming its URL.
+        assert_eq!(svg.matches("<rect x=").count(), 3 + 3, "three bars and three legend keys: {svg}");
     }
 }

@@ -71,7 +71,7 @@ async fn two_sync_requests_overlap() {
     assert_eq!(result.max_overlap(), 2, "{}", result.table());
     assert!(result.wall < Duration::from_millis(3500), "took {:?}", result.wall);
     assert!(result.verdict().starts_with("overlapped"));
-    assert_eq!(result.svg().matches("<rect x=").count(), 2);
+    assert_eq!(result.svg().matches("<rect x=").count(), 2 + 3, "two bars and the legend's three keys");
     server.shutdown().await.unwrap();
 }
 

@@ -29,21 +29,45 @@ fn enqueue_work_and_stats_through_the_cli() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown job `nope`"));
     let out = fastlane(&["jobs", "enqueue", "--url", &url, "sleep", "--payload", "{"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--payload is not valid JSON"));
+    // No payload: what is missing, in the JSON's terms (not a Rust type name).
+    let out = fastlane(&["jobs", "enqueue", "--url", &url, "sleep"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("payload of `sleep`: none was given; it must be a JSON object (missing field `ms`)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Payload"), "{stderr}");
+
+    // One more that fails for good at its only attempt.
+    let out = fastlane(&[
+        "jobs",
+        "enqueue",
+        "--url",
+        &url,
+        "fail",
+        "--payload",
+        r#"{"times": 5}"#,
+        "--max-attempts",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dead_id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
 
     let s = stats(&url);
     for state in ["scheduled", "available", "running", "succeeded", "retrying", "dead", "cancelled"] {
         assert!(s.get(state).is_some(), "missing {state}: {s}");
     }
-    assert_eq!(s["available"], 21);
+    assert_eq!(s["available"], 22);
 
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_fastlane"))
+    let worker = Command::new(env!("CARGO_BIN_EXE_fastlane"))
         .args(["jobs", "work", "--url", &url])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while stats(&url)["succeeded"] != 21 {
+    while stats(&url)["succeeded"] != 21 || stats(&url)["dead"] != 1 {
         assert!(Instant::now() < deadline, "jobs not done: {}", stats(&url));
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -52,8 +76,24 @@ fn enqueue_work_and_stats_through_the_cli() {
     unsafe {
         libc::kill(worker.id() as i32, libc::SIGTERM);
     }
-    let status = worker.wait().unwrap();
-    assert!(status.success());
+    let output = worker.wait_with_output().unwrap();
+    assert!(output.status.success());
+    // Each failed attempt is logged, not only counted: a warning while the
+    // job will run again, an error when it is dead.
+    let log = String::from_utf8_lossy(&output.stderr);
+    let retried = log
+        .lines()
+        .find(|l| l.contains("job 21 (fail) attempt 1 of 25 failed"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        retried.contains("WARN") && retried.contains("failing on purpose") && retried.contains("tried again"),
+        "{retried}"
+    );
+    let dead = log
+        .lines()
+        .find(|l| l.contains(&format!("job {dead_id} (fail) is dead after attempt 1 of 1")))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(dead.contains("ERROR") && dead.contains("no attempts left"), "{dead}");
     let show = fastlane(&["jobs", "show", "--url", &url, "21"]);
     let job: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
     assert_eq!(job["state"], "succeeded");
@@ -68,8 +108,24 @@ fn enqueue_work_and_stats_through_the_cli() {
     let out = fastlane(&["jobs", "list", "--url", &url, "--state", "cancelled"]);
     let listed = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(listed.lines().any(|l| l.split_whitespace().next() == Some(id.as_str())), "{listed}");
+    // Cancelling it again does nothing: said, with a non-zero exit.
+    let out = fastlane(&["jobs", "cancel", "--url", &url, &id]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains(&format!("job {id} is already cancelled: nothing to cancel")));
     let out = fastlane(&["jobs", "retry", "--url", &url, &id]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("job {id}: available"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("job {id}: cancelled -> available"));
+    // Retrying a job that waits to run does nothing either.
+    let out = fastlane(&["jobs", "retry", "--url", &url, &id]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("job {id} is available: nothing to retry"))
+    );
+    // A store in a directory that does not exist says so.
+    let missing = format!("sqlite://{}", dir.join("no/such/dir/jobs.db").display());
+    let out = fastlane(&["jobs", "stats", "--url", &missing]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no/such/dir does not exist"), "{stderr}");
     let out = fastlane(&["jobs", "cancel", "--url", &url, "99999"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no job with id 99999"));

@@ -72,7 +72,26 @@ fn probe_shows_overlap_and_writes_the_svg_timeline() {
     let chart = std::fs::read_to_string(&svg).unwrap();
     let _ = std::fs::remove_file(&svg);
     assert!(chart.starts_with("<svg"));
-    assert_eq!(chart.matches("<rect x=").count(), 2, "{chart}");
+    // Two bars and the legend's three keys; each bar's label names its URL.
+    assert_eq!(chart.matches("<rect x=").count(), 2 + 3, "{chart}");
+    assert_eq!(chart.matches(">/slow/sync?secs=1 200 ").count(), 2, "{chart}");
+    assert!(chart.contains("time since the first request was sent"), "{chart}");
+}
+
+#[test]
+fn a_streamed_response_is_logged_when_its_body_ends() {
+    let demo = Demo::start(&[]);
+    // Three chunks, 300 ms apart: the headers come at once, the body ends
+    // after about 0.9 s; the line and the latency histogram measure to the end.
+    let response = get(&demo.url("/stream/blocking?chunks=3&secs=0.3"));
+    assert_eq!(response.text(), "chunk 0\nchunk 1\nchunk 2\n");
+    let needle = "fastlane::request: GET /stream/blocking 200 ";
+    assert!(demo.wait_for_log(needle, Duration::from_secs(5)).is_some(), "no access log line");
+    let line = demo.log.lock().unwrap().iter().find(|l| l.contains(needle)).cloned().unwrap();
+    let ms: f64 =
+        line.split("200 ").nth(1).and_then(|rest| rest.split("ms").next()).unwrap().parse().unwrap();
+    assert!(ms >= 850.0, "{line}");
+    assert!(line.contains("(headers "), "{line}");
 }
 
 #[test]

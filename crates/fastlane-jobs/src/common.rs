@@ -123,7 +123,8 @@ macro_rules! store_methods {
             let mut tx = self.write_tx().await?;
             let attempt: Option<i64> = sqlx::query_scalar(sql!(
                 "UPDATE fastlane_jobs SET state = 'available', attempt = attempt - 1, lease_until = NULL, \
-                 run_at = ? WHERE id = ? AND token = ? AND state = 'running' RETURNING attempt"
+                 progress = NULL, progress_message = NULL, run_at = ? \
+                 WHERE id = ? AND token = ? AND state = 'running' RETURNING attempt"
             ))
             .bind(now_ms())
             .bind(id)

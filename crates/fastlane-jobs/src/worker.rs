@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
-use crate::job::{Claimed, JobId, NewJob};
+use crate::job::{Claimed, JobId, JobState, NewJob};
 use crate::{Error, Store};
 
 /// How a handler's attempt ended, when it did not succeed.
@@ -123,7 +123,9 @@ impl Registry {
         self.validators.insert(
             name.to_owned(),
             Arc::new(|payload| {
-                serde_json::from_value::<P>(payload.clone()).map(drop).map_err(|e| e.to_string())
+                serde_json::from_value::<P>(payload.clone())
+                    .map(drop)
+                    .map_err(|e| payload_error::<P>(payload, e))
             }),
         );
         self
@@ -162,6 +164,26 @@ impl Registry {
             return Err(Error::Invalid(format!("unknown job `{}` (known: {})", job.name, known.join(", "))));
         };
         validate(&job.payload).map_err(|e| Error::Invalid(format!("payload of `{}`: {e}", job.name)))
+    }
+}
+
+/// What is wrong with a payload, in the terms of its JSON rather than of
+/// the Rust type it is read into (serde says `expected struct SleepPayload`).
+/// With no payload at all, what an empty object lacks says what is needed.
+fn payload_error<P: DeserializeOwned>(payload: &serde_json::Value, err: serde_json::Error) -> String {
+    if payload.is_null() {
+        return match serde_json::from_value::<P>(serde_json::json!({})) {
+            Err(missing) => format!("none was given; it must be a JSON object ({missing})"),
+            Ok(_) => "none was given; it must be a JSON object (`{}` will do)".to_owned(),
+        };
+    }
+    let message = err.to_string();
+    match message.split_once("expected struct ") {
+        Some((before, after)) => {
+            let rest = after.trim_start_matches(|c: char| c.is_alphanumeric() || c == '_');
+            format!("{before}expected a JSON object{rest}")
+        }
+        None => message,
     }
 }
 
@@ -582,19 +604,44 @@ async fn run_one<S: Store>(env: &AttemptEnv<S>, mut job: Claimed, cancelled: Arc
             }
             Ok(0)
         }
-        Err(JobError::Retry(e)) => {
-            store.fail(job.id, job.token, e, true).await.map(|_| stats.failed.fetch_add(1, Ordering::Relaxed))
-        }
-        Err(JobError::Permanent(e)) => store
-            .fail(job.id, job.token, e, false)
-            .await
-            .map(|_| stats.failed.fetch_add(1, Ordering::Relaxed)),
+        Err(JobError::Retry(e)) => store.fail(job.id, job.token, e, true).await.map(|state| {
+            log_failure(&job, e, true, state);
+            stats.failed.fetch_add(1, Ordering::Relaxed)
+        }),
+        Err(JobError::Permanent(e)) => store.fail(job.id, job.token, e, false).await.map(|state| {
+            log_failure(&job, e, false, state);
+            stats.failed.fetch_add(1, Ordering::Relaxed)
+        }),
     };
     if let Err(err) = written {
         if err.is_fenced() {
             stats.fenced.fetch_add(1, Ordering::Relaxed);
         }
         tracing::warn!("job {}: outcome not recorded: {err}", job.id);
+    }
+}
+
+/// A failed attempt, once recorded: a warning while the job will be tried
+/// again, an error when it is dead (the error is the handler's own).
+fn log_failure(job: &Claimed, error: &str, retryable: bool, state: JobState) {
+    let (id, name, attempt, max) = (job.id, job.name.as_str(), job.attempt, job.max_attempts);
+    if state == JobState::Dead {
+        let why = if retryable { "no attempts left" } else { "a permanent failure" };
+        tracing::error!(
+            target: "fastlane::jobs",
+            job = id,
+            name,
+            attempt,
+            "job {id} ({name}) is dead after attempt {attempt} of {max} ({why}): {error}"
+        );
+    } else {
+        tracing::warn!(
+            target: "fastlane::jobs",
+            job = id,
+            name,
+            attempt,
+            "job {id} ({name}) attempt {attempt} of {max} failed: {error}; it will be tried again"
+        );
     }
 }
 

@@ -226,7 +226,14 @@ mod suite {
     pub(crate) async fn a_released_job_is_available_at_once_without_losing_an_attempt<S: Store>(store: &S) {
         let id = store.enqueue(NewJob::new("a", json!(null))).await.unwrap();
         let job = store.claim("default", "w1", LEASE).await.unwrap().unwrap();
+        store.progress(id, job.token, 40, "reading").await.unwrap();
         store.release(id, job.token).await.unwrap();
+        // The attempt is given back, and with it the progress it reported.
+        let info = store.get(id).await.unwrap();
+        assert_eq!(
+            (info.state, info.attempt, info.progress, info.progress_message),
+            (JobState::Available, 0, None, None)
+        );
         let again = store.claim("default", "w2", LEASE).await.unwrap().unwrap();
         assert_eq!((again.id, again.attempt), (id, 1));
         assert!(store.release(id, job.token).await.unwrap_err().is_fenced());

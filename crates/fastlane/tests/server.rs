@@ -36,6 +36,61 @@ async fn a_panicking_handler_gives_500_json_and_the_server_lives_on() {
     assert!(server.shutdown().await.unwrap().is_clean());
 }
 
+/// With `RUST_BACKTRACE=1` the panic hook writes a backtrace, which can
+/// hold the thread past the stall threshold: the report must name the
+/// panic, not tell the author to move a computation off the thread. Run in
+/// a child process (this test binary again), since std reads
+/// `RUST_BACKTRACE` once per process.
+#[test]
+fn a_panic_whose_backtrace_is_slow_is_reported_as_a_panic() {
+    const CHILD: &str = "FASTLANE_TEST_PANIC_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        return panic_child();
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_panic_whose_backtrace_is_slow_is_reported_as_a_panic",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .env("RUST_BACKTRACE", "1")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("child status 500"), "{stdout}\n{stderr}");
+    let stalls: Vec<&str> = stderr.lines().filter(|l| l.contains("fastlane::stall")).collect();
+    // A 1 ms threshold and a backtrace of a test binary (its line tables
+    // read on the first panic): the hook holds the thread past it.
+    assert!(!stalls.is_empty(), "no stall was reported:\n{stderr}");
+    for line in &stalls {
+        assert!(line.contains("GET /panic panicked, and the panic hook held its thread"), "{line}");
+        assert!(!line.contains("fastlane::compute") && !line.contains("fastlane::blocking"), "{line}");
+    }
+}
+
+fn panic_child() {
+    fastlane::init_logging();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let app = Router::new().route("/panic", get(panics));
+        let isolation = fastlane::IsolationConfig {
+            stall_threshold: Duration::from_millis(1),
+            ..fastlane::IsolationConfig::default()
+        };
+        let server = start(app, Config { isolation, ..Config::default() }).await;
+        let response = client::get(&server.url("/panic")).await.unwrap();
+        println!("child status {}", response.status.as_u16());
+        // The stall's closing line comes when the runner is back.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.shutdown().await.unwrap();
+    });
+}
+
 #[tokio::test]
 async fn a_slow_handler_gets_504_at_its_route_timeout() {
     let app = Router::new()

@@ -136,7 +136,7 @@ async def async_task(tag: str):
 
 async def blocking_async_task(secs: float):
     time.sleep(secs)  # the seed article's background-task bug
-    print(f"blocking background task done after {secs} s", flush=True)
+    print(f"blocking background task done after {secs} s in process {os.getpid()}", flush=True)
 
 
 @app.post("/background")
@@ -145,7 +145,7 @@ async def background(tasks: BackgroundTasks, tag: str = "x", block: float = 0):
     tasks.add_task(async_task, tag)
     if block:
         tasks.add_task(blocking_async_task, block)
-    return {"scheduled": tag}
+    return {"scheduled": tag, "pid": os.getpid()}
 
 
 @app.get("/teapot")

@@ -7,6 +7,7 @@
 
 mod schema;
 
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,6 +78,20 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
+        // SQLite creates the file, not the directories above it; say which
+        // is missing rather than pass on "unable to open database file".
+        let file = options.get_filename();
+        if let Some(dir) =
+            file.parent().filter(|d| !d.as_os_str().is_empty() && file != Path::new(":memory:"))
+        {
+            if !dir.is_dir() {
+                return Err(Error::NotAJobStore(format!(
+                    "cannot open {url}: the directory {} does not exist (the job store file is created on first \
+                     use, its directory is not)",
+                    dir.display()
+                )));
+            }
+        }
         // One connection: SQLite has one writer anyway, and queueing for the
         // connection inside the process is far cheaper than SQLite's busy
         // handler, which sleeps in steps of up to 100 ms when connections of

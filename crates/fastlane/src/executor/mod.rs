@@ -248,6 +248,7 @@ impl Executor {
             ..config
         };
         metrics.isolation().max_threads.set(config.max_threads as i64);
+        slot::mark_panicking();
         let reactors = match (0..config.runners).map(|_| Reactor::new().map(Arc::new)).collect() {
             Ok(reactors) => reactors,
             Err(err) => {
@@ -436,6 +437,7 @@ impl Shared {
                 let took = Duration::from_nanos(self.now_ns().saturating_sub(began));
                 self.stall_ended(&slot, took);
             }
+            slot.panicking.store(false, Ordering::Relaxed);
         }
         CURRENT.with(|c| c.borrow_mut().take());
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).retain(|s| !Arc::ptr_eq(s, &slot));
@@ -604,7 +606,8 @@ impl Shared {
         route.stalls.ended(took);
         self.metrics.stall_ended(&route, took);
         let cpu = slot.cpu_bound.swap(false, Ordering::Relaxed);
-        let mut message = stall_message(&route, slot.stuck_phase(), took, Some(cpu), true);
+        let panicked = slot.panicking.load(Ordering::Relaxed);
+        let mut message = stall_message(&route, slot.stuck_phase(), took, Some(cpu), true, panicked);
         let deadline = slot.stuck_deadline_ms.swap(0, Ordering::Relaxed);
         if deadline != 0 && crate::coarse::now_ms() > deadline {
             // The request's timeout passed while its thread was blocked:
@@ -629,16 +632,30 @@ impl Shared {
 /// The stall log line: what happened, where, and what to do about it.
 ///
 /// `cpu` is `None` while it is not yet known whether the poll is blocked
-/// (asleep, waiting on I/O) or computing.
+/// (asleep, waiting on I/O) or computing. A poll that `panicked` is held by
+/// the panic hook (a backtrace being written), not by the handler's code.
 pub(crate) fn stall_message(
     route: &RouteInfo,
     phase: Phase,
     took: Duration,
     cpu: Option<bool>,
     ended: bool,
+    panicked: bool,
 ) -> String {
     let secs = took.as_secs_f64();
     let amount = if secs >= 1.0 { format!("{secs:.1} s") } else { format!("{:.0} ms", secs * 1000.0) };
+    if panicked {
+        let so_far = if ended { "" } else { " so far" };
+        let who = if route.id == NO_ROUTE {
+            "a connection task".to_owned()
+        } else {
+            format!("{} {}", route.method, route.route)
+        };
+        return format!(
+            "{who} panicked, and the panic hook held its thread for {amount}{so_far} (writing the backtrace \
+             RUST_BACKTRACE asks for is slow); the panic itself is logged apart, and a handler's is answered 500"
+        );
+    }
     let what = match (ended, cpu) {
         (true, Some(true)) => format!("kept its thread busy computing for {amount}"),
         (true, _) => format!("blocked its thread for {amount}"),
@@ -732,20 +749,20 @@ mod tests {
     fn stall_messages_name_the_place_and_the_fix() {
         let routes = RouteTable::new(Metrics::new(&crate::LaneConfig::default(), None, Vec::new()));
         let get = routes.get(&http::Method::GET, "/test2");
-        let message = stall_message(&get, Phase::Handler, Duration::from_secs(8), Some(false), true);
+        let message = stall_message(&get, Phase::Handler, Duration::from_secs(8), Some(false), true, false);
         assert_eq!(
             message,
             "GET /test2 blocked its thread for 8.0 s inside an async handler: move the blocking call into \
              fastlane::blocking(..) or declare the route with fastlane::sync"
         );
         let job = routes.get(&http::Method::from_bytes(b"JOB").unwrap(), "send_mail");
-        let message = stall_message(&job, Phase::Job, Duration::from_millis(2500), Some(false), true);
+        let message = stall_message(&job, Phase::Job, Duration::from_millis(2500), Some(false), true, false);
         assert_eq!(
             message,
             "job `send_mail` blocked its thread for 2.5 s inside an async job handler: register the job with \
              Registry::register_blocking, or await fastlane::blocking(..) around the blocking call"
         );
-        let message = stall_message(&job, Phase::Job, Duration::from_millis(40), None, false);
+        let message = stall_message(&job, Phase::Job, Duration::from_millis(40), None, false, false);
         assert!(
             message.starts_with("job `send_mail` has held its thread in one poll for 40 ms so far"),
             "{message}"

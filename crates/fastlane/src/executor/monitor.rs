@@ -190,7 +190,7 @@ fn mark_stuck(shared: &Shared, slot: &Slot, started: u64, now: u64) {
             method = %route.method,
             route = %route.route,
             "{}",
-            stall_message(&route, phase, so_far, None, false)
+            stall_message(&route, phase, so_far, None, false, slot.panicking.load(Ordering::Relaxed))
         );
     }
 }

@@ -73,6 +73,10 @@ pub(crate) struct Slot {
     pub(crate) demoted: AtomicBool,
     /// The stuck poll was burning CPU (not sleeping or waiting on I/O).
     pub(crate) cpu_bound: AtomicBool,
+    /// The current poll panicked and the panic hook is running (with
+    /// `RUST_BACKTRACE` set, writing a backtrace takes a while): a stall now
+    /// is the panic's, not the handler's (see [`mark_panicking`]).
+    pub(crate) panicking: AtomicBool,
     /// The monitor's bookkeeping for the CPU check: thread CPU time and wall
     /// time (ns) when last looked at.
     pub(crate) cpu_mark: AtomicU64,
@@ -116,6 +120,26 @@ impl Slot {
 thread_local! {
     /// The slot of the runner this thread is, if it is one.
     pub(crate) static CURRENT: RefCell<Option<Arc<Slot>>> = const { RefCell::new(None) };
+}
+
+/// Wraps the process's panic hook (once) so that a runner that panics says
+/// so in its slot before the hook runs: the stall report of a poll held by a
+/// slow hook (a backtrace being written) then names the panic instead of
+/// blaming the handler for blocking or computing. A hook an app sets later
+/// replaces this one; its panics are then reported as plain stalls.
+pub(crate) fn mark_panicking() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let _ = CURRENT.try_with(|current| {
+                if let Ok(Some(slot)) = current.try_borrow().as_deref() {
+                    slot.panicking.store(true, Ordering::Relaxed);
+                }
+            });
+            previous(info);
+        }));
+    });
 }
 
 /// While alive, the current runner (if any) is marked as polling `route` in

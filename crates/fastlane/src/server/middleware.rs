@@ -265,30 +265,72 @@ where
 
 /// Logs and counts the answered request and ties the request's lifetime to
 /// its response body.
+///
+/// A body of known size is logged and counted now; a stream when it ends,
+/// so that its latency is the whole response's (with the time to its
+/// headers beside it).
 fn finish(request: &Arc<RequestState>, response: Response) -> Response {
     let elapsed = request.started.elapsed();
     let status = response.status().as_u16();
+    let exact = response.body().size_hint().exact().is_some();
+    let log = match exact {
+        true => {
+            answered(request, status, elapsed, None);
+            None
+        }
+        false => Some(PendingLog { request: request.clone(), status, headers: elapsed }),
+    };
+    // A body of known, exact size is a buffer, not a stream: nothing can
+    // block or stall while hyper writes it. If no background task waits for
+    // it either, the request is done now and the body needs no wrapper.
+    if exact && request.finish_if_no_tasks() {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let body = TrackedBody { inner: body, request: Some(request.clone()), gate: Gate::default(), log };
+    Response::from_parts(parts, Body::new(body))
+}
+
+/// Counts the request in its route's metrics and writes its access log
+/// line: one human-readable line per request, as the seed article's
+/// `log_requests` middleware prints it (`GET /users/{id} 200 1.3ms`), with
+/// the time to the headers when the body was streamed after them, and why a
+/// stream did not end.
+fn answered(
+    request: &RequestState,
+    status: u16,
+    elapsed: std::time::Duration,
+    stream: Option<(std::time::Duration, &str)>,
+) {
     request.route.answered(status, elapsed);
-    // One human-readable line per request, as the seed article's
-    // `log_requests` middleware prints it: `GET /users/{id} 200 1.3ms`.
+    let stream = match stream {
+        Some((headers, note)) => format!(" (headers {:.1}ms{note})", headers.as_secs_f64() * 1000.0),
+        None => String::new(),
+    };
     tracing::info!(
         target: "fastlane::request",
         client = request.client.map(tracing::field::display),
-        "{} {} {} {:.1}ms",
+        "{} {} {} {:.1}ms{stream}",
         request.method,
         request.unmatched_path.as_deref().unwrap_or(&request.route.route),
         status,
         elapsed.as_secs_f64() * 1000.0
     );
-    // A body of known, exact size is a buffer, not a stream: nothing can
-    // block or stall while hyper writes it. If no background task waits for
-    // it either, the request is done now and the body needs no wrapper.
-    if response.body().size_hint().exact().is_some() && request.finish_if_no_tasks() {
-        return response;
+}
+
+/// The access log line of a streamed response, written when the stream
+/// ends, fails, or is dropped before its end (the client went away).
+struct PendingLog {
+    request: Arc<RequestState>,
+    status: u16,
+    headers: std::time::Duration,
+}
+
+impl PendingLog {
+    fn write(&self, note: &str) {
+        let elapsed = self.request.started.elapsed();
+        answered(&self.request, self.status, elapsed, Some((self.headers, note)));
     }
-    let (parts, body) = response.into_parts();
-    let body = TrackedBody { inner: body, request: Some(request.clone()), gate: Gate::default() };
-    Response::from_parts(parts, Body::new(body))
 }
 
 pin_project! {
@@ -299,6 +341,22 @@ pin_project! {
         inner: Body,
         request: Option<Arc<RequestState>>,
         gate: Gate,
+        // The access log line of a stream, until it is written.
+        log: Option<PendingLog>,
+    }
+
+    impl PinnedDrop for TrackedBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(log) = this.log.take() {
+                // hyper stops polling once the body says it has ended.
+                let note = match this.inner.is_end_stream() {
+                    true => "",
+                    false => "; the body was cut short: the client went away or the connection closed",
+                };
+                log.write(note);
+            }
+        }
     }
 }
 
@@ -320,8 +378,18 @@ impl http_body::Body for TrackedBody {
                     inner.as_mut().poll_frame(cx)
                 })
             }
-            None => inner.poll_frame(cx),
+            None => inner.as_mut().poll_frame(cx),
         };
+        let ended = match &polled {
+            Poll::Ready(None) => Some(""),
+            Poll::Ready(Some(Err(_))) => Some("; the body failed before its end"),
+            Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => Some(""),
+            _ => None,
+        };
+        if let (Some(note), Some(log)) = (ended, this.log.as_ref()) {
+            log.write(note);
+            *this.log = None;
+        }
         if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = &polled {
             if let Some(request) = this.request.take() {
                 request.finish();
