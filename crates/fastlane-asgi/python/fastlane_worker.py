@@ -64,6 +64,7 @@ KILL = 6  # front -> zygote: SIGKILL the worker whose pid is the id field
 SLOTS = 7  # worker -> front: u32 requests started since the last SLOTS (so as many more may come)
 NICE = 8  # front -> zygote: set the nice value (i32 payload) of the worker whose pid is the id field
 NICED = 9  # zygote -> front: whether it could (one byte), for the pid in the id field
+IDLE_CLASS = 20  # the NICE value that asks for the idle scheduling class (SCHED_IDLE)
 REQUEST = 10  # front -> worker: a request (marshal)
 BODY = 11  # front -> worker: a request body chunk; flags byte + bytes
 WANT_BODY = 12  # worker -> front: the app waits for more request body
@@ -117,16 +118,16 @@ def demote(pid, nice):
     """Runs the worker `pid` (its loop thread) at a lower priority while its loop spins the CPU (`nice` > 0),
     or at its normal one again (0). Whether it could.
 
-    Demoted, it runs under SCHED_IDLE as well as at the nice value: the lowest weight there is, and a thread
-    that wakes up on its core (the front, another worker) preempts it at once, where a nice value only
-    lowers its share (docs/DESIGN.md has the figures). Going back needs a privilege a service seldom has:
-    the front then replaces the worker instead."""
+    IDLE_CLASS, asked for a spinning loop, is the idle scheduling class (SCHED_IDLE) at nice 19: the
+    lowest weight there is, and a thread that wakes up on its core (the front, another worker) preempts it
+    at once, where a nice value only lowers its share (docs/DESIGN.md has the figures). Going back needs a
+    privilege a service seldom has: the front then replaces the worker instead."""
     idle = getattr(os, "SCHED_IDLE", None)
     try:
         if idle is not None:
-            policy = idle if nice > 0 else os.SCHED_OTHER
+            policy = idle if nice >= IDLE_CLASS else os.SCHED_OTHER
             os.sched_setscheduler(pid, policy, os.sched_param(0))
-        os.setpriority(os.PRIO_PROCESS, pid, nice)
+        os.setpriority(os.PRIO_PROCESS, pid, min(nice, 19))
         return True
     except OSError:
         return False
@@ -355,6 +356,15 @@ class Server:
         self.stopping = None
 
     # The tick the front watches: a stuck loop stops counting.
+    def beat(self):
+        """Counts a tick without re-arming the timer: the loop got back to run our code (a request's
+        response going out). A loop busy with a burst of short requests runs one long iteration in which
+        the timer's tick comes late; these say it is not stuck, so the front takes nothing back and starts
+        no spare. Never moves `last_tick`, which lets claims skip the lock: only a tick under the lock
+        (or the timer's) may (see `Connection.claim`)."""
+        self.count += 1
+        U64.pack_into(self.ticks, TICKS_AT, self.count)
+
     def tick(self):
         now = time.monotonic()
         if now - self.tick_due > self.late:
@@ -548,6 +558,7 @@ class Connection(asyncio.Protocol):
         self.writable = None
 
     def send(self, kind, rid, payload=b""):
+        self.server.beat()
         self.out.append(HEADER.pack(len(payload), kind, rid))
         if payload:
             self.out.append(payload)
@@ -697,6 +708,11 @@ class Connection(asyncio.Protocol):
             if first <= rid <= last:
                 return False
             U64.pack_into(server.ticks, STARTED_AT, rid)
+            # The loop is back, starting a request: a tick, under the lock so that the front (which takes
+            # requests back only while the tick has not moved, and re-reads it under the lock) sees it.
+            # The claims that follow in this busy iteration may then skip the lock again.
+            server.beat()
+            server.last_tick = now
             return True
         finally:
             fcntl.flock(server.lock_fd, fcntl.LOCK_UN)

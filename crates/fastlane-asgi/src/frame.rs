@@ -28,8 +28,12 @@ pub(crate) const FORK: u8 = 4;
 pub(crate) const EXITED: u8 = 5;
 /// Front → zygote: SIGKILL the worker whose pid is the id.
 pub(crate) const KILL: u8 = 6;
-/// Front → zygote: set the nice value (`i32`) of the worker whose pid is the id.
+/// Front → zygote: set the nice value (`i32`) of the worker whose pid is the id;
+/// [`IDLE_CLASS`] asks for the idle scheduling class.
 pub(crate) const NICE: u8 = 8;
+/// The `NICE` value that asks for the idle scheduling class (`SCHED_IDLE`),
+/// beyond every nice value.
+pub(crate) const IDLE_CLASS: i32 = 20;
 /// Zygote → front: whether it could (one byte), for the pid in the id.
 pub(crate) const NICED: u8 = 9;
 /// Worker → front: `u32` more requests may be sent that it has not started.

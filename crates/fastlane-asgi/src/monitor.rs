@@ -18,9 +18,6 @@ use crate::frame;
 use crate::pool::Shared;
 use crate::worker::Worker;
 
-/// The nice value of a loop thread that spins the CPU (the CPU lane's default).
-const DEMOTED_NICE: i32 = 10;
-
 /// How often the ticks are read.
 const PERIOD: Duration = Duration::from_millis(1);
 
@@ -46,6 +43,9 @@ struct Seen {
     changed: Instant,
     idle_since: Option<Instant>,
     stall: Option<Stall>,
+    /// While the tick is overdue and not yet judged a stall: when the loop
+    /// thread's run-queue wait was last read, and what it was.
+    overdue: Option<(Instant, u64)>,
 }
 
 /// A stall in progress.
@@ -104,10 +104,12 @@ fn run(weak: Weak<Shared>) {
                 changed: now,
                 idle_since: None,
                 stall: None,
+                overdue: None,
             });
             if ticks != entry.ticks {
                 entry.ticks = ticks;
                 entry.changed = now;
+                entry.overdue = None;
                 if let Some(stall) = entry.stall.take() {
                     worker.stalled.store(false, Ordering::Relaxed);
                     if worker.demoted.load(Ordering::Relaxed) {
@@ -121,6 +123,7 @@ fn run(weak: Weak<Shared>) {
                 demote_if_spinning(&shared, worker, stall, now);
             } else if now.duration_since(entry.changed) > shared.config.stall_threshold
                 && !worker.gone.load(Ordering::Relaxed)
+                && !waiting_for_a_cpu(worker, &mut entry.overdue, now)
             {
                 worker.stalled.store(true, Ordering::Relaxed);
                 shared.stats.stalls.fetch_add(1, Ordering::Relaxed);
@@ -163,11 +166,38 @@ fn take_back(shared: &Shared, worker: &Worker, ticks: u64) {
     }
 }
 
+/// Whether an overdue tick is late only because the loop thread waits for a
+/// CPU (a busy machine: `wrk` and the front on two cores), not because
+/// anything holds the loop: over the last millisecond or more it was
+/// runnable but not running for at least half the time. Such a loop is not
+/// stalled, and moving its requests or starting spares would only add to
+/// the load. A blocked loop (asleep in a call) and a spinning one (on the
+/// CPU) are judged stalled. The first look only takes a reading.
+fn waiting_for_a_cpu(worker: &Worker, overdue: &mut Option<(Instant, u64)>, now: Instant) -> bool {
+    let Some((_, wait)) = worker.loop_sched() else { return false };
+    let Some((at, wait_then)) = *overdue else {
+        *overdue = Some((now, wait));
+        return true;
+    };
+    let window = now.duration_since(at);
+    if window < PERIOD {
+        return true;
+    }
+    let waited = Duration::from_nanos(wait.saturating_sub(wait_then));
+    if waited * 2 >= window {
+        *overdue = Some((now, wait));
+        return true;
+    }
+    false
+}
+
 /// A loop that has spun the CPU for most of the time since its stall was
 /// seen (a pure-Python loop, not a blocking call) and for at least the
-/// threshold gets a lower priority until it comes back: the other workers
-/// and the front keep their CPU time (as the Rust executor demotes a
-/// runner thread that hogs its core).
+/// threshold gets the lowest priority until it comes back: the idle
+/// scheduling class at nice 19 ([`frame::IDLE_CLASS`]), which any other
+/// thread waking on its core preempts, so that the other workers, the front
+/// and the rest of the machine keep their CPU time (as the Rust executor
+/// demotes a runner thread that hogs its core).
 fn demote_if_spinning(shared: &Shared, worker: &Worker, stall: &Stall, now: Instant) {
     if worker.demoted.load(Ordering::Relaxed) {
         return;
@@ -180,7 +210,7 @@ fn demote_if_spinning(shared: &Shared, worker: &Worker, stall: &Stall, now: Inst
     let Some(cpu_now) = worker.loop_cpu_ns() else { return };
     let spun = Duration::from_nanos(cpu_now.saturating_sub(cpu_then));
     if spun * 2 >= elapsed {
-        shared.nice(worker, DEMOTED_NICE);
+        shared.nice(worker, frame::IDLE_CLASS);
         tracing::debug!(
             worker = worker.number,
             "worker {}'s loop spins the CPU: lowered its priority",

@@ -244,7 +244,8 @@ impl Shared {
     }
 
     /// Sets the nice value of `worker`'s event loop thread (through its
-    /// zygote, its parent): 10 while it spins the CPU, 0 after.
+    /// zygote, its parent): [`frame::IDLE_CLASS`] (the idle scheduling class)
+    /// while it spins the CPU, 0 after.
     pub(crate) fn nice(&self, worker: &Worker, value: i32) {
         worker.demoted.store(value > 0, Ordering::Relaxed);
         if let Some(zygote) = self.zygote(worker.generation) {

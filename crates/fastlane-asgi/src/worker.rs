@@ -264,8 +264,15 @@ impl Worker {
     /// CPU time its event loop thread (the process's main thread) has used,
     /// in nanoseconds, from `/proc`.
     pub(crate) fn loop_cpu_ns(&self) -> Option<u64> {
+        self.loop_sched().map(|(cpu, _)| cpu)
+    }
+
+    /// The loop thread's CPU time and its time spent runnable but waiting
+    /// for a CPU, in nanoseconds (the kernel's schedstat).
+    pub(crate) fn loop_sched(&self) -> Option<(u64, u64)> {
         let stat = std::fs::read_to_string(format!("/proc/{0}/task/{0}/schedstat", self.pid)).ok()?;
-        stat.split_whitespace().next()?.parse().ok()
+        let mut fields = stat.split_whitespace().map(str::parse::<u64>);
+        Some((fields.next()?.ok()?, fields.next()?.ok()?))
     }
 
     /// The loop's tick counter, read from the file the worker maps.
