@@ -56,6 +56,8 @@ struct Stall {
     /// Shared with the thread that asks for the stack: whichever of the two
     /// learns last (the stack, or the end) writes what is left to write.
     shared: Arc<Mutex<StallLog>>,
+    /// Whether the pool has been told, so that it may start a spare.
+    told: bool,
 }
 
 /// What has been learnt of a stall so far.
@@ -112,25 +114,33 @@ fn run(weak: Weak<Shared>) {
                 entry.overdue = None;
                 if let Some(stall) = entry.stall.take() {
                     worker.stalled.store(false, Ordering::Relaxed);
+                    worker.long_stall.store(false, Ordering::Relaxed);
                     if worker.demoted.load(Ordering::Relaxed) {
                         shared.nice(worker, 0);
                     }
                     shared.available.notify_waiters();
                     ended(&shared, worker, stall, now);
                 }
-            } else if let Some(stall) = &entry.stall {
+            } else if let Some(stall) = &mut entry.stall {
                 take_back(&shared, worker, ticks);
                 demote_if_spinning(&shared, worker, stall, now);
+                // A spare only for a stall that lasts twice the threshold: a
+                // loop that is merely slow to tick on a loaded machine is back
+                // by then, and a spare would only add a process to the load.
+                if !stall.told && now.duration_since(stall.since) >= shared.config.stall_threshold * 2 {
+                    stall.told = true;
+                    worker.long_stall.store(true, Ordering::Relaxed);
+                    shared.stalled();
+                }
             } else if now.duration_since(entry.changed) > shared.config.stall_threshold
                 && !worker.gone.load(Ordering::Relaxed)
                 && !waiting_for_a_cpu(worker, &mut entry.overdue, now)
             {
                 worker.stalled.store(true, Ordering::Relaxed);
                 shared.stats.stalls.fetch_add(1, Ordering::Relaxed);
-                shared.stalled();
                 let log = Arc::new(Mutex::new(StallLog::default()));
                 let seen = (now, worker.loop_cpu_ns());
-                entry.stall = Some(Stall { since: entry.changed, seen, shared: log.clone() });
+                entry.stall = Some(Stall { since: entry.changed, seen, shared: log.clone(), told: false });
                 let (asker, stuck, since) = (shared.clone(), worker.clone(), entry.changed);
                 // The answer may take a while (or never come): not on this thread.
                 let _ = std::thread::Builder::new()

@@ -90,6 +90,9 @@ pub(crate) struct Worker {
     suspect_at: std::sync::atomic::AtomicU64,
     /// Its loop thread runs at a lowered priority (it spun the CPU).
     pub(crate) demoted: AtomicBool,
+    /// Its loop has been stalled for twice the threshold (not merely slow to
+    /// tick on a loaded machine): a spare may start for it.
+    pub(crate) long_stall: AtomicBool,
     /// Told to stop (shutdown, or a spare retiring): no new requests.
     pub(crate) closing: AtomicBool,
     /// Its socket has closed.
@@ -126,6 +129,7 @@ impl Worker {
             stalled: AtomicBool::new(false),
             suspect_at: std::sync::atomic::AtomicU64::new(u64::MAX),
             demoted: AtomicBool::new(false),
+            long_stall: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             gone: AtomicBool::new(false),
             shared,
