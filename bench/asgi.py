@@ -110,9 +110,17 @@ def servers(app):
 class Server:
     """One server process (and its children), started fresh, stopped by its process group."""
 
+    # Set by --server-logs: a directory where each server's output is kept, to see what it did in a bad run.
+    log_dir = None
+    started = 0
+
     def __init__(self, name, cmd, probe_path):
         self.name = name
-        self.proc = subprocess.Popen(cmd, cwd=BENCH / "peers", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        out = subprocess.DEVNULL
+        if Server.log_dir:
+            Server.started += 1
+            out = open(Path(Server.log_dir) / f"{Server.started:03d}-{name.replace(' ', '-')}.log", "w")
+        self.proc = subprocess.Popen(cmd, cwd=BENCH / "peers", stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         if answers(f"http://127.0.0.1:{PORT}{probe_path}", 60):
             # Every worker up (uvicorn and granian start theirs one by one).
@@ -349,8 +357,13 @@ def main():
     parser.add_argument("--scenario", action="append", metavar="WORDS",
                         help="only the isolation scenarios whose name contains WORDS (repeatable; the control "
                              "always runs); with --only, for a quick look")
+    parser.add_argument("--server-logs", metavar="DIR",
+                        help="keep each server's output in DIR (one file per start, numbered), to see what a bad run did")
     parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     args = parser.parse_args()
+    if args.server_logs:
+        Path(args.server_logs).mkdir(parents=True, exist_ok=True)
+        Server.log_dir = args.server_logs
     if (args.server or args.scenario) and not args.only:
         parser.error("--server and --scenario need --only: docs/BENCHMARKS.md keeps whole runs only")
     command = "python3 bench/asgi.py " + " ".join(sys.argv[1:])
