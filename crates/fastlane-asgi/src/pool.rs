@@ -464,10 +464,15 @@ impl Shared {
         if self.stopping.load(Ordering::Relaxed) || !stalled {
             return false;
         }
-        // Only for a loop stalled twice the threshold (see the monitor): on
-        // a loaded machine a loop can be late by more than the threshold
-        // and back a moment later, and a spare would only add to the load.
-        if !self.snapshot().iter().any(|w| w.long_stall.load(Ordering::Relaxed)) {
+        // While a loop is stalled, only for one stalled twice the threshold
+        // (see the monitor): on a loaded machine a loop can be late by more
+        // than the threshold and back a moment later, and a spare would only
+        // add to the load. (With none stalled now, `stalled` means loops
+        // kept by paths that stalled lately: a spare, as before.)
+        let workers = self.snapshot();
+        if workers.iter().any(|w| w.stalled.load(Ordering::Relaxed))
+            && !workers.iter().any(|w| w.long_stall.load(Ordering::Relaxed))
+        {
             return false;
         }
         let starting = self.starting.load(Ordering::Relaxed);

@@ -68,16 +68,22 @@ async fn memory_taken_by_idle_connections_is_given_back_when_they_close() {
         churn(server.local_addr()).await;
         peak = peak.max(rss_mb());
     }
+    // Given back: at least two thirds of what the churn took above the
+    // settled size (and never asked closer than 12 MB). A fixed 12 MB sat
+    // within a few MB of what glibc keeps after a churn that peaks at
+    // 65-82 MB (16-23 MB measured after it), and failed one clean-clone CI
+    // run at 23; memory that is not given back stays near the peak.
+    let allowed = settled + 12.max(peak.saturating_sub(settled) / 3);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut after = rss_mb();
-    while after > settled + 12 && Instant::now() < deadline {
+    while after > allowed && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
         after = rss_mb();
     }
     eprintln!("RSS: {settled} MB settled, {peak} MB at the peak, {after} MB after the churn");
     assert!(
-        after <= settled + 12,
-        "RSS stayed at {after} MB after the connections closed ({settled} MB before)"
+        after <= allowed,
+        "RSS stayed at {after} MB after the connections closed ({settled} MB before, {peak} MB at the peak)"
     );
     server.shutdown().await.unwrap();
 }
