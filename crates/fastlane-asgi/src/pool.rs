@@ -232,15 +232,9 @@ impl Shared {
                 "worker {} keeps its lowered priority (raising it needs a privilege); a fresh worker takes its place",
                 worker.number
             );
-            shared.replace(&worker, "in place of a worker left at a lowered priority");
+            worker.retire(shared.config.grace_period);
+            shared.fork_in_background("in place of a worker left at a lowered priority");
         }
-    }
-
-    /// Retires `worker` (it drains what it runs) and forks a fresh one in
-    /// its place.
-    pub(crate) fn replace(self: &Arc<Self>, worker: &Worker, why: &'static str) {
-        worker.retire(self.config.grace_period);
-        self.fork_in_background(why);
     }
 
     /// Sets the nice value of `worker`'s event loop thread (through its
@@ -438,7 +432,18 @@ impl Shared {
         }
         let alive = workers.iter().filter(|w| !w.gone.load(Ordering::Relaxed)).count();
         // A blocked or blocking loop is why nothing is free: a spare helps.
-        let stalled = workers.iter().any(|w| w.stalled.load(Ordering::Relaxed) || !w.is_clean());
+        // While a loop is stalled, only one stalled twice the threshold
+        // counts (see the monitor): on a loaded machine a loop can be late by
+        // more than the threshold and back a moment later, and a spare would
+        // only add to the load. With none stalled now, loops kept by paths
+        // that stalled lately do.
+        let (mut stalling, mut long, mut tainted) = (false, false, false);
+        for w in workers.iter() {
+            stalling |= w.stalled.load(Ordering::Relaxed);
+            long |= w.long_stall.load(Ordering::Relaxed);
+            tainted |= !w.is_clean();
+        }
+        let stalled = long || (!stalling && tainted);
         if !suspect {
             if let (Some(worker), _) = best(false) {
                 return Pick::Tainted { worker, alive, stalled };
@@ -462,17 +467,6 @@ impl Shared {
     /// the request waits for a slot instead.
     pub(crate) fn want_spare(self: &Arc<Self>, alive: usize, stalled: bool) -> bool {
         if self.stopping.load(Ordering::Relaxed) || !stalled {
-            return false;
-        }
-        // While a loop is stalled, only for one stalled twice the threshold
-        // (see the monitor): on a loaded machine a loop can be late by more
-        // than the threshold and back a moment later, and a spare would only
-        // add to the load. (With none stalled now, `stalled` means loops
-        // kept by paths that stalled lately: a spare, as before.)
-        let workers = self.snapshot();
-        if workers.iter().any(|w| w.stalled.load(Ordering::Relaxed))
-            && !workers.iter().any(|w| w.long_stall.load(Ordering::Relaxed))
-        {
             return false;
         }
         let starting = self.starting.load(Ordering::Relaxed);

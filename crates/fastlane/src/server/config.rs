@@ -256,7 +256,7 @@ pub struct ServeArgs {
     pub no_proxy_headers: bool,
     /// Peers whose proxy headers are believed: comma-separated addresses and networks
     /// (10.0.0.0/8), or * for any [default: 127.0.0.1].
-    #[arg(long, value_name = "IPS", env = "FORWARDED_ALLOW_IPS", value_parser = parse_allow_ips)]
+    #[arg(long, value_name = "IPS", env = "FORWARDED_ALLOW_IPS")]
     pub forwarded_allow_ips: Option<crate::ForwardedAllowIps>,
 }
 
@@ -278,10 +278,6 @@ fn parse_bind(s: &str) -> Result<(String, u16), String> {
         return Err(format!("`{s}` has no host (e.g. 127.0.0.1:8000, or 0.0.0.0:8000 for every interface)"));
     }
     Ok((host.to_owned(), port))
-}
-
-fn parse_allow_ips(s: &str) -> Result<crate::ForwardedAllowIps, String> {
-    s.parse()
 }
 
 /// uvicorn's level names (`warning`, `critical`) and tracing's.

@@ -386,9 +386,10 @@ impl http_body::Body for TrackedBody {
             Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => Some(""),
             _ => None,
         };
-        if let (Some(note), Some(log)) = (ended, this.log.as_ref()) {
-            log.write(note);
-            *this.log = None;
+        if let Some(note) = ended {
+            if let Some(log) = this.log.take() {
+                log.write(note);
+            }
         }
         if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = &polled {
             if let Some(request) = this.request.take() {
