@@ -13,6 +13,8 @@ use axum::Router;
 use bytes::Bytes;
 use fastlane::extract::{Json, Query};
 use fastlane::{ApiError, Background};
+
+use crate::outln;
 use fastlane_jobs::{Jobs, NewJob};
 use futures_util::StreamExt as _;
 use serde::Deserialize;
@@ -182,9 +184,9 @@ async fn test2(Query(q): Query<SecsParam>) -> Result<&'static str, ApiError> {
 
 async fn ping(Query(q): Query<SecsParam>) -> Result<&'static str, ApiError> {
     let d = secs("secs", q.secs, 5.0)?;
-    println!("Hello");
+    outln!("Hello");
     std::thread::sleep(d);
-    println!("bye");
+    outln!("bye");
     Ok("pong")
 }
 

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use fastlane_cli::{demo, jobs, mixed, probe, serve};
+use fastlane_cli::{demo, jobs, mixed, out, outln, probe, serve};
 use fastlane_jobs::Store as _;
 
 #[derive(Debug, Parser)]
@@ -267,10 +267,10 @@ fn main() -> ExitCode {
             };
             let result = runtime.block_on(mixed::run(&config));
             if json {
-                println!("{}", serde_json::to_string(&result).unwrap_or_default());
+                outln!("{}", serde_json::to_string(&result).unwrap_or_default());
             } else {
                 let f = &result.fast;
-                println!(
+                outln!(
                     "fast: {} sent, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} errors, {} over 100 ms; load: {} ok, {} errors",
                     f.sent, f.p50_ms, f.p99_ms, f.max_ms, f.errors, f.over_100ms, result.load_ok, result.load_errors
                 );
@@ -318,22 +318,20 @@ async fn run_demo(serve: fastlane::ServeArgs, jobs_url: String, job_concurrency:
         // The supervisor already printed the routes.
         return demo_exit(server.serve().await);
     }
-    println!("fastlane demo on http://{addr}\n");
+    outln!("fastlane demo on http://{addr}\n");
     for (route, what) in demo::ROUTES {
-        println!("  {route:<40} {what}");
+        outln!("  {route:<40} {what}");
     }
-    println!("  {:<40} Prometheus metrics", "GET  /metrics");
-    println!("  {:<40} routes that stalled (JSON)", "GET  /_fastlane/stalls");
-    println!("  {:<40} which worker process answered (JSON)", "GET  /_fastlane/worker");
-    println!("\njobs: {jobs_url} (worker inside the server, {job_concurrency} at once)");
-    println!("      the store is kept across restarts (ids go on from the last run); --jobs-url for another");
+    outln!("  {:<40} Prometheus metrics", "GET  /metrics");
+    outln!("  {:<40} routes that stalled (JSON)", "GET  /_fastlane/stalls");
+    outln!("  {:<40} which worker process answered (JSON)", "GET  /_fastlane/worker");
+    outln!("\njobs: {jobs_url} (worker inside the server, {job_concurrency} at once)");
+    outln!("      the store is kept across restarts (ids go on from the last run); --jobs-url for another");
     // The hint names this very binary, which need not be on the PATH.
     let me = std::env::current_exe().map_or_else(|_| "fastlane".to_owned(), |p| p.display().to_string());
-    println!("\ntry:  curl 'http://{addr}/slow/sync?secs=2' & curl 'http://{addr}/test1'");
-    println!(
-        "      curl -d '{{\"ms\": 5000}}' http://{addr}/jobs/sleep   # then GET /jobs/<the id it prints>"
-    );
-    println!("      {me} probe -n 2 -c 2 'http://{addr}/slow/sync?secs=2'\n");
+    outln!("\ntry:  curl 'http://{addr}/slow/sync?secs=2' & curl 'http://{addr}/test1'");
+    outln!("      curl -d '{{\"ms\": 5000}}' http://{addr}/jobs/sleep   # then GET /jobs/<the id it prints>");
+    outln!("      {me} probe -n 2 -c 2 'http://{addr}/slow/sync?secs=2'\n");
     demo_exit(server.serve().await)
 }
 
@@ -356,14 +354,14 @@ async fn run_probe(config: probe::ProbeConfig, svg: Option<std::path::PathBuf>) 
         }
     }
     let result = probe::run(&config).await;
-    print!("{}", result.table());
-    println!("\n{}", result.verdict());
+    out!("{}", result.table());
+    outln!("\n{}", result.verdict());
     if let Some(path) = svg {
         if let Err(err) = std::fs::write(&path, result.svg()) {
             eprintln!("fastlane probe: could not write --svg {}: {err}", path.display());
             return ExitCode::FAILURE;
         }
-        println!("timeline written to {}", path.display());
+        outln!("timeline written to {}", path.display());
     }
     if result.samples.iter().all(|s| s.outcome.is_ok()) {
         ExitCode::SUCCESS
@@ -431,19 +429,19 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             let last = jobs::enqueue_copies(&store, &job, count, 1000).await.map_err(|e| e.to_string())?;
             let last = last.unwrap_or_default();
             if count == 1 {
-                println!("{last}");
+                outln!("{last}");
             } else {
-                println!("enqueued {count} jobs (last id {last})");
+                outln!("enqueued {count} jobs (last id {last})");
             }
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Stats { url, json } => {
             let stats = connect(url).await?.stats().await.map_err(|e| e.to_string())?;
             if json {
-                println!("{}", serde_json::to_string(&stats).unwrap_or_default());
+                outln!("{}", serde_json::to_string(&stats).unwrap_or_default());
             } else {
                 for (state, count) in &stats {
-                    println!("{:<10} {count}", state.as_str());
+                    outln!("{:<10} {count}", state.as_str());
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -457,7 +455,7 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             };
             let jobs = connect(url).await?.list(state, limit).await.map_err(|e| e.to_string())?;
             for j in jobs {
-                println!(
+                outln!(
                     "{:>8}  {:<10} {:<12} {:<10} attempt {}{}",
                     j.id,
                     j.state.as_str(),
@@ -471,7 +469,7 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
         }
         JobsCommand::Show { url, id } => {
             let job = connect(url).await?.get(id).await.map_err(|e| e.to_string())?;
-            println!("{}", serde_json::to_string_pretty(&job).unwrap_or_default());
+            outln!("{}", serde_json::to_string_pretty(&job).unwrap_or_default());
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Retry { url, id } => {
@@ -487,7 +485,7 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
                 ));
             }
             let state = store.retry(id).await.map_err(|e| e.to_string())?;
-            println!("job {id}: {before} -> {state}");
+            outln!("job {id}: {before} -> {state}");
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Cancel { url, id } => {
@@ -503,7 +501,7 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             } else {
                 ""
             };
-            println!("job {id}: {state}{note}");
+            outln!("job {id}: {state}{note}");
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Bench { url, jobs: n, concurrency, batch, json } => {
@@ -512,9 +510,9 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
                 .await
                 .map_err(|e| e.to_string())?;
             if json {
-                println!("{}", serde_json::to_string(&result).unwrap_or_default());
+                outln!("{}", serde_json::to_string(&result).unwrap_or_default());
             } else {
-                println!(
+                outln!(
                     "{} jobs (batches of {}, concurrency {}): enqueue {:.0} jobs/s, end to end {:.0} jobs/s ({:.2} s)",
                     result.jobs,
                     result.batch,

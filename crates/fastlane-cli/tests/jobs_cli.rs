@@ -136,5 +136,19 @@ fn enqueue_work_and_stats_through_the_cli() {
     let bench: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     assert_eq!(bench["jobs"], 2000);
     assert!(bench["jobs_per_s"].as_f64().unwrap() > 0.0 && bench["enqueue_per_s"].as_f64().unwrap() > 0.0);
+
+    // `fastlane jobs show 21 | head -1`: a reader that stops early closes
+    // the pipe. The command finishes quietly (no "failed printing to
+    // stdout" panic) and exits as it would have.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_fastlane"))
+        .args(["jobs", "show", "--url", &url, "21"])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("panicked"), "{:?}: {stderr}", out.status);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,6 +1,8 @@
 //! Durable jobs inside a fastlane server: `cargo run -p fastlane-jobs --example signup`,
 //! then `curl -H 'content-type: application/json' -d '{"email": "ada@example.com"}' localhost:8000/signup` and
 //! `curl localhost:8000/jobs/1`. Stop it and start it again: nothing is lost.
+//! The store is `signup-jobs.db` in the working directory, or the URL in
+//! `FASTLANE_JOBS_URL` (as for `fastlane demo`).
 use std::time::Duration;
 
 use axum::extract::{Path, State};
@@ -46,7 +48,8 @@ async fn show(State(jobs): State<Jobs>, Path(id): Path<i64>) -> Result<Json<JobI
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     fastlane::init_logging();
     let registry = Registry::new().register("send_welcome", send_welcome);
-    let jobs = Jobs::new(fastlane_jobs::connect("sqlite://signup-jobs.db").await?, registry);
+    let url = std::env::var("FASTLANE_JOBS_URL").unwrap_or_else(|_| "sqlite://signup-jobs.db".to_owned());
+    let jobs = Jobs::new(fastlane_jobs::connect(&url).await?, registry);
     let app =
         Router::new().route("/signup", post(signup)).route("/jobs/{id}", get(show)).with_state(jobs.clone());
     // The worker runs inside the server and stops with it (SIGTERM drains).
