@@ -43,9 +43,9 @@ struct Seen {
     changed: Instant,
     idle_since: Option<Instant>,
     stall: Option<Stall>,
-    /// While the tick is overdue and not yet judged a stall: when the loop
-    /// thread's run-queue wait was last read, and what it was.
-    overdue: Option<(Instant, u64)>,
+    /// The loop thread's run-queue wait (ns) when its tick was first seen
+    /// overdue by half the threshold: the wait since is not held against it.
+    overdue: Option<u64>,
 }
 
 /// A stall in progress.
@@ -82,8 +82,9 @@ struct Report {
     frames: Vec<String>,
     /// Why there is no stack.
     no_stack: Option<String>,
-    /// The loop thread was in the loop's own wait, running no code of the
-    /// app: the tick was late because the process was not scheduled.
+    /// The loop thread was in the loop's own wait or the worker's own code,
+    /// running no code of the app: the tick was late because of a busy
+    /// machine or a burst of requests, not because the app held the loop.
     idle: bool,
 }
 
@@ -130,11 +131,21 @@ fn run(weak: Weak<Shared>) {
                 if !stall.told && now.duration_since(stall.since) >= shared.config.stall_threshold * 2 {
                     stall.told = true;
                     worker.long_stall.store(true, Ordering::Relaxed);
+                    // Its path is suspect from now on, if the stack has come
+                    // (else `began` marks it when it does).
+                    let report = stall.shared.lock().expect("stall log lock").report.clone();
+                    if let Some(request) = report.filter(|r| !r.idle).and_then(|r| r.request) {
+                        shared.mark_suspect(request_key(&request), None);
+                    }
                     shared.stalled();
                 }
-            } else if now.duration_since(entry.changed) > shared.config.stall_threshold
-                && !worker.gone.load(Ordering::Relaxed)
-                && !waiting_for_a_cpu(worker, &mut entry.overdue, now)
+            } else if !worker.gone.load(Ordering::Relaxed)
+                && held(
+                    worker,
+                    &mut entry.overdue,
+                    now.duration_since(entry.changed),
+                    shared.config.stall_threshold,
+                )
             {
                 worker.stalled.store(true, Ordering::Relaxed);
                 shared.stats.stalls.fetch_add(1, Ordering::Relaxed);
@@ -176,29 +187,33 @@ fn take_back(shared: &Shared, worker: &Worker, ticks: u64) {
     }
 }
 
-/// Whether an overdue tick is late only because the loop thread waits for a
-/// CPU (a busy machine: `wrk` and the front on two cores), not because
-/// anything holds the loop: over the last millisecond or more it was
-/// runnable but not running for at least half the time. Such a loop is not
-/// stalled, and moving its requests or starting spares would only add to
-/// the load. A blocked loop (asleep in a call) and a spinning one (on the
-/// CPU) are judged stalled. The first look only takes a reading.
-fn waiting_for_a_cpu(worker: &Worker, overdue: &mut Option<(Instant, u64)>, now: Instant) -> bool {
-    let Some((_, wait)) = worker.loop_sched() else { return false };
-    let Some((at, wait_then)) = *overdue else {
-        *overdue = Some((now, wait));
-        return true;
-    };
-    let window = now.duration_since(at);
-    if window < PERIOD {
-        return true;
+/// Whether a loop whose last tick was `age` ago has been held for the
+/// threshold: by a blocking call or a spin, not by the machine. On a busy
+/// machine (`wrk` and the front on two cores) a loop thread can wait for a
+/// CPU past the threshold and tick a moment after it gets one; moving its
+/// requests or starting spares would only add to the load. So the time its
+/// thread spends runnable but not running (the kernel's schedstat, read from
+/// half the threshold on) does not count: a blocked loop (asleep in a call)
+/// and a spinning one (on the CPU) are stalled at the threshold, one that
+/// shares a CPU a little later, one that only waits for a CPU never.
+fn held(worker: &Worker, overdue: &mut Option<u64>, age: Duration, threshold: Duration) -> bool {
+    if age <= threshold / 2 {
+        return false;
     }
-    let waited = Duration::from_nanos(wait.saturating_sub(wait_then));
-    if waited * 2 >= window {
-        *overdue = Some((now, wait));
-        return true;
+    let Some((_, wait)) = worker.loop_sched() else { return age > threshold };
+    let since = *overdue.get_or_insert(wait);
+    let waited = Duration::from_nanos(wait.saturating_sub(since));
+    let held = age.saturating_sub(waited) > threshold;
+    if held {
+        tracing::debug!(
+            worker = worker.number,
+            "worker {}'s loop has not ticked for {:?}, {:?} of it waiting for a CPU: stalled",
+            worker.number,
+            age,
+            waited
+        );
     }
-    false
+    held
 }
 
 /// A loop that has spun the CPU for most of the time since its stall was
@@ -259,21 +274,24 @@ fn began(shared: &Shared, worker: &Worker, since: Instant, log: &Mutex<StallLog>
     let report = ask_stack(shared, worker);
     let mut log = log.lock().expect("stall log lock");
     if report.idle {
-        // No code of the app held the loop: a busy machine delayed the
-        // process. Nothing to fix, and no route to suspect.
+        // No code of the app held the loop: a busy machine or a burst
+        // delayed the tick. Nothing to fix, and no route to suspect.
         tracing::debug!(
             worker = worker.number,
-            "a tick of worker {} came late while its loop was idle",
+            "a tick of worker {} came late, but no code of the app held its loop",
             worker.number
         );
         log.report = Some(report);
         return;
     }
-    if let Some(request) = &report.request {
-        shared.mark_suspect(
-            request_key(request),
-            if log.ended.is_some() { Some(Instant::now()) } else { None },
-        );
+    // A path is suspect (kept off the last free loop) once it has held a
+    // loop for twice the threshold, the bar a spare has to meet too: a
+    // loaded machine makes the odd iteration of a busy loop run a little
+    // past the threshold, and a path that is all the traffic, taken for a
+    // blocker, would have every request wait for spares.
+    let lasted = log.ended.unwrap_or_else(|| since.elapsed());
+    if let Some(request) = report.request.as_deref().filter(|_| lasted >= shared.config.stall_threshold * 2) {
+        shared.mark_suspect(request_key(request), log.ended.map(|_| Instant::now()));
     }
     count(shared, &report, |row| match log.ended {
         Some(lasted) => row.ended(lasted),
@@ -328,7 +346,7 @@ fn ended(shared: &Shared, worker: &Worker, stall: Stall, now: Instant) {
     if report.idle {
         return;
     }
-    if let Some(request) = &report.request {
+    if let Some(request) = report.request.as_deref().filter(|_| lasted >= shared.config.stall_threshold * 2) {
         shared.mark_suspect(request_key(request), Some(now));
     }
     count(shared, &report, |row| {

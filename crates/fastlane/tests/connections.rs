@@ -435,7 +435,8 @@ async fn a_handler_is_dropped_when_its_client_goes_away() {
                 .await
                 .unwrap();
                 assert!(
-                    matches!(closed, Ok(0)) || closed.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+                    matches!(closed, Ok(0))
+                        || closed.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
                     "isolation {isolated}, {way}: the connection was not closed within 3 s"
                 );
                 // A handler still queued would start now: give it the time.
