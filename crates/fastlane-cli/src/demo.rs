@@ -3,6 +3,7 @@
 //! are about (`/test2`, `/ping`, `/slow/async-blocking`, `/cpu/async-blocking`,
 //! `/stream/blocking`, `/?action=2`), so that you can see what it does.
 
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -316,4 +317,86 @@ async fn action(bg: Background, Query(q): Query<ActionParams>) -> Result<String,
         _ => return Err(ApiError::unprocessable("action", "must be 1, 2 or 3")),
     };
     Ok(format!("{what} ({:.1} s)\n", d.as_secs_f64()))
+}
+
+/// The flags of `fastlane demo`: the server's, and the job store's.
+#[derive(Debug, clap::Args)]
+pub struct DemoCommand {
+    /// The server's flags.
+    #[command(flatten)]
+    pub serve: fastlane::ServeArgs,
+    /// Job store for POST /jobs/{name} and the in-server job worker.
+    #[arg(long, env = "FASTLANE_JOBS_URL", default_value = "sqlite://fastlane-demo-jobs.db")]
+    pub jobs_url: String,
+    /// Jobs the in-server worker runs at once (per worker process).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub job_concurrency: u32,
+}
+
+/// The demo's request timeout: longer than its longest route (60 s).
+const DEMO_REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Serves the demo until SIGTERM/SIGINT; exit code 1 if the shutdown cut work.
+pub async fn run_command(command: DemoCommand) -> ExitCode {
+    let DemoCommand { serve, jobs_url, job_concurrency } = command;
+    let job_concurrency = job_concurrency as usize;
+    fastlane::init_logging_with(&serve.log_config());
+    let store = match fastlane_jobs::connect(&jobs_url).await {
+        Ok(store) => store,
+        Err(err) => {
+            eprintln!("fastlane demo: --jobs-url: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let jobs = fastlane_jobs::Jobs::new(store, crate::jobs::demo_registry());
+    let worker = jobs.worker().config(fastlane_jobs::WorkerConfig {
+        queues: vec![("default".to_owned(), job_concurrency)],
+        ..fastlane_jobs::WorkerConfig::default()
+    });
+    let base = fastlane::Config {
+        // The demo's routes sleep up to 60 s; let them finish. (Its help
+        // text says 90: see `Command::Demo`.)
+        request_timeout: Some(DEMO_REQUEST_TIMEOUT),
+        expose_internal: true,
+        ..fastlane::Config::default()
+    };
+    let config = serve.apply(base);
+    let server = match fastlane::Server::new(app_with_jobs(jobs)).config(config).jobs(worker).bind().await {
+        Ok(server) => server,
+        Err(err) => {
+            eprintln!("fastlane demo: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = server.local_addr();
+    if fastlane::worker_id().is_some() {
+        // The supervisor already printed the routes.
+        return demo_exit(server.serve().await);
+    }
+    outln!("fastlane demo on http://{addr}\n");
+    for (route, what) in ROUTES {
+        outln!("  {route:<40} {what}");
+    }
+    outln!("  {:<40} Prometheus metrics", "GET  /metrics");
+    outln!("  {:<40} routes that stalled (JSON)", "GET  /_fastlane/stalls");
+    outln!("  {:<40} which worker process answered (JSON)", "GET  /_fastlane/worker");
+    outln!("\njobs: {jobs_url} (worker inside the server, {job_concurrency} at once)");
+    outln!("      the store is kept across restarts (ids go on from the last run); --jobs-url for another");
+    // The hint names this very binary, which need not be on the PATH.
+    let me = std::env::current_exe().map_or_else(|_| "fastlane".to_owned(), |p| p.display().to_string());
+    outln!("\ntry:  curl 'http://{addr}/slow/sync?secs=2' & curl 'http://{addr}/test1'");
+    outln!("      curl -d '{{\"ms\": 5000}}' http://{addr}/jobs/sleep   # then GET /jobs/<the id it prints>");
+    outln!("      {me} probe -n 2 -c 2 'http://{addr}/slow/sync?secs=2'\n");
+    demo_exit(server.serve().await)
+}
+
+fn demo_exit(result: Result<fastlane::ShutdownReport, fastlane::Error>) -> ExitCode {
+    match result {
+        Ok(report) if report.is_clean() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("fastlane demo: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,138 +1,331 @@
-//! `fastlane jobs ...`: run a worker with the built-in demo job types,
-//! enqueue, inspect and benchmark a job store.
+//! `fastlane jobs ...`: run a worker with the built-in job types, enqueue,
+//! inspect and benchmark a job store.
+//!
+//! * [`builtin`]: the job types (`noop`, `sleep`, `fail`), also the demo's;
+//! * [`bench`](mod@bench): `fastlane jobs bench`.
 
-use std::time::{Duration, Instant};
+use std::process::ExitCode;
+use std::time::Duration;
 
-use fastlane_jobs::{JobContext, JobError, NewJob, Registry, Store, WorkerConfig};
-use serde::Deserialize;
+use clap::Subcommand;
+use fastlane_jobs::Store as _;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SleepPayload {
-    ms: u64,
+use crate::outln;
+
+pub mod bench;
+pub mod builtin;
+
+pub use bench::{bench, enqueue_copies, BenchResult};
+pub use builtin::demo_registry;
+
+/// What `--url` of every `jobs` subcommand takes (one text, eight flags).
+const STORE_URL_HELP: &str = "The job store: sqlite://jobs.db (a file, relative to the working directory, \
+    created on first use), sqlite:///var/lib/app/jobs.db (an absolute path), or \
+    postgres://user:password@host:5432/dbname (a PostgreSQL database shared by many workers)";
+
+/// The `jobs` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// Run a worker with the built-in job types (noop, sleep, fail) until SIGTERM/SIGINT.
+    Work {
+        /// The job store (the help text is STORE_URL_HELP).
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
+        url: String,
+        /// Jobs run at once.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        concurrency: u32,
+        /// Queue to work on, as `NAME` (with --concurrency) or `NAME=N` (N at
+        /// once); repeat for several queues, each with its own limit.
+        #[arg(long = "queue", default_value = "default", value_parser = parse_queue)]
+        queues: Vec<(String, Option<usize>)>,
+        /// Seconds to let running jobs finish on shutdown before releasing them.
+        #[arg(long, default_value_t = 30)]
+        grace_period: u64,
+        /// Lease of each attempt, renewed every third of it: a dead worker's
+        /// jobs run again within one lease.
+        #[arg(long, default_value_t = 15.0, value_parser = parse_lease)]
+        lease_secs: f64,
+    },
+    /// Enqueue jobs (the name and payload are checked against the built-in types).
+    Enqueue {
+        /// The job store (the help text is STORE_URL_HELP).
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
+        url: String,
+        /// Job type: noop, sleep or fail.
+        name: String,
+        /// JSON payload, e.g. '{"ms": 100}'.
+        #[arg(long, default_value = "null")]
+        payload: String,
+        /// How many copies.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        count: u64,
+        /// Queue.
+        #[arg(long, default_value = "default")]
+        queue: String,
+        /// Attempts before a failing job is dead.
+        #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u32).range(1..))]
+        max_attempts: u32,
+    },
+    /// Counts per state.
+    Stats {
+        /// The job store (the help text is STORE_URL_HELP).
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
+        url: String,
+        /// One JSON object with a key per state.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The newest jobs.
+    List {
+        /// The job store (the help text is STORE_URL_HELP).
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
+        url: String,
+        /// Only jobs in this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// How many, newest first.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// One job with its attempts, as JSON.
+    Show {
+        /// The job store (the help text is STORE_URL_HELP).
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
+        url: String,
+        /// The job's id.
+        id: i64,
+    },
+    /// Make a dead or cancelled job available again.
+    Retry {
+        /// The job store (the help text is STORE_URL_HELP).
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
+        url: String,
+        /// The job's id.
+        id: i64,
+    },
+    /// Cancel a pending job, or ask a running one to stop.
+    Cancel {
+        /// The job store (the help text is STORE_URL_HELP).
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
+        url: String,
+        /// The job's id.
+        id: i64,
+    },
+    /// Enqueue N noop jobs, drain them with a worker, print the rates.
+    Bench {
+        /// The job store (the help text is STORE_URL_HELP).
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
+        url: String,
+        /// Jobs to enqueue and run.
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        jobs: u64,
+        /// Jobs run at once.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        concurrency: u32,
+        /// Jobs per enqueue call (one transaction each).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        batch: u32,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FailPayload {
-    times: u32,
-}
-
-/// The built-in demo job types: `noop`; `sleep` (`{"ms": N}`, an async
-/// sleep in ten steps, reporting progress after each); `fail`
-/// (`{"times": N}`: fails N attempts, then succeeds).
-pub fn demo_registry() -> Registry {
-    Registry::new()
-        .register("noop", |_: serde_json::Value, _ctx: JobContext| async { Ok(()) })
-        .register("sleep", |p: SleepPayload, ctx: JobContext| async move {
-            let total = Duration::from_millis(p.ms.min(3_600_000));
-            for step in 1..=10u32 {
-                tokio::time::sleep(total / 10).await;
-                if ctx.is_cancelled() {
-                    return Err(JobError::Permanent("cancelled".into()));
-                }
-                // Every step for long sleeps; short ones would only write.
-                if total >= Duration::from_secs(1) {
-                    let slept = total * step / 10;
-                    ctx.progress(
-                        (step * 10) as u8,
-                        format!("slept {} of {} ms", slept.as_millis(), total.as_millis()),
-                    );
-                }
-            }
-            Ok(())
-        })
-        .register("fail", |p: FailPayload, ctx: JobContext| async move {
-            if ctx.attempt <= p.times {
-                Err(JobError::Retry(format!(
-                    "failing on purpose: attempt {} of the first {}",
-                    ctx.attempt, p.times
-                )))
-            } else {
-                Ok(())
-            }
-        })
-}
-
-/// Enqueues `count` copies of `job`, `batch` per transaction; returns the
-/// last id (none if `count` is 0).
-pub async fn enqueue_copies<S: Store>(
-    store: &S,
-    job: &NewJob,
-    count: u64,
-    batch: usize,
-) -> Result<Option<fastlane_jobs::JobId>, fastlane_jobs::Error> {
-    let mut last = None;
-    let mut left = count;
-    while left > 0 {
-        let n = left.min(batch.max(1) as u64);
-        let ids = store.enqueue_many(vec![job.clone(); n as usize]).await?;
-        last = ids.last().copied().or(last);
-        left -= n;
-    }
-    Ok(last)
-}
-
-/// The result of `fastlane jobs bench`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct BenchResult {
-    /// Jobs enqueued and run.
-    pub jobs: u64,
-    /// Jobs per enqueue call (one transaction each).
-    pub batch: usize,
-    /// Worker concurrency.
-    pub concurrency: usize,
-    /// Enqueue rate (jobs/s).
-    pub enqueue_per_s: f64,
-    /// End to end: from the first enqueue to the last job done.
-    pub jobs_per_s: f64,
-    /// Seconds, end to end.
-    pub seconds: f64,
-}
-
-/// Enqueues `jobs` noop jobs in batches of `batch`, drains them with a worker
-/// of `concurrency` that runs from the start (as in production), and
-/// measures both.
-pub async fn bench<S: Store>(
-    store: &S,
-    jobs: u64,
-    batch: usize,
-    concurrency: usize,
-) -> Result<BenchResult, fastlane_jobs::Error> {
-    let queue = format!("bench-{}", std::process::id());
-    let done = std::sync::Arc::new(fastlane_jobs::WorkerStats::default());
-    let started = Instant::now();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let config = WorkerConfig { queues: vec![(queue.clone(), concurrency)], ..WorkerConfig::default() };
-    // The worker drains while the jobs are enqueued, as in production.
-    let worker = tokio::spawn(fastlane_jobs::run_worker_with_stats(
-        store.clone(),
-        demo_registry(),
-        config,
-        stop_rx,
-        Duration::from_secs(30),
-        done.clone(),
-    ));
-    enqueue_copies(store, &NewJob::new("noop", serde_json::Value::Null).queue(queue.clone()), jobs, batch)
-        .await?;
-    let enqueued_in = started.elapsed();
-    // The worker's own counter: no store query competing with the worker.
-    let stats = loop {
-        let succeeded = done.succeeded.load(std::sync::atomic::Ordering::Relaxed);
-        if succeeded >= jobs {
-            break succeeded;
+/// Runs a `fastlane jobs` subcommand; an error is one line on stderr and exit code 1.
+pub async fn run_command(command: JobsCommand) -> ExitCode {
+    match jobs_command(command).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("fastlane jobs: {err}");
+            ExitCode::FAILURE
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
+    let connect = |url: String| async move { fastlane_jobs::connect(&url).await.map_err(|e| e.to_string()) };
+    match command {
+        JobsCommand::Work { url, concurrency, queues, grace_period, lease_secs } => {
+            fastlane::init_logging();
+            let store = connect(url).await?;
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                wait_for_term().await;
+                tracing::info!("stopping: finishing running jobs, then releasing the rest");
+                stop_tx.send_replace(true);
+            });
+            let config = fastlane_jobs::WorkerConfig {
+                queues: queues.into_iter().map(|(q, n)| (q, n.unwrap_or(concurrency as usize))).collect(),
+                lease: Duration::from_secs_f64(lease_secs),
+                ..fastlane_jobs::WorkerConfig::default()
+            };
+            tracing::info!(worker = %config.name, "job worker running (noop, sleep, fail)");
+            let stats = fastlane_jobs::run_worker(
+                store,
+                demo_registry(),
+                config,
+                stop_rx,
+                Duration::from_secs(grace_period),
+            )
+            .await;
+            let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                succeeded = load(&stats.succeeded),
+                failed = load(&stats.failed),
+                fenced = load(&stats.fenced),
+                released = load(&stats.released),
+                "job worker stopped"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Enqueue { url, name, payload, count, queue, max_attempts } => {
+            let payload: serde_json::Value =
+                serde_json::from_str(&payload).map_err(|e| format!("--payload is not valid JSON: {e}"))?;
+            let store = connect(url).await?;
+            let registry = demo_registry();
+            let job = fastlane_jobs::NewJob::new(name.clone(), payload.clone())
+                .queue(queue.clone())
+                .max_attempts(max_attempts);
+            registry.check(&job).map_err(|e| e.to_string())?;
+            // One transaction per thousand jobs.
+            let last = enqueue_copies(&store, &job, count, 1000).await.map_err(|e| e.to_string())?;
+            let last = last.unwrap_or_default();
+            if count == 1 {
+                outln!("{last}");
+            } else {
+                outln!("enqueued {count} jobs (last id {last})");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Stats { url, json } => {
+            let stats = connect(url).await?.stats().await.map_err(|e| e.to_string())?;
+            if json {
+                outln!("{}", serde_json::to_string(&stats).unwrap_or_default());
+            } else {
+                for (state, count) in &stats {
+                    outln!("{:<10} {count}", state.as_str());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::List { url, state, limit } => {
+            let state = match state {
+                Some(s) => Some(s.parse::<fastlane_jobs::JobState>().map_err(|_| {
+                    format!("--state `{s}` is not one of scheduled, available, running, succeeded, retrying, dead, cancelled")
+                })?),
+                None => None,
+            };
+            let jobs = connect(url).await?.list(state, limit).await.map_err(|e| e.to_string())?;
+            for j in jobs {
+                outln!(
+                    "{:>8}  {:<10} {:<12} {:<10} attempt {}{}",
+                    j.id,
+                    j.state.as_str(),
+                    j.name,
+                    j.queue,
+                    j.attempt,
+                    j.last_error.map(|e| format!("  ({e})")).unwrap_or_default()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Show { url, id } => {
+            let job = connect(url).await?.get(id).await.map_err(|e| e.to_string())?;
+            outln!("{}", serde_json::to_string_pretty(&job).unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Retry { url, id } => {
+            use fastlane_jobs::JobState::{Available, Running, Scheduled, Succeeded};
+            let store = connect(url).await?;
+            // A retry of a job that is waiting, running or done would do
+            // nothing: say so, and fail, rather than print its state as if
+            // something had happened.
+            let before = store.get(id).await.map_err(|e| e.to_string())?.state;
+            if matches!(before, Scheduled | Available | Running | Succeeded) {
+                return Err(format!(
+                    "job {id} is {before}: nothing to retry (retry makes a dead, cancelled or retrying job available again)"
+                ));
+            }
+            let state = store.retry(id).await.map_err(|e| e.to_string())?;
+            outln!("job {id}: {before} -> {state}");
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Cancel { url, id } => {
+            use fastlane_jobs::JobState::{Cancelled, Dead, Succeeded};
+            let store = connect(url).await?;
+            let before = store.get(id).await.map_err(|e| e.to_string())?.state;
+            if matches!(before, Succeeded | Dead | Cancelled) {
+                return Err(format!("job {id} is already {before}: nothing to cancel"));
+            }
+            let state = store.cancel(id).await.map_err(|e| e.to_string())?;
+            let note = if state == fastlane_jobs::JobState::Running {
+                " (asked to stop; its worker tells the handler within about a second)"
+            } else {
+                ""
+            };
+            outln!("job {id}: {state}{note}");
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Bench { url, jobs: n, concurrency, batch, json } => {
+            let store = connect(url).await?;
+            let result =
+                bench(&store, n, batch as usize, concurrency as usize).await.map_err(|e| e.to_string())?;
+            if json {
+                outln!("{}", serde_json::to_string(&result).unwrap_or_default());
+            } else {
+                outln!(
+                    "{} jobs (batches of {}, concurrency {}): enqueue {:.0} jobs/s, end to end {:.0} jobs/s ({:.2} s)",
+                    result.jobs,
+                    result.batch,
+                    result.concurrency,
+                    result.enqueue_per_s,
+                    result.jobs_per_s,
+                    result.seconds
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `--queue NAME` or `--queue NAME=N`.
+fn parse_queue(s: &str) -> Result<(String, Option<usize>), String> {
+    let (name, limit) = match s.split_once('=') {
+        Some((name, n)) => {
+            let n: usize = n.parse().map_err(|_| format!("`{n}` is not a number of jobs (NAME=N)"))?;
+            if !(1..=10_000).contains(&n) {
+                return Err(format!("{n} jobs at once is out of range (1 to 10000)"));
+            }
+            (name, Some(n))
+        }
+        None => (s, None),
     };
-    let seconds = started.elapsed().as_secs_f64();
-    stop_tx.send_replace(true);
-    let _ = worker.await;
-    Ok(BenchResult {
-        jobs: stats,
-        batch,
-        concurrency,
-        enqueue_per_s: jobs as f64 / enqueued_in.as_secs_f64().max(1e-9),
-        jobs_per_s: stats as f64 / seconds.max(1e-9),
-        seconds,
-    })
+    if name.trim().is_empty() {
+        return Err("the queue name is empty".into());
+    }
+    Ok((name.to_owned(), limit))
+}
+
+/// `--lease-secs`: at least 0.3 s (three heartbeats must fit), at most a day.
+fn parse_lease(s: &str) -> Result<f64, String> {
+    let secs: f64 = s.parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if (0.3..=86_400.0).contains(&secs) {
+        Ok(secs)
+    } else {
+        Err(format!("{secs} s is out of range (0.3 to 86400)"))
+    }
+}
+
+/// SIGTERM or SIGINT, whichever comes first (never, if neither can be listened for).
+async fn wait_for_term() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
 }

@@ -1,9 +1,12 @@
 //! The `fastlane` command's logic; `main.rs` only parses and dispatches.
+//! Each subcommand's module holds its flags (a `clap::Args` or
+//! `clap::Subcommand` type) and its `run_command`.
 //!
-//! * [`demo`]: the demo app of the seed scenarios;
+//! * [`demo`]: `fastlane demo`, the demo app of the seed scenarios;
 //! * [`probe`]: the concurrency tester (`fastlane probe`);
 //! * [`mixed`]: the fast-route-under-load benchmark (`fastlane bench mixed`);
-//! * [`jobs`]: the built-in demo job types and `fastlane jobs bench`;
+//! * [`jobs`]: `fastlane jobs ...` (worker, enqueue, inspect, bench) and the
+//!   built-in job types;
 //! * [`serve`]: `fastlane serve main:app`, for ASGI (FastAPI) apps;
 //! * [`outln!`] and [`out!`]: printing to stdout that survives a closed pipe.
 

@@ -14,12 +14,15 @@
 //! Measurement starts with the load, with no warm-up grace: a server that
 //! only isolates blocking handlers after seeing a few is charged for it.
 
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use tokio::time::Instant;
+
+use crate::outln;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -192,4 +195,67 @@ mod tests {
         assert_eq!((s.sent, s.errors, s.over_100ms), (102, 2, 2));
         assert_eq!((s.p50_ms, s.p99_ms, s.max_ms), (50.0, 99.0, 100.0));
     }
+}
+
+/// The flags of `fastlane bench mixed`: probe a fast URL at a fixed rate
+/// (open loop) while N slow requests are in flight.
+#[derive(Debug, clap::Args)]
+pub struct MixedCommand {
+    /// The fast URL to probe.
+    #[arg(long)]
+    pub fast: String,
+    /// The slow URL to keep in flight.
+    #[arg(long)]
+    pub load: Option<String>,
+    /// How many slow requests to keep in flight.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+    /// Probe requests per second.
+    #[arg(long, default_value_t = 50.0)]
+    pub rate: f64,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds after which a probe request counts as failed.
+    #[arg(long, default_value_t = 20.0)]
+    pub timeout: f64,
+    /// Print one JSON object instead of a summary line.
+    #[arg(long)]
+    pub json: bool,
+    /// Load clients refused with 503 wait for its Retry-After before sending
+    /// again, as well-behaved clients do (without it: again at once).
+    #[arg(long)]
+    pub honor_retry_after: bool,
+}
+
+/// Runs `fastlane bench mixed` and prints the result.
+pub async fn run_command(command: MixedCommand) -> ExitCode {
+    let MixedCommand { fast, load, concurrency, rate, duration, timeout, json, honor_retry_after } = command;
+    let valid = |v: f64| v.is_finite() && v > 0.0 && v <= 3600.0;
+    for (flag, value) in [("--rate", rate), ("--duration", duration), ("--timeout", timeout)] {
+        if !valid(value) {
+            eprintln!("fastlane bench mixed: {flag} must be a number above 0 and at most 3600");
+            return ExitCode::from(2);
+        }
+    }
+    let config = MixedConfig {
+        fast_url: fast,
+        rate,
+        duration: Duration::from_secs_f64(duration),
+        load_url: load,
+        load_concurrency: concurrency as usize,
+        timeout: Duration::from_secs_f64(timeout),
+        honor_retry_after,
+    };
+    let result = run(&config).await;
+    if json {
+        outln!("{}", serde_json::to_string(&result).unwrap_or_default());
+    } else {
+        let f = &result.fast;
+        outln!(
+            "fast: {} sent, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} errors, {} over 100 ms; load: {} ok, {} errors",
+            f.sent, f.p50_ms, f.p99_ms, f.max_ms, f.errors, f.over_100ms, result.load_ok, result.load_errors
+        );
+    }
+    ExitCode::SUCCESS
 }

@@ -3,11 +3,14 @@
 //! writes by hand with httpx and `asyncio.gather`.
 
 use std::fmt::Write as _;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::Semaphore;
+
+use crate::{out, outln};
 
 /// What to send.
 #[derive(Debug, Clone)]
@@ -478,5 +481,60 @@ mod tests {
         }
         // Every bar has a label naming its URL.
         assert_eq!(svg.matches("<rect x=").count(), 3 + 3, "three bars and three legend keys: {svg}");
+    }
+}
+
+/// The flags of `fastlane probe`.
+#[derive(Debug, clap::Args)]
+pub struct ProbeCommand {
+    /// Requests to send in all (default: one per URL).
+    #[arg(short = 'n', long = "total", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub total: Option<u32>,
+    /// Requests in flight at once (default: all of them).
+    #[arg(short = 'c', long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: Option<u32>,
+    /// Seconds before a request counts as failed.
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub timeout: u64,
+    /// Write a timeline chart (SVG, one bar per request) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<std::path::PathBuf>,
+    /// URLs to request (http:// only), used in turn.
+    #[arg(required = true, value_name = "URL")]
+    pub urls: Vec<String>,
+}
+
+/// Runs `fastlane probe`: the table, the verdict and the chart; exit code 1
+/// if a request failed.
+pub async fn run_command(command: ProbeCommand) -> ExitCode {
+    let ProbeCommand { total, concurrency, timeout, svg, urls } = command;
+    let total = total.map_or(urls.len(), |n| n as usize);
+    let config = ProbeConfig {
+        concurrency: concurrency.map_or(total, |c| c as usize),
+        urls,
+        total,
+        timeout: Duration::from_secs(timeout),
+        progress: true,
+    };
+    for url in &config.urls {
+        if !url.starts_with("http://") {
+            eprintln!("fastlane probe: `{url}` is not an http:// URL (https is not supported)");
+            return ExitCode::from(2);
+        }
+    }
+    let result = run(&config).await;
+    out!("{}", result.table());
+    outln!("\n{}", result.verdict());
+    if let Some(path) = svg {
+        if let Err(err) = std::fs::write(&path, result.svg()) {
+            eprintln!("fastlane probe: could not write --svg {}: {err}", path.display());
+            return ExitCode::FAILURE;
+        }
+        outln!("timeline written to {}", path.display());
+    }
+    if result.samples.iter().all(|s| s.outcome.is_ok()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

@@ -88,7 +88,7 @@ const MIN_STALL_THRESHOLD_MS: u64 = 5;
 
 /// Runs `fastlane serve` until SIGINT/SIGTERM; non-zero if the app could not
 /// start or the shutdown cut work.
-pub async fn run(command: ServeCommand) -> ExitCode {
+pub async fn run_command(command: ServeCommand) -> ExitCode {
     let ServeCommand {
         app,
         factory,

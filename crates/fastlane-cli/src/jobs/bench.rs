@@ -1,0 +1,90 @@
+//! `fastlane jobs bench` and the batched enqueue it shares with `jobs enqueue`.
+
+use std::time::{Duration, Instant};
+
+use fastlane_jobs::{NewJob, Store, WorkerConfig};
+
+use super::demo_registry;
+
+/// Enqueues `count` copies of `job`, `batch` per transaction; returns the
+/// last id (none if `count` is 0).
+pub async fn enqueue_copies<S: Store>(
+    store: &S,
+    job: &NewJob,
+    count: u64,
+    batch: usize,
+) -> Result<Option<fastlane_jobs::JobId>, fastlane_jobs::Error> {
+    let mut last = None;
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(batch.max(1) as u64);
+        let ids = store.enqueue_many(vec![job.clone(); n as usize]).await?;
+        last = ids.last().copied().or(last);
+        left -= n;
+    }
+    Ok(last)
+}
+
+/// The result of `fastlane jobs bench`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchResult {
+    /// Jobs enqueued and run.
+    pub jobs: u64,
+    /// Jobs per enqueue call (one transaction each).
+    pub batch: usize,
+    /// Worker concurrency.
+    pub concurrency: usize,
+    /// Enqueue rate (jobs/s).
+    pub enqueue_per_s: f64,
+    /// End to end: from the first enqueue to the last job done.
+    pub jobs_per_s: f64,
+    /// Seconds, end to end.
+    pub seconds: f64,
+}
+
+/// Enqueues `jobs` noop jobs in batches of `batch`, drains them with a worker
+/// of `concurrency` that runs from the start (as in production), and
+/// measures both.
+pub async fn bench<S: Store>(
+    store: &S,
+    jobs: u64,
+    batch: usize,
+    concurrency: usize,
+) -> Result<BenchResult, fastlane_jobs::Error> {
+    let queue = format!("bench-{}", std::process::id());
+    let done = std::sync::Arc::new(fastlane_jobs::WorkerStats::default());
+    let started = Instant::now();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let config = WorkerConfig { queues: vec![(queue.clone(), concurrency)], ..WorkerConfig::default() };
+    // The worker drains while the jobs are enqueued, as in production.
+    let worker = tokio::spawn(fastlane_jobs::run_worker_with_stats(
+        store.clone(),
+        demo_registry(),
+        config,
+        stop_rx,
+        Duration::from_secs(30),
+        done.clone(),
+    ));
+    enqueue_copies(store, &NewJob::new("noop", serde_json::Value::Null).queue(queue.clone()), jobs, batch)
+        .await?;
+    let enqueued_in = started.elapsed();
+    // The worker's own counter: no store query competing with the worker.
+    let stats = loop {
+        let succeeded = done.succeeded.load(std::sync::atomic::Ordering::Relaxed);
+        if succeeded >= jobs {
+            break succeeded;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    stop_tx.send_replace(true);
+    let _ = worker.await;
+    Ok(BenchResult {
+        jobs: stats,
+        batch,
+        concurrency,
+        enqueue_per_s: jobs as f64 / enqueued_in.as_secs_f64().max(1e-9),
+        jobs_per_s: stats as f64 / seconds.max(1e-9),
+        seconds,
+    })
+}

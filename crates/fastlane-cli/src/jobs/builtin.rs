@@ -1,0 +1,54 @@
+//! The built-in job types of the demo and of `fastlane jobs work`.
+
+use std::time::Duration;
+
+use fastlane_jobs::{JobContext, JobError, Registry};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SleepPayload {
+    ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailPayload {
+    times: u32,
+}
+
+/// The built-in demo job types: `noop`; `sleep` (`{"ms": N}`, an async
+/// sleep in ten steps, reporting progress after each); `fail`
+/// (`{"times": N}`: fails N attempts, then succeeds).
+pub fn demo_registry() -> Registry {
+    Registry::new()
+        .register("noop", |_: serde_json::Value, _ctx: JobContext| async { Ok(()) })
+        .register("sleep", |p: SleepPayload, ctx: JobContext| async move {
+            let total = Duration::from_millis(p.ms.min(3_600_000));
+            for step in 1..=10u32 {
+                tokio::time::sleep(total / 10).await;
+                if ctx.is_cancelled() {
+                    return Err(JobError::Permanent("cancelled".into()));
+                }
+                // Every step for long sleeps; short ones would only write.
+                if total >= Duration::from_secs(1) {
+                    let slept = total * step / 10;
+                    ctx.progress(
+                        (step * 10) as u8,
+                        format!("slept {} of {} ms", slept.as_millis(), total.as_millis()),
+                    );
+                }
+            }
+            Ok(())
+        })
+        .register("fail", |p: FailPayload, ctx: JobContext| async move {
+            if ctx.attempt <= p.times {
+                Err(JobError::Retry(format!(
+                    "failing on purpose: attempt {} of the first {}",
+                    ctx.attempt, p.times
+                )))
+            } else {
+                Ok(())
+            }
+        })
+}
