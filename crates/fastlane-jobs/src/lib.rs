@@ -13,15 +13,18 @@
 //! * `common.rs`: the one-job operations whose SQL both backends share,
 //!   written once (`?` placeholders, numbered for PostgreSQL).
 //!
-//! * `worker.rs`: the [`Registry`] of job types (async handlers, or
-//!   blocking / CPU handlers on fastlane's lanes) and the worker loop
-//!   ([`run_worker`]): per-queue concurrency, lease heartbeats, cancellation,
-//!   timeouts, panics as failures, release of unfinished jobs on shutdown.
+//! * `registry.rs`: the [`Registry`] of job types (async handlers, or
+//!   blocking / CPU handlers on fastlane's lanes), [`JobContext`],
+//!   [`JobError`] and [`enqueue_checked`].
+//! * `worker.rs`: the worker loop ([`run_worker`]): per-queue concurrency,
+//!   lease heartbeats, cancellation, timeouts, panics as failures, batched
+//!   completion, release of unfinished jobs on shutdown.
+//! * `in_server.rs`: [`Worker`] and [`Jobs`], a worker inside a fastlane
+//!   server (`Server::jobs`) and the application's checked handle on its
+//!   queue.
 //!
 //! * `owner.rs`: which process holds a running job, so that a worker on the
 //!   same host sees at once that it died instead of waiting for its lease.
-//! * [`Worker`] and [`Jobs`]: a worker inside a fastlane server
-//!   (`Server::jobs`) and the application's checked handle on its queue.
 //!
 //! # The life of a job
 //!
@@ -36,20 +39,21 @@
 mod any;
 mod common;
 mod error;
+mod in_server;
 mod job;
 mod owner;
 mod postgres;
+mod registry;
 mod sqlite;
 mod store;
 mod worker;
 
 pub use any::{connect, AnyStore};
 pub use error::Error;
+pub use in_server::{Jobs, Worker};
 pub use job::{backoff, Attempt, Claimed, JobId, JobInfo, JobState, JobSummary, NewJob, Stats};
 pub use postgres::{enqueue_in_tx, enqueue_many_in_tx, PgStore};
+pub use registry::{enqueue_checked, JobContext, JobError, Registry};
 pub use sqlite::SqliteStore;
 pub use store::Store;
-pub use worker::{
-    enqueue_checked, run as run_worker, run_with_stats as run_worker_with_stats, JobContext, JobError, Jobs,
-    Registry, Worker, WorkerConfig, WorkerStats,
-};
+pub use worker::{run as run_worker, run_with_stats as run_worker_with_stats, WorkerConfig, WorkerStats};

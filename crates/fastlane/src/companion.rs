@@ -1,5 +1,7 @@
 //! Companions: long-running work a server runs beside its requests (a
-//! durable job worker), with the same isolation and the same shutdown.
+//! durable job worker), with the same isolation and the same shutdown: the
+//! [`Companion`] trait, the [`Spawner`] its tasks start with, and the
+//! server's start and stop of its companions.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -151,4 +153,43 @@ impl Spawner {
 /// the tasks it spawns go there too.
 pub(crate) fn start(server: Arc<ServerState>, task: CompanionFuture) {
     server.clone().start_task(Box::pin(SERVER.scope(server, task)));
+}
+
+/// Starts each companion on the server's executor; returns their names with
+/// a signal of their end.
+pub(crate) fn start_all(
+    companions: Vec<Box<dyn Companion>>,
+    state: &Arc<ServerState>,
+    stop: &watch::Sender<bool>,
+) -> Vec<(String, tokio::sync::oneshot::Receiver<()>)> {
+    let grace = state.config.grace_period;
+    companions
+        .into_iter()
+        .map(|companion| {
+            let name = companion.name();
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            let run = companion.run(stop.subscribe(), grace);
+            start(
+                state.clone(),
+                Box::pin(async move {
+                    run.await;
+                    let _ = done_tx.send(());
+                }),
+            );
+            tracing::info!("{name} running");
+            (name, done_rx)
+        })
+        .collect()
+}
+
+/// Waits for the companions, which were told to stop with the rest of the
+/// server, for what is left of the grace period plus a little: a job worker
+/// out of grace gives its jobs back, which takes a few writes.
+pub(crate) async fn stop_all(companions: Vec<(String, tokio::sync::oneshot::Receiver<()>)>, left: Duration) {
+    for (name, done) in companions {
+        match tokio::time::timeout(left + Duration::from_secs(5), done).await {
+            Ok(_) => tracing::info!("{name} stopped"),
+            Err(_) => tracing::error!("{name} did not stop within the grace period"),
+        }
+    }
 }

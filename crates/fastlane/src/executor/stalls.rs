@@ -1,4 +1,5 @@
-//! Routes and their stall record.
+//! Routes and their stall record, and the stall message (what blocked,
+//! where, and what to do about it).
 //!
 //! Each (method, route pattern) gets one [`RouteInfo`], interned on first use
 //! and given a small integer id, so that a runner thread can publish "I am
@@ -14,6 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 
+use super::slot::Phase;
 use crate::metrics::Metrics;
 
 /// One route of the app: its name, its stall record and its metric handles,
@@ -276,6 +278,79 @@ impl RouteTable {
     }
 }
 
+/// The stall log line: what happened, where, and what to do about it.
+///
+/// `cpu` is `None` while it is not yet known whether the poll is blocked
+/// (asleep, waiting on I/O) or computing. A poll that `panicked` is held by
+/// the panic hook (a backtrace being written), not by the handler's code.
+pub(crate) fn stall_message(
+    route: &RouteInfo,
+    phase: Phase,
+    took: Duration,
+    cpu: Option<bool>,
+    ended: bool,
+    panicked: bool,
+) -> String {
+    let secs = took.as_secs_f64();
+    let amount = if secs >= 1.0 { format!("{secs:.1} s") } else { format!("{:.0} ms", secs * 1000.0) };
+    if panicked {
+        let so_far = if ended { "" } else { " so far" };
+        let who = if route.id == NO_ROUTE {
+            "a connection task".to_owned()
+        } else {
+            format!("{} {}", route.method, route.route)
+        };
+        return format!(
+            "{who} panicked, and the panic hook held its thread for {amount}{so_far} (writing the backtrace \
+             RUST_BACKTRACE asks for is slow); the panic itself is logged apart, and a handler's is answered 500"
+        );
+    }
+    let what = match (ended, cpu) {
+        (true, Some(true)) => format!("kept its thread busy computing for {amount}"),
+        (true, _) => format!("blocked its thread for {amount}"),
+        (false, _) => format!("has held its thread in one poll for {amount} so far"),
+    };
+    let place = match phase {
+        Phase::Background => "in an async background task",
+        Phase::Job => "inside an async job handler",
+        Phase::Body => "while producing its streaming response body",
+        Phase::Handler | Phase::Connection => "inside an async handler",
+    };
+    let fix = match (phase, cpu) {
+        (Phase::Background, Some(false)) => {
+            "schedule it with Background::spawn_blocking(..), or await fastlane::blocking(..) around the blocking call"
+        }
+        (Phase::Background, Some(true)) => "schedule it with Background::spawn_cpu(..), or await fastlane::compute(..)",
+        (Phase::Background, None) => "schedule it with Background::spawn_blocking(..) or Background::spawn_cpu(..)",
+        (Phase::Job, Some(true)) => {
+            "register the job with Registry::register_cpu, or await fastlane::compute(..) around the computation"
+        }
+        (Phase::Job, _) => {
+            "register the job with Registry::register_blocking, or await fastlane::blocking(..) around the blocking call"
+        }
+        (Phase::Body, Some(true)) => "compute each chunk with fastlane::compute(..)",
+        (Phase::Body, _) => "produce each chunk with fastlane::blocking(..), or use an async source",
+        (_, Some(false)) => {
+            "move the blocking call into fastlane::blocking(..) or declare the route with fastlane::sync"
+        }
+        (_, Some(true)) => {
+            "move the computation into fastlane::compute(..) or declare the route with fastlane::cpu"
+        }
+        (_, None) => {
+            "move blocking calls into fastlane::blocking(..) and computation into fastlane::compute(..), \
+             or declare the route with fastlane::sync / fastlane::cpu"
+        }
+    };
+    let tail = if ended { "" } else { "; other requests are served by other threads meanwhile" };
+    if route.id == NO_ROUTE {
+        format!("a connection task {what} outside any route{tail}")
+    } else if phase == Phase::Job {
+        format!("job `{}` {what} {place}: {fix}{tail}", route.route)
+    } else {
+        format!("{} {} {what} {place}: {fix}{tail}", route.method, route.route)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,5 +374,29 @@ mod tests {
             );
             assert!(text.contains(&line), "no `{line}` in\n{text}");
         }
+    }
+
+    #[test]
+    fn stall_messages_name_the_place_and_the_fix() {
+        let routes = RouteTable::new(Metrics::new(&crate::LaneConfig::default(), None, Vec::new()));
+        let get = routes.get(&http::Method::GET, "/test2");
+        let message = stall_message(&get, Phase::Handler, Duration::from_secs(8), Some(false), true, false);
+        assert_eq!(
+            message,
+            "GET /test2 blocked its thread for 8.0 s inside an async handler: move the blocking call into \
+             fastlane::blocking(..) or declare the route with fastlane::sync"
+        );
+        let job = routes.get(&http::Method::from_bytes(b"JOB").unwrap(), "send_mail");
+        let message = stall_message(&job, Phase::Job, Duration::from_millis(2500), Some(false), true, false);
+        assert_eq!(
+            message,
+            "job `send_mail` blocked its thread for 2.5 s inside an async job handler: register the job with \
+             Registry::register_blocking, or await fastlane::blocking(..) around the blocking call"
+        );
+        let message = stall_message(&job, Phase::Job, Duration::from_millis(40), None, false, false);
+        assert!(
+            message.starts_with("job `send_mail` has held its thread in one poll for 40 ms so far"),
+            "{message}"
+        );
     }
 }

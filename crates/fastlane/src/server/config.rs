@@ -1,3 +1,6 @@
+//! The server's settings: [`Config`] (a field per limit) and [`ServeArgs`],
+//! the same as command-line flags named as uvicorn's and gunicorn's.
+
 use std::time::Duration;
 
 use crate::{IsolationConfig, LaneConfig};

@@ -6,37 +6,43 @@
 //! asks every connection to finish its current requests (HTTP/1.1: close
 //! after the response; HTTP/2: GOAWAY), waits for requests and background
 //! tasks up to the grace period, and reports whatever it had to cut.
+//!
+//! This file holds the [`Server`] builder, the accept loop and each
+//! connection's task; the rest is in:
+//!
+//! * `config.rs`: [`Config`] and [`ServeArgs`] (the flags);
+//! * `state.rs`: what connections, requests and background tasks share;
+//! * `service.rs`: the service hyper calls for each request of a connection;
+//! * `internal.rs`: `/metrics` and `/_fastlane/*`;
+//! * `middleware.rs`: the per-request layer (access log, metrics, timeouts,
+//!   panics), `timeout.rs` per-route timeouts, `proxy.rs` proxy headers;
+//! * `sniff.rs` and `timer.rs`: deadlines of connections on tokio's I/O;
+//! * `tracker.rs`: what is in flight; `report.rs`: what a shutdown cut.
 
 mod config;
+mod internal;
 mod middleware;
 mod proxy;
 mod report;
+mod service;
 mod sniff;
 mod state;
 mod timeout;
 mod timer;
 mod tracker;
 
-use std::cell::RefCell;
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
 use axum::extract::DefaultBodyLimit;
-use axum::response::{IntoResponse, Response};
-use axum::routing::future::RouteFuture;
 use axum::Router;
-use futures_util::future::Either;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioTimer;
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tower::Service;
 
 pub use config::{Config, ServeArgs};
 pub use proxy::{ClientInfo, ForwardedAllowIps};
@@ -50,6 +56,7 @@ use crate::executor::{Executor, RouteTable};
 use crate::metrics::Metrics;
 use crate::supervisor::worker::WorkerEnv;
 use crate::{Error, Lanes};
+use service::ConnectionService;
 use sniff::{Action, Deadlines, Sniffing};
 
 /// On shutdown, a connection younger than this is left to receive its first
@@ -373,7 +380,7 @@ impl BoundServer {
             watched: Arc::new(http_builder(&state, false)),
         };
         tracing::info!(addr = %local_addr, "fastlane listening on http://{local_addr}");
-        let companions = start_companions(companions, &state, &stop);
+        let companions = crate::companion::start_all(companions, &state, &stop);
 
         let mut stop_rx = stop.subscribe();
         tokio::pin!(signal);
@@ -401,7 +408,7 @@ impl BoundServer {
         );
         let started = Instant::now();
         let drained = tokio::time::timeout(grace, state.tracker.idle()).await.is_ok();
-        stop_companions(companions, grace.saturating_sub(started.elapsed())).await;
+        crate::companion::stop_all(companions, grace.saturating_sub(started.elapsed())).await;
         let (requests, tasks) =
             if drained { Default::default() } else { state.tracker.snapshot(&state.routes) };
         let report = ShutdownReport { requests, tasks, drained_in: started.elapsed(), workers_failed: 0 };
@@ -426,45 +433,6 @@ impl BoundServer {
             executor.shutdown();
         }
         Ok(report)
-    }
-}
-
-/// Starts each companion on the server's executor; returns their names with
-/// a signal of their end.
-fn start_companions(
-    companions: Vec<Box<dyn Companion>>,
-    state: &Arc<ServerState>,
-    stop: &watch::Sender<bool>,
-) -> Vec<(String, tokio::sync::oneshot::Receiver<()>)> {
-    let grace = state.config.grace_period;
-    companions
-        .into_iter()
-        .map(|companion| {
-            let name = companion.name();
-            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-            let run = companion.run(stop.subscribe(), grace);
-            crate::companion::start(
-                state.clone(),
-                Box::pin(async move {
-                    run.await;
-                    let _ = done_tx.send(());
-                }),
-            );
-            tracing::info!("{name} running");
-            (name, done_rx)
-        })
-        .collect()
-}
-
-/// Waits for the companions, which were told to stop with the rest of the
-/// server, for what is left of the grace period plus a little: a job worker
-/// out of grace gives its jobs back, which takes a few writes.
-async fn stop_companions(companions: Vec<(String, tokio::sync::oneshot::Receiver<()>)>, left: Duration) {
-    for (name, done) in companions {
-        match tokio::time::timeout(left + Duration::from_secs(5), done).await {
-            Ok(_) => tracing::info!("{name} stopped"),
-            Err(_) => tracing::error!("{name} did not stop within the grace period"),
-        }
     }
 }
 
@@ -660,177 +628,6 @@ enum Ended<T> {
     Served(T),
     Shutdown,
     Cut,
-}
-
-/// What hyper calls for each request of a connection: fastlane's own
-/// endpoints, then the app's router.
-///
-/// Holds its own handle of the router, so a request clones nothing shared
-/// between threads (`Router::call` wants `&mut`, hyper gives `&`: the
-/// `RefCell` is borrowed only while the router builds the response future).
-struct ConnectionService {
-    router: RefCell<Router>,
-    state: Arc<ServerState>,
-    /// Tells the connection's idle watch (the header-read timeout) when
-    /// requests are in flight.
-    watch: IdleWatch,
-    /// The watch needs HTTP/1 requests too (on the runners' reactor, which
-    /// enforces the HTTP/1 deadline itself); on tokio's I/O hyper does, and
-    /// only HTTP/2 streams are counted.
-    watch_http1: bool,
-    /// The socket's peer, given to each request as axum's
-    /// `ConnectInfo<SocketAddr>`, and with the proxy headers as
-    /// [`ClientInfo`] (an ASGI app's `client`).
-    peer: SocketAddr,
-}
-
-impl ConnectionService {
-    fn new(
-        router: Router,
-        state: &Arc<ServerState>,
-        watch: IdleWatch,
-        watch_http1: bool,
-        peer: SocketAddr,
-    ) -> Self {
-        Self { router: RefCell::new(router), state: state.clone(), watch, watch_http1, peer }
-    }
-}
-
-impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = Served;
-
-    fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
-        let config = &self.state.config;
-        let trusted = config.proxy_headers.then_some(&config.forwarded_allow_ips);
-        let client = ClientInfo::resolve(self.peer, req.headers(), trusted);
-        req.extensions_mut().insert(client);
-        req.extensions_mut().insert(axum::extract::ConnectInfo(self.peer));
-        let watched = self.watch_http1 || req.version() == http::Version::HTTP_2;
-        let busy = watched.then(|| Busy::new(&self.watch, req.method() == http::Method::CONNECT));
-        let inner = match internal_endpoint(&self.state, &req) {
-            Some(response) => Either::Left(std::future::ready(Ok(response))),
-            // `Router` is always ready (its `poll_ready` returns `Ready` at once).
-            None => Either::Right(self.router.borrow_mut().call(req)),
-        };
-        Served { inner, busy }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The response future of [`ConnectionService`]: the request counts as in
-    /// flight for the idle watch until its response is done.
-    struct Served {
-        #[pin]
-        inner: Either<std::future::Ready<Result<Response, Infallible>>, RouteFuture<Infallible>>,
-        busy: Option<Busy>,
-    }
-}
-
-impl Future for Served {
-    type Output = Result<Response, Infallible>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        let this = self.project();
-        let Ok(response) = std::task::ready!(this.inner.poll(cx));
-        let Some(busy) = this.busy.take() else { return std::task::Poll::Ready(Ok(response)) };
-        let upgraded = response.status() == http::StatusCode::SWITCHING_PROTOCOLS
-            || (busy.connect && response.status().is_success());
-        if upgraded {
-            // The connection is the app's from here on.
-            busy.watch.exempt();
-        }
-        // A body of known size is written at once (if the socket is full,
-        // the reactor sees the write blocked); a stream may go on for long,
-        // and the request stays in flight until it ends.
-        if http_body::Body::size_hint(response.body()).exact().is_some() {
-            return std::task::Poll::Ready(Ok(response));
-        }
-        Ok(response.map(|body| Body::new(BusyBody { inner: body, busy: Some(busy) }))).into()
-    }
-}
-
-/// A request in flight on a watched connection, until dropped.
-struct Busy {
-    watch: IdleWatch,
-    connect: bool,
-}
-
-impl Busy {
-    fn new(watch: &IdleWatch, connect: bool) -> Self {
-        watch.request_started();
-        Self { watch: watch.clone(), connect }
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.watch.request_done();
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A streaming response body, holding its request in flight until it ends.
-    struct BusyBody {
-        #[pin]
-        inner: Body,
-        busy: Option<Busy>,
-    }
-}
-
-impl http_body::Body for BusyBody {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if let std::task::Poll::Ready(None | Some(Err(_))) = &polled {
-            this.busy.take();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// The answer of fastlane's own endpoints, when exposed and asked for.
-fn internal_endpoint<B>(state: &ServerState, req: &http::Request<B>) -> Option<Response> {
-    if !state.config.expose_internal || req.method() != http::Method::GET {
-        return None;
-    }
-    match req.uri().path() {
-        "/metrics" => Some(metrics_response(state)),
-        "/_fastlane/stalls" => {
-            let mut rows = state.routes.stall_rows();
-            rows.extend(state.stall_sources.0.iter().flat_map(|source| source()));
-            crate::executor::worst_first(&mut rows);
-            Some(axum::Json(rows).into_response())
-        }
-        "/_fastlane/worker" => {
-            let body = serde_json::json!({ "worker": crate::worker_id(), "pid": std::process::id() });
-            Some(axum::Json(body).into_response())
-        }
-        _ => None,
-    }
-}
-
-fn metrics_response(state: &ServerState) -> Response {
-    (
-        [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.render_metrics(),
-    )
-        .into_response()
 }
 
 async fn accept_error(addr: SocketAddr, err: std::io::Error) {

@@ -1,3 +1,6 @@
+//! What a graceful shutdown reports: the requests and background tasks it
+//! had to cut, if any.
+
 use std::fmt;
 use std::time::Duration;
 

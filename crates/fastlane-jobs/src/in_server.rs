@@ -1,0 +1,175 @@
+//! Jobs inside a fastlane server: the [`Worker`] that runs as the server's
+//! companion (on the executor where request handlers run, stopped with the
+//! server), and [`Jobs`], the application's checked handle on its store.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::job::{JobId, NewJob};
+use crate::registry::{enqueue_checked, Registry};
+use crate::worker::{run_with_stats, WorkerConfig, WorkerStats};
+use crate::{Error, Store};
+
+/// A job worker to run inside a fastlane server
+/// ([`Server::jobs`](fastlane::Server::jobs)): in every worker process, on
+/// the executor where request handlers run, stopped with the server.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn app() -> Result<(), Box<dyn std::error::Error>> {
+/// use axum::{extract::State, routing::post, Router};
+/// use fastlane_jobs::{JobContext, Jobs, NewJob, Registry};
+///
+/// let registry = Registry::new().register("welcome", |to: String, _ctx: JobContext| async move {
+///     println!("mail to {to}");
+///     Ok(())
+/// });
+/// let jobs = Jobs::new(fastlane_jobs::connect("sqlite://jobs.db").await?, registry);
+/// let app = Router::new()
+///     .route("/signup", post(|State(jobs): State<Jobs>| async move {
+///         jobs.enqueue(NewJob::new("welcome", "ada@example.com".into())).await.map(|id| id.to_string())
+///     }))
+///     .with_state(jobs.clone());
+/// fastlane::Server::new(app).jobs(jobs.worker()).serve().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Worker<S: Store> {
+    store: S,
+    registry: Registry,
+    config: WorkerConfig,
+    stats: Arc<WorkerStats>,
+}
+
+impl<S: Store> Worker<S> {
+    /// A worker for the job types of `registry`, with the default
+    /// [`WorkerConfig`].
+    pub fn new(store: S, registry: Registry) -> Self {
+        Self { store, registry, config: WorkerConfig::default(), stats: Arc::default() }
+    }
+
+    /// Replaces the configuration.
+    pub fn config(mut self, config: WorkerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Its counters, to watch while it runs.
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        self.stats.clone()
+    }
+}
+
+impl<S: Store> fastlane::Companion for Worker<S> {
+    fn name(&self) -> String {
+        let queues: Vec<String> = self.config.queues.iter().map(|(q, n)| format!("{q} x{n}")).collect();
+        format!("job worker {} ({})", self.config.name, queues.join(", "))
+    }
+
+    fn metrics(&self) -> Option<fastlane::MetricsSource> {
+        use fastlane::{CompanionMetric, MetricKind};
+        let stats = self.stats.clone();
+        let read = move || {
+            let metric = |name, help, kind, value: &AtomicU64| CompanionMetric {
+                name,
+                help,
+                kind,
+                value: i64::try_from(value.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
+            };
+            vec![
+                metric(
+                    "jobs_succeeded",
+                    "Job attempts that succeeded",
+                    MetricKind::Counter,
+                    &stats.succeeded,
+                ),
+                metric(
+                    "jobs_failed",
+                    "Job attempts that failed (retrying or dead)",
+                    MetricKind::Counter,
+                    &stats.failed,
+                ),
+                metric(
+                    "jobs_fenced",
+                    "Writes of job attempts rejected because another attempt owned the job",
+                    MetricKind::Counter,
+                    &stats.fenced,
+                ),
+                metric(
+                    "jobs_released",
+                    "Jobs given back unfinished at shutdown",
+                    MetricKind::Counter,
+                    &stats.released,
+                ),
+                metric(
+                    "jobs_running",
+                    "Job attempts running now in this process",
+                    MetricKind::Gauge,
+                    &stats.running,
+                ),
+            ]
+        };
+        Some(Arc::new(read))
+    }
+
+    fn run(self: Box<Self>, stop: watch::Receiver<bool>, grace: Duration) -> fastlane::CompanionFuture {
+        let Worker { store, registry, config, stats } = *self;
+        Box::pin(async move {
+            let stats = run_with_stats(store, registry, config, stop, grace, stats).await;
+            tracing::info!(
+                succeeded = stats.succeeded.load(Ordering::Relaxed),
+                failed = stats.failed.load(Ordering::Relaxed),
+                fenced = stats.fenced.load(Ordering::Relaxed),
+                released = stats.released.load(Ordering::Relaxed),
+                "job worker stopped"
+            );
+        })
+    }
+}
+
+/// The application's handle on its job queue: a store and the job types it
+/// knows, so that every enqueue is checked (unknown name, bad payload) when
+/// it is made. Cheap to clone; give it to handlers as axum `State`.
+#[derive(Debug, Clone)]
+pub struct Jobs<S: Store = crate::AnyStore> {
+    store: S,
+    registry: Registry,
+}
+
+impl<S: Store> Jobs<S> {
+    /// The queue on `store` for the job types of `registry`.
+    pub fn new(store: S, registry: Registry) -> Self {
+        Self { store, registry }
+    }
+
+    /// Checks and stores a job; returns its id.
+    pub async fn enqueue(&self, job: NewJob) -> Result<JobId, Error> {
+        enqueue_checked(&self.store, &self.registry, job).await
+    }
+
+    /// A job with its attempts and progress.
+    pub async fn get(&self, id: JobId) -> Result<crate::JobInfo, Error> {
+        self.store.get(id).await
+    }
+
+    /// The store, for everything else.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The job types.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// A worker for these job types on this store, to run inside the server
+    /// with [`Server::jobs`](fastlane::Server::jobs).
+    pub fn worker(&self) -> Worker<S> {
+        Worker::new(self.store.clone(), self.registry.clone())
+    }
+}

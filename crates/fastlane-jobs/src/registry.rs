@@ -1,0 +1,221 @@
+//! The job types a worker can run: the [`Registry`] (a handler and a
+//! payload type per name, async or on fastlane's blocking and CPU lanes),
+//! what a handler is given ([`JobContext`]) and how it fails ([`JobError`]),
+//! and [`enqueue_checked`], which refuses an unknown name or a bad payload
+//! when the job is enqueued.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+use crate::job::{JobId, NewJob};
+use crate::{Error, Store};
+
+/// How a handler's attempt ended, when it did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobError {
+    /// Try again later (with backoff), while attempts are left.
+    Retry(String),
+    /// Do not try again: the job is dead.
+    Permanent(String),
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobError::Retry(m) => write!(f, "{m} (will retry)"),
+            JobError::Permanent(m) => write!(f, "{m} (permanent)"),
+        }
+    }
+}
+
+impl std::error::Error for JobError {}
+
+/// What a running handler can see and do.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    /// The job.
+    pub id: JobId,
+    /// This attempt's number, from 1.
+    pub attempt: u32,
+    token: i64,
+    cancelled: Arc<AtomicBool>,
+    progress: Arc<dyn ProgressSink>,
+}
+
+/// Where a handler's progress reports go.
+pub(crate) trait ProgressSink: Send + Sync + std::fmt::Debug {
+    fn report(&self, id: JobId, token: i64, percent: u8, message: String);
+}
+
+/// Progress written to the store, in the background.
+#[derive(Debug)]
+pub(crate) struct StoreProgress<S: Store>(pub(crate) S);
+
+impl<S: Store> ProgressSink for StoreProgress<S> {
+    fn report(&self, id: JobId, token: i64, percent: u8, message: String) {
+        let store = self.0.clone();
+        tokio::spawn(async move {
+            if let Err(err) = store.progress(id, token, percent, &message).await {
+                tracing::warn!("job {id}: progress not recorded: {err}");
+            }
+        });
+    }
+}
+
+impl JobContext {
+    /// The context of attempt `attempt` (fencing token `token`) of job `id`.
+    pub(crate) fn new(
+        id: JobId,
+        attempt: u32,
+        token: i64,
+        cancelled: Arc<AtomicBool>,
+        progress: Arc<dyn ProgressSink>,
+    ) -> Self {
+        Self { id, attempt, token, cancelled, progress }
+    }
+
+    /// True once the job has been cancelled (the worker looks every second,
+    /// and at every heartbeat): a
+    /// long handler should check it and return early.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// Reports progress (percent, message); recorded in the background.
+    pub fn progress(&self, percent: u8, message: impl Into<String>) {
+        self.progress.report(self.id, self.token, percent, message.into());
+    }
+}
+
+/// A handler's attempt, started.
+pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = Result<(), JobError>> + Send>>;
+/// Checks a payload against a job type's payload type.
+type Validator = Arc<dyn Fn(&serde_json::Value) -> Result<(), String> + Send + Sync>;
+/// A job type's handler: reads the payload and starts the attempt.
+pub(crate) type Handler =
+    Arc<dyn Fn(serde_json::Value, JobContext) -> Result<BoxFuture, String> + Send + Sync>;
+
+/// The job types a worker can run, by name, with a payload type each.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: HashMap<String, Handler>,
+    /// Checks a payload against the type's payload type, at enqueue time.
+    validators: HashMap<String, Validator>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("jobs", &self.handlers.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers an async handler for jobs named `name` with payload `P`.
+    pub fn register<P, F, Fut>(mut self, name: &str, handler: F) -> Self
+    where
+        P: DeserializeOwned + Send + 'static,
+        F: Fn(P, JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), JobError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        self.handlers.insert(
+            name.to_owned(),
+            Arc::new(move |payload, ctx| {
+                let payload: P = serde_json::from_value(payload).map_err(|e| e.to_string())?;
+                let handler = handler.clone();
+                Ok(Box::pin(async move { handler(payload, ctx).await }) as BoxFuture)
+            }),
+        );
+        self.validators.insert(
+            name.to_owned(),
+            Arc::new(|payload| {
+                serde_json::from_value::<P>(payload.clone())
+                    .map(drop)
+                    .map_err(|e| payload_error::<P>(payload, e))
+            }),
+        );
+        self
+    }
+
+    /// Registers a blocking handler, run on fastlane's blocking lane.
+    pub fn register_blocking<P, F>(self, name: &str, handler: F) -> Self
+    where
+        P: DeserializeOwned + Send + 'static,
+        F: Fn(P, JobContext) -> Result<(), JobError> + Clone + Send + Sync + 'static,
+    {
+        self.register(name, move |payload: P, ctx: JobContext| {
+            let handler = handler.clone();
+            async move { lane_outcome(fastlane::blocking(move || handler(payload, ctx)).await) }
+        })
+    }
+
+    /// Registers a CPU-heavy handler, run on fastlane's CPU lane.
+    pub fn register_cpu<P, F>(self, name: &str, handler: F) -> Self
+    where
+        P: DeserializeOwned + Send + 'static,
+        F: Fn(P, JobContext) -> Result<(), JobError> + Clone + Send + Sync + 'static,
+    {
+        self.register(name, move |payload: P, ctx: JobContext| {
+            let handler = handler.clone();
+            async move { lane_outcome(fastlane::compute(move || handler(payload, ctx)).await) }
+        })
+    }
+
+    /// The handler of job type `name`.
+    pub(crate) fn handler(&self, name: &str) -> Option<&Handler> {
+        self.handlers.get(name)
+    }
+
+    /// Checks that `job` names a registered type and that its payload
+    /// deserializes; the error names the problem.
+    pub fn check(&self, job: &NewJob) -> Result<(), Error> {
+        let Some(validate) = self.validators.get(&job.name) else {
+            let mut known: Vec<_> = self.validators.keys().cloned().collect();
+            known.sort();
+            return Err(Error::Invalid(format!("unknown job `{}` (known: {})", job.name, known.join(", "))));
+        };
+        validate(&job.payload).map_err(|e| Error::Invalid(format!("payload of `{}`: {e}", job.name)))
+    }
+}
+
+/// What is wrong with a payload, in the terms of its JSON rather than of
+/// the Rust type it is read into (serde says `expected struct SleepPayload`).
+/// With no payload at all, what an empty object lacks says what is needed.
+fn payload_error<P: DeserializeOwned>(payload: &serde_json::Value, err: serde_json::Error) -> String {
+    if payload.is_null() {
+        return match serde_json::from_value::<P>(serde_json::json!({})) {
+            Err(missing) => format!("none was given; it must be a JSON object ({missing})"),
+            Ok(_) => "none was given; it must be a JSON object (`{}` will do)".to_owned(),
+        };
+    }
+    let message = err.to_string();
+    match message.split_once("expected struct ") {
+        Some((before, after)) => {
+            let rest = after.trim_start_matches(|c: char| c.is_alphanumeric() || c == '_');
+            format!("{before}expected a JSON object{rest}")
+        }
+        None => message,
+    }
+}
+
+/// A lane that is full, shutting down, or whose work panicked: try again.
+fn lane_outcome(result: Result<Result<(), JobError>, fastlane::LaneError>) -> Result<(), JobError> {
+    result.unwrap_or_else(|err| Err(JobError::Retry(err.to_string())))
+}
+
+/// Enqueues through a registry, so that unknown names and bad payloads are
+/// refused at enqueue time, not discovered by a worker later.
+pub async fn enqueue_checked<S: Store>(store: &S, registry: &Registry, job: NewJob) -> Result<JobId, Error> {
+    registry.check(&job)?;
+    store.enqueue(job).await
+}
