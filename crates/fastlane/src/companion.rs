@@ -140,7 +140,7 @@ impl Spawner {
                     http::Method::from_bytes(b"JOB").expect("a valid extension method")
                 });
                 let route = server.routes.get(&JOB, name);
-                let phase = crate::executor::Phase::Job;
+                let phase = crate::routes::Phase::Job;
                 let routed = crate::executor::Routed::new(future, route, phase, server.executor.as_ref());
                 start(server.clone(), Box::pin(routed));
             }

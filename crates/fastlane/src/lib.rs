@@ -13,6 +13,8 @@
 //!   on the lane that fits it, drained on shutdown.
 //! * [`extract`]: `Query` and `Json` whose rejections are JSON [`ApiError`]s.
 //! * `metrics/`: the Prometheus registry behind `GET /metrics`.
+//! * `routes/`: the app's routes, each with its stall record and metric
+//!   handles, shared by the server, the executor and the companions.
 //! * [`Companion`] (`companion.rs`): long-running work beside the requests,
 //!   such as a durable job worker ([`Server::jobs`]), on the same executor.
 //! * [`client`]: a minimal HTTP/1.1 client, for tests and the probe.
@@ -46,6 +48,7 @@ mod executor;
 pub mod extract;
 mod lane;
 mod metrics;
+mod routes;
 mod server;
 mod supervisor;
 mod telemetry;
@@ -56,8 +59,9 @@ pub use companion::{
     spawn, Companion, CompanionFuture, CompanionMetric, MetricKind, MetricsSource, Spawner, StallSource,
 };
 pub use error::Error;
-pub use executor::{IsolationConfig, StallRow};
+pub use executor::IsolationConfig;
 pub use lane::{blocking, compute, cpu, sync, LaneConfig, LaneError, LaneHandler, Lanes};
+pub use routes::StallRow;
 pub use server::{
     BoundServer, ClientInfo, Config, CutWork, ForwardedAllowIps, RouteTimeout, ServeArgs, Server,
     ServerHandle, SetTimeout, ShutdownReport, SpawnedServer,

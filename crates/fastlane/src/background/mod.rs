@@ -20,9 +20,10 @@ use axum::extract::FromRequestParts;
 use futures_util::FutureExt;
 use http::request::Parts;
 
-use crate::executor::{Phase, Routed};
+use crate::executor::Routed;
 use crate::lane::{panic_message, LaneKind};
 use crate::metrics::TaskOutcome;
+use crate::routes::Phase;
 use crate::server::RequestState;
 use crate::ApiError;
 

@@ -24,7 +24,7 @@
 //! mostly await (and block only now and then) is not limited in how many it
 //! has in flight, only in how many threads it can hold at once.
 //!
-//! [`StallStats::suspect`]: super::stalls::StallStats::suspect
+//! [`StallStats::suspect`]: crate::routes::StallStats::suspect
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -46,8 +46,8 @@
 //! * `monitor.rs`: the monitor thread; `slot.rs`: what a runner publishes;
 //! * `reactor.rs` and `frames.rs`: the runners' own I/O and the deadlines
 //!   they enforce;
-//! * `stalls.rs`: routes, their stall record and the stall message;
-//!   `budget.rs`: the threads stalling routes may hold.
+//! * `budget.rs`: the threads stalling routes may hold (the routes and
+//!   their stall record are the crate's `routes` module).
 
 pub(crate) mod budget;
 pub(crate) mod frames;
@@ -56,7 +56,6 @@ mod queue;
 pub(crate) mod reactor;
 mod runner;
 pub(crate) mod slot;
-pub(crate) mod stalls;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -66,13 +65,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::metrics::Metrics;
+use crate::routes::{RouteInfo, RouteTable};
 use budget::{Budget, Gate};
 use queue::{Queue, Role};
 use reactor::Reactor;
 use slot::Slot;
 pub(crate) use slot::{enter_request, enter_route, request_deadline_changed, Phase};
-pub use stalls::StallRow;
-pub(crate) use stalls::{stall_message, worst_first, RouteInfo, RouteTable};
 
 /// How the isolation of async handlers is set up.
 ///

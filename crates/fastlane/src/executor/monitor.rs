@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::slot::{Slot, STUCK};
-use super::{stall_message, Shared};
+use super::Shared;
+use crate::routes::stall_message;
 
 /// How often the monitor looks. A stall is seen at most this long after it
 /// crosses the threshold; waking 1000 times a second costs a few

@@ -13,7 +13,8 @@ use async_task::Runnable;
 use super::queue::{Queue, Role, DISPATCH};
 use super::reactor::Reactor;
 use super::slot::{Slot, CURRENT, STUCK};
-use super::{monitor, stall_message, Shared, SPARE_KEEP_ALIVE};
+use super::{monitor, Shared, SPARE_KEEP_ALIVE};
+use crate::routes::stall_message;
 
 impl Shared {
     /// Starts one runner; the caller has counted it in `queue.threads`.
@@ -187,8 +188,7 @@ impl Shared {
         }
         let route = self.routes.by_id(slot.stuck_route.load(Ordering::Relaxed));
         let Some(route) = route else { return };
-        route.stalls.ended(took);
-        self.metrics.stall_ended(&route, took);
+        route.stall_ended(took);
         let cpu = slot.cpu_bound.swap(false, Ordering::Relaxed);
         let panicked = slot.panicking.load(Ordering::Relaxed);
         let mut message = stall_message(&route, slot.stuck_phase(), took, Some(cpu), true, panicked);

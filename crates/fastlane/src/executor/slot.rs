@@ -7,26 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use async_task::Runnable;
 
+pub(crate) use crate::routes::Phase;
+
 /// Set in [`Slot::poll_started`] by the monitor when it judges the current
 /// poll stuck. Packing the flag into the same word as the start time makes
 /// "this poll, and not the next one, is stuck" a single compare-and-swap.
 pub(crate) const STUCK: u64 = 1 << 63;
-
-/// What a runner is polling, as a tag for the stall message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub(crate) enum Phase {
-    /// The connection itself (reading the next request, writing a response).
-    Connection = 0,
-    /// A request's handler (and its extractors and middleware).
-    Handler = 1,
-    /// A streaming response body.
-    Body = 2,
-    /// A background task scheduled by a request.
-    Background = 3,
-    /// A durable job's handler, run by a worker inside the server.
-    Job = 4,
-}
 
 impl Phase {
     fn from_u8(v: u8) -> Phase {

@@ -5,7 +5,6 @@
 //! share one label, so a scan of random URLs cannot blow up the series count.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -268,9 +267,10 @@ impl Metrics {
         &self.inner.isolation
     }
 
-    pub(crate) fn stall_ended(&self, route: &crate::executor::RouteInfo, took: Duration) {
-        let labels = RouteLabels { method: route.method.as_str().to_owned(), route: route.route.to_string() };
-        self.inner.stalls.get_or_create(&labels).observe(took.as_secs_f64());
+    /// The stall histogram of a route (resolved at its first stall).
+    pub(crate) fn stall_histogram(&self, method: &http::Method, route: &str) -> Histogram {
+        let labels = RouteLabels { method: method.as_str().to_owned(), route: route.to_owned() };
+        self.inner.stalls.get_or_create(&labels).clone()
     }
 
     /// Sets the in-flight gauge (read off the server's tracker when the

@@ -16,7 +16,7 @@ pub(super) fn internal_endpoint<B>(state: &ServerState, req: &http::Request<B>) 
         "/_fastlane/stalls" => {
             let mut rows = state.routes.stall_rows();
             rows.extend(state.stall_sources.0.iter().flat_map(|source| source()));
-            crate::executor::worst_first(&mut rows);
+            crate::routes::worst_first(&mut rows);
             Some(axum::Json(rows).into_response())
         }
         "/_fastlane/worker" => {

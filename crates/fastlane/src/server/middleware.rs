@@ -31,8 +31,9 @@ use tower::{Layer, Service};
 use super::state::{RequestState, ServerState};
 use super::timer::CoarseTimer;
 use crate::executor::budget::Gate;
-use crate::executor::{enter_request, enter_route, Phase, RouteInfo};
+use crate::executor::{enter_request, enter_route};
 use crate::lane::panic_message;
+use crate::routes::{Phase, RouteInfo};
 use crate::ApiError;
 
 /// The route label of requests that matched no route.

@@ -17,9 +17,11 @@
 //! * `middleware.rs`: the per-request layer (access log, metrics, timeouts,
 //!   panics), `timeout.rs` per-route timeouts, `proxy.rs` proxy headers;
 //! * `sniff.rs` and `timer.rs`: deadlines of connections on tokio's I/O;
-//! * `tracker.rs`: what is in flight; `report.rs`: what a shutdown cut.
+//! * `tracker.rs`: what is in flight; `report.rs`: what a shutdown cut;
+//! * `heartbeat.rs`: a worker process's heartbeat to its supervisor.
 
 mod config;
+mod heartbeat;
 mod internal;
 mod middleware;
 mod proxy;
@@ -52,8 +54,9 @@ pub use timeout::{RouteTimeout, SetTimeout};
 
 use crate::companion::Companion;
 use crate::executor::reactor::IdleWatch;
-use crate::executor::{Executor, RouteTable};
+use crate::executor::Executor;
 use crate::metrics::Metrics;
+use crate::routes::RouteTable;
 use crate::supervisor::worker::WorkerEnv;
 use crate::{Error, Lanes};
 use service::ConnectionService;
@@ -371,7 +374,7 @@ impl BoundServer {
             }
             Mode::Worker(env) => {
                 let max = state.config.max_requests.map(|n| n + jitter(state.config.max_requests_jitter));
-                crate::supervisor::worker::start_heartbeat(env, state.clone(), handle, max);
+                heartbeat::start(env, state.clone(), handle, max);
             }
             Mode::Single => {}
         }

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use super::config::Config;
 use super::tracker::Tracker;
-use crate::executor::{Executor, RouteInfo, RouteTable};
+use crate::executor::Executor;
 use crate::metrics::Metrics;
+use crate::routes::{RouteInfo, RouteTable};
 use crate::Lanes;
 
 pub(crate) type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;

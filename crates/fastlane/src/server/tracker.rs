@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::report::CutWork;
-use crate::executor::{RouteInfo, RouteTable};
+use crate::routes::{RouteInfo, RouteTable};
 
 #[derive(Debug)]
 struct Entry {

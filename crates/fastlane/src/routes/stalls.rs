@@ -1,80 +1,29 @@
-//! Routes and their stall record, and the stall message (what blocked,
-//! where, and what to do about it).
-//!
-//! Each (method, route pattern) gets one [`RouteInfo`], interned on first use
-//! and given a small integer id, so that a runner thread can publish "I am
-//! polling route 7" with one atomic store, and the monitor thread can name
-//! the route when that poll overruns.
+//! A route's stall record ([`StallStats`]), its row in
+//! `GET /_fastlane/stalls` ([`StallRow`]), and the stall message: what
+//! blocked, where, and what to do about it.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 
-use super::slot::Phase;
-use crate::metrics::Metrics;
+use super::{RouteInfo, NO_ROUTE};
 
-/// One route of the app: its name, its stall record and its metric handles,
-/// resolved once so that a request costs no label allocation or lookup.
-#[derive(Debug)]
-pub(crate) struct RouteInfo {
-    pub(crate) id: u32,
-    pub(crate) method: http::Method,
-    pub(crate) route: Arc<str>,
-    pub(crate) stalls: StallStats,
-    latency: Histogram,
-    /// Request counters by status, looked up linearly without a lock: a
-    /// route answers with a handful of statuses.
-    statuses: [OnceLock<(u16, Counter)>; STATUS_SLOTS],
-    /// Taken only to fill a slot, and for statuses beyond the slots.
-    more_statuses: Mutex<Vec<(u16, Counter)>>,
-    metrics: Metrics,
-}
-
-impl RouteInfo {
-    /// Counts an answered request.
-    pub(crate) fn answered(&self, status: u16, elapsed: Duration) {
-        self.latency.observe(elapsed.as_secs_f64());
-        for slot in &self.statuses {
-            match slot.get() {
-                Some((s, counter)) if *s == status => {
-                    counter.inc();
-                    return;
-                }
-                Some(_) => {}
-                None => break,
-            }
-        }
-        self.status_counter(status).inc();
-    }
-
-    /// The slow path of [`answered`](Self::answered): a status not seen yet
-    /// (or beyond the slots).
-    fn status_counter(&self, status: u16) -> Counter {
-        let mut more = self.more_statuses.lock().unwrap_or_else(|p| p.into_inner());
-        for slot in &self.statuses {
-            match slot.get() {
-                Some((s, counter)) if *s == status => return counter.clone(),
-                Some(_) => {}
-                None => {
-                    let counter = self.metrics.requests_counter(&self.method, &self.route, status);
-                    // Filled under the lock, so no two threads race for it.
-                    let _ = slot.set((status, counter.clone()));
-                    return counter;
-                }
-            }
-        }
-        if let Some((_, counter)) = more.iter().find(|(s, _)| *s == status) {
-            return counter.clone();
-        }
-        let counter = self.metrics.requests_counter(&self.method, &self.route, status);
-        more.push((status, counter.clone()));
-        counter
-    }
+/// What kind of work a poll does for its route, as a tag for the stall
+/// message (the executor publishes it per runner as a `u8`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Phase {
+    /// The connection itself (reading the next request, writing a response).
+    Connection = 0,
+    /// A request's handler (and its extractors and middleware).
+    Handler = 1,
+    /// A streaming response body.
+    Body = 2,
+    /// A background task scheduled by a request.
+    Background = 3,
+    /// A durable job's handler, run by a worker inside the server.
+    Job = 4,
 }
 
 /// The stall record of one route. Atomics: written by runner threads and the
@@ -117,7 +66,7 @@ impl StallStats {
 
     /// The route is stalling now, or stalled within the last
     /// [`SUSPECT_FOR_MS`]: its polls run under the stall budget (see
-    /// [`super::budget`]). Two atomic loads: asked on every poll of a request.
+    /// `executor/budget.rs`). Two atomic loads: asked on every poll of a request.
     pub(crate) fn suspect(&self) -> bool {
         if self.ongoing.load(Ordering::Relaxed) > 0 {
             return true;
@@ -128,6 +77,26 @@ impl StallStats {
 
     pub(crate) fn rejected(&self) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The `GET /_fastlane/stalls` row of `method route`, if it has stalled.
+    pub(crate) fn row(&self, method: &http::Method, route: &str) -> Option<StallRow> {
+        let count = self.count.load(Ordering::Relaxed);
+        if count == 0 && self.ongoing() == 0 {
+            return None;
+        }
+        let ms = |us: &AtomicU64| us.load(Ordering::Relaxed) as f64 / 1000.0;
+        Some(StallRow {
+            method: method.to_string(),
+            route: route.to_owned(),
+            count,
+            ongoing: self.ongoing(),
+            last_ms: ms(&self.last_us),
+            worst_ms: ms(&self.worst_us),
+            total_ms: ms(&self.total_us),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            at: None,
+        })
     }
 }
 
@@ -188,94 +157,6 @@ impl StallRow {
 /// Sorts stall rows worst first.
 pub(crate) fn worst_first(rows: &mut [StallRow]) {
     rows.sort_by(|a, b| b.worst_ms.total_cmp(&a.worst_ms));
-}
-
-/// Statuses a route can count without a lock.
-const STATUS_SLOTS: usize = 8;
-
-/// The id used when a runner polls something that is not a request of a
-/// known route (a connection reading its next request, a background task of
-/// a request without one).
-pub(crate) const NO_ROUTE: u32 = 0;
-
-/// Every route seen so far, by id and by name.
-#[derive(Debug)]
-pub(crate) struct RouteTable {
-    by_id: RwLock<Vec<Arc<RouteInfo>>>,
-    by_name: RwLock<HashMap<Box<str>, Vec<Arc<RouteInfo>>>>,
-    metrics: Metrics,
-}
-
-impl RouteTable {
-    pub(crate) fn new(metrics: Metrics) -> Self {
-        let none = Arc::new(RouteInfo {
-            id: NO_ROUTE,
-            method: http::Method::GET,
-            route: Arc::from("<connection>"),
-            stalls: StallStats::default(),
-            latency: Histogram::new([]),
-            statuses: Default::default(),
-            more_statuses: Mutex::default(),
-            metrics: metrics.clone(),
-        });
-        Self { by_id: RwLock::new(vec![none]), by_name: RwLock::default(), metrics }
-    }
-
-    /// The route's info, interning it on first sight.
-    pub(crate) fn get(&self, method: &http::Method, route: &str) -> Arc<RouteInfo> {
-        {
-            let by_name = self.by_name.read().unwrap_or_else(|p| p.into_inner());
-            if let Some(found) = by_name.get(route).and_then(|v| v.iter().find(|r| r.method == method)) {
-                return found.clone();
-            }
-        }
-        let mut by_name = self.by_name.write().unwrap_or_else(|p| p.into_inner());
-        let entries = by_name.entry(Box::from(route)).or_default();
-        if let Some(found) = entries.iter().find(|r| r.method == method) {
-            return found.clone();
-        }
-        let mut by_id = self.by_id.write().unwrap_or_else(|p| p.into_inner());
-        let info = Arc::new(RouteInfo {
-            id: u32::try_from(by_id.len()).unwrap_or(u32::MAX),
-            method: method.clone(),
-            route: Arc::from(route),
-            stalls: StallStats::default(),
-            latency: self.metrics.latency_histogram(method, route),
-            statuses: Default::default(),
-            more_statuses: Mutex::default(),
-            metrics: self.metrics.clone(),
-        });
-        by_id.push(info.clone());
-        entries.push(info.clone());
-        info
-    }
-
-    pub(crate) fn by_id(&self, id: u32) -> Option<Arc<RouteInfo>> {
-        self.by_id.read().unwrap_or_else(|p| p.into_inner()).get(id as usize).cloned()
-    }
-
-    /// Routes that have stalled, worst first.
-    pub(crate) fn stall_rows(&self) -> Vec<StallRow> {
-        let by_id = self.by_id.read().unwrap_or_else(|p| p.into_inner());
-        let ms = |us: &AtomicU64| us.load(Ordering::Relaxed) as f64 / 1000.0;
-        let mut rows: Vec<StallRow> = by_id
-            .iter()
-            .filter(|r| r.stalls.count.load(Ordering::Relaxed) > 0 || r.stalls.ongoing() > 0)
-            .map(|r| StallRow {
-                method: r.method.to_string(),
-                route: r.route.to_string(),
-                count: r.stalls.count.load(Ordering::Relaxed),
-                ongoing: r.stalls.ongoing(),
-                last_ms: ms(&r.stalls.last_us),
-                worst_ms: ms(&r.stalls.worst_us),
-                total_ms: ms(&r.stalls.total_us),
-                rejected: r.stalls.rejected.load(Ordering::Relaxed),
-                at: None,
-            })
-            .collect();
-        worst_first(&mut rows);
-        rows
-    }
 }
 
 /// The stall log line: what happened, where, and what to do about it.
@@ -354,27 +235,8 @@ pub(crate) fn stall_message(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_status_is_counted_also_beyond_the_lock_free_slots() {
-        let metrics = Metrics::new(&crate::LaneConfig::default(), None, Vec::new());
-        let routes = RouteTable::new(metrics.clone());
-        let route = routes.get(&http::Method::GET, "/x");
-        let statuses: Vec<u16> = (200..200 + STATUS_SLOTS as u16 + 3).collect();
-        for (i, status) in statuses.iter().enumerate() {
-            for _ in 0..=i {
-                route.answered(*status, Duration::from_millis(1));
-            }
-        }
-        let text = metrics.render();
-        for (i, status) in statuses.iter().enumerate() {
-            let line = format!(
-                "fastlane_http_requests_total{{method=\"GET\",route=\"/x\",status=\"{status}\"}} {}",
-                i + 1
-            );
-            assert!(text.contains(&line), "no `{line}` in\n{text}");
-        }
-    }
+    use crate::metrics::Metrics;
+    use crate::routes::RouteTable;
 
     #[test]
     fn stall_messages_name_the_place_and_the_fix() {

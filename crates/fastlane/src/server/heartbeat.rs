@@ -1,0 +1,76 @@
+//! A worker process's heartbeat to its supervisor (`--workers`): a line
+//! every half second saying whether the I/O runtime answers and what is in
+//! flight, and the recycling of the worker after `--max-requests`.
+
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{ServerHandle, ServerState};
+use crate::supervisor::worker::{WorkerEnv, HEARTBEAT_EVERY};
+
+/// Starts the heartbeat thread. It is a plain OS thread, so no handler can
+/// block it; what it reports is whether the *I/O runtime* answers: each beat
+/// is a tiny task that must get through tokio's scheduler and timer within
+/// the interval. A slow or stalled handler is not a missed beat (isolation
+/// handles those); a runtime that stops scheduling is.
+#[allow(unsafe_code)]
+pub(super) fn start(
+    env: WorkerEnv,
+    state: Arc<ServerState>,
+    handle: ServerHandle,
+    max_requests: Option<u64>,
+) {
+    // SAFETY: the supervisor passed this descriptor (a pipe's write end)
+    // to this process for the heartbeat, and nothing else uses it.
+    let mut pipe = unsafe { std::fs::File::from_raw_fd(env.heartbeat_fd) };
+    let runtime = state.runtime.clone();
+    let spawned = std::thread::Builder::new().name("fastlane-heartbeat".into()).spawn(move || loop {
+        let started = Instant::now();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        runtime.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let _ = tx.send(());
+        });
+        let alive = rx.recv_timeout(HEARTBEAT_EVERY).is_ok();
+        let line = status_line(&state, alive);
+        if pipe.write_all(line.as_bytes()).is_err() {
+            // The supervisor is gone: nobody would restart or reap us.
+            tracing::error!("lost the supervisor; shutting down");
+            handle.shutdown();
+            return;
+        }
+        if let Some(limit) = max_requests {
+            if state.tracker.requests_received() >= limit {
+                tracing::info!(served = limit, "max requests reached: recycling this worker");
+                handle.shutdown();
+            }
+        }
+        std::thread::sleep(HEARTBEAT_EVERY.saturating_sub(started.elapsed()));
+    });
+    if let Err(err) = spawned {
+        tracing::error!(error = %err, "could not start the heartbeat thread");
+    }
+}
+
+/// One line for the supervisor: alive or not, and what is in flight.
+fn status_line(state: &ServerState, alive: bool) -> String {
+    let (requests, tasks) = state.tracker.snapshot(&state.routes);
+    let running: Vec<String> = requests
+        .iter()
+        .chain(tasks.iter())
+        .take(10)
+        .map(|c| {
+            format!(
+                "{} {} {} ({:.1} s)",
+                c.kind,
+                c.method,
+                c.route,
+                c.running_for.unwrap_or_default().as_secs_f64()
+            )
+        })
+        .collect();
+    let line = serde_json::json!({ "alive": alive, "running": running });
+    format!("{line}\n")
+}
