@@ -38,9 +38,6 @@ pub(crate) async fn dispatch(
     server: ServerAddr,
     req: axum::extract::Request,
 ) -> Response {
-    if crate::websocket::is_handshake(req.headers()) {
-        return crate::websocket::dispatch(shared, server, req).await;
-    }
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
     let key = format!("{} {}", parts.method, path);

@@ -153,6 +153,8 @@ impl Pool {
     /// returns once they all serve.
     pub async fn start(config: AppConfig) -> Result<Self, StartError> {
         let shared = pool::Shared::start(config).await?;
+        // The stall monitor watches the pool (and ends with it).
+        monitor::start(&shared);
         Ok(Self { shared, cut: Arc::default() })
     }
 
@@ -161,8 +163,16 @@ impl Pool {
     pub fn router_for(&self, server: std::net::SocketAddr) -> axum::Router {
         let shared = self.shared.clone();
         let server = dispatch::ServerAddr(server);
-        axum::Router::new()
-            .fallback(move |req: axum::extract::Request| dispatch::dispatch(shared.clone(), server, req))
+        axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let shared = shared.clone();
+            async move {
+                if websocket::is_handshake(req.headers()) {
+                    websocket::dispatch(shared, server, req).await
+                } else {
+                    dispatch::dispatch(shared, server, req).await
+                }
+            }
+        })
     }
 
     /// [`router_for`](Self::router_for) with `127.0.0.1:8000` as the scope's `server`.

@@ -1,5 +1,6 @@
 //! A request's mailbox: the worker's reader task puts the events of one
-//! request in, the request's own task takes them out.
+//! request in ([`Event`]: what the worker said about it), the request's own
+//! task takes them out.
 //!
 //! One lock and a small queue per request, instead of a channel: tokio's
 //! unbounded channel allocates a block of 32 slots when it is made, and a
@@ -9,7 +10,33 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 
-use crate::worker::Event;
+use bytes::Bytes;
+
+/// What the worker said about one request, for the request's own task.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// `http.response.start` (the marshal payload, decoded by the receiver).
+    Start(Bytes),
+    /// Response body; more follows when the flag is set.
+    Chunk(Bytes, bool),
+    /// The app wants more request body.
+    WantBody,
+    /// The app failed after starting its response.
+    Reset,
+    /// Taken back before it started (its worker's loop blocked): send it
+    /// to another worker.
+    Revoked,
+    /// The app accepted a WebSocket (the marshal payload).
+    WsAccept(Bytes),
+    /// The app closed (or, before accepting, denied) a WebSocket.
+    WsClose(Bytes),
+    /// A message for the client: text (UTF-8) or binary.
+    WsMessage(Bytes, bool),
+    /// The app took this many more messages.
+    WsTaken(u32),
+    /// The worker went away.
+    Lost,
+}
 
 /// The events of one request, in order.
 #[derive(Debug, Default)]

@@ -195,7 +195,6 @@ impl Shared {
                 }
             }
         }
-        crate::monitor::start(&shared);
         Ok(shared)
     }
 

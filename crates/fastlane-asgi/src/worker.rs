@@ -9,9 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::Bytes;
-
 use crate::frame;
+pub(crate) use crate::mailbox::Event;
 use crate::mailbox::Mailbox;
 use crate::wire::{FrameReader, Outbox};
 
@@ -23,32 +22,6 @@ pub(crate) const UNSTARTED_SLOTS: usize = 16;
 const TICKS_AT: u64 = 0;
 const STARTED_AT: u64 = 8;
 const REVOKED_AT: u64 = 16;
-
-/// What the worker said about one request, for the request's own task.
-#[derive(Debug)]
-pub(crate) enum Event {
-    /// `http.response.start` (the marshal payload, decoded by the receiver).
-    Start(Bytes),
-    /// Response body; more follows when the flag is set.
-    Chunk(Bytes, bool),
-    /// The app wants more request body.
-    WantBody,
-    /// The app failed after starting its response.
-    Reset,
-    /// Taken back before it started (its worker's loop blocked): send it
-    /// to another worker.
-    Revoked,
-    /// The app accepted a WebSocket (the marshal payload).
-    WsAccept(Bytes),
-    /// The app closed (or, before accepting, denied) a WebSocket.
-    WsClose(Bytes),
-    /// A message for the client: text (UTF-8) or binary.
-    WsMessage(Bytes, bool),
-    /// The app took this many more messages.
-    WsTaken(u32),
-    /// The worker went away.
-    Lost,
-}
 
 /// A request in flight on a worker.
 #[derive(Debug)]

@@ -15,7 +15,7 @@
 //! * `metrics/`: the Prometheus registry behind `GET /metrics`.
 //! * `routes/`: the app's routes, each with its stall record and metric
 //!   handles, shared by the server, the executor and the companions.
-//! * [`Companion`] (`companion.rs`): long-running work beside the requests,
+//! * [`Companion`] (`server/companion.rs`): long-running work beside the requests,
 //!   such as a durable job worker ([`Server::jobs`]), on the same executor.
 //! * [`client`]: a minimal HTTP/1.1 client, for tests and the probe.
 //!
@@ -42,7 +42,6 @@ mod api_error;
 mod background;
 pub mod client;
 mod coarse;
-mod companion;
 mod error;
 mod executor;
 pub mod extract;
@@ -50,22 +49,24 @@ mod lane;
 mod metrics;
 mod routes;
 mod server;
+mod shutdown;
 mod supervisor;
 mod telemetry;
 
 pub use api_error::ApiError;
 pub use background::{Background, TaskResult};
-pub use companion::{
-    spawn, Companion, CompanionFuture, CompanionMetric, MetricKind, MetricsSource, Spawner, StallSource,
-};
 pub use error::Error;
 pub use executor::IsolationConfig;
 pub use lane::{blocking, compute, cpu, sync, LaneConfig, LaneError, LaneHandler, Lanes};
+pub use metrics::{CompanionMetric, MetricKind, MetricsSource};
 pub use routes::StallRow;
+pub use routes::StallSource;
+pub use server::companion::{spawn, Companion, CompanionFuture, Spawner};
 pub use server::{
-    BoundServer, ClientInfo, Config, CutWork, ForwardedAllowIps, RouteTimeout, ServeArgs, Server,
-    ServerHandle, SetTimeout, ShutdownReport, SpawnedServer,
+    BoundServer, ClientInfo, Config, ForwardedAllowIps, RouteTimeout, ServeArgs, Server, ServerHandle,
+    SetTimeout, SpawnedServer,
 };
+pub use shutdown::{CutWork, ShutdownReport};
 pub use supervisor::worker::worker_id;
 pub use telemetry::{init_logging, init_logging_with, Human as HumanDuration, LogConfig, LogFields};
 

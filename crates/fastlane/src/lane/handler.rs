@@ -68,15 +68,6 @@ pub fn cpu<F>(f: F) -> LaneHandler<F> {
     LaneHandler { f, lane: LaneKind::Cpu }
 }
 
-/// The lanes to run on: those of the server serving the request, or the
-/// current ones outside a fastlane server.
-fn lanes_of(extensions: &http::Extensions) -> Lanes {
-    match extensions.get::<std::sync::Arc<crate::server::RequestState>>() {
-        Some(request) => request.server.lanes.clone(),
-        None => Lanes::current(),
-    }
-}
-
 async fn run_on_lane<R, G>(lanes: Lanes, lane: LaneKind, call: G) -> Response
 where
     G: FnOnce() -> R + Send + 'static,
@@ -96,8 +87,11 @@ where
 {
     type Future = Pin<Box<dyn Future<Output = Response> + Send>>;
 
-    fn call(self, req: Request, _state: S) -> Self::Future {
-        let lanes = lanes_of(req.extensions());
+    fn call(self, _req: Request, _state: S) -> Self::Future {
+        // The server's lanes: its connection and stream tasks run with them
+        // current (`ServerState::start_task`); outside a fastlane server,
+        // the process's.
+        let lanes = Lanes::current();
         Box::pin(run_on_lane(lanes, self.lane, self.f))
     }
 }
@@ -118,7 +112,7 @@ macro_rules! impl_lane_handler {
             fn call(self, req: Request, state: S) -> Self::Future {
                 Box::pin(async move {
                     let (mut parts, body) = req.into_parts();
-                    let lanes = lanes_of(&parts.extensions);
+                    let lanes = Lanes::current();
                     $(
                         let $ty = match $ty::from_request_parts(&mut parts, &state).await {
                             Ok(value) => value,

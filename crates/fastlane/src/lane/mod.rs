@@ -26,9 +26,10 @@ use std::time::Duration;
 pub(crate) use error::panic_message;
 pub use error::LaneError;
 pub use handler::{cpu, sync, LaneHandler};
-pub(crate) use pool::PoolGauges;
 
 use pool::{Pool, PoolConfig};
+
+use crate::metrics::{LaneGauges, LaneSizes};
 
 /// Sizes of the blocking and CPU lanes.
 ///
@@ -97,13 +98,6 @@ struct Inner {
     blocking: Pool,
     cpu: Pool,
     config: LaneConfig,
-}
-
-/// Per-lane gauges that the metrics registry reads.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct LaneGauges {
-    pub(crate) blocking: PoolGauges,
-    pub(crate) cpu: PoolGauges,
 }
 
 tokio::task_local! {
@@ -286,4 +280,15 @@ where
     T: Send + 'static,
 {
     Lanes::current().compute(f).await
+}
+
+impl From<&LaneConfig> for LaneSizes {
+    fn from(config: &LaneConfig) -> Self {
+        LaneSizes {
+            blocking_threads: config.blocking_threads,
+            blocking_queue: config.blocking_queue,
+            cpu_threads: config.cpu_threads,
+            cpu_queue: config.cpu_queue,
+        }
+    }
 }

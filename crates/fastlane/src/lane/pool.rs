@@ -20,22 +20,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::error::{panic_message, LaneError};
+use crate::metrics::PoolGauges;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
-
-/// Live numbers of one lane, shared with the metrics registry.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct PoolGauges {
-    pub(crate) threads: Gauge,
-    pub(crate) busy: Gauge,
-    pub(crate) queued: Gauge,
-    pub(crate) rejected: Counter,
-    pub(crate) completed: Counter,
-}
 
 /// How a pool is shaped.
 #[derive(Debug, Clone)]

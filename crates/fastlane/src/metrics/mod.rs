@@ -13,7 +13,57 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::lane::{LaneGauges, PoolGauges};
+/// Whether a [`CompanionMetric`] only goes up or goes both ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// A count that only goes up (exported with `_total`).
+    Counter,
+    /// A current value.
+    Gauge,
+}
+
+/// One number a companion exports in `GET /metrics`.
+#[derive(Debug, Clone)]
+pub struct CompanionMetric {
+    /// The name, without the `fastlane_` prefix (`jobs_succeeded`).
+    pub name: &'static str,
+    /// The help text.
+    pub help: &'static str,
+    /// Counter or gauge.
+    pub kind: MetricKind,
+    /// The value now.
+    pub value: i64,
+}
+
+/// Reads a companion's metrics; called at each scrape of `GET /metrics`.
+pub type MetricsSource = Arc<dyn Fn() -> Vec<CompanionMetric> + Send + Sync>;
+
+/// The size of each lane, for its `lane_max_threads` and `lane_queue_limit`
+/// gauges (from `LaneConfig`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LaneSizes {
+    pub(crate) blocking_threads: usize,
+    pub(crate) blocking_queue: usize,
+    pub(crate) cpu_threads: usize,
+    pub(crate) cpu_queue: usize,
+}
+
+/// Live numbers of one lane, shared with the metrics registry.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PoolGauges {
+    pub(crate) threads: Gauge,
+    pub(crate) busy: Gauge,
+    pub(crate) queued: Gauge,
+    pub(crate) rejected: Counter,
+    pub(crate) completed: Counter,
+}
+
+/// Per-lane gauges that the metrics registry reads.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LaneGauges {
+    pub(crate) blocking: PoolGauges,
+    pub(crate) cpu: PoolGauges,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -118,11 +168,7 @@ impl Metrics {
     /// supervisor's restart count when it started; every series then carries
     /// a `worker` label, so that scrapes say which worker answered.
     /// `sources`: the companions' own metrics, read at each scrape.
-    pub(crate) fn new(
-        lanes: &crate::LaneConfig,
-        worker: Option<(u32, u64)>,
-        sources: Vec<crate::MetricsSource>,
-    ) -> Self {
+    pub(crate) fn new(lanes: LaneSizes, worker: Option<(u32, u64)>, sources: Vec<MetricsSource>) -> Self {
         let labels = worker
             .map(|(id, _)| (std::borrow::Cow::Borrowed("worker"), std::borrow::Cow::Owned(id.to_string())));
         let mut registry = Registry::with_prefix_and_labels("fastlane", labels.into_iter());
@@ -314,7 +360,7 @@ impl Metrics {
 }
 
 /// The companions' metrics, encoded at each scrape.
-struct Sources(Vec<crate::MetricsSource>);
+struct Sources(Vec<MetricsSource>);
 
 impl std::fmt::Debug for Sources {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -333,7 +379,7 @@ impl prometheus_client::collector::Collector for Sources {
         for source in &self.0 {
             for metric in source() {
                 match metric.kind {
-                    crate::MetricKind::Counter => {
+                    MetricKind::Counter => {
                         let counter = ConstCounter::new(u64::try_from(metric.value).unwrap_or(0));
                         let at = encoder.encode_descriptor(
                             metric.name,
@@ -343,7 +389,7 @@ impl prometheus_client::collector::Collector for Sources {
                         )?;
                         counter.encode(at)?;
                     }
-                    crate::MetricKind::Gauge => {
+                    MetricKind::Gauge => {
                         let gauge = ConstGauge::new(metric.value);
                         let at =
                             encoder.encode_descriptor(metric.name, metric.help, None, gauge.metric_type())?;

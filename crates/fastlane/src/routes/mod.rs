@@ -23,8 +23,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::metrics::Metrics;
-pub use stalls::StallRow;
 pub(crate) use stalls::{stall_message, worst_first, Phase, StallStats};
+pub use stalls::{StallRow, StallSource};
 
 /// One route of the app: its name, its stall record and its metric handles,
 /// resolved once so that a request costs no label allocation or lookup.
@@ -178,7 +178,7 @@ mod tests {
 
     #[test]
     fn every_status_is_counted_also_beyond_the_lock_free_slots() {
-        let metrics = Metrics::new(&crate::LaneConfig::default(), None, Vec::new());
+        let metrics = Metrics::new((&crate::LaneConfig::default()).into(), None, Vec::new());
         let routes = RouteTable::new(metrics.clone());
         let route = routes.get(&http::Method::GET, "/x");
         let statuses: Vec<u16> = (200..200 + STATUS_SLOTS as u16 + 3).collect();

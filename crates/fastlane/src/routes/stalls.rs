@@ -3,6 +3,7 @@
 //! blocked, where, and what to do about it.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -232,6 +233,10 @@ pub(crate) fn stall_message(
     }
 }
 
+/// Reads a companion's stall rows; called at each request of
+/// `GET /_fastlane/stalls`.
+pub type StallSource = Arc<dyn Fn() -> Vec<StallRow> + Send + Sync>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,7 +245,7 @@ mod tests {
 
     #[test]
     fn stall_messages_name_the_place_and_the_fix() {
-        let routes = RouteTable::new(Metrics::new(&crate::LaneConfig::default(), None, Vec::new()));
+        let routes = RouteTable::new(Metrics::new((&crate::LaneConfig::default()).into(), None, Vec::new()));
         let get = routes.get(&http::Method::GET, "/test2");
         let message = stall_message(&get, Phase::Handler, Duration::from_secs(8), Some(false), true, false);
         assert_eq!(

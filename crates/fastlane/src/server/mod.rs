@@ -17,15 +17,16 @@
 //! * `middleware.rs`: the per-request layer (access log, metrics, timeouts,
 //!   panics), `timeout.rs` per-route timeouts, `proxy.rs` proxy headers;
 //! * `sniff.rs` and `timer.rs`: deadlines of connections on tokio's I/O;
-//! * `tracker.rs`: what is in flight; `report.rs`: what a shutdown cut;
-//! * `heartbeat.rs`: a worker process's heartbeat to its supervisor.
+//! * `tracker.rs`: what is in flight;
+//! * `heartbeat.rs`: a worker process's heartbeat to its supervisor;
+//! * `companion.rs`: long-running work beside the requests (a job worker).
 
+pub(crate) mod companion;
 mod config;
 mod heartbeat;
 mod internal;
 mod middleware;
 mod proxy;
-mod report;
 mod service;
 mod sniff;
 mod state;
@@ -48,17 +49,18 @@ use tokio::sync::watch;
 
 pub use config::{Config, ServeArgs};
 pub use proxy::{ClientInfo, ForwardedAllowIps};
-pub use report::{CutWork, ShutdownReport};
 pub(crate) use state::{RequestState, ServerState};
 pub use timeout::{RouteTimeout, SetTimeout};
 
-use crate::companion::Companion;
 use crate::executor::reactor::IdleWatch;
 use crate::executor::Executor;
 use crate::metrics::Metrics;
 use crate::routes::RouteTable;
+use crate::shutdown::{stopped, ShutdownReport};
 use crate::supervisor::worker::WorkerEnv;
+use crate::supervisor::SupervisorConfig;
 use crate::{Error, Lanes};
+use companion::Companion;
 use service::ConnectionService;
 use sniff::{Action, Deadlines, Sniffing};
 
@@ -176,7 +178,7 @@ impl Server {
         };
         let sources = self.companions.iter().filter_map(|c| c.metrics()).collect();
         let stall_sources = state::StallSources(self.companions.iter().filter_map(|c| c.stalls()).collect());
-        let metrics = Metrics::new(&self.config.lanes, worker.map(|w| (w.id, w.restarts)), sources);
+        let metrics = Metrics::new((&self.config.lanes).into(), worker.map(|w| (w.id, w.restarts)), sources);
         let lanes = Lanes::with_gauges(self.config.lanes.clone(), metrics.lane_gauges());
         lanes.install_fallback();
         let runtime = tokio::runtime::Handle::current();
@@ -370,7 +372,12 @@ impl BoundServer {
             Mode::Supervisor => {
                 tracing::info!(addr = %local_addr, "fastlane listening on http://{local_addr} with {} workers", state.config.workers);
                 let config = state.config.clone();
-                return crate::supervisor::supervise(listener, config, signal, stop.subscribe()).await;
+                let workers = SupervisorConfig {
+                    workers: config.workers,
+                    worker_timeout: config.worker_timeout,
+                    grace_period: config.grace_period,
+                };
+                return crate::supervisor::supervise(listener, workers, signal, stop.subscribe()).await;
             }
             Mode::Worker(env) => {
                 let max = state.config.max_requests.map(|n| n + jitter(state.config.max_requests_jitter));
@@ -383,7 +390,7 @@ impl BoundServer {
             watched: Arc::new(http_builder(&state, false)),
         };
         tracing::info!(addr = %local_addr, "fastlane listening on http://{local_addr}");
-        let companions = crate::companion::start_all(companions, &state, &stop);
+        let companions = companion::start_all(companions, &state, &stop);
 
         let mut stop_rx = stop.subscribe();
         tokio::pin!(signal);
@@ -411,7 +418,7 @@ impl BoundServer {
         );
         let started = Instant::now();
         let drained = tokio::time::timeout(grace, state.tracker.idle()).await.is_ok();
-        crate::companion::stop_all(companions, grace.saturating_sub(started.elapsed())).await;
+        companion::stop_all(companions, grace.saturating_sub(started.elapsed())).await;
         let (requests, tasks) =
             if drained { Default::default() } else { state.tracker.snapshot(&state.routes) };
         let report = ShutdownReport { requests, tasks, drained_in: started.elapsed(), workers_failed: 0 };
@@ -437,13 +444,6 @@ impl BoundServer {
         }
         Ok(report)
     }
-}
-
-/// Completes once shutdown has been asked for.
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is dropped here, before any other await:
-    // holding it would make the connection future `!Send`.
-    let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
 /// hyper's connection settings, for the two kinds of connection.

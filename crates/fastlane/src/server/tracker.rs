@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::report::CutWork;
 use crate::routes::{RouteInfo, RouteTable};
+use crate::shutdown::CutWork;
 
 #[derive(Debug)]
 struct Entry {

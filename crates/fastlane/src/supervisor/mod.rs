@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::server::{stopped, Config, ShutdownReport};
+use crate::shutdown::{stopped, ShutdownReport};
 use crate::Error;
 use worker::{ENV_HEARTBEAT_FD, ENV_ID, ENV_LISTEN_FD, ENV_RESTARTS};
 
@@ -71,8 +71,19 @@ impl Worker {
     }
 }
 
+/// What the supervisor needs of the server's [`Config`](crate::Config).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SupervisorConfig {
+    /// Worker processes to keep running (`--workers`).
+    pub(crate) workers: usize,
+    /// How long a worker's I/O runtime may go without answering its heartbeat.
+    pub(crate) worker_timeout: Duration,
+    /// How long workers have to drain at shutdown and reload.
+    pub(crate) grace_period: Duration,
+}
+
 struct Supervisor {
-    config: Config,
+    config: SupervisorConfig,
     listen_fd: RawFd,
     active: Vec<Worker>,
     retiring: Vec<Worker>,
@@ -87,7 +98,7 @@ struct Supervisor {
 /// shared by every worker.
 pub(crate) async fn supervise(
     listener: tokio::net::TcpListener,
-    config: Config,
+    config: SupervisorConfig,
     signal: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<ShutdownReport, Error> {

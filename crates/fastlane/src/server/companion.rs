@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::server::ServerState;
+use super::ServerState;
+use crate::metrics::MetricsSource;
+use crate::routes::StallSource;
 
 /// A boxed companion future.
 pub type CompanionFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -45,35 +47,6 @@ pub trait Companion: Send + 'static {
     /// Runs until `stop` turns true, then finishes within `grace`.
     fn run(self: Box<Self>, stop: watch::Receiver<bool>, grace: Duration) -> CompanionFuture;
 }
-
-/// Whether a [`CompanionMetric`] only goes up or goes both ways.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MetricKind {
-    /// A count that only goes up (exported with `_total`).
-    Counter,
-    /// A current value.
-    Gauge,
-}
-
-/// One number a companion exports in `GET /metrics`.
-#[derive(Debug, Clone)]
-pub struct CompanionMetric {
-    /// The name, without the `fastlane_` prefix (`jobs_succeeded`).
-    pub name: &'static str,
-    /// The help text.
-    pub help: &'static str,
-    /// Counter or gauge.
-    pub kind: MetricKind,
-    /// The value now.
-    pub value: i64,
-}
-
-/// Reads a companion's metrics; called at each scrape of `GET /metrics`.
-pub type MetricsSource = Arc<dyn Fn() -> Vec<CompanionMetric> + Send + Sync>;
-
-/// Reads a companion's stall rows; called at each request of
-/// `GET /_fastlane/stalls`.
-pub type StallSource = Arc<dyn Fn() -> Vec<crate::StallRow> + Send + Sync>;
 
 tokio::task_local! {
     /// The server whose companion (or a task it spawned) is running.

@@ -1,5 +1,6 @@
-//! What a graceful shutdown reports: the requests and background tasks it
-//! had to cut, if any.
+//! A graceful shutdown: the signal every part waits on ([`stopped`]) and
+//! what it reports (the requests and background tasks it had to cut, if any),
+//! shared by the server and the supervisor.
 
 use std::fmt;
 use std::time::Duration;
@@ -65,4 +66,11 @@ impl ShutdownReport {
     pub fn cut(&self) -> impl Iterator<Item = &CutWork> {
         self.requests.iter().chain(self.tasks.iter())
     }
+}
+
+/// Completes once shutdown has been asked for.
+pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    // The guard `wait_for` returns is dropped here, before any other await:
+    // holding it would make the connection future `!Send`.
+    let _ = stop.wait_for(|stopped| *stopped).await;
 }
