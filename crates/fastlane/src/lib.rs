@@ -51,6 +51,7 @@ mod routes;
 mod server;
 mod shutdown;
 mod supervisor;
+mod sys;
 mod telemetry;
 
 pub use api_error::ApiError;

@@ -129,24 +129,12 @@ impl Trim {
         self.last = std::time::Instant::now();
         let running = self.running.clone();
         let spawned = std::thread::Builder::new().name("fastlane-trim".into()).spawn(move || {
-            release_free_memory();
+            crate::sys::release_free_memory();
             running.store(false, Ordering::Release);
         });
         if spawned.is_err() {
             self.running.store(false, Ordering::Release);
         }
-    }
-}
-
-/// Returns the allocator's free memory to the OS, where the allocator can.
-#[allow(unsafe_code)]
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: malloc_trim has no preconditions; it takes each arena's
-        // lock while it works, so it is safe beside other threads'
-        // allocations.
-        unsafe { libc::malloc_trim(0) };
     }
 }
 
@@ -226,44 +214,15 @@ fn check_cpu(shared: &Shared, slot: &Slot, started: u64, now: u64) {
 }
 
 /// Records the calling runner's kernel thread id and CPU-time clock.
-#[allow(unsafe_code)]
 pub(super) fn publish_thread_ids(slot: &Slot) {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: gettid has no preconditions; pthread_getcpuclockid is given
-        // the calling thread's own handle and a valid out-pointer.
-        unsafe {
-            slot.tid.store(libc::syscall(libc::SYS_gettid) as i32, Ordering::Relaxed);
-            let mut clock: libc::clockid_t = 0;
-            if libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) == 0 {
-                slot.cpu_clock.store(clock, Ordering::Relaxed);
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = slot;
+    slot.tid.store(crate::sys::thread_id(), Ordering::Relaxed);
+    let clock = crate::sys::CpuClock::of_current_thread().map_or(0, crate::sys::CpuClock::raw);
+    slot.cpu_clock.store(clock, Ordering::Relaxed);
 }
 
 /// The CPU time a runner thread has used, in nanoseconds.
-#[allow(unsafe_code)]
 fn thread_cpu_ns(slot: &Slot) -> Option<u64> {
-    #[cfg(target_os = "linux")]
-    {
-        let clock = slot.cpu_clock.load(Ordering::Relaxed);
-        if clock == 0 {
-            return None;
-        }
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: a valid out-pointer; a clock of a thread that has exited
-        // makes clock_gettime fail with EINVAL, which we handle.
-        let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
-        (rc == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = slot;
-        None
-    }
+    crate::sys::CpuClock::from_raw(slot.cpu_clock.load(Ordering::Relaxed))?.now_ns()
 }
 
 /// The calling thread's nice value (0 where there is no such thing).
@@ -273,36 +232,15 @@ fn thread_cpu_ns(slot: &Slot) -> Option<u64> {
 /// demoted runner or from a CPU lane thread would serve fast requests at the
 /// priority meant for hogs. The executor compares this with the nice value
 /// of the thread that created it before starting a runner.
-#[allow(unsafe_code)]
 pub(super) fn current_nice() -> i32 {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: reads the calling thread's nice value (who = 0). -1 is
-        // both a valid value and the error return; an error (which cannot
-        // happen for the calling thread) reads as a normal priority.
-        unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        0
-    }
+    crate::sys::nice(0)
 }
 
-#[allow(unsafe_code)]
+/// Sets runner thread `tid`'s nice value; whether it could.
 fn set_nice(tid: i32, nice: i32) -> bool {
-    #[cfg(target_os = "linux")]
-    {
-        if tid <= 0 {
-            return false;
-        }
-        // SAFETY: plain integers; affects only that thread's nice value.
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) == 0 }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = (tid, nice);
-        false
-    }
+    // 0 would name the calling thread (the monitor): a runner that has not
+    // published its id yet is left alone.
+    tid > 0 && crate::sys::set_nice(tid, nice)
 }
 
 #[cfg(test)]
@@ -313,9 +251,8 @@ mod tests {
     fn a_thread_with_a_lowered_priority_knows_it() {
         let base = current_nice();
         let lowered = std::thread::spawn(move || {
-            // SAFETY: lowers only this test thread's own priority.
-            #[allow(unsafe_code)]
-            let set = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, (base + 5).min(19)) } == 0;
+            // Lowers only this test thread's own priority.
+            let set = crate::sys::set_nice(0, (base + 5).min(19));
             (set, current_nice())
         })
         .join()

@@ -162,17 +162,15 @@ impl Reactor {
 
     /// Ends every registered connection: shuts its socket down (the client
     /// sees the connection end) and wakes its task.
-    #[allow(unsafe_code)]
     pub(crate) fn shut_all(&self) {
         let states: Vec<Arc<IoState>> = {
             let sources = self.sources();
             let states: Vec<_> = sources.entries.iter().filter_map(|(_, s)| s.clone()).collect();
             for state in &states {
-                // SAFETY: a plain syscall on an integer. The descriptor is
-                // still open: a connection leaves `sources` (under this
-                // lock) before its socket is closed, so it cannot have been
-                // reused for another file.
-                unsafe { libc::shutdown(state.fd, libc::SHUT_RDWR) };
+                // The descriptor is still open: a connection leaves
+                // `sources` (under this lock) before its socket is closed,
+                // so the number cannot name another file.
+                crate::sys::shutdown_socket(state.fd);
             }
             states
         };
@@ -192,7 +190,6 @@ impl Reactor {
     ///
     /// Upgraded connections (WebSocket, CONNECT) are the app's and never
     /// cut. Called by the monitor every [`IDLE_CHECK_EVERY`].
-    #[allow(unsafe_code)]
     pub(crate) fn cut_idle(&self, timeout: Duration) -> usize {
         let now = crate::coarse::now_ms();
         let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
@@ -208,8 +205,8 @@ impl Reactor {
                 }
             }
             for state in &cut {
-                // SAFETY: as in `shut_all`: the descriptor is still open.
-                unsafe { libc::shutdown(state.fd, libc::SHUT_RDWR) };
+                // As in `shut_all`: the descriptor is still open.
+                crate::sys::shutdown_socket(state.fd);
                 // Once: its task will see the end at its next read.
                 state.exempt.store(true, Ordering::Relaxed);
             }
@@ -616,7 +613,6 @@ impl Drop for Connection {
 }
 
 impl hyper::rt::Read for Connection {
-    #[allow(unsafe_code)]
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -625,26 +621,14 @@ impl hyper::rt::Read for Connection {
         let this = self.get_mut();
         let fd = this.stream.as_raw_fd();
         let len = buf.remaining();
-        let read = this.state.read.poll_io(cx, || {
-            // SAFETY: the kernel only writes into the unfilled part of the
-            // buffer (never de-initializes it), at most `len` bytes, and the
-            // pointer stays valid for the duration of the call.
-            let rc = unsafe {
-                let unfilled = buf.as_mut();
-                libc::read(fd, unfilled.as_mut_ptr().cast(), unfilled.len())
-            };
-            let n = usize::try_from(rc).map_err(|_| io::Error::last_os_error())?;
+        let (state, scanner) = (&this.state, &mut this.scanner);
+        let read = state.read.poll_io(cx, || {
+            // Read straight into hyper's buffer (not zeroed first); the
+            // bytes are followed while the connection may be HTTP/2.
+            let n = crate::sys::read_into(fd, &mut buf, |bytes| state.follow(scanner, bytes))?;
             Ok((n, n < len))
         });
-        let n = ready!(read)?;
-        if this.scanner.is_some() {
-            // SAFETY: `read` initialized the first `n` bytes of the
-            // unfilled part; they are only looked at, before `advance`.
-            let bytes: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_mut().as_ptr().cast(), n) };
-            this.state.follow(&mut this.scanner, bytes);
-        }
-        // SAFETY: `read` initialized exactly `n` bytes of the unfilled part.
-        unsafe { buf.advance(n) };
+        ready!(read)?;
         Poll::Ready(Ok(()))
     }
 }

@@ -3,7 +3,6 @@
 //! flight, and the recycling of the worker after `--max-requests`.
 
 use std::io::Write;
-use std::os::fd::FromRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,16 +14,11 @@ use crate::supervisor::worker::{WorkerEnv, HEARTBEAT_EVERY};
 /// is a tiny task that must get through tokio's scheduler and timer within
 /// the interval. A slow or stalled handler is not a missed beat (isolation
 /// handles those); a runtime that stops scheduling is.
-#[allow(unsafe_code)]
-pub(super) fn start(
-    env: WorkerEnv,
-    state: Arc<ServerState>,
-    handle: ServerHandle,
-    max_requests: Option<u64>,
-) {
-    // SAFETY: the supervisor passed this descriptor (a pipe's write end)
-    // to this process for the heartbeat, and nothing else uses it.
-    let mut pipe = unsafe { std::fs::File::from_raw_fd(env.heartbeat_fd) };
+pub(super) fn start(state: Arc<ServerState>, handle: ServerHandle, max_requests: Option<u64>) {
+    let Some(mut pipe) = WorkerEnv::heartbeat_pipe() else {
+        tracing::error!("no heartbeat pipe from the supervisor; it will judge this worker hung");
+        return;
+    };
     let runtime = state.runtime.clone();
     let spawned = std::thread::Builder::new().name("fastlane-heartbeat".into()).spawn(move || loop {
         let started = Instant::now();

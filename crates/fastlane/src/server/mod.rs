@@ -153,9 +153,8 @@ impl Server {
     /// supervisor handed down instead of binding.
     pub async fn bind(self) -> Result<BoundServer, Error> {
         self.config.validate()?;
-        if let Some(worker) = WorkerEnv::from_env() {
-            let listener = worker
-                .listener()
+        if WorkerEnv::from_env().is_some() {
+            let listener = WorkerEnv::listener()
                 .map_err(|source| Error::Bind { addr: "inherited listener".into(), source })?;
             return self.from_listener(listener);
         }
@@ -172,7 +171,7 @@ impl Server {
             listener.local_addr().map_err(|source| Error::Bind { addr: "listener".into(), source })?;
         let worker = WorkerEnv::from_env();
         let mode = match worker {
-            Some(env) => Mode::Worker(env),
+            Some(_) => Mode::Worker,
             None if self.config.workers > 1 => Mode::Supervisor,
             None => Mode::Single,
         };
@@ -255,7 +254,7 @@ enum Mode {
     /// `--workers N`: this process only supervises the workers.
     Supervisor,
     /// A worker started by a supervisor.
-    Worker(WorkerEnv),
+    Worker,
 }
 
 impl std::fmt::Debug for BoundServer {
@@ -379,9 +378,9 @@ impl BoundServer {
                 };
                 return crate::supervisor::supervise(listener, workers, signal, stop.subscribe()).await;
             }
-            Mode::Worker(env) => {
+            Mode::Worker => {
                 let max = state.config.max_requests.map(|n| n + jitter(state.config.max_requests_jitter));
-                heartbeat::start(env, state.clone(), handle, max);
+                heartbeat::start(state.clone(), handle, max);
             }
             Mode::Single => {}
         }

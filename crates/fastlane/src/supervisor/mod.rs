@@ -23,7 +23,7 @@ pub(crate) mod worker;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -140,39 +140,23 @@ pub(crate) async fn supervise(
 
 impl Supervisor {
     /// Starts worker `id`: this program again, with the socket and a pipe.
-    #[allow(unsafe_code)]
     fn start(&mut self, id: u32) -> Result<(), Error> {
         let spawn_error = |e: std::io::Error| Error::Config(format!("could not start worker {id}: {e}"));
-        let (read_fd, write_fd) = pipe().map_err(spawn_error)?;
+        let (read_end, write_end) = crate::sys::pipe().map_err(spawn_error)?;
         let exe = std::env::current_exe().map_err(spawn_error)?;
         let mut cmd = Command::new(exe);
         cmd.args(std::env::args_os().skip(1))
             .env(ENV_ID, id.to_string())
             .env(ENV_LISTEN_FD, self.listen_fd.to_string())
-            .env(ENV_HEARTBEAT_FD, write_fd.to_string())
+            .env(ENV_HEARTBEAT_FD, write_end.as_raw_fd().to_string())
             .env(ENV_RESTARTS, self.restarts.to_string());
-        let listen_fd = self.listen_fd;
-        // SAFETY: runs in the child between fork and exec and only calls
-        // fcntl, which is async-signal-safe, on two descriptors it owns.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                keep_on_exec(listen_fd)?;
-                keep_on_exec(write_fd)
-            });
-        }
+        crate::sys::keep_open_in_child(&mut cmd, [self.listen_fd, write_end.as_raw_fd()]);
         let spawned = cmd.spawn();
-        // SAFETY: our copy of the write end; the child has its own now.
-        drop(unsafe { std::fs::File::from_raw_fd(write_fd) });
-        let child = match spawned {
-            Ok(child) => child,
-            Err(err) => {
-                // SAFETY: the read end is ours and unused.
-                drop(unsafe { std::fs::File::from_raw_fd(read_fd) });
-                return Err(spawn_error(err));
-            }
-        };
+        // Our copy of the write end closes here; the child has its own.
+        drop(write_end);
+        let child = spawned.map_err(spawn_error)?;
         let beat = Arc::new(Mutex::new(Beat::default()));
-        read_beats(read_fd, id, beat.clone());
+        read_beats(read_end, id, beat.clone());
         tracing::info!(worker = id, pid = child.id(), "worker started");
         self.active.push(Worker { id, child, started: Instant::now(), beat });
         Ok(())
@@ -296,7 +280,7 @@ impl Supervisor {
 
     fn signal_all_retiring(&self, sig: i32) {
         for w in &self.retiring {
-            send_signal(w.pid(), sig);
+            crate::sys::send_signal(w.pid(), sig);
         }
     }
 
@@ -307,7 +291,7 @@ impl Supervisor {
         let mut all: Vec<Worker> = self.active.drain(..).chain(self.retiring.drain(..)).collect();
         tracing::info!(workers = all.len(), "supervisor shutting down: draining workers");
         for w in &all {
-            send_signal(w.pid(), libc::SIGTERM);
+            crate::sys::send_signal(w.pid(), libc::SIGTERM);
         }
         let deadline = started + self.config.grace_period + Duration::from_secs(5);
         while !all.is_empty() {
@@ -343,41 +327,10 @@ impl Supervisor {
     }
 }
 
-/// A pipe whose ends both close on exec (the child keeps its end explicitly).
-#[allow(unsafe_code)]
-fn pipe() -> std::io::Result<(RawFd, RawFd)> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: a valid two-element out-array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok((fds[0], fds[1]))
-}
-
-/// Clears close-on-exec on a descriptor (in the child, before exec).
-#[allow(unsafe_code)]
-fn keep_on_exec(fd: RawFd) -> std::io::Result<()> {
-    // SAFETY: fcntl on a descriptor number; fails cleanly if it is invalid.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-#[allow(unsafe_code)]
-fn send_signal(pid: u32, sig: i32) {
-    // SAFETY: a signal to our own child process, by its PID.
-    unsafe {
-        libc::kill(pid as libc::pid_t, sig);
-    }
-}
-
 /// Reads a worker's status lines on a thread of its own until the pipe
 /// closes (the worker exited).
-#[allow(unsafe_code)]
-fn read_beats(fd: RawFd, id: u32, beat: Arc<Mutex<Beat>>) {
-    // SAFETY: the read end of a pipe we created, owned by this reader only.
-    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+fn read_beats(read_end: OwnedFd, id: u32, beat: Arc<Mutex<Beat>>) {
+    let file = std::fs::File::from(read_end);
     let spawned = std::thread::Builder::new().name("fastlane-beats".into()).spawn(move || {
         for line in BufReader::new(file).lines().map_while(Result::ok) {
             let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else { continue };

@@ -6,7 +6,8 @@
 //! environment variables: its id, the listening socket's descriptor and the
 //! write end of a pipe back to the supervisor.
 
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::RawFd;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 pub(crate) const ENV_ID: &str = "FASTLANE_WORKER_ID";
@@ -21,8 +22,6 @@ pub(crate) const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WorkerEnv {
     pub(crate) id: u32,
-    pub(crate) listen_fd: RawFd,
-    pub(crate) heartbeat_fd: RawFd,
     pub(crate) restarts: u64,
 }
 
@@ -32,22 +31,28 @@ impl WorkerEnv {
         fn get<T: std::str::FromStr>(key: &str) -> Option<T> {
             std::env::var(key).ok()?.parse().ok()
         }
-        Some(WorkerEnv {
-            id: get(ENV_ID)?,
-            listen_fd: get(ENV_LISTEN_FD)?,
-            heartbeat_fd: get(ENV_HEARTBEAT_FD)?,
-            restarts: get(ENV_RESTARTS).unwrap_or(0),
-        })
+        // All three are set by the supervisor; the descriptors are taken
+        // (once) by `listener` and `heartbeat_pipe`.
+        get::<RawFd>(ENV_LISTEN_FD)?;
+        get::<RawFd>(ENV_HEARTBEAT_FD)?;
+        Some(WorkerEnv { id: get(ENV_ID)?, restarts: get(ENV_RESTARTS).unwrap_or(0) })
     }
 
-    /// The listening socket the supervisor bound and handed down.
-    #[allow(unsafe_code)]
-    pub(crate) fn listener(&self) -> std::io::Result<tokio::net::TcpListener> {
-        // SAFETY: the supervisor passed this descriptor to this process for
-        // exactly this use, and nothing else in the process owns it.
-        let listener = unsafe { std::net::TcpListener::from_raw_fd(self.listen_fd) };
+    /// The listening socket the supervisor bound and handed down (once).
+    pub(crate) fn listener() -> std::io::Result<tokio::net::TcpListener> {
+        static TAKEN: AtomicBool = AtomicBool::new(false);
+        let fd = crate::sys::take_inherited_fd(ENV_LISTEN_FD, &TAKEN).ok_or_else(|| {
+            std::io::Error::other(format!("no listening socket in {ENV_LISTEN_FD} (or it was taken)"))
+        })?;
+        let listener = std::net::TcpListener::from(fd);
         listener.set_nonblocking(true)?;
         tokio::net::TcpListener::from_std(listener)
+    }
+
+    /// The write end of the heartbeat pipe to the supervisor (once).
+    pub(crate) fn heartbeat_pipe() -> Option<std::fs::File> {
+        static TAKEN: AtomicBool = AtomicBool::new(false);
+        crate::sys::take_inherited_fd(ENV_HEARTBEAT_FD, &TAKEN).map(std::fs::File::from)
     }
 }
 
