@@ -3,40 +3,13 @@
 //!
 //! [`store_methods!`] expands, inside each backend's `impl Store`, into the
 //! one-job operations (heartbeat, progress, fail, cancel, get, list, ...).
-//! Their SQL uses `?` placeholders and standard SQL (`CAST`, `COALESCE`,
-//! `ON CONFLICT ... excluded`); each backend provides a `sql!` macro that
-//! turns the text into its dialect (SQLite: as is; PostgreSQL: `$1, $2, ...`),
-//! a `classify` function for its errors, and an inherent `write_tx` that
-//! begins a write transaction its way. The batch operations (enqueue, claim,
+//! Their SQL is the same text on both: numbered placeholders (`$1, $2, ...`,
+//! which sqlx binds by number on SQLite as PostgreSQL does) and standard SQL
+//! (`CAST`, `COALESCE`, `ON CONFLICT ... excluded`). Each backend provides a
+//! `classify` function for its errors and an inherent `write_tx` that begins
+//! a write transaction its way. The batch operations (enqueue, claim,
 //! complete, the rescue of expired leases) differ per backend and stay in
 //! their modules.
-
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
-
-/// `text` with its `?` placeholders numbered `$1, $2, ...` (PostgreSQL),
-/// converted once per statement and kept for the life of the process (a
-/// fixed, small set of statements).
-pub(crate) fn numbered(text: &'static str) -> &'static str {
-    static CACHE: OnceLock<Mutex<HashMap<usize, &'static str>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Mutex::default);
-    let key = text.as_ptr() as usize;
-    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-    cache.entry(key).or_insert_with(|| {
-        let mut out = String::with_capacity(text.len() + 16);
-        let mut n = 0;
-        for c in text.chars() {
-            if c == '?' {
-                n += 1;
-                out.push('$');
-                out.push_str(&n.to_string());
-            } else {
-                out.push(c);
-            }
-        }
-        Box::leak(out.into_boxed_str())
-    })
-}
 
 /// The statement that writes attempt records, around the `SELECT` of their
 /// values (job id, attempt, worker, start, end, outcome, error), in the SQL
@@ -64,10 +37,10 @@ macro_rules! store_methods {
         /// attempt no longer owns the job.
         async fn heartbeat(&self, id: JobId, token: i64, lease: Duration) -> Result<bool, Error> {
             let lease_until = now_ms() + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
-            let cancel: Option<i64> = sqlx::query_scalar(sql!(
-                "UPDATE fastlane_jobs SET lease_until = ? WHERE id = ? AND token = ? AND state = 'running' \
+            let cancel: Option<i64> = sqlx::query_scalar(
+                "UPDATE fastlane_jobs SET lease_until = $1 WHERE id = $2 AND token = $3 AND state = 'running' \
                  RETURNING cancel_requested"
-            ))
+            )
             .bind(lease_until)
             .bind(id)
             .bind(token)
@@ -79,10 +52,10 @@ macro_rules! store_methods {
 
         /// Records progress (0-100 %) and a message for a running attempt.
         async fn progress(&self, id: JobId, token: i64, percent: u8, message: &str) -> Result<(), Error> {
-            let done = sqlx::query(sql!(
-                "UPDATE fastlane_jobs SET progress = ?, progress_message = ? \
-                 WHERE id = ? AND token = ? AND state = 'running'"
-            ))
+            let done = sqlx::query(
+                "UPDATE fastlane_jobs SET progress = $1, progress_message = $2 \
+                 WHERE id = $3 AND token = $4 AND state = 'running'"
+            )
             .bind(i64::from(percent.min(100)))
             .bind(message)
             .bind(id)
@@ -101,7 +74,7 @@ macro_rules! store_methods {
         /// job is dead.
         async fn fail(&self, id: JobId, token: i64, error: &str, retryable: bool) -> Result<JobState, Error> {
             let row: Option<(i64, i64)> =
-                sqlx::query_as(sql!("SELECT attempt, max_attempts FROM fastlane_jobs WHERE id = ?"))
+                sqlx::query_as("SELECT attempt, max_attempts FROM fastlane_jobs WHERE id = $1")
                     .bind(id)
                     .fetch_optional(&self.pool)
                     .await
@@ -121,11 +94,11 @@ macro_rules! store_methods {
         /// down): it is available again at once, not after a lease expiry.
         async fn release(&self, id: JobId, token: i64) -> Result<(), Error> {
             let mut tx = self.write_tx().await?;
-            let attempt: Option<i64> = sqlx::query_scalar(sql!(
+            let attempt: Option<i64> = sqlx::query_scalar(
                 "UPDATE fastlane_jobs SET state = 'available', attempt = attempt - 1, lease_until = NULL, \
-                 progress = NULL, progress_message = NULL, run_at = ? \
-                 WHERE id = ? AND token = ? AND state = 'running' RETURNING attempt"
-            ))
+                 progress = NULL, progress_message = NULL, run_at = $1 \
+                 WHERE id = $2 AND token = $3 AND state = 'running' RETURNING attempt"
+            )
             .bind(now_ms())
             .bind(id)
             .bind(token)
@@ -136,9 +109,9 @@ macro_rules! store_methods {
                 return Err(Error::Fenced { job: id, token });
             };
             // Schema version 1 wrote an attempt record at the start.
-            sqlx::query(sql!(
-                "DELETE FROM fastlane_attempts WHERE job_id = ? AND attempt = ? AND finished_at IS NULL"
-            ))
+            sqlx::query(
+                "DELETE FROM fastlane_attempts WHERE job_id = $1 AND attempt = $2 AND finished_at IS NULL"
+            )
             .bind(id)
             .bind(attempt + 1)
             .execute(&mut *tx)
@@ -153,7 +126,7 @@ macro_rules! store_methods {
         /// after.
         async fn cancel(&self, id: JobId) -> Result<JobState, Error> {
             let mut tx = self.write_tx().await?;
-            let state: Option<String> = sqlx::query_scalar(sql!("SELECT state FROM fastlane_jobs WHERE id = ?"))
+            let state: Option<String> = sqlx::query_scalar("SELECT state FROM fastlane_jobs WHERE id = $1")
                 .bind(id)
                 .fetch_optional(&mut *tx)
                 .await
@@ -161,7 +134,7 @@ macro_rules! store_methods {
             let state: JobState = state.ok_or(Error::NotFound(id))?.parse()?;
             let after = match state {
                 JobState::Scheduled | JobState::Available | JobState::Retrying => {
-                    sqlx::query(sql!("UPDATE fastlane_jobs SET state = 'cancelled', finished_at = ? WHERE id = ?"))
+                    sqlx::query("UPDATE fastlane_jobs SET state = 'cancelled', finished_at = $1 WHERE id = $2")
                         .bind(now_ms())
                         .bind(id)
                         .execute(&mut *tx)
@@ -170,7 +143,7 @@ macro_rules! store_methods {
                     JobState::Cancelled
                 }
                 JobState::Running => {
-                    sqlx::query(sql!("UPDATE fastlane_jobs SET cancel_requested = 1 WHERE id = ?"))
+                    sqlx::query("UPDATE fastlane_jobs SET cancel_requested = 1 WHERE id = $1")
                         .bind(id)
                         .execute(&mut *tx)
                         .await
@@ -185,19 +158,19 @@ macro_rules! store_methods {
 
         /// A job with its attempts.
         async fn get(&self, id: JobId) -> Result<JobInfo, Error> {
-            let row = sqlx::query(sql!(
+            let row = sqlx::query(
                 "SELECT id, name, queue, state, payload, priority, attempt, max_attempts, run_at, progress, \
-                 progress_message, last_error, worker, started_at FROM fastlane_jobs WHERE id = ?"
-            ))
+                 progress_message, last_error, worker, started_at FROM fastlane_jobs WHERE id = $1"
+            )
             .bind(id)
             .fetch_optional(&self.pool)
             .await
             .map_err(classify)?
             .ok_or(Error::NotFound(id))?;
-            let mut attempts: Vec<Attempt> = sqlx::query(sql!(
+            let mut attempts: Vec<Attempt> = sqlx::query(
                 "SELECT attempt, worker, started_at, finished_at, outcome, error FROM fastlane_attempts \
-                 WHERE job_id = ? ORDER BY attempt"
-            ))
+                 WHERE job_id = $1 ORDER BY attempt"
+            )
             .bind(id)
             .fetch_all(&self.pool)
             .await
@@ -238,7 +211,7 @@ macro_rules! store_methods {
         async fn stats(&self) -> Result<Stats, Error> {
             let mut stats: Stats = JobState::ALL.into_iter().map(|s| (s, 0)).collect();
             let rows: Vec<(String, i64)> =
-                sqlx::query_as(sql!("SELECT state, COUNT(*) FROM fastlane_jobs GROUP BY state"))
+                sqlx::query_as("SELECT state, COUNT(*) FROM fastlane_jobs GROUP BY state")
                     .fetch_all(&self.pool)
                     .await
                     .map_err(classify)?;
@@ -249,10 +222,10 @@ macro_rules! store_methods {
         }
 
         async fn list(&self, state: Option<JobState>, limit: u32) -> Result<Vec<JobSummary>, Error> {
-            let rows = sqlx::query(sql!(
+            let rows = sqlx::query(
                 "SELECT id, name, queue, state, attempt, last_error FROM fastlane_jobs \
-                 WHERE (CAST(? AS TEXT) IS NULL OR state = ?) ORDER BY id DESC LIMIT ?"
-            ))
+                 WHERE (CAST($1 AS TEXT) IS NULL OR state = $2) ORDER BY id DESC LIMIT $3"
+            )
             .bind(state.map(JobState::as_str))
             .bind(state.map(JobState::as_str))
             .bind(i64::from(limit))
@@ -275,12 +248,12 @@ macro_rules! store_methods {
         }
 
         async fn retry(&self, id: JobId) -> Result<JobState, Error> {
-            let done = sqlx::query(sql!(
-                "UPDATE fastlane_jobs SET state = 'available', run_at = ?, finished_at = NULL, \
+            let done = sqlx::query(
+                "UPDATE fastlane_jobs SET state = 'available', run_at = $1, finished_at = NULL, \
                  cancel_requested = 0, \
                  max_attempts = CASE WHEN attempt >= max_attempts THEN attempt + 1 ELSE max_attempts END \
-                 WHERE id = ? AND state IN ('dead', 'cancelled', 'retrying')"
-            ))
+                 WHERE id = $2 AND state IN ('dead', 'cancelled', 'retrying')"
+            )
             .bind(now_ms())
             .bind(id)
             .execute(&self.pool)
@@ -294,10 +267,10 @@ macro_rules! store_methods {
 
         async fn expire_dead_owners(&self) -> Result<u64, Error> {
             let Some(prefix) = crate::owner::host_prefix() else { return Ok(0) };
-            let owners: Vec<String> = sqlx::query_scalar(sql!(
+            let owners: Vec<String> = sqlx::query_scalar(
                 "SELECT DISTINCT owner FROM fastlane_jobs WHERE state = 'running' \
-                 AND substr(owner, 1, length(?)) = ?"
-            ))
+                 AND substr(owner, 1, length($1)) = $2"
+            )
             .bind(&prefix)
             .bind(&prefix)
             .fetch_all(&self.pool)
@@ -306,7 +279,7 @@ macro_rules! store_methods {
             let mut expired = 0;
             for owner in owners.iter().filter(|owner| crate::owner::is_dead_here(owner)) {
                 let done =
-                    sqlx::query(sql!("UPDATE fastlane_jobs SET lease_until = 0 WHERE state = 'running' AND owner = ?"))
+                    sqlx::query("UPDATE fastlane_jobs SET lease_until = 0 WHERE state = 'running' AND owner = $1")
                         .bind(owner)
                         .execute(&self.pool)
                         .await
@@ -336,13 +309,13 @@ macro_rules! finish_method {
             let mut tx = self.write_tx().await?;
             // The fencing check: only the attempt holding the current token
             // may write; a zombie's late completion changes nothing.
-            let done = sqlx::query(sql!(
-                "UPDATE fastlane_jobs SET state = ?, lease_until = NULL, \
-                 last_error = COALESCE(CAST(? AS TEXT), last_error), \
-                 run_at = COALESCE(CAST(? AS BIGINT), run_at), \
-                 finished_at = CASE WHEN ? THEN NULL ELSE CAST(? AS BIGINT) END \
-                 WHERE id = ? AND token = ? AND state = 'running'"
-            ))
+            let done = sqlx::query(
+                "UPDATE fastlane_jobs SET state = $1, lease_until = NULL, \
+                 last_error = COALESCE(CAST($2 AS TEXT), last_error), \
+                 run_at = COALESCE(CAST($3 AS BIGINT), run_at), \
+                 finished_at = CASE WHEN $4 THEN NULL ELSE CAST($5 AS BIGINT) END \
+                 WHERE id = $6 AND token = $7 AND state = 'running'"
+            )
             .bind(state.as_str())
             .bind(error)
             .bind(retry_at)
@@ -356,10 +329,10 @@ macro_rules! finish_method {
             if done.rows_affected() == 0 {
                 return Err(Error::Fenced { job: id, token });
             }
-            sqlx::query(sql!(crate::common::record_attempts_sql!(
-                "SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, ?), ?, ?, ? FROM fastlane_jobs \
-                 WHERE id = ?"
-            )))
+            sqlx::query(crate::common::record_attempts_sql!(
+                "SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, $1), $2, $3, $4 FROM fastlane_jobs \
+                 WHERE id = $5"
+            ))
             .bind(now)
             .bind(now)
             .bind(outcome)
@@ -375,14 +348,3 @@ macro_rules! finish_method {
 }
 
 pub(crate) use {finish_method, record_attempts_sql, store_methods};
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn placeholders_are_numbered_once_per_statement() {
-        let text = "UPDATE t SET a = ? WHERE id = ? AND b IN (?, ?)";
-        let numbered = super::numbered(text);
-        assert_eq!(numbered, "UPDATE t SET a = $1 WHERE id = $2 AND b IN ($3, $4)");
-        assert!(std::ptr::eq(numbered, super::numbered(text)), "converted once, then cached");
-    }
-}

@@ -84,12 +84,6 @@ fn classify(err: sqlx::Error) -> Error {
 }
 
 /// PostgreSQL numbers its placeholders (`$1, $2, ...`).
-macro_rules! sql {
-    ($text:expr) => {
-        crate::common::numbered($text)
-    };
-}
-
 impl PgStore {
     async fn write_tx(&self) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, Error> {
         self.pool.begin().await.map_err(classify)

@@ -48,12 +48,6 @@ fn classify(err: sqlx::Error) -> Error {
 }
 
 /// SQLite takes the shared statements as they are written.
-macro_rules! sql {
-    ($text:expr) => {
-        $text
-    };
-}
-
 impl SqliteStore {
     /// A write transaction that takes SQLite's write lock up front.
     async fn write_tx(&self) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>, Error> {
