@@ -28,7 +28,7 @@
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = fastlane_asgi::AppConfig::new("main:app");
 //! let pool = fastlane_asgi::Pool::start(config).await?;
-//! let server = fastlane::Server::new(pool.router()).jobs(pool.companion());
+//! let server = fastlane::Server::new(pool.router()).companion(pool.companion());
 //! server.serve().await?;
 //! # Ok(())
 //! # }
@@ -182,7 +182,7 @@ impl Pool {
 
     /// The companion that stops the workers with the server (lifespan
     /// shutdown, their requests and background tasks drained in the grace
-    /// period); add it with [`fastlane::Server::jobs`].
+    /// period); add it with [`fastlane::Server::companion`].
     pub fn companion(&self) -> impl Companion {
         PoolCompanion { pool: self.clone() }
     }

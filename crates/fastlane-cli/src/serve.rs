@@ -188,7 +188,7 @@ pub async fn run_command(command: ServeCommand) -> ExitCode {
     if reload {
         pool.reload_on_changes(watched);
     }
-    let server = fastlane::Server::new(pool.router_for(local)).config(config).jobs(pool.companion());
+    let server = fastlane::Server::new(pool.router_for(local)).config(config).companion(pool.companion());
     let server = match server.from_listener(listener) {
         Ok(server) => server,
         Err(err) => {

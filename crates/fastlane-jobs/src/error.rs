@@ -1,3 +1,6 @@
+//! The job store's errors: what went wrong, by kind (a bad URL, a job that
+//! does not exist, a write fenced off by a newer attempt, the database).
+
 /// Errors of the job store.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -1,3 +1,8 @@
+//! The job model: what is enqueued ([`NewJob`]), an attempt handed to a
+//! worker ([`Claimed`]), what is read back ([`JobInfo`], [`JobSummary`],
+//! [`Stats`]), the states a job goes through ([`JobState`]) and the retry
+//! [`backoff`].
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;

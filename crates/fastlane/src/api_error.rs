@@ -1,3 +1,6 @@
+//! [`ApiError`]: the JSON error body every answer of fastlane's own has
+//! (`{"error": ..., "status": ...}`, with the field when one is to blame).
+
 use std::time::Duration;
 
 use axum::response::{IntoResponse, Response};

@@ -1,3 +1,5 @@
+//! [`Error`]: what can go wrong starting or running a server.
+
 use std::net::SocketAddr;
 
 /// Errors from starting or running a [`Server`](crate::Server).

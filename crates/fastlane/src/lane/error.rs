@@ -1,3 +1,6 @@
+//! [`LaneError`]: why a lane did not run a piece of work (full, shutting
+//! down, or the work panicked), and the panic message it keeps.
+
 use std::fmt;
 
 /// Why a lane did not run a piece of work to completion.

@@ -137,13 +137,19 @@ impl Server {
         self
     }
 
-    /// Runs a durable job worker (`fastlane_jobs::Worker`), or any other
-    /// [`Companion`], inside the server: in every worker process, with the
-    /// handlers' isolation, stopped and drained with the server's grace
-    /// period at shutdown.
-    pub fn jobs(mut self, worker: impl Companion) -> Self {
-        self.companions.push(Box::new(worker));
+    /// Runs a [`Companion`] inside the server: in every worker process, with
+    /// the handlers' isolation, stopped and drained with the server's grace
+    /// period at shutdown. Call it once per companion.
+    pub fn companion(mut self, companion: impl Companion) -> Self {
+        self.companions.push(Box::new(companion));
         self
+    }
+
+    /// Runs a durable job worker (`fastlane_jobs::Worker`) inside the
+    /// server: [`companion`](Self::companion), under the name a reader of
+    /// `Server::new(app).jobs(worker)` expects.
+    pub fn jobs(self, worker: impl Companion) -> Self {
+        self.companion(worker)
     }
 
     /// Binds the configured address and returns the bound server, whose
