@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::job::{Claimed, JobId, JobInfo, JobState, JobSummary, NewJob, Stats};
+use crate::job::{Claimed, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
 use crate::{Error, PgStore, SqliteStore, Store};
 
 /// A store of either backend, chosen by URL with [`connect`].
@@ -68,28 +68,28 @@ impl Store for AnyStore {
         delegate!(self, s => s.cancel_requested(ids))
     }
 
-    async fn heartbeat(&self, id: JobId, token: i64, lease: Duration) -> Result<bool, Error> {
-        delegate!(self, s => s.heartbeat(id, token, lease))
+    async fn heartbeat(&self, lease: Lease, lease_for: Duration) -> Result<bool, Error> {
+        delegate!(self, s => s.heartbeat(lease, lease_for))
     }
 
-    async fn progress(&self, id: JobId, token: i64, percent: u8, message: &str) -> Result<(), Error> {
-        delegate!(self, s => s.progress(id, token, percent, message))
+    async fn progress(&self, lease: Lease, percent: u8, message: &str) -> Result<(), Error> {
+        delegate!(self, s => s.progress(lease, percent, message))
     }
 
-    async fn complete_many(&self, done: &[(JobId, i64)]) -> Result<Vec<(JobId, i64)>, Error> {
+    async fn complete_many(&self, done: &[Lease]) -> Result<Vec<Lease>, Error> {
         delegate!(self, s => s.complete_many(done))
     }
 
-    async fn fail(&self, id: JobId, token: i64, error: &str, retryable: bool) -> Result<JobState, Error> {
-        delegate!(self, s => s.fail(id, token, error, retryable))
+    async fn fail(&self, lease: Lease, error: &str, retryable: bool) -> Result<JobState, Error> {
+        delegate!(self, s => s.fail(lease, error, retryable))
     }
 
-    async fn cancelled(&self, id: JobId, token: i64) -> Result<(), Error> {
-        delegate!(self, s => s.cancelled(id, token))
+    async fn cancelled(&self, lease: Lease) -> Result<(), Error> {
+        delegate!(self, s => s.cancelled(lease))
     }
 
-    async fn release(&self, id: JobId, token: i64) -> Result<(), Error> {
-        delegate!(self, s => s.release(id, token))
+    async fn release(&self, lease: Lease) -> Result<(), Error> {
+        delegate!(self, s => s.release(lease))
     }
 
     async fn cancel(&self, id: JobId) -> Result<JobState, Error> {

@@ -28,15 +28,16 @@ macro_rules! record_attempts_sql {
     };
 }
 
-/// The one-job store operations, for the backend whose `sql!`, `classify`
-/// and `write_tx` are in scope.
+/// The one-job store operations, for the backend whose `classify` and
+/// `write_tx` are in scope.
 macro_rules! store_methods {
     () => {
         /// Extends the lease of a running attempt; returns whether the job
         /// has been asked to cancel. Fails with [`Error::Fenced`] if the
         /// attempt no longer owns the job.
-        async fn heartbeat(&self, id: JobId, token: i64, lease: Duration) -> Result<bool, Error> {
-            let lease_until = now_ms() + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
+        async fn heartbeat(&self, lease: Lease, lease_for: Duration) -> Result<bool, Error> {
+            let Lease { job: id, token } = lease;
+            let lease_until = now_ms() + i64::try_from(lease_for.as_millis()).unwrap_or(i64::MAX / 2);
             let cancel: Option<i64> = sqlx::query_scalar(
                 "UPDATE fastlane_jobs SET lease_until = $1 WHERE id = $2 AND token = $3 AND state = 'running' \
                  RETURNING cancel_requested"
@@ -51,7 +52,8 @@ macro_rules! store_methods {
         }
 
         /// Records progress (0-100 %) and a message for a running attempt.
-        async fn progress(&self, id: JobId, token: i64, percent: u8, message: &str) -> Result<(), Error> {
+        async fn progress(&self, lease: Lease, percent: u8, message: &str) -> Result<(), Error> {
+            let Lease { job: id, token } = lease;
             let done = sqlx::query(
                 "UPDATE fastlane_jobs SET progress = $1, progress_message = $2 \
                  WHERE id = $3 AND token = $4 AND state = 'running'"
@@ -72,7 +74,8 @@ macro_rules! store_methods {
         /// The attempt failed. A `retryable` failure with attempts left goes
         /// to `retrying` with exponential backoff and jitter; otherwise the
         /// job is dead.
-        async fn fail(&self, id: JobId, token: i64, error: &str, retryable: bool) -> Result<JobState, Error> {
+        async fn fail(&self, lease: Lease, error: &str, retryable: bool) -> Result<JobState, Error> {
+            let Lease { job: id, token } = lease;
             let row: Option<(i64, i64)> =
                 sqlx::query_as("SELECT attempt, max_attempts FROM fastlane_jobs WHERE id = $1")
                     .bind(id)
@@ -86,13 +89,15 @@ macro_rules! store_methods {
         }
 
         /// The running attempt saw its cancellation and stopped.
-        async fn cancelled(&self, id: JobId, token: i64) -> Result<(), Error> {
+        async fn cancelled(&self, lease: Lease) -> Result<(), Error> {
+            let Lease { job: id, token } = lease;
             self.finish(id, token, JobState::Cancelled, "cancelled", None, None).await
         }
 
         /// Gives a job back without counting the attempt (a worker shutting
         /// down): it is available again at once, not after a lease expiry.
-        async fn release(&self, id: JobId, token: i64) -> Result<(), Error> {
+        async fn release(&self, lease: Lease) -> Result<(), Error> {
+            let Lease { job: id, token } = lease;
             let mut tx = self.write_tx().await?;
             let attempt: Option<i64> = sqlx::query_scalar(
                 "UPDATE fastlane_jobs SET state = 'available', attempt = attempt - 1, lease_until = NULL, \

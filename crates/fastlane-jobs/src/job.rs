@@ -15,6 +15,18 @@ use crate::Error;
 /// A job's id in its store.
 pub type JobId = i64;
 
+/// One attempt's hold on a running job: the job and the attempt's fencing
+/// token. Every write of the attempt carries it, and a write whose token is
+/// no longer the job's (its lease ended and another attempt took the job
+/// over) is rejected with [`Error::Fenced`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct Lease {
+    /// The job.
+    pub job: JobId,
+    /// The attempt's fencing token.
+    pub token: i64,
+}
+
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -242,9 +254,9 @@ pub(crate) fn batch_rows(jobs: &[NewJob], now: i64) -> Result<(String, Vec<&str>
 }
 
 /// `[{"id": .., "token": ..}, ..]`: the attempts of a batch completion.
-pub(crate) fn done_rows(done: &[(JobId, i64)]) -> String {
+pub(crate) fn done_rows(done: &[Lease]) -> String {
     let rows: Vec<serde_json::Value> =
-        done.iter().map(|(id, token)| serde_json::json!({"id": id, "token": token})).collect();
+        done.iter().map(|lease| serde_json::json!({"id": lease.job, "token": lease.token})).collect();
     serde_json::Value::Array(rows).to_string()
 }
 
@@ -256,9 +268,9 @@ pub(crate) fn in_batch_order(mut ids: Vec<JobId>) -> Vec<JobId> {
 }
 
 /// The attempts of `done` whose job is not among `recorded`: fenced.
-pub(crate) fn fenced_among(done: &[(JobId, i64)], recorded: Vec<JobId>) -> Vec<(JobId, i64)> {
+pub(crate) fn fenced_among(done: &[Lease], recorded: Vec<JobId>) -> Vec<Lease> {
     let recorded: std::collections::HashSet<JobId> = recorded.into_iter().collect();
-    done.iter().filter(|(id, _)| !recorded.contains(id)).copied().collect()
+    done.iter().filter(|lease| !recorded.contains(&lease.job)).copied().collect()
 }
 
 /// Adds the running attempt, which is recorded only when it ends, to a
@@ -302,6 +314,13 @@ pub struct Claimed {
     pub token: i64,
     /// The job's per-attempt timeout.
     pub timeout: Option<Duration>,
+}
+
+impl Claimed {
+    /// This attempt's hold on the job, for its writes.
+    pub fn lease(&self) -> Lease {
+        Lease { job: self.id, token: self.token }
+    }
 }
 
 /// A claimed job as both stores return it: id, name, payload (JSON text),

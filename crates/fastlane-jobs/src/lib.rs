@@ -51,7 +51,7 @@ mod worker;
 pub use any::{connect, AnyStore};
 pub use error::Error;
 pub use in_server::{Jobs, Worker};
-pub use job::{backoff, Attempt, Claimed, JobId, JobInfo, JobState, JobSummary, NewJob, Stats};
+pub use job::{backoff, Attempt, Claimed, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
 pub use postgres::{enqueue_in_tx, enqueue_many_in_tx, PgStore};
 pub use registry::{enqueue_checked, JobContext, JobError, Registry};
 pub use sqlite::SqliteStore;

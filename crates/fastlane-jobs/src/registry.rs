@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
-use crate::job::{JobId, NewJob};
+use crate::job::{JobId, Lease, NewJob};
 use crate::{Error, Store};
 
 /// How a handler's attempt ended, when it did not succeed.
@@ -60,7 +60,7 @@ impl<S: Store> ProgressSink for StoreProgress<S> {
     fn report(&self, id: JobId, token: i64, percent: u8, message: String) {
         let store = self.0.clone();
         tokio::spawn(async move {
-            if let Err(err) = store.progress(id, token, percent, &message).await {
+            if let Err(err) = store.progress(Lease { job: id, token }, percent, &message).await {
                 tracing::warn!("job {id}: progress not recorded: {err}");
             }
         });

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::job::{Claimed, JobId, JobInfo, JobState, JobSummary, NewJob, Stats};
+use crate::job::{Claimed, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
 use crate::Error;
 
 /// A durable job store. Every operation is atomic; every write of a running
@@ -72,54 +72,48 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// asked to cancel.
     fn heartbeat(
         &self,
-        id: JobId,
-        token: i64,
-        lease: Duration,
+        lease: Lease,
+        lease_for: Duration,
     ) -> impl Future<Output = Result<bool, Error>> + Send;
 
     /// Records progress (0-100 %) and a message for a running attempt.
     fn progress(
         &self,
-        id: JobId,
-        token: i64,
+        lease: Lease,
         percent: u8,
         message: &str,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
     /// The attempt succeeded.
-    fn complete(&self, id: JobId, token: i64) -> impl Future<Output = Result<(), Error>> + Send {
+    fn complete(&self, lease: Lease) -> impl Future<Output = Result<(), Error>> + Send {
         async move {
-            match self.complete_many(&[(id, token)]).await?.as_slice() {
+            match self.complete_many(&[lease]).await?.as_slice() {
                 [] => Ok(()),
-                _ => Err(Error::Fenced { job: id, token }),
+                _ => Err(Error::Fenced { job: lease.job, token: lease.token }),
             }
         }
     }
 
-    /// Many attempts (`(id, token)`) succeeded: recorded in one transaction.
+    /// Many attempts succeeded: recorded in one transaction.
     /// Returns the ones that were fenced (another attempt owns the job, or it
     /// is no longer running); the others are recorded.
-    fn complete_many(
-        &self,
-        done: &[(JobId, i64)],
-    ) -> impl Future<Output = Result<Vec<(JobId, i64)>, Error>> + Send;
+    fn complete_many(&self, done: &[Lease]) -> impl Future<Output = Result<Vec<Lease>, Error>> + Send;
 
     /// The attempt failed: `retrying` (with backoff) if `retryable` and
     /// attempts are left, else `dead`. Returns the new state.
     fn fail(
         &self,
-        id: JobId,
-        token: i64,
+        lease: Lease,
         error: &str,
         retryable: bool,
     ) -> impl Future<Output = Result<JobState, Error>> + Send;
 
     /// The running attempt saw its cancellation and stopped.
-    fn cancelled(&self, id: JobId, token: i64) -> impl Future<Output = Result<(), Error>> + Send;
+    fn cancelled(&self, lease: Lease) -> impl Future<Output = Result<(), Error>> + Send;
 
     /// Gives a running job back at once without counting the attempt (a
     /// worker shutting down).
-    fn release(&self, id: JobId, token: i64) -> impl Future<Output = Result<(), Error>> + Send;
+    fn release(&self, lease: Lease) -> impl Future<Output = Result<(), Error>> + Send;
 
     /// Cancels a pending job at once, or asks a running one to stop.
     /// Returns the state after.

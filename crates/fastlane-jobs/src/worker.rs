@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
-use crate::job::{Claimed, JobId, JobState};
+use crate::job::{Claimed, JobId, JobState, Lease};
 use crate::registry::{BoxFuture, JobContext, JobError, ProgressSink, Registry, StoreProgress};
 use crate::Store;
 
@@ -158,7 +158,7 @@ pub async fn run_with_stats<S: Store>(
             in_flight.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
         for (id, Running { token, abandon, .. }) in left {
             abandon.notify_one();
-            match store.release(id, token).await {
+            match store.release(Lease { job: id, token }).await {
                 Ok(()) => {
                     stats.released.fetch_add(1, Ordering::Relaxed);
                 }
@@ -239,7 +239,7 @@ struct AttemptEnv<S: Store> {
     lease: Duration,
     stats: Arc<WorkerStats>,
     /// Where successes go, to be written in batches.
-    done: mpsc::Sender<(JobId, i64)>,
+    done: mpsc::Sender<Lease>,
     /// Where handlers' progress reports go.
     progress: Arc<dyn ProgressSink>,
 }
@@ -342,11 +342,7 @@ impl<S: Store> Fetcher<S> {
 /// Writes successes in batches: whatever has finished since the last write,
 /// up to [`COMPLETE_BATCH`], in one transaction. Ends when every sender is
 /// gone and everything sent is written.
-async fn complete_in_batches<S: Store>(
-    store: S,
-    mut done: mpsc::Receiver<(JobId, i64)>,
-    stats: Arc<WorkerStats>,
-) {
+async fn complete_in_batches<S: Store>(store: S, mut done: mpsc::Receiver<Lease>, stats: Arc<WorkerStats>) {
     let mut batch = Vec::with_capacity(COMPLETE_BATCH);
     while done.recv_many(&mut batch, COMPLETE_BATCH).await > 0 {
         let mut tries = 0u32;
@@ -356,9 +352,9 @@ async fn complete_in_batches<S: Store>(
                     let recorded = batch.len() - fenced.len();
                     stats.succeeded.fetch_add(recorded as u64, Ordering::Relaxed);
                     stats.fenced.fetch_add(fenced.len() as u64, Ordering::Relaxed);
-                    for (id, token) in fenced {
+                    for Lease { job, token } in fenced {
                         tracing::warn!(
-                            "job {id}: success not recorded: attempt {token} no longer owns the job (fenced)"
+                            "job {job}: success not recorded: attempt {token} no longer owns the job (fenced)"
                         );
                     }
                     break;
@@ -395,7 +391,7 @@ async fn run_one<S: Store>(env: &AttemptEnv<S>, mut job: Claimed, cancelled: Arc
                 Err(JobError::Permanent(format!("payload does not fit `{}`: {bad_payload}", job.name)))
             }
             Ok(future) => {
-                let heartbeat = heartbeat(store.clone(), job.id, job.token, lease, cancelled);
+                let heartbeat = heartbeat(store.clone(), job.lease(), lease, cancelled);
                 let guarded = futures_catch(future, job.timeout);
                 tokio::select! {
                     outcome = guarded => outcome,
@@ -406,21 +402,19 @@ async fn run_one<S: Store>(env: &AttemptEnv<S>, mut job: Claimed, cancelled: Arc
     };
     let written = match &outcome {
         // The job was cancelled while it ran and the handler gave up.
-        Err(_) if cancelled_flag.load(Ordering::Relaxed) => {
-            store.cancelled(job.id, job.token).await.map(|()| 0)
-        }
+        Err(_) if cancelled_flag.load(Ordering::Relaxed) => store.cancelled(job.lease()).await.map(|()| 0),
         Ok(()) => {
             // Written by the completer, with others; counted there.
-            if done.send((job.id, job.token)).await.is_err() {
+            if done.send(job.lease()).await.is_err() {
                 tracing::warn!("job {}: the worker stopped before its success was recorded", job.id);
             }
             Ok(0)
         }
-        Err(JobError::Retry(e)) => store.fail(job.id, job.token, e, true).await.map(|state| {
+        Err(JobError::Retry(e)) => store.fail(job.lease(), e, true).await.map(|state| {
             log_failure(&job, e, true, state);
             stats.failed.fetch_add(1, Ordering::Relaxed)
         }),
-        Err(JobError::Permanent(e)) => store.fail(job.id, job.token, e, false).await.map(|state| {
+        Err(JobError::Permanent(e)) => store.fail(job.lease(), e, false).await.map(|state| {
             log_failure(&job, e, false, state);
             stats.failed.fetch_add(1, Ordering::Relaxed)
         }),
@@ -459,23 +453,17 @@ fn log_failure(job: &Claimed, error: &str, retryable: bool, state: JobState) {
 
 /// Renews the lease every third of it; returns (ending the attempt) only if
 /// the attempt lost the job.
-async fn heartbeat<S: Store>(
-    store: S,
-    id: JobId,
-    token: i64,
-    lease: Duration,
-    cancelled: Arc<AtomicBool>,
-) -> String {
+async fn heartbeat<S: Store>(store: S, held: Lease, lease: Duration, cancelled: Arc<AtomicBool>) -> String {
     loop {
         tokio::time::sleep(lease / 3).await;
-        match store.heartbeat(id, token, lease).await {
+        match store.heartbeat(held, lease).await {
             Ok(cancel) => {
                 if cancel {
                     cancelled.store(true, Ordering::Relaxed);
                 }
             }
             Err(err) if err.is_fenced() => return format!("lost the job: {err}"),
-            Err(err) => tracing::warn!("job {id}: heartbeat failed: {err}"),
+            Err(err) => tracing::warn!("job {}: heartbeat failed: {err}", held.job),
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use fastlane_jobs::{Error, JobState, NewJob, PgStore, SqliteStore, Store};
+use fastlane_jobs::{Error, JobState, Lease, NewJob, PgStore, SqliteStore, Store};
 use serde_json::json;
 
 const LEASE: Duration = Duration::from_secs(15);
@@ -19,7 +19,10 @@ mod suite {
         let b = store.enqueue(NewJob::new("b", json!(null))).await.unwrap();
         let job = store.claim("default", "w", LEASE).await.unwrap().unwrap();
         assert_eq!(job.id, a);
-        assert_eq!(store.fail(a, job.token, "boom", true).await.unwrap(), JobState::Dead);
+        assert_eq!(
+            store.fail(Lease { job: a, token: job.token }, "boom", true).await.unwrap(),
+            JobState::Dead
+        );
         let all = store.list(None, 10).await.unwrap();
         assert_eq!(all.iter().map(|j| j.id).collect::<Vec<_>>(), [b, a]);
         let dead = store.list(Some(JobState::Dead), 10).await.unwrap();
@@ -28,7 +31,7 @@ mod suite {
         assert_eq!(store.retry(b).await.unwrap(), JobState::Available);
         let other = store.claim("default", "w", LEASE).await.unwrap().unwrap();
         assert_eq!(other.id, b);
-        store.complete(b, other.token).await.unwrap();
+        store.complete(Lease { job: b, token: other.token }).await.unwrap();
         assert_eq!(store.retry(a).await.unwrap(), JobState::Available);
         let again = store.claim("default", "w", LEASE).await.unwrap().unwrap();
         assert_eq!((again.id, again.attempt, again.max_attempts), (a, 2, 2));
@@ -71,16 +74,16 @@ mod suite {
             ("w", None)
         );
         // A batch completion records the owners and names the fenced.
-        let zombie = (claimed[2].id, claimed[2].token + 7);
-        let done: Vec<(i64, i64)> =
-            claimed.iter().filter(|j| j.id != zombie.0).map(|j| (j.id, j.token)).chain([zombie]).collect();
+        let zombie = Lease { job: claimed[2].id, token: claimed[2].token + 7 };
+        let done: Vec<Lease> =
+            claimed.iter().filter(|j| j.id != zombie.job).map(|j| j.lease()).chain([zombie]).collect();
         assert_eq!(store.complete_many(&done).await.unwrap(), [zombie]);
         assert_eq!(store.stats().await.unwrap()[&JobState::Succeeded], 99);
         let info = store.get(claimed[1].id).await.unwrap();
         assert_eq!(info.state, JobState::Succeeded);
         assert_eq!(info.attempts[0].outcome.as_deref(), Some("succeeded"));
         assert!(info.attempts[0].finished_at_ms.is_some());
-        assert_eq!(store.get(zombie.0).await.unwrap().state, JobState::Running);
+        assert_eq!(store.get(zombie.job).await.unwrap().state, JobState::Running);
     }
 
     pub(crate) async fn an_enqueue_wakes_idle_workers<S: Store>(store: &S) {
@@ -109,7 +112,7 @@ mod suite {
                 let mut got = Vec::new();
                 let worker = format!("w{w}");
                 while let Some(job) = store.claim("default", &worker, LEASE).await.unwrap() {
-                    store.complete(job.id, job.token).await.unwrap();
+                    store.complete(job.lease()).await.unwrap();
                     got.push(job.id);
                 }
                 got
@@ -133,9 +136,9 @@ mod suite {
         assert_eq!((job.id, job.name.as_str(), job.attempt, &job.payload), (id, "noop", 1, &json!({"n": 1})));
         // Nobody else gets it while it runs.
         assert!(store.claim("default", "w2", LEASE).await.unwrap().is_none());
-        assert!(!store.heartbeat(id, job.token, LEASE).await.unwrap());
-        store.progress(id, job.token, 50, "half").await.unwrap();
-        store.complete(id, job.token).await.unwrap();
+        assert!(!store.heartbeat(Lease { job: id, token: job.token }, LEASE).await.unwrap());
+        store.progress(Lease { job: id, token: job.token }, 50, "half").await.unwrap();
+        store.complete(Lease { job: id, token: job.token }).await.unwrap();
         let info = store.get(id).await.unwrap();
         assert_eq!(info.state, JobState::Succeeded);
         assert_eq!(info.attempts.len(), 1);
@@ -167,10 +170,18 @@ mod suite {
         assert_eq!((fresh.id, fresh.attempt), (id, 2));
         assert_ne!(fresh.token, zombie.token);
         // The first attempt comes back to life: every write it tries is rejected.
-        assert!(store.complete(id, zombie.token).await.unwrap_err().is_fenced());
-        assert!(store.heartbeat(id, zombie.token, LEASE).await.unwrap_err().is_fenced());
-        assert!(store.fail(id, zombie.token, "late", true).await.unwrap_err().is_fenced());
-        store.complete(id, fresh.token).await.unwrap();
+        assert!(store.complete(Lease { job: id, token: zombie.token }).await.unwrap_err().is_fenced());
+        assert!(store
+            .heartbeat(Lease { job: id, token: zombie.token }, LEASE)
+            .await
+            .unwrap_err()
+            .is_fenced());
+        assert!(store
+            .fail(Lease { job: id, token: zombie.token }, "late", true)
+            .await
+            .unwrap_err()
+            .is_fenced());
+        store.complete(Lease { job: id, token: fresh.token }).await.unwrap();
         let info = store.get(id).await.unwrap();
         assert_eq!(info.state, JobState::Succeeded);
         let outcomes: Vec<_> = info.attempts.iter().map(|a| a.outcome.clone().unwrap_or_default()).collect();
@@ -180,7 +191,10 @@ mod suite {
     pub(crate) async fn failures_retry_with_backoff_then_the_job_is_dead<S: Store>(store: &S) {
         let id = store.enqueue(NewJob::new("fail", json!(null)).max_attempts(2)).await.unwrap();
         let first = store.claim("default", "w", LEASE).await.unwrap().unwrap();
-        assert_eq!(store.fail(id, first.token, "boom", true).await.unwrap(), JobState::Retrying);
+        assert_eq!(
+            store.fail(Lease { job: id, token: first.token }, "boom", true).await.unwrap(),
+            JobState::Retrying
+        );
         let info = store.get(id).await.unwrap();
         assert_eq!((info.state, info.last_error.as_deref()), (JobState::Retrying, Some("boom")));
         // Not due before its backoff (at least 1 s).
@@ -188,11 +202,17 @@ mod suite {
         tokio::time::sleep(Duration::from_millis(1400)).await;
         let second = store.claim("default", "w", LEASE).await.unwrap().unwrap();
         assert_eq!(second.attempt, 2);
-        assert_eq!(store.fail(id, second.token, "boom again", true).await.unwrap(), JobState::Dead);
+        assert_eq!(
+            store.fail(Lease { job: id, token: second.token }, "boom again", true).await.unwrap(),
+            JobState::Dead
+        );
         // A permanent failure is dead at once.
         let id = store.enqueue(NewJob::new("fail", json!(null))).await.unwrap();
         let job = store.claim("default", "w", LEASE).await.unwrap().unwrap();
-        assert_eq!(store.fail(id, job.token, "bad payload", false).await.unwrap(), JobState::Dead);
+        assert_eq!(
+            store.fail(Lease { job: id, token: job.token }, "bad payload", false).await.unwrap(),
+            JobState::Dead
+        );
     }
 
     pub(crate) async fn unique_keys_allow_one_pending_job<S: Store>(store: &S) {
@@ -201,7 +221,7 @@ mod suite {
             store.enqueue(NewJob::new("mail", json!(null)).unique_key("welcome:ada")).await.unwrap_err();
         assert!(matches!(err, Error::Duplicate(ref k) if k == "welcome:ada"), "{err}");
         let job = store.claim("default", "w", LEASE).await.unwrap().unwrap();
-        store.complete(id, job.token).await.unwrap();
+        store.complete(Lease { job: id, token: job.token }).await.unwrap();
         // Done: the key is free again.
         store.enqueue(NewJob::new("mail", json!(null)).unique_key("welcome:ada")).await.unwrap();
     }
@@ -214,11 +234,11 @@ mod suite {
         let job = store.claim("default", "w", LEASE).await.unwrap().unwrap();
         assert_eq!(store.cancel(running).await.unwrap(), JobState::Running);
         // The running attempt sees the request at its next heartbeat.
-        assert!(store.heartbeat(running, job.token, LEASE).await.unwrap());
+        assert!(store.heartbeat(Lease { job: running, token: job.token }, LEASE).await.unwrap());
         let other = store.enqueue(NewJob::new("c", json!(null))).await.unwrap();
         store.claim("default", "w", LEASE).await.unwrap().unwrap();
         assert_eq!(store.cancel_requested(&[running, other, 999]).await.unwrap(), [running]);
-        store.cancelled(running, job.token).await.unwrap();
+        store.cancelled(Lease { job: running, token: job.token }).await.unwrap();
         assert_eq!(store.get(running).await.unwrap().state, JobState::Cancelled);
         assert!(matches!(store.cancel(999).await.unwrap_err(), Error::NotFound(999)));
     }
@@ -226,8 +246,8 @@ mod suite {
     pub(crate) async fn a_released_job_is_available_at_once_without_losing_an_attempt<S: Store>(store: &S) {
         let id = store.enqueue(NewJob::new("a", json!(null))).await.unwrap();
         let job = store.claim("default", "w1", LEASE).await.unwrap().unwrap();
-        store.progress(id, job.token, 40, "reading").await.unwrap();
-        store.release(id, job.token).await.unwrap();
+        store.progress(Lease { job: id, token: job.token }, 40, "reading").await.unwrap();
+        store.release(Lease { job: id, token: job.token }).await.unwrap();
         // The attempt is given back, and with it the progress it reported.
         let info = store.get(id).await.unwrap();
         assert_eq!(
@@ -236,7 +256,7 @@ mod suite {
         );
         let again = store.claim("default", "w2", LEASE).await.unwrap().unwrap();
         assert_eq!((again.id, again.attempt), (id, 1));
-        assert!(store.release(id, job.token).await.unwrap_err().is_fenced());
+        assert!(store.release(Lease { job: id, token: job.token }).await.unwrap_err().is_fenced());
     }
 
     pub(crate) async fn stats_name_every_state<S: Store>(store: &S) {

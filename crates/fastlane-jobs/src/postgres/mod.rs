@@ -18,7 +18,8 @@ use tokio::sync::Notify;
 use crate::common::{finish_method, record_attempts_sql, store_methods};
 use crate::job::{
     after_failure, batch_rows, claimed_in_order, done_rows, fenced_among, in_batch_order, now_ms,
-    push_running_attempt, Attempt, Claimed, ClaimedRow, JobId, JobInfo, JobState, JobSummary, NewJob, Stats,
+    push_running_attempt, Attempt, Claimed, ClaimedRow, JobId, JobInfo, JobState, JobSummary, Lease, NewJob,
+    Stats,
 };
 use crate::{Error, Store};
 
@@ -198,7 +199,7 @@ impl Store for PgStore {
         Some(self.wake.notify.clone())
     }
 
-    async fn complete_many(&self, done: &[(JobId, i64)]) -> Result<Vec<(JobId, i64)>, Error> {
+    async fn complete_many(&self, done: &[Lease]) -> Result<Vec<Lease>, Error> {
         if done.is_empty() {
             return Ok(Vec::new());
         }
