@@ -63,6 +63,60 @@ impl Queue {
         }
         free
     }
+
+    /// Who comes for a task just queued, recorded here before the caller
+    /// sends the wake-up (so that `waking` and a role's `woken` never claim
+    /// a wake-up that was not sent). A runner about to start takes it, if
+    /// fewer than `runners` run and this thread `may_start` one (a thread
+    /// started from a low-priority thread would inherit its priority: that
+    /// start is left to the monitor, within a tick); else a sleeper nobody
+    /// has notified yet; else the holder of a poller role not yet asked to
+    /// come back; else nobody (every runner is busy or already on its way).
+    pub(super) fn wake_for_new_task(&mut self, runners: usize, may_start: bool) -> Wake {
+        if self.threads < runners && may_start {
+            self.threads += 1;
+            Wake::Start
+        } else if self.claim_sleeper() {
+            Wake::Sleeper
+        } else if let Some(index) = self.roles.iter().position(|r| r.held && !r.woken) {
+            self.roles[index].woken = true;
+            Wake::Poller(index)
+        } else {
+            Wake::Nobody
+        }
+    }
+
+    /// Sleepers to wake (claimed here) so that every free poller role gets a
+    /// holder: sockets nobody polls would go unwatched while every awake
+    /// runner is busy or stuck.
+    pub(super) fn claim_pollers(&mut self) -> usize {
+        let free = self.roles.iter().filter(|r| !r.held).count();
+        (0..free).take_while(|_| self.claim_sleeper()).count()
+    }
+
+    /// Runners to start now (counted here): enough for `runners` healthy
+    /// ones, and while `stuck` runners hold their threads, enough for the
+    /// queued tasks plus [`SPARES_WHILE_STALLING`] idle ones; never more
+    /// than `max_threads` in all.
+    pub(super) fn start_spares(&mut self, stuck: usize, runners: usize, max_threads: usize) -> usize {
+        let healthy = self.threads.saturating_sub(stuck);
+        let mut wanted = runners.saturating_sub(healthy);
+        if stuck > 0 {
+            let waiting = self.waiting();
+            let missing_spares = SPARES_WHILE_STALLING.saturating_sub(waiting);
+            wanted = wanted.max(self.tasks.len().saturating_sub(waiting) + missing_spares);
+        }
+        let start = wanted.min(max_threads.saturating_sub(self.threads));
+        self.threads += start;
+        start
+    }
+
+    /// Whether a runner that found no work for a while may retire: it is a
+    /// spare (more than `runners` run), nothing is queued, and no runner is
+    /// stuck (a stall keeps its spares).
+    pub(super) fn spare_may_retire(&self, runners: usize, stuck: usize) -> bool {
+        self.tasks.is_empty() && self.threads > runners && stuck == 0
+    }
 }
 
 thread_local! {
@@ -73,7 +127,8 @@ thread_local! {
 }
 
 /// What `schedule` must do after queueing a task.
-enum Wake {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Wake {
     Nobody,
     Start,
     Sleeper,
@@ -95,22 +150,8 @@ impl Shared {
             return;
         }
         queue.tasks.push_back(runnable);
-        // A runner about to start takes the task; otherwise one that is
-        // already there is woken. Deciding in this order keeps `waking` and
-        // `poller_woken` true: they are only set when the wake-up is sent.
-        // A runner started from a low-priority thread would inherit its
-        // priority: that start is left to the monitor, within a tick.
-        let wake = if queue.threads < self.config.runners && monitor::current_nice() <= self.base_nice {
-            queue.threads += 1;
-            Wake::Start
-        } else if queue.claim_sleeper() {
-            Wake::Sleeper
-        } else if let Some(index) = queue.roles.iter().position(|r| r.held && !r.woken) {
-            queue.roles[index].woken = true;
-            Wake::Poller(index)
-        } else {
-            Wake::Nobody
-        };
+        let may_start = monitor::current_nice() <= self.base_nice;
+        let wake = queue.wake_for_new_task(self.config.runners, may_start);
         drop(queue);
         match wake {
             Wake::Start => self.start_runner(),
@@ -152,11 +193,7 @@ impl Shared {
     /// go unwatched while every awake runner is busy (or stuck). A tick
     /// (1 ms) bounds how long that lasts, well inside the stall threshold.
     pub(super) fn keep_polling(&self, queue: &mut Queue) {
-        let free = queue.roles.iter().filter(|r| !r.held).count();
-        for _ in 0..free {
-            if !queue.claim_sleeper() {
-                break;
-            }
+        for _ in 0..queue.claim_pollers() {
             self.work_ready.notify_one();
         }
     }
@@ -167,19 +204,100 @@ impl Shared {
         let stuck = self.stuck.load(Ordering::Relaxed);
         let mut queue = self.lock();
         self.keep_polling(&mut queue);
-        let healthy = queue.threads.saturating_sub(stuck);
-        let mut wanted = self.config.runners.saturating_sub(healthy);
-        if stuck > 0 {
-            let waiting = queue.waiting();
-            let missing_spares = SPARES_WHILE_STALLING.saturating_sub(waiting);
-            wanted = wanted.max(queue.tasks.len().saturating_sub(waiting) + missing_spares);
-        }
-        let room = self.config.max_threads.saturating_sub(queue.threads);
-        let start = wanted.min(room);
-        queue.threads += start;
+        let start = queue.start_spares(stuck, self.config.runners, self.config.max_threads);
         drop(queue);
         for _ in 0..start {
             self.start_runner();
         }
+    }
+}
+
+/// The decisions, as functions of the queue's counts: no thread, no timing.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(threads: usize, idle: usize, roles: usize) -> Queue {
+        Queue { threads, idle, roles: vec![Role::default(); roles], ..Queue::default() }
+    }
+
+    fn task() -> Runnable {
+        let (runnable, task) = async_task::spawn(async {}, |_| {});
+        task.detach();
+        runnable
+    }
+
+    #[test]
+    fn a_task_starts_a_runner_below_the_count_unless_the_thread_may_not() {
+        let mut q = queue(1, 0, 1);
+        assert_eq!(q.wake_for_new_task(2, true), Wake::Start);
+        assert_eq!(q.threads, 2);
+        // At the count: nobody is free, so nobody is woken.
+        assert_eq!(q.wake_for_new_task(2, true), Wake::Nobody);
+        // A low-priority thread leaves the start to the monitor.
+        let mut q = queue(1, 0, 1);
+        assert_eq!(q.wake_for_new_task(2, false), Wake::Nobody);
+        assert_eq!(q.threads, 1);
+    }
+
+    #[test]
+    fn each_sleeper_and_each_poller_is_woken_once() {
+        let mut q = queue(4, 1, 2);
+        q.roles[1].held = true;
+        assert_eq!(q.wake_for_new_task(4, true), Wake::Sleeper);
+        assert_eq!(q.waking, 1);
+        // The sleeper is on its way: the next task asks the poller.
+        assert_eq!(q.wake_for_new_task(4, true), Wake::Poller(1));
+        assert!(q.roles[1].woken);
+        // Both asked already: no wake-up is sent twice.
+        assert_eq!(q.wake_for_new_task(4, true), Wake::Nobody);
+        assert_eq!((q.waking, q.threads), (1, 4));
+    }
+
+    #[test]
+    fn free_poller_roles_get_a_sleeper_each_while_there_are_sleepers() {
+        let mut q = queue(4, 3, 2);
+        assert_eq!(q.claim_pollers(), 2);
+        assert_eq!(q.waking, 2);
+        // The two are on their way: asking again wakes only the third.
+        assert_eq!(q.claim_pollers(), 1);
+        assert_eq!(q.claim_pollers(), 0);
+        let mut q = queue(4, 1, 2);
+        q.roles[0].held = true;
+        assert_eq!(q.claim_pollers(), 1);
+    }
+
+    #[test]
+    fn spares_start_for_the_stuck_and_the_queue_within_the_cap() {
+        // No stall: only up to the runner count.
+        let mut q = queue(2, 0, 1);
+        assert_eq!(q.start_spares(0, 4, 256), 2);
+        assert_eq!(q.threads, 4);
+        assert_eq!(q.start_spares(0, 4, 256), 0);
+        // Two of four stuck, three tasks queued, nobody waiting: the two
+        // stuck ones are replaced, and there are runners for the queue plus
+        // two idle spares.
+        let mut q = queue(4, 0, 1);
+        q.tasks.extend([task(), task(), task()]);
+        assert_eq!(q.start_spares(2, 4, 256), 5);
+        assert_eq!(q.threads, 9);
+        // Never past the cap.
+        let mut q = queue(4, 0, 1);
+        q.tasks.extend([task(), task(), task()]);
+        assert_eq!(q.start_spares(2, 4, 6), 2);
+        assert_eq!(q.threads, 6);
+        // Runners already waiting count against the spares.
+        let mut q = queue(4, 2, 1);
+        assert_eq!(q.start_spares(1, 4, 256), 1);
+    }
+
+    #[test]
+    fn only_a_spare_retires_and_not_while_a_runner_is_stuck_or_work_waits() {
+        assert!(!queue(4, 1, 1).spare_may_retire(4, 0), "not a spare");
+        assert!(queue(5, 1, 1).spare_may_retire(4, 0));
+        assert!(!queue(5, 1, 1).spare_may_retire(4, 1), "a stall keeps its spares");
+        let mut q = queue(5, 1, 1);
+        q.tasks.push_back(task());
+        assert!(!q.spare_may_retire(4, 0), "work is waiting");
     }
 }

@@ -154,9 +154,7 @@ impl Shared {
     /// A runner that found no work for [`SPARE_KEEP_ALIVE`] may retire if
     /// it is a spare and no stall needs spares kept.
     pub(super) fn spare_may_retire(&self, queue: &Queue) -> bool {
-        queue.tasks.is_empty()
-            && queue.threads > self.config.runners
-            && self.stuck.load(Ordering::Relaxed) == 0
+        queue.spare_may_retire(self.config.runners, self.stuck.load(Ordering::Relaxed))
     }
 
     /// Waits for I/O as the poller and collects the tasks it wakes into
