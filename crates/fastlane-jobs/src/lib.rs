@@ -11,7 +11,7 @@
 //! * `postgres/`: [`PgStore`], for several processes or machines
 //!   (`FOR UPDATE SKIP LOCKED`, LISTEN/NOTIFY), and [`enqueue_in_tx`].
 //! * `common.rs`: the one-job operations whose SQL both backends share,
-//!   written once (`?` placeholders, numbered for PostgreSQL).
+//!   written once (numbered `$N` placeholders, which both drivers bind).
 //!
 //! * `registry.rs`: the [`Registry`] of job types (async handlers, or
 //!   blocking / CPU handlers on fastlane's lanes), [`JobContext`],
