@@ -37,7 +37,7 @@ macro_rules! store_methods {
         /// attempt no longer owns the job.
         async fn heartbeat(&self, lease: Lease, lease_for: Duration) -> Result<bool, Error> {
             let Lease { job: id, token } = lease;
-            let lease_until = now_ms() + i64::try_from(lease_for.as_millis()).unwrap_or(i64::MAX / 2);
+            let lease_until = ms_after(now_ms(), lease_for);
             let cancel: Option<i64> = sqlx::query_scalar(
                 "UPDATE fastlane_jobs SET lease_until = $1 WHERE id = $2 AND token = $3 AND state = 'running' \
                  RETURNING cancel_requested"

@@ -425,12 +425,18 @@ pub(crate) fn now_ms() -> i64 {
     unix_ms(SystemTime::now())
 }
 
+/// `at` (unix ms) plus `wait`, saturating far in the future for a wait too
+/// long to count in milliseconds.
+pub(crate) fn ms_after(at: i64, wait: Duration) -> i64 {
+    at.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2))
+}
+
 /// What a failed attempt leads to: `retrying` at the returned time (unix ms)
 /// if the failure is retryable and attempts are left, else `dead`.
 pub(crate) fn after_failure(attempt: i64, max_attempts: i64, retryable: bool) -> (JobState, Option<i64>) {
     if retryable && attempt < max_attempts {
         let wait = backoff(u32::try_from(attempt).unwrap_or(u32::MAX));
-        (JobState::Retrying, Some(now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2)))
+        (JobState::Retrying, Some(ms_after(now_ms(), wait)))
     } else {
         (JobState::Dead, None)
     }

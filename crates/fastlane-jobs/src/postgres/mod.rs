@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 
 use crate::common::{finish_method, record_attempts_sql, store_methods};
 use crate::job::{
-    after_failure, batch_rows, claimed_in_order, done_rows, fenced_among, in_batch_order, now_ms,
+    after_failure, batch_rows, claimed_in_order, done_rows, fenced_among, in_batch_order, ms_after, now_ms,
     push_running_attempt, Attempt, Claimed, ClaimedRow, JobId, JobInfo, JobState, JobSummary, Lease, NewJob,
     Stats,
 };
@@ -137,7 +137,7 @@ impl Store for PgStore {
         limit: usize,
     ) -> Result<Vec<Claimed>, Error> {
         let now = now_ms();
-        let lease_until = now + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
+        let lease_until = ms_after(now, lease);
         // Jobs whose worker is gone: their attempt ends, and they are due
         // again (or dead, if that was the last attempt). One statement, no
         // transaction: each statement is atomic, and SKIP LOCKED keeps
