@@ -185,6 +185,29 @@ fn log_level_and_access_log_flags_shape_the_log() {
 }
 
 #[test]
+fn one_stall_gives_one_line_while_it_lasts_and_one_when_it_ends() {
+    let demo = Demo::start(&[]);
+    // The seeds' bug: an async fn that blocks its thread for 2 s.
+    assert_eq!(get(&demo.url("/test2?secs=2")).status, 200);
+    assert!(demo.wait_for_log("GET /test2 blocked its thread for", Duration::from_secs(5)).is_some());
+    // A moment for a late line, if the monitor wrongly repeated itself.
+    std::thread::sleep(Duration::from_millis(300));
+    let lines = demo.lines_with("fastlane::stall");
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let (during, after) = (&lines[0], &lines[1]);
+    assert!(
+        during.contains("GET /test2 has held its thread in one poll for") && during.contains("so far"),
+        "{during}"
+    );
+    assert!(after.contains("GET /test2 blocked its thread for 2.0 s"), "{after}");
+    for line in &lines {
+        // Short: the route, how long, and the fix, on one line.
+        assert!(line.contains("fastlane::blocking(..)"), "{line}");
+        assert!(line.len() < 400, "{} chars: {line}", line.len());
+    }
+}
+
+#[test]
 fn a_stall_past_the_request_timeout_says_why_no_504_came() {
     let demo = Demo::start(&["--request-timeout", "1"]);
     // The seeds' bug blocks its thread for 2 s: the 1 s timeout cannot fire.
