@@ -17,9 +17,10 @@ use http::StatusCode;
 use http_body::Frame;
 
 use crate::frame::{self, RequestHead};
+use crate::mailbox::Event;
 use crate::mailbox::Mailbox;
 use crate::pool::{Pick, Shared};
-use crate::worker::{Event, Worker};
+use crate::worker::Worker;
 
 /// A body of at most this many bytes, with its length declared, is read
 /// before the request goes out, in the same frame.

@@ -128,15 +128,18 @@ fn run(weak: Weak<Shared>) {
                 // A spare only for a stall that lasts twice the threshold: a
                 // loop that is merely slow to tick on a loaded machine is back
                 // by then, and a spare would only add a process to the load.
-                if !stall.told && now.duration_since(stall.since) >= shared.config.stall_threshold * 2 {
+                if !stall.told && is_long(&shared, now.duration_since(stall.since)) {
                     stall.told = true;
                     worker.long_stall.store(true, Ordering::Relaxed);
                     // Its path is suspect from now on, if the stack has come
                     // (else `began` marks it when it does).
-                    let report = stall.shared.lock().expect("stall log lock").report.clone();
-                    if let Some(request) = report.filter(|r| !r.idle).and_then(|r| r.request) {
-                        shared.mark_suspect(request_key(&request), None);
+                    let log = stall.shared.lock().expect("stall log lock");
+                    if let Some(request) =
+                        log.report.as_ref().filter(|r| !r.idle).and_then(|r| r.request.as_deref())
+                    {
+                        shared.mark_suspect(request_key(request), None);
                     }
+                    drop(log);
                     shared.stalled();
                 }
             } else if !worker.gone.load(Ordering::Relaxed)
@@ -185,6 +188,14 @@ fn take_back(shared: &Shared, worker: &Worker, ticks: u64) {
         shared.stats.moved.fetch_add(n as u64, Ordering::Relaxed);
         tracing::debug!(worker = worker.number, "took back {n} requests its blocked loop had not started");
     }
+}
+
+/// Whether a stall that has lasted `lasted` is a long one: twice the
+/// threshold, the bar for a spare and for suspecting the stalled path. A
+/// loop on a loaded machine can be late by more than the threshold and back
+/// a moment later; a spare for it would only add to the load.
+fn is_long(shared: &Shared, lasted: Duration) -> bool {
+    lasted >= shared.config.stall_threshold * 2
 }
 
 /// Whether a loop whose last tick was `age` ago has been held for the
@@ -290,7 +301,7 @@ fn began(shared: &Shared, worker: &Worker, since: Instant, log: &Mutex<StallLog>
     // past the threshold, and a path that is all the traffic, taken for a
     // blocker, would have every request wait for spares.
     let lasted = log.ended.unwrap_or_else(|| since.elapsed());
-    if let Some(request) = report.request.as_deref().filter(|_| lasted >= shared.config.stall_threshold * 2) {
+    if let Some(request) = report.request.as_deref().filter(|_| is_long(shared, lasted)) {
         shared.mark_suspect(request_key(request), log.ended.map(|_| Instant::now()));
     }
     count(shared, &report, |row| match log.ended {
@@ -346,7 +357,7 @@ fn ended(shared: &Shared, worker: &Worker, stall: Stall, now: Instant) {
     if report.idle {
         return;
     }
-    if let Some(request) = report.request.as_deref().filter(|_| lasted >= shared.config.stall_threshold * 2) {
+    if let Some(request) = report.request.as_deref().filter(|_| is_long(shared, lasted)) {
         shared.mark_suspect(request_key(request), Some(now));
     }
     count(shared, &report, |row| {

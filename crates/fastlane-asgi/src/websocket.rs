@@ -22,8 +22,8 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::dispatch::{self, Exchange, Outcome, ServerAddr};
 use crate::frame;
+use crate::mailbox::Event;
 use crate::pool::Shared;
-use crate::worker::Event;
 
 /// Client messages sent to the worker and not yet taken by the app.
 const WINDOW: u32 = 16;

@@ -10,8 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::frame;
-pub(crate) use crate::mailbox::Event;
-use crate::mailbox::Mailbox;
+use crate::mailbox::{Event, Mailbox};
 use crate::wire::{FrameReader, Outbox};
 
 /// Requests a worker may hold that it has not started. A loop that blocks

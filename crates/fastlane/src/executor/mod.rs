@@ -65,12 +65,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::metrics::Metrics;
-use crate::routes::{RouteInfo, RouteTable};
+use crate::routes::{Phase, RouteInfo, RouteTable};
 use budget::{Budget, Gate};
 use queue::{Queue, Role};
 use reactor::Reactor;
 use slot::Slot;
-pub(crate) use slot::{enter_request, enter_route, request_deadline_changed, Phase};
+pub(crate) use slot::{enter_request, enter_route, request_deadline_changed};
 
 /// How the isolation of async handlers is set up.
 ///

@@ -7,24 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use async_task::Runnable;
 
-pub(crate) use crate::routes::Phase;
+use crate::routes::Phase;
 
 /// Set in [`Slot::poll_started`] by the monitor when it judges the current
 /// poll stuck. Packing the flag into the same word as the start time makes
 /// "this poll, and not the next one, is stuck" a single compare-and-swap.
 pub(crate) const STUCK: u64 = 1 << 63;
-
-impl Phase {
-    fn from_u8(v: u8) -> Phase {
-        match v {
-            1 => Phase::Handler,
-            2 => Phase::Body,
-            3 => Phase::Background,
-            4 => Phase::Job,
-            _ => Phase::Connection,
-        }
-    }
-}
 
 /// One runner thread's public state.
 #[derive(Debug, Default)]

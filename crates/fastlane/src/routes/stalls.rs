@@ -27,6 +27,19 @@ pub(crate) enum Phase {
     Job = 4,
 }
 
+impl Phase {
+    /// The phase a `u8` stands for (as a runner publishes it).
+    pub(crate) fn from_u8(v: u8) -> Phase {
+        match v {
+            1 => Phase::Handler,
+            2 => Phase::Body,
+            3 => Phase::Background,
+            4 => Phase::Job,
+            _ => Phase::Connection,
+        }
+    }
+}
+
 /// The stall record of one route. Atomics: written by runner threads and the
 /// monitor, read by the status endpoint, never behind a lock.
 #[derive(Debug, Default)]
