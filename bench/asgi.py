@@ -197,6 +197,11 @@ def isolation(args):
                 fast = runs[-1]["fast"]
                 log(f"  /fast p99 {ms(fast['p99_ms'])} ms, max {ms(fast['max_ms'])} ms, {fast['errors']} errors, "
                     f"{fast['over_100ms']} over 100 ms; load {runs[-1]['load_ok']} ok")
+                if fast["over_100ms"]:
+                    # When in the run (ms after it began) the slow ones were sent, to read beside the server's log.
+                    slow = ", ".join(f"{took if took is not None else 'failed'} ms at {at:.0f}"
+                                     for at, took in fast["slowest"] if took is None or took > 100)
+                    log(f"  over 100 ms: {slow}")
             # The run with the median p99 (a failed run counts as the worst) stands for the scenario.
             ranked = sorted(runs, key=lambda r: (p99_of(r["fast"]) is None, p99_of(r["fast"]) or 0))
             chosen_run = dict(ranked[(len(ranked) - 1) // 2])

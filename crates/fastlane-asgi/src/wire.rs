@@ -1,6 +1,6 @@
 //! The bytes on a worker's socket: frames read off it (split out of one
 //! buffer, no copy), and frames queued for it in one buffer that a writer
-//! task empties with one write per wake-up.
+//! task empties with one write per round of the scheduler.
 
 use std::sync::{Arc, Mutex};
 
@@ -54,6 +54,13 @@ pub(crate) async fn write_out(mut sock: OwnedWriteHalf, outbox: Arc<Outbox>) {
     let mut spare = BytesMut::with_capacity(64 * 1024);
     loop {
         outbox.ready.notified().await;
+        // Let the other tasks that are ready run first: tokio would run this
+        // one next (its LIFO slot), so under load every request would get a
+        // write, and a wake-up of the worker, of its own. After a yield one
+        // write carries what this round of connections queued (measured on
+        // the plain ASGI hello world: 1.35 x the requests per second, a third
+        // less CPU per request in the front and in the workers).
+        tokio::task::yield_now().await;
         loop {
             let closed = {
                 let mut state = outbox.state.lock().expect("outbox lock");

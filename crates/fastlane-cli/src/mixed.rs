@@ -60,6 +60,11 @@ pub struct ProbeStats {
     pub p99_ms: f64,
     /// Slowest successful one.
     pub max_ms: f64,
+    /// The slowest probes (at most 5, slowest first), each as when it was
+    /// sent (ms since the run began) and how long it took (ms; `null` when
+    /// it failed): when in the run things went wrong, to match with the
+    /// server's log.
+    pub slowest: Vec<(f64, Option<f64>)>,
 }
 
 /// The result of one run.
@@ -137,19 +142,15 @@ pub async fn run(config: &MixedConfig) -> MixedResult {
             }
         }));
     }
-    let mut latencies = Vec::with_capacity(count);
-    let mut errors = 0;
-    for probe in probes {
-        match probe.await {
-            Ok(Some(latency)) => latencies.push(latency),
-            _ => errors += 1,
-        }
+    let mut results = Vec::with_capacity(count);
+    for (i, probe) in probes.into_iter().enumerate() {
+        results.push((interval.mul_f64(i as f64), probe.await.ok().flatten()));
     }
     if let Some(load) = load {
         let _ = tokio::task::spawn_blocking(move || load.join()).await;
     }
     MixedResult {
-        fast: stats(latencies, errors),
+        fast: stats(&results),
         load_ok: load_ok.load(Ordering::Relaxed),
         load_errors: load_errors.load(Ordering::Relaxed),
     }
@@ -164,9 +165,16 @@ fn retry_after(response: &fastlane::client::Response) -> Option<Duration> {
     Some(Duration::from_secs(secs.min(60)))
 }
 
-fn stats(mut latencies: Vec<Duration>, errors: usize) -> ProbeStats {
+/// The figures of the probes, each given as when it was sent (since the
+/// start) and its latency (`None`: it failed).
+fn stats(results: &[(Duration, Option<Duration>)]) -> ProbeStats {
+    let mut latencies: Vec<Duration> = results.iter().filter_map(|(_, latency)| *latency).collect();
     latencies.sort();
+    let errors = results.len() - latencies.len();
     let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0;
+    // Failures first (they are the worst), then by latency.
+    let mut worst: Vec<_> = results.iter().collect();
+    worst.sort_by_key(|(_, latency)| std::cmp::Reverse(latency.unwrap_or(Duration::MAX)));
     let rank = |p: f64| -> f64 {
         if latencies.is_empty() {
             return f64::NAN;
@@ -181,6 +189,7 @@ fn stats(mut latencies: Vec<Duration>, errors: usize) -> ProbeStats {
         p50_ms: rank(0.50),
         p99_ms: rank(0.99),
         max_ms: latencies.last().map_or(f64::NAN, |d| ms(*d)),
+        slowest: worst.iter().take(5).map(|(at, latency)| (ms(*at), latency.map(ms))).collect(),
     }
 }
 
@@ -190,10 +199,18 @@ mod tests {
 
     #[test]
     fn percentiles_use_nearest_rank() {
-        let latencies: Vec<_> = (1..=100).map(Duration::from_millis).collect();
-        let s = stats(latencies, 2);
+        let mut results: Vec<_> =
+            (1..=100).map(|i| (Duration::from_millis(i * 20), Some(Duration::from_millis(i)))).collect();
+        results.push((Duration::from_millis(7), None));
+        results.push((Duration::from_millis(9), None));
+        let s = stats(&results);
         assert_eq!((s.sent, s.errors, s.over_100ms), (102, 2, 2));
         assert_eq!((s.p50_ms, s.p99_ms, s.max_ms), (50.0, 99.0, 100.0));
+        // The failures, then the slowest by latency, each with when it was sent.
+        assert_eq!(
+            s.slowest,
+            vec![(7.0, None), (9.0, None), (2000.0, Some(100.0)), (1980.0, Some(99.0)), (1960.0, Some(98.0))]
+        );
     }
 }
 

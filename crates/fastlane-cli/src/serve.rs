@@ -39,9 +39,32 @@ pub struct ServeCommand {
     /// Directory to watch with --reload (repeat for several) [default: --app-dir].
     #[arg(long = "reload-dir", value_name = "DIR", requires = "reload")]
     pub reload_dirs: Vec<PathBuf>,
+    /// Threads of the front (the Rust side that speaks HTTP and hands requests to the workers)
+    /// [default: half of --workers, rounded up, at most the number of CPUs].
+    #[arg(long, env = "FASTLANE_FRONT_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub front_threads: Option<u32>,
     /// The server's flags (address, limits, logs; --workers counts Python workers here).
     #[command(flatten)]
     pub serve: fastlane::ServeArgs,
+}
+
+impl ServeCommand {
+    /// How many threads the front's runtime gets.
+    ///
+    /// A worker spends about twice the CPU time per request the front does
+    /// (FastAPI's hello world: ~50 µs in Python against ~25 µs in the front),
+    /// so one front thread keeps two busy workers fed. More threads than that
+    /// only take turns: each hand-off then wakes a parked thread, and on two
+    /// cores with two workers the front spent 30 % more CPU per request with
+    /// two threads than with one (bench/asgi.py, docs/BENCHMARKS.md).
+    pub fn front_threads(&self) -> usize {
+        if let Some(n) = self.front_threads {
+            return n as usize;
+        }
+        let workers = self.serve.workers.unwrap_or(1) as usize;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        workers.div_ceil(2).clamp(1, cpus)
+    }
 }
 
 /// The largest request body `serve` takes unless told: uploads are common
@@ -99,6 +122,7 @@ pub async fn run_command(command: ServeCommand) -> ExitCode {
         event_loop,
         reload,
         reload_dirs,
+        front_threads: _,
         mut serve,
     } = command;
     fastlane::init_logging_with(&serve.log_config());
