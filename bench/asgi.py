@@ -129,6 +129,17 @@ class Server:
         self.stop()
         raise RuntimeError(f"{name} did not start")
 
+    def cpu_wait_ms(self):
+        """How long the server's first process (fastlane's front; uvicorn's and granian's parent) has
+        waited for a CPU so far, all its threads, in ms: from the kernel's schedstat."""
+        total = 0
+        try:
+            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+                total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            return None
+        return total / 1e6
+
     def memory_kib(self):
         """Resident memory of the process and all its descendants, and how many there are."""
         return tree_rss_kib(self.proc.pid)
@@ -154,8 +165,23 @@ def mixed(path, concurrency, args):
            "--rate", str(args.rate), "--duration", str(args.duration), "--timeout", "20"]
     if path:
         cmd += ["--load", f"http://127.0.0.1:{PORT}{path}", "--concurrency", str(concurrency)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=args.duration + 60)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=args.duration + 60,
+                         start_new_session=True, preexec_fn=raise_probe_group)
     return json.loads(out.stdout)
+
+
+def raise_probe_group():
+    """Runs in the probe client before it starts: the measuring instrument gets a real-time priority
+    (SCHED_RR 1), where the kernel allows it, so that it never waits behind the processes it measures.
+
+    Without it, in about one run in five of the spinning-CPU scenarios, one of the client's threads
+    waited 600-900 ms for a CPU (its schedstat; the server's own process waited no longer than in a
+    good run), and every probe sent meanwhile was counted as that slow. The client needs little CPU
+    (50 requests/s), so the priority takes nothing from the server; every server gets the same."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
+    except (OSError, AttributeError):
+        pass
 
 
 def wrk(seconds, path):
@@ -191,12 +217,17 @@ def isolation(args):
                 log(f"{name}: {scenario}" + (f" (run {i + 1} of {repeat})" if repeat > 1 else ""))
                 server = Server(name, cmd, "/fast")
                 try:
+                    waited = server.cpu_wait_ms()
                     runs.append(mixed(path, concurrency, args))
+                    if waited is not None and server.cpu_wait_ms() is not None:
+                        waited = server.cpu_wait_ms() - waited
                 finally:
                     server.stop()
                 fast = runs[-1]["fast"]
                 log(f"  /fast p99 {ms(fast['p99_ms'])} ms, max {ms(fast['max_ms'])} ms, {fast['errors']} errors, "
-                    f"{fast['over_100ms']} over 100 ms; load {runs[-1]['load_ok']} ok")
+                    f"{fast['over_100ms']} over 100 ms; load {runs[-1]['load_ok']} ok; waited for a CPU: "
+                    f"the probe client {runs[-1].get('client_cpu_wait_ms')} ms, the server's first process "
+                    f"{waited if waited is None else round(waited, 1)} ms")
                 if fast["over_100ms"]:
                     # When in the run (ms after it began) the slow ones were sent, to read beside the server's log.
                     slow = ", ".join(f"{took if took is not None else 'failed'} ms at {at:.0f}"
@@ -206,6 +237,13 @@ def isolation(args):
             ranked = sorted(runs, key=lambda r: (p99_of(r["fast"]) is None, p99_of(r["fast"]) or 0))
             chosen_run = dict(ranked[(len(ranked) - 1) // 2])
             chosen_run["runs_p99"] = [p99_of(r["fast"]) for r in runs]
+            # "No probe failed or took over 100 ms" holds for every run, not only the median one.
+            chosen_run["every_run"] = {
+                "max_ms": max(r["fast"]["max_ms"] for r in runs),
+                "errors": sum(r["fast"]["errors"] for r in runs),
+                "over_100ms": sum(r["fast"]["over_100ms"] for r in runs),
+                "client_cpu_wait_ms": max((r.get("client_cpu_wait_ms") or 0) for r in runs),
+            }
             results[name][scenario] = chosen_run
     return results
 
@@ -245,23 +283,23 @@ def memory(args):
 
 def verdicts(iso):
     """The targets of issue 12 for fastlane: /fast p99 under each blocking scenario at most
-    2 × the control's + 10 ms, and no probe failing or over 100 ms."""
+    2 × the control's + 10 ms in the median run, and no probe failing or over 100 ms in any run."""
     fl = iso.get("fastlane serve")
     if not fl or CONTROL not in fl:
         return []
     control = p99_of(fl[CONTROL]["fast"])
     if control is None:
-        return [f"| {CONTROL} | – | – | – | {fl[CONTROL]['fast']['errors']} | **no** |"]
+        return [f"| {CONTROL} | – | – | – | {fl[CONTROL]['fast']['errors']} | – | – | **no** |"]
     bound = 2 * control + 10
     lines = []
     for scenario, _, _ in SCENARIOS:
         if scenario in ("idle", CONTROL) or scenario not in fl:
             continue
-        fast = fl[scenario]["fast"]
-        p99 = p99_of(fast)
-        ok = p99 is not None and p99 <= bound and fast["errors"] == 0 and fast["over_100ms"] == 0
-        lines.append(f"| {scenario} | {ms(p99)} | {bound:.1f} | {ms(fast['max_ms'])} | "
-                     f"{fast['errors']} | {'yes' if ok else '**no**'} |")
+        p99 = p99_of(fl[scenario]["fast"])
+        every = fl[scenario]["every_run"]
+        ok = p99 is not None and p99 <= bound and every["errors"] == 0 and every["over_100ms"] == 0
+        lines.append(f"| {scenario} | {ms(p99)} | {bound:.1f} | {ms(every['max_ms'])} | {every['errors']} | "
+                     f"{every['over_100ms']} | {every['client_cpu_wait_ms']:.1f} | {'yes' if ok else '**no**'} |")
     return lines
 
 
@@ -320,8 +358,13 @@ def section(command, args, iso, tput, mem):
                 lines.append(f"| {scenario} | " + " | ".join(str(iso[n][scenario]["load_ok"]) for n in names) + " |")
         v = verdicts(iso)
         if v:
-            lines += ["", "fastlane's targets (issue 12): p99 at most 2 × the control's + 10 ms, no probe failed or over "
-                      "100 ms:", "", "| load | p99 | bound | max | failed | met |", "| --- | --- | --- | --- | --- | --- |"]
+            lines += ["", "fastlane's targets (issue 12): p99 at most 2 × the control's + 10 ms (the median run), no "
+                      "probe failed or over 100 ms (max, failed and over 100 ms count every run). The probe client "
+                      "runs at a real-time priority (SCHED_RR 1) for every server, so that it does not wait behind "
+                      "the processes it measures; the last column is the longest it waited for a CPU in one run "
+                      "(its threads' schedstat), to show it did not:", "",
+                      "| load | p99 | bound | max | failed | over 100 ms | client CPU wait (ms) | met |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- |"]
             lines += v
         lines.append("")
     if tput:

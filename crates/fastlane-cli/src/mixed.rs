@@ -76,11 +76,17 @@ pub struct MixedResult {
     pub load_ok: u64,
     /// Slow requests that failed.
     pub load_errors: u64,
+    /// How long this client's own threads waited for a CPU during the run
+    /// (ms, from the kernel's schedstat; `null` where there is none). On a
+    /// machine shared with the server, a probe that waited here measured
+    /// the client, not the server: read it beside a bad run.
+    pub client_cpu_wait_ms: Option<f64>,
 }
 
 /// Runs the load and the probe; returns when both are done (the load's
 /// requests in flight at the end are abandoned, not waited for).
 pub async fn run(config: &MixedConfig) -> MixedResult {
+    let waited_before = run_queue_wait_ns();
     let start = Instant::now() + Duration::from_millis(20);
     let deadline = start + config.duration;
     let load_ok = Arc::new(AtomicU64::new(0));
@@ -146,6 +152,10 @@ pub async fn run(config: &MixedConfig) -> MixedResult {
     for (i, probe) in probes.into_iter().enumerate() {
         results.push((interval.mul_f64(i as f64), probe.await.ok().flatten()));
     }
+    // Read before the load's thread ends, while it still counts.
+    let client_cpu_wait_ms = run_queue_wait_ns()
+        .zip(waited_before)
+        .map(|(after, before)| after.saturating_sub(before) as f64 / 1e6);
     if let Some(load) = load {
         let _ = tokio::task::spawn_blocking(move || load.join()).await;
     }
@@ -153,7 +163,20 @@ pub async fn run(config: &MixedConfig) -> MixedResult {
         fast: stats(&results),
         load_ok: load_ok.load(Ordering::Relaxed),
         load_errors: load_errors.load(Ordering::Relaxed),
+        client_cpu_wait_ms: client_cpu_wait_ms.map(|ms| (ms * 10.0).round() / 10.0),
     }
+}
+
+/// The time this process's live threads have spent runnable but waiting
+/// for a CPU, in nanoseconds: the second field of each thread's
+/// `/proc/self/task/<tid>/schedstat` (Linux with schedstats; `None` elsewhere).
+fn run_queue_wait_ns() -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else { continue };
+        total += stat.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    }
+    Some(total)
 }
 
 /// How long a `503` asks the client to wait (`Retry-After` in seconds).
