@@ -96,11 +96,14 @@ def build():
         run(["apt-get", "install", "-y", "-qq", "wrk"])
 
 
-def servers():
+def servers(variants=()):
+    """The servers of the run; each `variants` entry (name, binary) is another fastlane build
+    (an earlier commit built apart, say) serving the same demo, placed right after fastlane."""
     port = str(PORT)
     quiet = dict(os.environ, RUST_LOG="warn")
     return [
         ("fastlane", [str(FASTLANE), "demo", "--port", port], quiet, ROOT),
+        *[(name, [binary, "demo", "--port", port], quiet, ROOT) for name, binary in variants],
         ("axum", [str(PEER_TARGET / "axum-peer"), port], os.environ.copy(), ROOT),
         ("actix-web", [str(PEER_TARGET / "actix-peer"), port], os.environ.copy(), ROOT),
         (
@@ -237,6 +240,9 @@ def main():
     parser.add_argument("--wrk-seconds", type=int, default=5, help="seconds per wrk round (default 5)")
     parser.add_argument("--wrk-rounds", type=int, default=3, help="wrk rounds per server (default 3)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=BINARY",
+                        help="also run this fastlane binary's demo under NAME (repeatable): an earlier commit "
+                             "built apart, to compare in the same run")
     parser.add_argument("--chart-only", action="store_true",
                         help="redraw docs/bench-fast-p99.svg from docs/bench-results.json, measuring nothing")
     args = parser.parse_args()
@@ -245,12 +251,19 @@ def main():
         raw = json.loads((out.parent / "bench-results.json").read_text())
         chart(raw["mixed"], list(raw["mixed"]), out.parent / "bench-fast-p99.svg")
         return
+    variants = []
+    for spec in args.variant:
+        name, sep, binary = spec.partition("=")
+        if not sep or not name or not Path(binary).is_file():
+            parser.error(f"--variant {spec!r}: expected NAME=BINARY with an existing binary")
+        variants.append((name, binary))
     command = "python3 bench/run.py" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k != "out" and v != parser.get_default(k))
+        if k not in ("out", "variant") and v != parser.get_default(k))
+    command += "".join(f" --variant '{v}'" for v in args.variant)
 
     build()
-    specs = servers()
+    specs = servers(variants)
     names = [s[0] for s in specs]
     results = {name: {} for name in names}
     memory = {}

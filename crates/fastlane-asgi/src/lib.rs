@@ -112,7 +112,7 @@ pub enum StartError {
     #[error("no Python found: activate the app's virtualenv, or pass --python PATH")]
     NoPython,
     /// The Python could not be run.
-    #[error("could not run {python}: {source} (pass --python with the path of the app's Python)")]
+    #[error("could not run {python} (pass --python with the path of the app's Python)")]
     Spawn {
         /// The Python tried.
         python: PathBuf,
@@ -137,8 +137,8 @@ pub enum StartError {
     #[error("the app did not start within {0:?}")]
     Timeout(Duration),
     /// A file or socket of the front could not be made.
-    #[error("could not prepare the workers' socket: {0}")]
-    Io(std::io::Error),
+    #[error("could not prepare the workers' socket")]
+    Io(#[source] std::io::Error),
 }
 
 /// The running workers of an app.

@@ -282,7 +282,7 @@ impl Shared {
         let (tx, rx) = oneshot::channel();
         *self.new_zygote.lock().expect("new zygote lock") = Some(tx);
         let started = zygote::start(&self.launch, async { rx.await.ok() }, self.config.start_timeout).await;
-        let (zygote, reader, child) = started.map_err(|err| err.to_string())?;
+        let (zygote, reader, child) = started.map_err(|err| fastlane::ErrorChain(&err).to_string())?;
         let old = self.generation.load(Ordering::Relaxed);
         let generation = old + 1;
         self.zygotes.lock().expect("zygotes lock").insert(generation, Arc::new(zygote));

@@ -344,7 +344,7 @@ pub async fn run_command(command: DemoCommand) -> ExitCode {
     let store = match fastlane_jobs::connect(&jobs_url).await {
         Ok(store) => store,
         Err(err) => {
-            eprintln!("fastlane demo: --jobs-url: {err}");
+            eprintln!("fastlane demo: --jobs-url: {}", fastlane::ErrorChain(&err));
             return ExitCode::FAILURE;
         }
     };
@@ -364,7 +364,7 @@ pub async fn run_command(command: DemoCommand) -> ExitCode {
     let server = match fastlane::Server::new(app_with_jobs(jobs)).config(config).jobs(worker).bind().await {
         Ok(server) => server,
         Err(err) => {
-            eprintln!("fastlane demo: {err}");
+            eprintln!("fastlane demo: {}", fastlane::ErrorChain(&err));
             return ExitCode::FAILURE;
         }
     };
@@ -395,7 +395,7 @@ fn demo_exit(result: Result<fastlane::ShutdownReport, fastlane::Error>) -> ExitC
         Ok(report) if report.is_clean() => ExitCode::SUCCESS,
         Ok(_) => ExitCode::FAILURE,
         Err(err) => {
-            eprintln!("fastlane demo: {err}");
+            eprintln!("fastlane demo: {}", fastlane::ErrorChain(&err));
             ExitCode::FAILURE
         }
     }

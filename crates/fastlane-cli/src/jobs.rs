@@ -142,8 +142,13 @@ pub async fn run_command(command: JobsCommand) -> ExitCode {
     }
 }
 
+/// An error as one line, with its causes (a store error and what the database said).
+fn chain(err: impl std::error::Error + 'static) -> String {
+    fastlane::ErrorChain(&err).to_string()
+}
+
 async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
-    let connect = |url: String| async move { fastlane_jobs::connect(&url).await.map_err(|e| e.to_string()) };
+    let connect = |url: String| async move { fastlane_jobs::connect(&url).await.map_err(chain) };
     match command {
         JobsCommand::Work { url, concurrency, queues, grace_period, lease_secs } => {
             fastlane::init_logging();
@@ -186,9 +191,9 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             let job = fastlane_jobs::NewJob::new(name.clone(), payload.clone())
                 .queue(queue.clone())
                 .max_attempts(max_attempts);
-            registry.check(&job).map_err(|e| e.to_string())?;
+            registry.check(&job).map_err(chain)?;
             // One transaction per thousand jobs.
-            let last = enqueue_copies(&store, &job, count, 1000).await.map_err(|e| e.to_string())?;
+            let last = enqueue_copies(&store, &job, count, 1000).await.map_err(chain)?;
             let last = last.unwrap_or_default();
             if count == 1 {
                 outln!("{last}");
@@ -198,7 +203,7 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Stats { url, json } => {
-            let stats = connect(url).await?.stats().await.map_err(|e| e.to_string())?;
+            let stats = connect(url).await?.stats().await.map_err(chain)?;
             if json {
                 outln!("{}", serde_json::to_string(&stats).unwrap_or_default());
             } else {
@@ -215,7 +220,7 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
                 })?),
                 None => None,
             };
-            let jobs = connect(url).await?.list(state, limit).await.map_err(|e| e.to_string())?;
+            let jobs = connect(url).await?.list(state, limit).await.map_err(chain)?;
             for j in jobs {
                 outln!(
                     "{:>8}  {:<10} {:<12} {:<10} attempt {}{}",
@@ -230,7 +235,7 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Show { url, id } => {
-            let job = connect(url).await?.get(id).await.map_err(|e| e.to_string())?;
+            let job = connect(url).await?.get(id).await.map_err(chain)?;
             outln!("{}", serde_json::to_string_pretty(&job).unwrap_or_default());
             Ok(ExitCode::SUCCESS)
         }
@@ -240,24 +245,24 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             // A retry of a job that is waiting, running or done would do
             // nothing: say so, and fail, rather than print its state as if
             // something had happened.
-            let before = store.get(id).await.map_err(|e| e.to_string())?.state;
+            let before = store.get(id).await.map_err(chain)?.state;
             if matches!(before, Scheduled | Available | Running | Succeeded) {
                 return Err(format!(
                     "job {id} is {before}: nothing to retry (retry makes a dead, cancelled or retrying job available again)"
                 ));
             }
-            let state = store.retry(id).await.map_err(|e| e.to_string())?;
+            let state = store.retry(id).await.map_err(chain)?;
             outln!("job {id}: {before} -> {state}");
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Cancel { url, id } => {
             use fastlane_jobs::JobState::{Cancelled, Dead, Succeeded};
             let store = connect(url).await?;
-            let before = store.get(id).await.map_err(|e| e.to_string())?.state;
+            let before = store.get(id).await.map_err(chain)?.state;
             if matches!(before, Succeeded | Dead | Cancelled) {
                 return Err(format!("job {id} is already {before}: nothing to cancel"));
             }
-            let state = store.cancel(id).await.map_err(|e| e.to_string())?;
+            let state = store.cancel(id).await.map_err(chain)?;
             let note = if state == fastlane_jobs::JobState::Running {
                 " (asked to stop; its worker tells the handler within about a second)"
             } else {
@@ -268,8 +273,7 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
         }
         JobsCommand::Bench { url, jobs: n, concurrency, batch, json } => {
             let store = connect(url).await?;
-            let result =
-                bench(&store, n, batch as usize, concurrency as usize).await.map_err(|e| e.to_string())?;
+            let result = bench(&store, n, batch as usize, concurrency as usize).await.map_err(chain)?;
             if json {
                 outln!("{}", serde_json::to_string(&result).unwrap_or_default());
             } else {

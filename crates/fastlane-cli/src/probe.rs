@@ -79,7 +79,7 @@ pub async fn run(config: &ProbeConfig) -> ProbeResult {
             let start = origin.elapsed();
             let outcome = match tokio::time::timeout(timeout, fastlane::client::get(&url)).await {
                 Ok(Ok(response)) => Ok(response.status.as_u16()),
-                Ok(Err(err)) => Err(err.to_string()),
+                Ok(Err(err)) => Err(fastlane::ErrorChain(&err).to_string()),
                 Err(_) => Err(format!("timed out after {:.1} s", timeout.as_secs_f64())),
             };
             let end = origin.elapsed();

@@ -199,7 +199,7 @@ pub async fn run_command(command: ServeCommand) -> ExitCode {
     let pool = match fastlane_asgi::Pool::start(app_config).await {
         Ok(pool) => pool,
         Err(err) => {
-            eprintln!("fastlane serve: {err}");
+            eprintln!("fastlane serve: {}", fastlane::ErrorChain(&err));
             return ExitCode::FAILURE;
         }
     };
@@ -217,7 +217,7 @@ pub async fn run_command(command: ServeCommand) -> ExitCode {
         Ok(server) => server,
         Err(err) => {
             pool.stop(Duration::from_secs(5)).await;
-            eprintln!("fastlane serve: {err}");
+            eprintln!("fastlane serve: {}", fastlane::ErrorChain(&err));
             return ExitCode::FAILURE;
         }
     };
@@ -225,7 +225,7 @@ pub async fn run_command(command: ServeCommand) -> ExitCode {
         Ok(report) if report.is_clean() && pool.cut().is_empty() => ExitCode::SUCCESS,
         Ok(_) => ExitCode::FAILURE,
         Err(err) => {
-            eprintln!("fastlane serve: {err}");
+            eprintln!("fastlane serve: {}", fastlane::ErrorChain(&err));
             ExitCode::FAILURE
         }
     }

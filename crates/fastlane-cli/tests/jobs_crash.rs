@@ -113,19 +113,16 @@ macro_rules! recorded {
     }};
 }
 
-fn crash_run(url: &str, dir: &std::path::Path) -> (String, u64) {
-    let out = fastlane(&[
-        "jobs",
-        "enqueue",
-        "--url",
-        url,
-        "sleep",
-        "--payload",
-        r#"{"ms": 200}"#,
-        "--count",
-        &JOBS.to_string(),
-    ]);
+/// Enqueues `count` jobs of the demo's `sleep` type, each sleeping `ms`, with the CLI.
+fn enqueue_sleeps(url: &str, ms: u64, count: u64) {
+    let payload = format!(r#"{{"ms": {ms}}}"#);
+    let count = count.to_string();
+    let out = fastlane(&["jobs", "enqueue", "--url", url, "sleep", "--payload", &payload, "--count", &count]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn crash_run(url: &str, dir: &std::path::Path) -> (String, u64) {
+    enqueue_sleeps(url, 200, JOBS);
     let started = Instant::now();
     let steady = Worker::start(url, dir, 0);
     // Workers killed at random points, each replaced by the next.
@@ -253,18 +250,7 @@ fn postgres_workers_killed_and_frozen_lose_nothing_and_zombies_are_fenced() {
 /// process gone and takes its jobs over within seconds, not after the 15 s
 /// lease.
 fn killed_workers_jobs_are_taken_over_before_the_lease(url: &str) {
-    let out = fastlane(&[
-        "jobs",
-        "enqueue",
-        "--url",
-        url,
-        "sleep",
-        "--payload",
-        r#"{"ms": 60000}"#,
-        "--count",
-        "5",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    enqueue_sleeps(url, 60_000, 5);
     let listed = String::from_utf8(fastlane(&["jobs", "list", "--url", url, "--limit", "5"]).stdout).unwrap();
     let ids: Vec<String> =
         listed.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect();

@@ -691,7 +691,10 @@ fn apps_that_cannot_start_say_why_and_exit_non_zero() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("could not run /nonexistent/python"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // What was tried, what to do, and (once) what the OS said.
+    assert!(stderr.contains("could not run /nonexistent/python (pass --python"), "{stderr}");
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
 }
 
 #[test]

@@ -40,7 +40,7 @@ pub enum Error {
     #[error("invalid job: {0}")]
     Invalid(String),
     /// Any other database error.
-    #[error("job store error: {0}")]
+    #[error("job store error")]
     Database(#[from] sqlx::Error),
 }
 
@@ -64,7 +64,7 @@ impl From<Error> for fastlane::ApiError {
             Error::Locked(_) | Error::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::InvalidUrl { .. } | Error::NotAJobStore(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        fastlane::ApiError::new(status, err.to_string())
+        fastlane::ApiError::new(status, fastlane::ErrorChain(&err).to_string())
     }
 }
 

@@ -61,7 +61,7 @@ impl<S: Store> ProgressSink for StoreProgress<S> {
         let store = self.0.clone();
         tokio::spawn(async move {
             if let Err(err) = store.progress(Lease { job: id, token }, percent, &message).await {
-                tracing::warn!("job {id}: progress not recorded: {err}");
+                tracing::warn!("job {id}: progress not recorded: {}", fastlane::ErrorChain(&err));
             }
         });
     }

@@ -162,7 +162,7 @@ pub async fn run_with_stats<S: Store>(
                 Ok(()) => {
                     stats.released.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(err) => tracing::warn!("job {id}: could not release: {err}"),
+                Err(err) => tracing::warn!("job {id}: could not release: {}", fastlane::ErrorChain(&err)),
             }
         }
         for f in fetchers {
@@ -203,7 +203,9 @@ async fn sweep<S: Store>(store: S, in_flight: InFlight, mut stop: watch::Receive
                         }
                     }
                 }
-                Err(err) => tracing::debug!("looking for cancellations failed: {err}"),
+                Err(err) => {
+                    tracing::debug!("looking for cancellations failed: {}", fastlane::ErrorChain(&err))
+                }
             }
         }
         match store.expire_dead_owners().await {
@@ -214,7 +216,9 @@ async fn sweep<S: Store>(store: S, in_flight: InFlight, mut stop: watch::Receive
                     wake.notify_waiters();
                 }
             }
-            Err(err) => tracing::debug!("looking for jobs of dead workers failed: {err}"),
+            Err(err) => {
+                tracing::debug!("looking for jobs of dead workers failed: {}", fastlane::ErrorChain(&err))
+            }
         }
     }
 }
@@ -279,7 +283,11 @@ impl<S: Store> Fetcher<S> {
                 Ok(jobs) => jobs,
                 Err(err) => {
                     drop(permits);
-                    tracing::warn!("claim from `{}` failed: {err}; retrying", self.queue);
+                    tracing::warn!(
+                        "claim from `{}` failed: {}; retrying",
+                        self.queue,
+                        fastlane::ErrorChain(&err)
+                    );
                     tokio::select! {
                         () = tokio::time::sleep(self.config.poll_interval) => {}
                         _ = stop.wait_for(|s| *s) => break,
@@ -364,11 +372,19 @@ async fn complete_in_batches<S: Store>(store: S, mut done: mpsc::Receiver<Lease>
                 // run again (at least once, never lost).
                 Err(err) if tries < 20 => {
                     tries += 1;
-                    tracing::warn!("recording {} successes failed: {err}; retrying", batch.len());
+                    tracing::warn!(
+                        "recording {} successes failed: {}; retrying",
+                        batch.len(),
+                        fastlane::ErrorChain(&err)
+                    );
                     tokio::time::sleep(Duration::from_millis(100 << tries.min(4))).await;
                 }
                 Err(err) => {
-                    tracing::warn!("recording {} successes failed: {err}; they will run again", batch.len());
+                    tracing::warn!(
+                        "recording {} successes failed: {}; they will run again",
+                        batch.len(),
+                        fastlane::ErrorChain(&err)
+                    );
                     break;
                 }
             }
@@ -423,7 +439,7 @@ async fn run_one<S: Store>(env: &AttemptEnv<S>, mut job: Claimed, cancelled: Arc
         if err.is_fenced() {
             stats.fenced.fetch_add(1, Ordering::Relaxed);
         }
-        tracing::warn!("job {}: outcome not recorded: {err}", job.id);
+        tracing::warn!("job {}: outcome not recorded: {}", job.id, fastlane::ErrorChain(&err));
     }
 }
 
@@ -462,8 +478,8 @@ async fn heartbeat<S: Store>(store: S, held: Lease, lease: Duration, cancelled: 
                     cancelled.store(true, Ordering::Relaxed);
                 }
             }
-            Err(err) if err.is_fenced() => return format!("lost the job: {err}"),
-            Err(err) => tracing::warn!("job {}: heartbeat failed: {err}", held.job),
+            Err(err) if err.is_fenced() => return format!("lost the job: {}", fastlane::ErrorChain(&err)),
+            Err(err) => tracing::warn!("job {}: heartbeat failed: {}", held.job, fastlane::ErrorChain(&err)),
         }
     }
 }

@@ -33,7 +33,7 @@ pub enum ClientError {
         reason: String,
     },
     /// The TCP connection could not be made.
-    #[error("could not connect to {addr}: {source}")]
+    #[error("could not connect to {addr}")]
     Connect {
         /// `host:port`.
         addr: String,
@@ -42,7 +42,7 @@ pub enum ClientError {
         source: std::io::Error,
     },
     /// The HTTP exchange failed (connection closed, malformed response).
-    #[error("HTTP error: {0}")]
+    #[error("HTTP error")]
     Http(#[from] hyper::Error),
 }
 

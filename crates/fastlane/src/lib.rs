@@ -56,7 +56,7 @@ mod telemetry;
 
 pub use api_error::ApiError;
 pub use background::{Background, TaskResult};
-pub use error::Error;
+pub use error::{Error, ErrorChain};
 pub use executor::IsolationConfig;
 pub use lane::{blocking, compute, cpu, sync, LaneConfig, LaneError, LaneHandler, Lanes};
 pub use metrics::{CompanionMetric, MetricKind, MetricsSource};

@@ -47,10 +47,14 @@
 //! * `reactor.rs` and `frames.rs`: the runners' own I/O and the deadlines
 //!   they enforce;
 //! * `budget.rs`: the threads stalling routes may hold (the routes and
-//!   their stall record are the crate's `routes` module).
+//!   their stall record are the crate's `routes` module);
+//! * `model.rs` (tests only): a loom model of the hand-overs between
+//!   runners (a stuck runner's batch, the poller role).
 
 pub(crate) mod budget;
 pub(crate) mod frames;
+#[cfg(test)]
+mod model;
 mod monitor;
 mod queue;
 pub(crate) mod reactor;

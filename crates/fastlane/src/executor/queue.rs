@@ -14,9 +14,12 @@ use async_task::Runnable;
 use super::slot::Slot;
 use super::{monitor, Shared, SPARES_WHILE_STALLING};
 
-#[derive(Debug, Default)]
-pub(super) struct Queue {
-    pub(super) tasks: VecDeque<Runnable>,
+/// The shared queue and the counts the wake-up policy decides on, behind
+/// the executor's one lock. Generic over the task only so that the model
+/// (`executor/model.rs`) can run the same decisions on plain numbers.
+#[derive(Debug)]
+pub(super) struct Queue<T = Runnable> {
+    pub(super) tasks: VecDeque<T>,
     pub(super) threads: usize,
     /// Runners asleep on `work_ready`.
     pub(super) idle: usize,
@@ -39,7 +42,13 @@ pub(super) struct Role {
     pub(super) woken: bool,
 }
 
-impl Queue {
+impl<T> Default for Queue<T> {
+    fn default() -> Self {
+        Self { tasks: VecDeque::new(), threads: 0, idle: 0, waking: 0, roles: Vec::new(), shutdown: false }
+    }
+}
+
+impl<T> Queue<T> {
     /// Runners free to take work: asleep, or waiting for I/O.
     pub(super) fn waiting(&self) -> usize {
         self.idle + self.roles.iter().filter(|r| r.held).count()

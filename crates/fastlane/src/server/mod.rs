@@ -646,7 +646,8 @@ async fn accept_error(addr: SocketAddr, err: std::io::Error) {
     }
     // Anything else is usually EMFILE (out of file descriptors): log it and
     // back off a little so the loop does not spin while connections close.
-    tracing::error!(error = %Error::Listener { addr, source: err }, "accept failed; retrying in 50 ms");
+    let err = Error::Listener { addr, source: err };
+    tracing::error!(error = %crate::ErrorChain(&err), "accept failed; retrying in 50 ms");
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
