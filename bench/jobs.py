@@ -208,12 +208,12 @@ def fastlane_recovery(url, k, elsewhere):
             info = json.loads(subprocess.run([str(FASTLANE), "jobs", "show", "--url", url, id_], check=True,
                                              capture_output=True, text=True).stdout)
             running = [a for a in info["attempts"] if a["finished_at_ms"] is None]
-            seen[id_] = running[-1]["worker"] if info["state"] == "running" and running else None
+            seen[id_] = running[-1]["consumer"] if info["state"] == "running" and running else None
         return seen
 
     first = worker()
     deadline = time.time() + 30
-    while any(w != f"worker-{first.pid}" for w in owners().values()):
+    while any(w != f"consumer-{first.pid}" for w in owners().values()):
         if time.time() > deadline:
             sys.exit("the first worker did not start every job")
         time.sleep(0.2)
@@ -225,7 +225,7 @@ def fastlane_recovery(url, k, elsewhere):
     try:
         while True:
             now = owners().values()
-            if all(w is not None and w != f"worker-{first.pid}" for w in now):
+            if all(w is not None and w != f"consumer-{first.pid}" for w in now):
                 return time.time() - killed
             if time.time() - killed > 60:
                 return None

@@ -325,7 +325,7 @@ pub struct DemoCommand {
     /// The server's flags.
     #[command(flatten)]
     pub serve: fastlane::ServeArgs,
-    /// Job store for POST /jobs/{name} and the in-server job worker.
+    /// Job store for POST /jobs/{name} and the in-server job consumer.
     #[arg(long, env = "FASTLANE_JOBS_URL", default_value = "sqlite://fastlane-demo-jobs.db")]
     pub jobs_url: String,
     /// Jobs the in-server worker runs at once (per worker process).
@@ -349,9 +349,9 @@ pub async fn run_command(command: DemoCommand) -> ExitCode {
         }
     };
     let jobs = fastlane_jobs::Jobs::new(store, crate::jobs::demo_registry());
-    let worker = jobs.worker().config(fastlane_jobs::WorkerConfig {
+    let consumer = jobs.consumer().config(fastlane_jobs::ConsumerConfig {
         queues: vec![("default".to_owned(), job_concurrency)],
-        ..fastlane_jobs::WorkerConfig::default()
+        ..fastlane_jobs::ConsumerConfig::default()
     });
     let base = fastlane::Config {
         // The demo's routes sleep up to 60 s; let them finish. (Its help
@@ -361,7 +361,7 @@ pub async fn run_command(command: DemoCommand) -> ExitCode {
         ..fastlane::Config::default()
     };
     let config = serve.apply(base);
-    let server = match fastlane::Server::new(app_with_jobs(jobs)).config(config).jobs(worker).bind().await {
+    let server = match fastlane::Server::new(app_with_jobs(jobs)).config(config).jobs(consumer).bind().await {
         Ok(server) => server,
         Err(err) => {
             eprintln!("fastlane demo: {}", fastlane::ErrorChain(&err));

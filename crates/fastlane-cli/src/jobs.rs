@@ -1,4 +1,4 @@
-//! `fastlane jobs ...`: run a worker with the built-in job types, enqueue,
+//! `fastlane jobs ...`: run a job consumer with the built-in job types, enqueue,
 //! inspect and benchmark a job store.
 //!
 //! * [`builtin`]: the job types (`noop`, `sleep`, `fail`), also the demo's;
@@ -21,12 +21,12 @@ pub use builtin::demo_registry;
 /// What `--url` of every `jobs` subcommand takes (one text, eight flags).
 const STORE_URL_HELP: &str = "The job store: sqlite://jobs.db (a file, relative to the working directory, \
     created on first use), sqlite:///var/lib/app/jobs.db (an absolute path), or \
-    postgres://user:password@host:5432/dbname (a PostgreSQL database shared by many workers)";
+    postgres://user:password@host:5432/dbname (a PostgreSQL database shared by many processes)";
 
 /// The `jobs` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum JobsCommand {
-    /// Run a worker with the built-in job types (noop, sleep, fail) until SIGTERM/SIGINT.
+    /// Run a job consumer with the built-in job types (noop, sleep, fail) until SIGTERM/SIGINT.
     Work {
         /// The job store (the help text is STORE_URL_HELP).
         #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
@@ -41,7 +41,7 @@ pub enum JobsCommand {
         /// Seconds to let running jobs finish on shutdown before releasing them.
         #[arg(long, default_value_t = 30)]
         grace_period: u64,
-        /// Lease of each attempt, renewed every third of it: a dead worker's
+        /// Lease of each attempt, renewed every third of it: a dead consumer's
         /// jobs run again within one lease.
         #[arg(long, default_value_t = 15.0, value_parser = parse_lease)]
         lease_secs: f64,
@@ -111,7 +111,7 @@ pub enum JobsCommand {
         /// The job's id.
         id: i64,
     },
-    /// Enqueue N noop jobs, drain them with a worker, print the rates.
+    /// Enqueue N noop jobs, drain them with a consumer, print the rates.
     Bench {
         /// The job store (the help text is STORE_URL_HELP).
         #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
@@ -159,13 +159,13 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
                 tracing::info!("stopping: finishing running jobs, then releasing the rest");
                 stop_tx.send_replace(true);
             });
-            let config = fastlane_jobs::WorkerConfig {
+            let config = fastlane_jobs::ConsumerConfig {
                 queues: queues.into_iter().map(|(q, n)| (q, n.unwrap_or(concurrency as usize))).collect(),
                 lease: Duration::from_secs_f64(lease_secs),
-                ..fastlane_jobs::WorkerConfig::default()
+                ..fastlane_jobs::ConsumerConfig::default()
             };
-            tracing::info!(worker = %config.name, "job worker running (noop, sleep, fail)");
-            let stats = fastlane_jobs::run_worker(
+            tracing::info!(consumer = %config.name, "job consumer running (noop, sleep, fail)");
+            let stats = fastlane_jobs::run_consumer(
                 store,
                 demo_registry(),
                 config,
@@ -179,7 +179,7 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
                 failed = load(&stats.failed),
                 fenced = load(&stats.fenced),
                 released = load(&stats.released),
-                "job worker stopped"
+                "job consumer stopped"
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -264,7 +264,7 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             }
             let state = store.cancel(id).await.map_err(chain)?;
             let note = if state == fastlane_jobs::JobState::Running {
-                " (asked to stop; its worker tells the handler within about a second)"
+                " (asked to stop; its consumer tells the handler within about a second)"
             } else {
                 ""
             };

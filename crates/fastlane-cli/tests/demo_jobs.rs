@@ -52,7 +52,7 @@ fn the_demo_enqueues_jobs_runs_them_inside_the_server_and_shows_progress() {
         j["state"] == "running" && j["progress"].as_u64().unwrap_or(0) >= 10
     });
     assert!(running["progress_message"].as_str().unwrap().starts_with("slept "), "{running}");
-    assert!(running["attempts"][0]["worker"].as_str().unwrap().starts_with("worker-"), "{running}");
+    assert!(running["attempts"][0]["consumer"].as_str().unwrap().starts_with("consumer-"), "{running}");
     let done = wait_for_job(&demo, id, Duration::from_secs(15), |j| j["state"] == "succeeded");
     assert_eq!(done["attempts"][0]["outcome"], "succeeded", "{done}");
 
@@ -95,7 +95,7 @@ fn a_job_cut_by_shutdown_is_given_back_at_once_and_finishes_after_a_restart() {
     wait_for_job(&demo, id, Duration::from_secs(10), |j| j["state"] == "running");
     demo.signal(libc::SIGTERM);
     let (_code, log) = demo.wait(Duration::from_secs(15));
-    assert!(log.iter().any(|l| l.contains("job worker stopped") && l.contains("released=1")), "{log:#?}");
+    assert!(log.iter().any(|l| l.contains("job consumer stopped") && l.contains("released=1")), "{log:#?}");
 
     // Given back at once, not left `running` until its 15 s lease expires.
     let show = std::process::Command::new(env!("CARGO_BIN_EXE_fastlane"))

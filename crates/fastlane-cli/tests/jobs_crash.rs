@@ -47,7 +47,7 @@ impl Worker {
     }
 
     fn name(&self) -> String {
-        format!("worker-{}", self.child.id())
+        format!("consumer-{}", self.child.id())
     }
 
     fn signal(&self, signal: i32) {
@@ -60,7 +60,8 @@ impl Worker {
         let status = self.child.wait().unwrap();
         assert!(status.success(), "worker exited with {status}");
         let log = std::fs::read_to_string(&self.log).unwrap();
-        let line = log.lines().find(|l| l.contains("job worker stopped")).unwrap_or_else(|| panic!("{log}"));
+        let line =
+            log.lines().find(|l| l.contains("job consumer stopped")).unwrap_or_else(|| panic!("{log}"));
         let fenced = line.split("fenced=").nth(1).and_then(|rest| rest.split_whitespace().next());
         fenced.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no fenced=N in {line}"))
     }
@@ -135,7 +136,7 @@ fn crash_run(url: &str, dir: &std::path::Path) -> (String, u64) {
     // takes them over; thawed, its writes for them must all be rejected.
     let zombie = Worker::start(url, dir, 4);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&zombie.log).unwrap().contains("job worker running") {
+    while !std::fs::read_to_string(&zombie.log).unwrap().contains("job consumer running") {
         assert!(Instant::now() < deadline, "the worker did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -263,7 +264,7 @@ fn killed_workers_jobs_are_taken_over_before_the_lease(url: &str) {
                 let running =
                     info["attempts"].as_array().unwrap().iter().rev().find(|a| a["finished_at_ms"].is_null());
                 (info["state"] == "running")
-                    .then(|| running.map(|a| a["worker"].as_str().unwrap().to_owned()))
+                    .then(|| running.map(|a| a["consumer"].as_str().unwrap().to_owned()))
                     .flatten()
             })
             .collect()
@@ -279,7 +280,7 @@ fn killed_workers_jobs_are_taken_over_before_the_lease(url: &str) {
             .unwrap()
     };
     let mut first = spawn(0);
-    let first_name = format!("worker-{}", first.id());
+    let first_name = format!("consumer-{}", first.id());
     let deadline = Instant::now() + Duration::from_secs(20);
     while owners().iter().any(|o| o.as_deref() != Some(first_name.as_str())) {
         assert!(Instant::now() < deadline, "the first worker did not start the jobs");
@@ -289,7 +290,7 @@ fn killed_workers_jobs_are_taken_over_before_the_lease(url: &str) {
     first.wait().unwrap();
     let killed = Instant::now();
     let mut second = spawn(1);
-    let second_name = format!("worker-{}", second.id());
+    let second_name = format!("consumer-{}", second.id());
     while owners().iter().any(|o| o.as_deref() != Some(second_name.as_str())) {
         assert!(
             killed.elapsed() < Duration::from_secs(8),

@@ -53,6 +53,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app =
         Router::new().route("/signup", post(signup)).route("/jobs/{id}", get(show)).with_state(jobs.clone());
     // The worker runs inside the server and stops with it (SIGTERM drains).
-    fastlane::Server::new(app).jobs(jobs.worker()).serve().await?;
+    fastlane::Server::new(app).jobs(jobs.consumer()).serve().await?;
     Ok(())
 }

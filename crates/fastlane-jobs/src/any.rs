@@ -46,11 +46,11 @@ impl Store for AnyStore {
     async fn claim_many(
         &self,
         queue: &str,
-        worker: &str,
+        consumer: &str,
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<Claimed>, Error> {
-        delegate!(self, s => s.claim_many(queue, worker, lease, limit))
+        delegate!(self, s => s.claim_many(queue, consumer, lease, limit))
     }
 
     fn wakeups(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {

@@ -183,7 +183,7 @@ macro_rules! store_methods {
             .into_iter()
             .map(|a| Attempt {
                 attempt: u32::try_from(a.get::<i64, _>("attempt")).unwrap_or(0),
-                worker: a.get("worker"),
+                consumer: a.get("worker"),
                 started_at_ms: a.get("started_at"),
                 finished_at_ms: a.get("finished_at"),
                 outcome: a.get("outcome"),

@@ -1,4 +1,4 @@
-//! Jobs inside a fastlane server: the [`Worker`] that runs as the server's
+//! Jobs inside a fastlane server: the [`Consumer`] that runs as the server's
 //! companion (on the executor where request handlers run, stopped with the
 //! server), and [`Jobs`], the application's checked handle on its store.
 
@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::consumer::{run_with_stats, ConsumerConfig, ConsumerStats};
 use crate::job::{JobId, NewJob};
 use crate::registry::{enqueue_checked, Registry};
-use crate::worker::{run_with_stats, WorkerConfig, WorkerStats};
 use crate::{Error, Store};
 
-/// A job worker to run inside a fastlane server
+/// A job consumer to run inside a fastlane server
 /// ([`Server::jobs`](fastlane::Server::jobs)): in every worker process, on
 /// the executor where request handlers run, stopped with the server.
 ///
@@ -34,41 +34,41 @@ use crate::{Error, Store};
 ///         jobs.enqueue(NewJob::new("welcome", "ada@example.com".into())).await.map(|id| id.to_string())
 ///     }))
 ///     .with_state(jobs.clone());
-/// fastlane::Server::new(app).jobs(jobs.worker()).serve().await?;
+/// fastlane::Server::new(app).jobs(jobs.consumer()).serve().await?;
 /// # Ok(())
 /// # }
 /// ```
 #[derive(Debug)]
-pub struct Worker<S: Store> {
+pub struct Consumer<S: Store> {
     store: S,
     registry: Registry,
-    config: WorkerConfig,
-    stats: Arc<WorkerStats>,
+    config: ConsumerConfig,
+    stats: Arc<ConsumerStats>,
 }
 
-impl<S: Store> Worker<S> {
+impl<S: Store> Consumer<S> {
     /// A worker for the job types of `registry`, with the default
-    /// [`WorkerConfig`].
+    /// [`ConsumerConfig`].
     pub fn new(store: S, registry: Registry) -> Self {
-        Self { store, registry, config: WorkerConfig::default(), stats: Arc::default() }
+        Self { store, registry, config: ConsumerConfig::default(), stats: Arc::default() }
     }
 
     /// Replaces the configuration.
-    pub fn config(mut self, config: WorkerConfig) -> Self {
+    pub fn config(mut self, config: ConsumerConfig) -> Self {
         self.config = config;
         self
     }
 
     /// Its counters, to watch while it runs.
-    pub fn stats(&self) -> Arc<WorkerStats> {
+    pub fn stats(&self) -> Arc<ConsumerStats> {
         self.stats.clone()
     }
 }
 
-impl<S: Store> fastlane::Companion for Worker<S> {
+impl<S: Store> fastlane::Companion for Consumer<S> {
     fn name(&self) -> String {
         let queues: Vec<String> = self.config.queues.iter().map(|(q, n)| format!("{q} x{n}")).collect();
-        format!("job worker {} ({})", self.config.name, queues.join(", "))
+        format!("job consumer {} ({})", self.config.name, queues.join(", "))
     }
 
     fn metrics(&self) -> Option<fastlane::MetricsSource> {
@@ -118,7 +118,7 @@ impl<S: Store> fastlane::Companion for Worker<S> {
     }
 
     fn run(self: Box<Self>, stop: watch::Receiver<bool>, grace: Duration) -> fastlane::CompanionFuture {
-        let Worker { store, registry, config, stats } = *self;
+        let Consumer { store, registry, config, stats } = *self;
         Box::pin(async move {
             let stats = run_with_stats(store, registry, config, stop, grace, stats).await;
             tracing::info!(
@@ -126,7 +126,7 @@ impl<S: Store> fastlane::Companion for Worker<S> {
                 failed = stats.failed.load(Ordering::Relaxed),
                 fenced = stats.fenced.load(Ordering::Relaxed),
                 released = stats.released.load(Ordering::Relaxed),
-                "job worker stopped"
+                "job consumer stopped"
             );
         })
     }
@@ -169,7 +169,7 @@ impl<S: Store> Jobs<S> {
 
     /// A worker for these job types on this store, to run inside the server
     /// with [`Server::jobs`](fastlane::Server::jobs).
-    pub fn worker(&self) -> Worker<S> {
-        Worker::new(self.store.clone(), self.registry.clone())
+    pub fn consumer(&self) -> Consumer<S> {
+        Consumer::new(self.store.clone(), self.registry.clone())
     }
 }

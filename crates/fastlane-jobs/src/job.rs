@@ -279,14 +279,14 @@ pub(crate) fn push_running_attempt(
     attempts: &mut Vec<Attempt>,
     state: JobState,
     attempt: i64,
-    worker: Option<String>,
+    consumer: Option<String>,
     started_at_ms: Option<i64>,
 ) {
     let attempt = u32::try_from(attempt).unwrap_or(0);
     if state == JobState::Running && !attempts.iter().any(|a| a.attempt == attempt) {
         attempts.push(Attempt {
             attempt,
-            worker: worker.unwrap_or_default(),
+            consumer: consumer.unwrap_or_default(),
             started_at_ms: started_at_ms.unwrap_or_default(),
             finished_at_ms: None,
             outcome: None,
@@ -350,8 +350,8 @@ pub(crate) fn claimed_in_order(mut rows: Vec<ClaimedRow>) -> Vec<Claimed> {
 pub struct Attempt {
     /// Its number, from 1.
     pub attempt: u32,
-    /// The worker that ran it.
-    pub worker: String,
+    /// The consumer that ran it (its `ConsumerConfig::name`).
+    pub consumer: String,
     /// Start, unix milliseconds.
     pub started_at_ms: i64,
     /// End, unix milliseconds, if it ended.

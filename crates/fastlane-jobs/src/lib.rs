@@ -4,7 +4,7 @@
 //!
 //! * `job.rs`: the job model — [`NewJob`] (what to enqueue, with queue,
 //!   priority, run-at, attempts, timeout, unique key), [`Claimed`] (an
-//!   attempt handed to a worker, with its fencing token), [`JobInfo`],
+//!   attempt handed to a consumer, with its fencing token), [`JobInfo`],
 //!   [`JobState`] and the retry [`backoff`].
 //! * `store.rs`: the [`Store`] trait, the one contract of every backend.
 //! * `sqlite/`: [`SqliteStore`], the embedded default (a file, no server).
@@ -16,28 +16,29 @@
 //! * `registry.rs`: the [`Registry`] of job types (async handlers, or
 //!   blocking / CPU handlers on fastlane's lanes), [`JobContext`],
 //!   [`JobError`] and [`enqueue_checked`].
-//! * `worker.rs`: the worker loop ([`run_worker`]): per-queue concurrency,
+//! * `consumer.rs`: the consumer loop ([`run_consumer`]): per-queue concurrency,
 //!   lease heartbeats, cancellation, timeouts, panics as failures, batched
 //!   completion, release of unfinished jobs on shutdown.
-//! * `in_server.rs`: [`Worker`] and [`Jobs`], a worker inside a fastlane
+//! * `in_server.rs`: [`Consumer`] and [`Jobs`], a consumer inside a fastlane
 //!   server (`Server::jobs`) and the application's checked handle on its
 //!   queue.
 //!
-//! * `owner.rs`: which process holds a running job, so that a worker on the
+//! * `owner.rs`: which process holds a running job, so that a consumer on the
 //!   same host sees at once that it died instead of waiting for its lease.
 //!
 //! # The life of a job
 //!
 //! `enqueue` stores it `available` (or `scheduled` for later). `claim` gives
-//! it to one worker under a lease and a new fencing token; the worker renews
+//! it to one consumer under a lease and a new fencing token; the consumer renews
 //! the lease with `heartbeat` while it runs, and ends the attempt with
 //! `complete`, `fail` (retry with backoff, or dead) or `cancelled`. If the
-//! worker dies, the lease expires and the next `claim` takes the job over
+//! consumer dies, the lease expires and the next `claim` takes the job over
 //! with a new token, so the dead attempt's late writes are rejected as
 //! [`Error::Fenced`].
 
 mod any;
 mod common;
+mod consumer;
 mod error;
 mod in_server;
 mod job;
@@ -46,14 +47,15 @@ mod postgres;
 mod registry;
 mod sqlite;
 mod store;
-mod worker;
 
 pub use any::{connect, AnyStore};
+pub use consumer::{
+    run as run_consumer, run_with_stats as run_consumer_with_stats, ConsumerConfig, ConsumerStats,
+};
 pub use error::Error;
-pub use in_server::{Jobs, Worker};
+pub use in_server::{Consumer, Jobs};
 pub use job::{backoff, Attempt, Claimed, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
 pub use postgres::{enqueue_in_tx, enqueue_many_in_tx, PgStore};
 pub use registry::{enqueue_checked, JobContext, JobError, Registry};
 pub use sqlite::SqliteStore;
 pub use store::Store;
-pub use worker::{run as run_worker, run_with_stats as run_worker_with_stats, WorkerConfig, WorkerStats};

@@ -28,16 +28,16 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// stored.
     fn enqueue_many(&self, jobs: Vec<NewJob>) -> impl Future<Output = Result<Vec<JobId>, Error>> + Send;
 
-    /// Hands the next due job of `queue` to `worker` under a lease: highest
+    /// Hands the next due job of `queue` to `consumer` under a lease: highest
     /// priority first, then the earliest due. A running job whose lease has
     /// expired (its worker died) is due again, with a new attempt and token.
     fn claim(
         &self,
         queue: &str,
-        worker: &str,
+        consumer: &str,
         lease: Duration,
     ) -> impl Future<Output = Result<Option<Claimed>, Error>> + Send {
-        async move { Ok(self.claim_many(queue, worker, lease, 1).await?.pop()) }
+        async move { Ok(self.claim_many(queue, consumer, lease, 1).await?.pop()) }
     }
 
     /// [`claim`](Store::claim) for up to `limit` jobs at once, in the order
@@ -45,7 +45,7 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     fn claim_many(
         &self,
         queue: &str,
-        worker: &str,
+        consumer: &str,
         lease: Duration,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Claimed>, Error>> + Send;

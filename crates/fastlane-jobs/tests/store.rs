@@ -70,7 +70,7 @@ mod suite {
         let running = store.get(claimed[1].id).await.unwrap();
         assert_eq!(running.attempts.len(), 1);
         assert_eq!(
-            (running.attempts[0].worker.as_str(), running.attempts[0].outcome.as_deref()),
+            (running.attempts[0].consumer.as_str(), running.attempts[0].outcome.as_deref()),
             ("w", None)
         );
         // A batch completion records the owners and names the fenced.
@@ -142,7 +142,7 @@ mod suite {
         let info = store.get(id).await.unwrap();
         assert_eq!(info.state, JobState::Succeeded);
         assert_eq!(info.attempts.len(), 1);
-        assert_eq!(info.attempts[0].worker, "w1");
+        assert_eq!(info.attempts[0].consumer, "w1");
         assert_eq!(info.attempts[0].outcome.as_deref(), Some("succeeded"));
     }
 

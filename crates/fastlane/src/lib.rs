@@ -16,7 +16,7 @@
 //! * `routes/`: the app's routes, each with its stall record and metric
 //!   handles, shared by the server, the executor and the companions.
 //! * [`Companion`] (`server/companion.rs`): long-running work beside the requests,
-//!   such as a durable job worker ([`Server::jobs`]), on the same executor.
+//!   such as a durable job consumer ([`Server::jobs`]), on the same executor.
 //! * [`client`]: a minimal HTTP/1.1 client, for tests and the probe.
 //!
 //! # Example

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use fastlane_jobs::{NewJob, Store, WorkerConfig};
+use fastlane_jobs::{ConsumerConfig, NewJob, Store};
 
 use super::demo_registry;
 
@@ -52,12 +52,12 @@ pub async fn bench<S: Store>(
     concurrency: usize,
 ) -> Result<BenchResult, fastlane_jobs::Error> {
     let queue = format!("bench-{}", std::process::id());
-    let done = std::sync::Arc::new(fastlane_jobs::WorkerStats::default());
+    let done = std::sync::Arc::new(fastlane_jobs::ConsumerStats::default());
     let started = Instant::now();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let config = WorkerConfig { queues: vec![(queue.clone(), concurrency)], ..WorkerConfig::default() };
+    let config = ConsumerConfig { queues: vec![(queue.clone(), concurrency)], ..ConsumerConfig::default() };
     // The worker drains while the jobs are enqueued, as in production.
-    let worker = tokio::spawn(fastlane_jobs::run_worker_with_stats(
+    let worker = tokio::spawn(fastlane_jobs::run_consumer_with_stats(
         store.clone(),
         demo_registry(),
         config,

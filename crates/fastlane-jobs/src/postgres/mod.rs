@@ -132,7 +132,7 @@ impl Store for PgStore {
     async fn claim_many(
         &self,
         queue: &str,
-        worker: &str,
+        consumer: &str,
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<Claimed>, Error> {
@@ -171,7 +171,7 @@ impl Store for PgStore {
              RETURNING j.id, j.name, j.payload, j.attempt, j.max_attempts, j.token, j.timeout_ms, j.priority::BIGINT, j.run_at",
         )
         .bind(lease_until)
-        .bind(worker)
+        .bind(consumer)
         .bind(now)
         .bind(queue)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))

@@ -178,7 +178,7 @@ impl Store for SqliteStore {
     async fn claim_many(
         &self,
         queue: &str,
-        worker: &str,
+        consumer: &str,
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<Claimed>, Error> {
@@ -220,7 +220,7 @@ impl Store for SqliteStore {
              RETURNING id, name, payload, attempt, max_attempts, token, timeout_ms, priority, run_at",
         )
         .bind(lease_until)
-        .bind(worker)
+        .bind(consumer)
         .bind(now)
         .bind(queue)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))

@@ -87,7 +87,7 @@ pub(crate) enum LaneKind {
 ///
 /// Inside a fastlane server, handlers and background tasks reach their
 /// server's lanes through [`blocking`] and [`compute`]; `Lanes` is for code
-/// that wants an explicit handle (a job worker, a test).
+/// that wants an explicit handle (a job consumer, a test).
 #[derive(Debug, Clone)]
 pub struct Lanes {
     inner: Arc<Inner>,

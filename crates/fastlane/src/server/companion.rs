@@ -1,5 +1,5 @@
 //! Companions: long-running work a server runs beside its requests (a
-//! durable job worker), with the same isolation and the same shutdown: the
+//! durable job consumer), with the same isolation and the same shutdown: the
 //! [`Companion`] trait, the [`Spawner`] its tasks start with, and the
 //! server's start and stop of its companions.
 
@@ -18,7 +18,7 @@ use crate::routes::StallSource;
 pub type CompanionFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// Long-running work that a [`Server`](crate::Server) runs for its whole
-/// life, such as `fastlane_jobs::Worker` (added with
+/// life, such as `fastlane_jobs::Consumer` (added with
 /// [`Server::jobs`](crate::Server::jobs)).
 ///
 /// It starts when serving starts, in every worker process (never in the
@@ -28,7 +28,7 @@ pub type CompanionFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 /// and the companion has the server's grace period to finish; the server
 /// waits for it, beside in-flight requests and background tasks.
 pub trait Companion: Send + 'static {
-    /// What it is, for the logs (`job worker`).
+    /// What it is, for the logs (`job consumer`).
     fn name(&self) -> String;
 
     /// Its numbers for `GET /metrics`, read at each scrape (with the
@@ -156,7 +156,7 @@ pub(crate) fn start_all(
 }
 
 /// Waits for the companions, which were told to stop with the rest of the
-/// server, for what is left of the grace period plus a little: a job worker
+/// server, for what is left of the grace period plus a little: a job consumer
 /// out of grace gives its jobs back, which takes a few writes.
 pub(crate) async fn stop_all(companions: Vec<(String, tokio::sync::oneshot::Receiver<()>)>, left: Duration) {
     for (name, done) in companions {

@@ -19,7 +19,7 @@
 //! * `sniff.rs` and `timer.rs`: deadlines of connections on tokio's I/O;
 //! * `tracker.rs`: what is in flight;
 //! * `heartbeat.rs`: a worker process's heartbeat to its supervisor;
-//! * `companion.rs`: long-running work beside the requests (a job worker).
+//! * `companion.rs`: long-running work beside the requests (a job consumer).
 
 pub(crate) mod companion;
 mod config;
@@ -145,11 +145,11 @@ impl Server {
         self
     }
 
-    /// Runs a durable job worker (`fastlane_jobs::Worker`) inside the
+    /// Runs a durable job consumer (`fastlane_jobs::Consumer`) inside the
     /// server: [`companion`](Self::companion), under the name a reader of
-    /// `Server::new(app).jobs(worker)` expects.
-    pub fn jobs(self, worker: impl Companion) -> Self {
-        self.companion(worker)
+    /// `Server::new(app).jobs(jobs.consumer())` expects.
+    pub fn jobs(self, consumer: impl Companion) -> Self {
+        self.companion(consumer)
     }
 
     /// Binds the configured address and returns the bound server, whose

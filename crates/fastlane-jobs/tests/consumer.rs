@@ -1,11 +1,11 @@
-//! The worker against a SQLite store: handlers, retries, lanes, shutdown.
+//! The consumer against a SQLite store: handlers, retries, lanes, shutdown.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use fastlane_jobs::{
-    enqueue_checked, run_worker, Error, JobContext, JobError, JobState, NewJob, Registry, SqliteStore, Store,
-    WorkerConfig,
+    enqueue_checked, run_consumer, ConsumerConfig, Error, JobContext, JobError, JobState, NewJob, Registry,
+    SqliteStore, Store,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -85,8 +85,8 @@ fn registry() -> Registry {
         })
 }
 
-fn config(lease: Duration) -> WorkerConfig {
-    WorkerConfig { lease, poll_interval: Duration::from_millis(10), ..WorkerConfig::default() }
+fn config(lease: Duration) -> ConsumerConfig {
+    ConsumerConfig { lease, poll_interval: Duration::from_millis(10), ..ConsumerConfig::default() }
 }
 
 async fn wait_for_state<S: Store>(store: &S, id: i64, state: JobState, within: Duration) {
@@ -118,7 +118,7 @@ async fn a_worker_runs_jobs_retries_failures_and_records_panics() {
     let slow = NewJob::new("sleep", json!({"ms": 5000})).timeout(Duration::from_millis(200)).max_attempts(1);
     let slow = enqueue_checked(&store, &reg, slow).await.unwrap();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let worker = tokio::spawn(run_worker(
+    let consumer = tokio::spawn(run_consumer(
         store.clone(),
         reg,
         config(Duration::from_secs(5)),
@@ -143,7 +143,7 @@ async fn a_worker_runs_jobs_retries_failures_and_records_panics() {
     assert_eq!(info.attempts[0].error.as_deref(), Some("failing attempt 1"));
 
     stop_tx.send_replace(true);
-    let stats = worker.await.unwrap();
+    let stats = consumer.await.unwrap();
     assert_eq!(stats.succeeded.load(Ordering::Relaxed), 23);
     assert_eq!(stats.failed.load(Ordering::Relaxed), 3);
 }
@@ -152,14 +152,15 @@ async fn a_worker_runs_jobs_retries_failures_and_records_panics() {
 async fn an_idle_worker_starts_a_new_job_at_once_not_at_its_next_poll() {
     let (store, _dir) = store().await;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let config = WorkerConfig { poll_interval: Duration::from_secs(60), ..config(Duration::from_secs(15)) };
-    let worker = tokio::spawn(run_worker(store.clone(), registry(), config, stop_rx, Duration::from_secs(5)));
-    // Let the worker find the queue empty and go idle.
+    let config = ConsumerConfig { poll_interval: Duration::from_secs(60), ..config(Duration::from_secs(15)) };
+    let consumer =
+        tokio::spawn(run_consumer(store.clone(), registry(), config, stop_rx, Duration::from_secs(5)));
+    // Let the consumer find the queue empty and go idle.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let id = store.enqueue(NewJob::new("noop", json!(null))).await.unwrap();
     wait_for_state(&store, id, JobState::Succeeded, Duration::from_secs(10)).await;
     stop_tx.send_replace(true);
-    assert_eq!(worker.await.unwrap().succeeded.load(Ordering::Relaxed), 1);
+    assert_eq!(consumer.await.unwrap().succeeded.load(Ordering::Relaxed), 1);
 }
 
 #[tokio::test]
@@ -180,7 +181,7 @@ async fn shutdown_releases_unfinished_jobs_at_once() {
     let reg = registry();
     let id = enqueue_checked(&store, &reg, NewJob::new("sleep", json!({"ms": 30_000}))).await.unwrap();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let worker = tokio::spawn(run_worker(
+    let consumer = tokio::spawn(run_consumer(
         store.clone(),
         reg,
         config(Duration::from_secs(15)),
@@ -190,7 +191,7 @@ async fn shutdown_releases_unfinished_jobs_at_once() {
     wait_for_state(&store, id, JobState::Running, Duration::from_secs(5)).await;
     let started = Instant::now();
     stop_tx.send_replace(true);
-    let stats = worker.await.unwrap();
+    let stats = consumer.await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
     assert_eq!(stats.released.load(Ordering::Relaxed), 1);
     // Available again now, not after the 15 s lease, and the attempt was not
@@ -207,7 +208,7 @@ async fn a_running_job_sees_its_cancellation_before_its_next_heartbeat() {
     let reg = registry();
     let id = enqueue_checked(&store, &reg, NewJob::new("until_cancelled", json!(null))).await.unwrap();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let worker = tokio::spawn(run_worker(
+    let consumer = tokio::spawn(run_consumer(
         store.clone(),
         reg,
         config(Duration::from_secs(60)),
@@ -220,7 +221,7 @@ async fn a_running_job_sees_its_cancellation_before_its_next_heartbeat() {
     wait_for_state(&store, id, JobState::Cancelled, Duration::from_secs(10)).await;
     assert!(asked.elapsed() < Duration::from_secs(5), "seen after {:?}", asked.elapsed());
     stop_tx.send_replace(true);
-    worker.await.unwrap();
+    consumer.await.unwrap();
 }
 
 /// Inside a server, job handlers run where request handlers run: an async job
@@ -236,7 +237,8 @@ async fn jobs_inside_the_server_are_isolated_and_stop_with_it() {
     let jobs = fastlane_jobs::Jobs::new(store.clone(), registry);
     let app = axum::Router::new().route("/fast", axum::routing::get(|| async { "ok" }));
     let config = fastlane::Config { port: 0, expose_internal: true, ..fastlane::Config::default() };
-    let server = fastlane::Server::new(app).config(config).jobs(jobs.worker()).bind().await.unwrap().spawn();
+    let server =
+        fastlane::Server::new(app).config(config).jobs(jobs.consumer()).bind().await.unwrap().spawn();
     let mut ids = Vec::new();
     for _ in 0..4 {
         ids.push(jobs.enqueue(NewJob::new("blocks", json!(2000))).await.unwrap());
@@ -262,7 +264,7 @@ async fn jobs_inside_the_server_are_isolated_and_stop_with_it() {
     for id in &ids {
         wait_for_state(&store, *id, JobState::Succeeded, Duration::from_secs(15)).await;
     }
-    // The worker's counts are in the server's /metrics.
+    // The consumer's counts are in the server's /metrics.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let metrics = fastlane::client::get(&server.url("/metrics")).await.unwrap().text();
@@ -274,7 +276,7 @@ async fn jobs_inside_the_server_are_isolated_and_stop_with_it() {
         assert!(Instant::now() < deadline, "{metrics}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The worker stops with the server: a job enqueued after is left alone.
+    // The consumer stops with the server: a job enqueued after is left alone.
     assert!(server.shutdown().await.unwrap().is_clean());
     let after = jobs.enqueue(NewJob::new("noop", json!(null))).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -311,17 +313,18 @@ async fn each_queue_runs_at_most_its_own_limit() {
         jobs.push(NewJob::new("track", json!(1)).queue("wide").priority(i));
     }
     let ids = store.enqueue_many(jobs).await.unwrap();
-    let config = WorkerConfig {
+    let config = ConsumerConfig {
         queues: vec![("narrow".into(), 1), ("wide".into(), 3)],
         ..config(Duration::from_secs(15))
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let worker = tokio::spawn(run_worker(store.clone(), registry, config, stop_rx, Duration::from_secs(5)));
+    let consumer =
+        tokio::spawn(run_consumer(store.clone(), registry, config, stop_rx, Duration::from_secs(5)));
     for id in &ids {
         wait_for_state(&store, *id, JobState::Succeeded, Duration::from_secs(20)).await;
     }
     stop_tx.send_replace(true);
-    worker.await.unwrap();
+    consumer.await.unwrap();
     assert_eq!(gauges[0].max.load(Ordering::SeqCst), 1, "narrow ran more than 1 at once");
     assert_eq!(gauges[1].max.load(Ordering::SeqCst), 3, "wide did not use its 3 slots");
 }

@@ -19,7 +19,7 @@ use crate::Store;
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
-pub struct WorkerConfig {
+pub struct ConsumerConfig {
     /// This worker's name in the attempt records.
     pub name: String,
     /// Queues to fetch from, with how many jobs of each may run at once.
@@ -37,10 +37,10 @@ pub struct WorkerConfig {
     pub fetch_batch: usize,
 }
 
-impl Default for WorkerConfig {
+impl Default for ConsumerConfig {
     fn default() -> Self {
         Self {
-            name: format!("worker-{}", std::process::id()),
+            name: format!("consumer-{}", std::process::id()),
             queues: vec![("default".to_owned(), 16)],
             lease: Duration::from_secs(15),
             poll_interval: Duration::from_secs(1),
@@ -51,7 +51,7 @@ impl Default for WorkerConfig {
 
 /// Counts of what a worker did.
 #[derive(Debug, Default)]
-pub struct WorkerStats {
+pub struct ConsumerStats {
     /// Attempts that succeeded.
     pub succeeded: AtomicU64,
     /// Attempts that failed (retrying or dead).
@@ -86,10 +86,10 @@ type InFlight = Arc<std::sync::Mutex<HashMap<JobId, Running>>>;
 pub async fn run<S: Store>(
     store: S,
     registry: Registry,
-    config: WorkerConfig,
+    config: ConsumerConfig,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
-) -> Arc<WorkerStats> {
+) -> Arc<ConsumerStats> {
     run_with_stats(store, registry, config, shutdown, grace, Arc::default()).await
 }
 
@@ -97,18 +97,18 @@ pub async fn run<S: Store>(
 /// worker runs.
 ///
 /// Each queue has a fetcher that claims as many jobs as it has free slots
-/// (up to [`WorkerConfig::fetch_batch`]) in one transaction, and one
+/// (up to [`ConsumerConfig::fetch_batch`]) in one transaction, and one
 /// completer writes the successes of many jobs in one transaction: the
 /// store's cost is paid per batch, not per job. Failures, which need their
 /// error text and backoff, are written one by one.
 pub async fn run_with_stats<S: Store>(
     store: S,
     registry: Registry,
-    config: WorkerConfig,
+    config: ConsumerConfig,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
-    stats: Arc<WorkerStats>,
-) -> Arc<WorkerStats> {
+    stats: Arc<ConsumerStats>,
+) -> Arc<ConsumerStats> {
     let (stop_tx, _) = watch::channel(false);
     let in_flight: InFlight = Arc::default();
     let total: usize = config.queues.iter().map(|(_, n)| (*n).max(1)).sum();
@@ -227,8 +227,8 @@ async fn sweep<S: Store>(store: S, in_flight: InFlight, mut stop: watch::Receive
 struct Fetcher<S: Store> {
     spawner: fastlane::Spawner,
     store: S,
-    config: WorkerConfig,
-    stats: Arc<WorkerStats>,
+    config: ConsumerConfig,
+    stats: Arc<ConsumerStats>,
     in_flight: InFlight,
     /// What each attempt it starts needs: one clone per attempt.
     env: Arc<AttemptEnv<S>>,
@@ -241,7 +241,7 @@ struct AttemptEnv<S: Store> {
     store: S,
     registry: Registry,
     lease: Duration,
-    stats: Arc<WorkerStats>,
+    stats: Arc<ConsumerStats>,
     /// Where successes go, to be written in batches.
     done: mpsc::Sender<Lease>,
     /// Where handlers' progress reports go.
@@ -350,7 +350,7 @@ impl<S: Store> Fetcher<S> {
 /// Writes successes in batches: whatever has finished since the last write,
 /// up to [`COMPLETE_BATCH`], in one transaction. Ends when every sender is
 /// gone and everything sent is written.
-async fn complete_in_batches<S: Store>(store: S, mut done: mpsc::Receiver<Lease>, stats: Arc<WorkerStats>) {
+async fn complete_in_batches<S: Store>(store: S, mut done: mpsc::Receiver<Lease>, stats: Arc<ConsumerStats>) {
     let mut batch = Vec::with_capacity(COMPLETE_BATCH);
     while done.recv_many(&mut batch, COMPLETE_BATCH).await > 0 {
         let mut tries = 0u32;
@@ -401,7 +401,7 @@ async fn run_one<S: Store>(env: &AttemptEnv<S>, mut job: Claimed, cancelled: Arc
     let progress = progress.clone();
     let ctx = JobContext::new(job.id, job.attempt, job.token, cancelled.clone(), progress);
     let outcome: Result<(), JobError> = match registry.handler(&job.name) {
-        None => Err(JobError::Permanent(format!("no handler for job `{}` on this worker", job.name))),
+        None => Err(JobError::Permanent(format!("no handler for job `{}` on this consumer", job.name))),
         Some(handler) => match handler(std::mem::take(&mut job.payload), ctx) {
             Err(bad_payload) => {
                 Err(JobError::Permanent(format!("payload does not fit `{}`: {bad_payload}", job.name)))
@@ -422,7 +422,7 @@ async fn run_one<S: Store>(env: &AttemptEnv<S>, mut job: Claimed, cancelled: Arc
         Ok(()) => {
             // Written by the completer, with others; counted there.
             if done.send(job.lease()).await.is_err() {
-                tracing::warn!("job {}: the worker stopped before its success was recorded", job.id);
+                tracing::warn!("job {}: the consumer stopped before its success was recorded", job.id);
             }
             Ok(0)
         }
