@@ -185,6 +185,28 @@ fn log_level_and_access_log_flags_shape_the_log() {
 }
 
 #[test]
+fn log_format_json_writes_one_object_per_line_with_the_request_id() {
+    let demo = Demo::start_with_env(&["--log-format", "json"], &[("RUST_LOG", "")]);
+    let response = get(&demo.url("/test1"));
+    assert_eq!(response.status, 200);
+    let id = response.headers["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(get(&demo.url("/cpu/async-blocking?ms=60")).status, 200);
+    assert!(demo.wait_for_log("fastlane::stall", Duration::from_secs(5)).is_some());
+    let log = demo.log.lock().unwrap().clone();
+    let objects: Vec<serde_json::Value> = log
+        .iter()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}")))
+        .collect();
+    // The access log line: its message, and the id the response carried.
+    let access =
+        objects.iter().find(|o| o["target"] == "fastlane::request").unwrap_or_else(|| panic!("{log:#?}"));
+    assert!(access["fields"]["message"].as_str().unwrap().starts_with("GET /test1 200 "), "{access}");
+    assert_eq!(access["fields"]["request_id"], id.as_str(), "{access}");
+    assert!(access["level"] == "INFO" && access["timestamp"].is_string(), "{access}");
+    assert!(objects.iter().any(|o| o["target"] == "fastlane::stall" && o["level"] == "WARN"), "{log:#?}");
+}
+
+#[test]
 fn one_stall_gives_one_line_while_it_lasts_and_one_when_it_ends() {
     let demo = Demo::start(&[]);
     // The seeds' bug: an async fn that blocks its thread for 2 s.

@@ -64,12 +64,14 @@ pub use routes::StallRow;
 pub use routes::StallSource;
 pub use server::companion::{spawn, Companion, CompanionFuture, Spawner};
 pub use server::{
-    BoundServer, ClientInfo, Config, ForwardedAllowIps, RouteTimeout, ServeArgs, Server, ServerHandle,
-    SetTimeout, SpawnedServer,
+    BoundServer, ClientInfo, Config, ForwardedAllowIps, RequestId, RouteTimeout, ServeArgs, Server,
+    ServerHandle, SetTimeout, SpawnedServer,
 };
 pub use shutdown::{CutWork, ShutdownReport};
 pub use supervisor::worker::worker_id;
-pub use telemetry::{init_logging, init_logging_with, Human as HumanDuration, LogConfig, LogFields};
+pub use telemetry::{
+    init_logging, init_logging_with, Human as HumanDuration, LogConfig, LogFields, LogFormat,
+};
 
 /// The README's code blocks, compiled as doctests so that they stay true.
 #[cfg(doctest)]

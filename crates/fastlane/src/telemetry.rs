@@ -27,7 +27,8 @@ pub fn init_logging() {
 }
 
 /// What [`init_logging_with`] sets up; [`ServeArgs::log_config`](crate::ServeArgs::log_config)
-/// reads it from `--log-level` and `--access-log` / `--no-access-log`.
+/// reads it from `--log-level`, `--access-log` / `--no-access-log` and
+/// `--log-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogConfig {
     /// The least severe level written. `RUST_LOG`, when set, replaces it
@@ -36,13 +37,29 @@ pub struct LogConfig {
     /// A line per request (`GET /users/{id} 200 1.3ms`, target
     /// `fastlane::request`). Off, every other line stays.
     pub access_log: bool,
+    /// Lines for people, or JSON objects for a log shipper.
+    pub format: LogFormat,
 }
 
 impl Default for LogConfig {
-    /// `info`, with the access log.
+    /// `info`, with the access log, as text.
     fn default() -> Self {
-        Self { level: tracing::Level::INFO, access_log: true }
+        Self { level: tracing::Level::INFO, access_log: true, format: LogFormat::Text }
     }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `2026-11-27T10:00:00Z  INFO request{id=...}: target: message key=value`,
+    /// every field escaped and cut at 1 KiB ([`LogFields`]).
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields`
+    /// (the message and the event's fields) and `span` (the request's id,
+    /// inside a request). JSON escapes what a client sent; values are not
+    /// cut.
+    Json,
 }
 
 /// [`init_logging`] with a level and the access log chosen.
@@ -63,12 +80,13 @@ pub fn init_logging_with(config: &LogConfig) {
         // A directive this simple always parses.
         false => filter.add_directive("fastlane::request=off".parse().expect("a valid directive")),
     };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .fmt_fields(LogFields::default())
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match config.format {
+        LogFormat::Text => {
+            builder.fmt_fields(LogFields::default()).with_ansi(std::io::stderr().is_terminal()).try_init()
+        }
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
+    };
 }
 
 /// Formats a log event's fields as `tracing-subscriber`'s default does

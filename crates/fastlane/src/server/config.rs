@@ -192,6 +192,9 @@ pub struct ServeArgs {
     /// Log no line per request (the other logs stay).
     #[arg(long, env = "FASTLANE_NO_ACCESS_LOG", overrides_with = "access_log")]
     pub no_access_log: bool,
+    /// Log lines as text, or as one JSON object each (for a log shipper) [default: text].
+    #[arg(long, env = "FASTLANE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<crate::LogFormat>,
     /// Seconds a handler has to answer before the client gets 504; 0 disables [default: 60].
     #[arg(long, env = "FASTLANE_REQUEST_TIMEOUT", value_parser = parse_secs)]
     pub request_timeout: Option<f64>,
@@ -310,6 +313,7 @@ impl ServeArgs {
         crate::LogConfig {
             level: self.log_level.unwrap_or(tracing::Level::INFO),
             access_log: !self.no_access_log,
+            format: self.log_format.unwrap_or_default(),
         }
     }
 

@@ -28,6 +28,7 @@ use http_body::{Body as _, Frame};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use super::request_id::{self, RequestId};
 use super::state::{RequestState, ServerState};
 use super::timer::CoarseTimer;
 use crate::executor::budget::Gate;
@@ -102,7 +103,13 @@ where
         let state = &self.shared.state;
         let unmatched = (path == UNMATCHED).then(|| req.uri().path().into());
         let client = req.extensions().get::<crate::ClientInfo>().map(|c| c.addr.ip());
-        let request = Arc::new(RequestState::new(state.clone(), route, started, unmatched, client));
+        let request_id = RequestId::for_headers(req.headers());
+        // Every event the handler logs is written under this span, so it
+        // carries the id. At the error level so that it is on whenever
+        // anything is logged (a service run at `warn` keeps it too).
+        let span = tracing::error_span!(target: "fastlane", "request", id = %request_id);
+        let request =
+            Arc::new(RequestState::new(state.clone(), route, started, unmatched, client, request_id));
 
         if let Some(executor) = &state.executor {
             // This route has been stalling and the threads set aside for
@@ -123,6 +130,7 @@ where
                     request,
                     sleep: None,
                     gate: Gate::default(),
+                    span,
                 };
             }
         }
@@ -139,17 +147,19 @@ where
                     request,
                     sleep: None,
                     gate: Gate::default(),
+                    span,
                 };
             }
         }
 
         req.extensions_mut().insert(request.clone());
+        req.extensions_mut().insert(request.request_id.clone());
         let _route = enter_route(request.route.id, Phase::Handler);
-        let inner = match catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
+        let inner = span.in_scope(|| match catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
             Ok(future) => State::Running { future },
             Err(payload) => State::Done { response: Some(panicked(&request, &*payload)) },
-        };
-        ResponseFuture { state: inner, request, sleep: None, gate: Gate::default() }
+        });
+        ResponseFuture { state: inner, request, sleep: None, gate: Gate::default(), span }
     }
 }
 
@@ -185,6 +195,8 @@ pin_project! {
         // Runs the handler's polls under the stall budget while its route
         // is suspect.
         gate: Gate,
+        // The request's span, entered while the handler is polled.
+        span: tracing::Span,
     }
 }
 
@@ -204,6 +216,7 @@ where
                 // With the deadline, so that a stall past it says why no 504 came.
                 let (deadline_ms, timeout_ms) = this.request.deadline_ms();
                 let _route = enter_request(this.request.route.id, deadline_ms, timeout_ms);
+                let _span = this.span.enter();
                 let poll = |cx: &mut Context<'_>| match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
                     Ok(Poll::Pending) => Poll::Pending,
                     Ok(Poll::Ready(result)) => Poll::Ready(Ok(result)),
@@ -270,8 +283,12 @@ where
 /// A body of known size is logged and counted now; a stream when it ends,
 /// so that its latency is the whole response's (with the time to its
 /// headers beside it).
-fn finish(request: &Arc<RequestState>, response: Response) -> Response {
+fn finish(request: &Arc<RequestState>, mut response: Response) -> Response {
     let elapsed = request.started.elapsed();
+    // The id is of characters a header value can hold (see `request_id`).
+    if let Ok(value) = http::HeaderValue::from_str(request.request_id.as_str()) {
+        response.headers_mut().insert(request_id::HEADER, value);
+    }
     let status = response.status().as_u16();
     let exact = response.body().size_hint().exact().is_some();
     let log = match exact {
@@ -311,6 +328,7 @@ fn answered(
     tracing::info!(
         target: "fastlane::request",
         client = request.client.map(tracing::field::display),
+        request_id = %request.request_id,
         "{} {} {} {:.1}ms{stream}",
         request.method,
         request.unmatched_path.as_deref().unwrap_or(&request.route.route),

@@ -1,5 +1,6 @@
 //! State shared by a server's connections, requests and background tasks.
 
+use super::request_id::RequestId;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,6 +87,8 @@ pub(crate) struct RequestState {
     /// The client's address for the access log ([`crate::ClientInfo`]:
     /// the forwarded one behind a trusted proxy).
     pub(crate) client: Option<std::net::IpAddr>,
+    /// The id its logs and its response carry ([`RequestId`]).
+    pub(crate) request_id: RequestId,
     /// A per-route timeout set by [`RouteTimeout`](crate::RouteTimeout), in
     /// milliseconds; [`TIMEOUT_UNSET`] means "use the server's".
     timeout: AtomicU64,
@@ -111,6 +114,7 @@ impl RequestState {
         started: Instant,
         unmatched_path: Option<Box<str>>,
         client: Option<std::net::IpAddr>,
+        request_id: RequestId,
     ) -> Self {
         let method = route.method.clone();
         let id = server.tracker.add_request(&route, started);
@@ -123,6 +127,7 @@ impl RequestState {
             started_ms: crate::coarse::now_ms(),
             unmatched_path,
             client,
+            request_id,
             timeout: AtomicU64::new(TIMEOUT_UNSET),
             pending: Mutex::new(Some(Vec::new())),
         }

@@ -1,0 +1,191 @@
+//! [`RequestId`]: the id that follows a request through its logs.
+//!
+//! Taken from the request when the client (or a proxy in front) sent one
+//! that is well-formed: `X-Request-Id` first, then the trace id of a W3C
+//! `traceparent`; made here otherwise. It goes back in the response's
+//! `x-request-id`, is a field of the request's access log line, and names the
+//! `request` span every log event of the handler is written under.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::FromRequestParts;
+use http::request::Parts;
+use http::HeaderMap;
+
+/// The response header (and the request header read first).
+pub(crate) const HEADER: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// The longest `X-Request-Id` taken as it is (a UUID is 36, a trace id 32).
+const MAX_LEN: usize = 128;
+
+/// A request's id: the client's `X-Request-Id` or `traceparent` trace id when
+/// well-formed, else 32 lowercase hex digits made by the server.
+///
+/// Handlers take it as an extractor (it never fails):
+///
+/// ```
+/// async fn handler(id: fastlane::RequestId) -> String {
+///     format!("you are request {id}")
+/// }
+/// # let _ = axum::routing::get(handler);
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RequestId(Arc<str>);
+
+impl RequestId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The id of a request with these headers: its `X-Request-Id` if that
+    /// is 1 to 128 characters of `A-Z a-z 0-9 - _ . : + = / @`, else the
+    /// trace id of a valid W3C `traceparent`, else a new one.
+    pub(crate) fn for_headers(headers: &HeaderMap) -> Self {
+        if let Some(id) = headers.get(HEADER).and_then(|v| v.to_str().ok()).filter(|v| acceptable(v)) {
+            return Self(id.into());
+        }
+        if let Some(trace) = headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(trace_id) {
+            return Self(trace.into());
+        }
+        Self::new()
+    }
+
+    /// A new id: 128 bits, as 32 hex digits (the shape of a W3C trace id),
+    /// from a random per-process key and a counter, mixed so that ids made
+    /// one after another do not look alike.
+    pub(crate) fn new() -> Self {
+        static KEY: OnceLock<(u64, u64)> = OnceLock::new();
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let (hi, lo) = *KEY.get_or_init(|| {
+            // The std hasher's keys are random per process; nothing to add.
+            use std::hash::{BuildHasher, Hasher};
+            let random = |salt: u64| {
+                let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+                hasher.write_u64(salt);
+                hasher.finish()
+            };
+            (random(1), random(2))
+        });
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        Self(format!("{:016x}{:016x}", mix(hi ^ n), mix(lo.wrapping_add(n))).into())
+    }
+}
+
+/// SplitMix64's finaliser: a bijection on u64 that spreads every input bit.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Whether a client's `X-Request-Id` is taken as it is: short, and of
+/// characters that need no escaping in a log line, a header or JSON.
+fn acceptable(id: &str) -> bool {
+    (1..=MAX_LEN).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:+=/@".contains(&b))
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`),
+/// if it is one: lowercase hex, neither id all zeros, version not `ff`. A
+/// later version may add fields after these four; they are ignored.
+fn trace_id(value: &str) -> Option<&str> {
+    let value = value.trim();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let mut parts = value.split('-');
+    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let valid = hex(version, 2)
+        && version != "ff"
+        && (version != "00" || parts.next().is_none())
+        && hex(trace, 32)
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && parent.bytes().any(|b| b != b'0');
+    valid.then_some(trace)
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// The id fastlane gave the request; outside a fastlane server (a router
+/// called directly in a test), one made from the request's headers.
+impl<S: Send + Sync> FromRequestParts<S> for RequestId {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        if let Some(id) = parts.extensions.get::<RequestId>() {
+            return Ok(id.clone());
+        }
+        Ok(Self::for_headers(&parts.headers))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, value.parse().unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn a_well_formed_client_id_is_kept_and_a_bad_one_replaced() {
+        let id = RequestId::for_headers(&headers(&[("x-request-id", "req-42_a.b:c")]));
+        assert_eq!(id.as_str(), "req-42_a.b:c");
+        for bad in ["has space", "semi;colon", "", &"x".repeat(129), "tab\there"] {
+            let id = RequestId::for_headers(&headers(&[("x-request-id", bad)]));
+            assert_ne!(id.as_str(), bad);
+            assert_eq!(id.as_str().len(), 32, "made: {id}");
+        }
+    }
+
+    #[test]
+    fn the_trace_id_of_a_valid_traceparent_is_taken() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let id =
+            RequestId::for_headers(&headers(&[("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01"))]));
+        assert_eq!(id.as_str(), trace);
+        // X-Request-Id wins when both are there.
+        let both =
+            headers(&[("x-request-id", "mine"), ("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01"))]);
+        assert_eq!(RequestId::for_headers(&both).as_str(), "mine");
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        ] {
+            assert_ne!(RequestId::for_headers(&headers(&[("traceparent", bad)])).as_str(), trace, "{bad}");
+        }
+        // A later version may carry more fields.
+        let later = format!("01-{trace}-00f067aa0ba902b7-01-more");
+        assert_eq!(RequestId::for_headers(&headers(&[("traceparent", &later)])).as_str(), trace);
+    }
+
+    #[test]
+    fn made_ids_differ() {
+        let ids: std::collections::HashSet<_> = (0..1000).map(|_| RequestId::new()).collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(ids
+            .iter()
+            .all(|id| id.as_str().len() == 32 && id.as_str().bytes().all(|b| b.is_ascii_hexdigit())));
+    }
+}
