@@ -8,12 +8,10 @@ mod support;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
 use fastlane::{Config, RequestId};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Log output, kept for the test to read.
 #[derive(Clone, Default)]
@@ -39,20 +37,12 @@ impl Captured {
 /// Sends one request with `headers` on a fresh connection; the response's
 /// `x-request-id` and its body.
 async fn get_with(addr: std::net::SocketAddr, path: &str, headers: &str) -> (Option<String>, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response))
-        .await
-        .unwrap()
-        .unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let (head, body) = support::raw_get(addr, path, headers).await;
     let id = head
         .lines()
         .find_map(|l| l.split_once(':').filter(|(name, _)| name.eq_ignore_ascii_case("x-request-id")))
         .map(|(_, value)| value.trim().to_owned());
-    (id, body.to_owned())
+    (id, body)
 }
 
 async fn hello(id: RequestId) -> String {

@@ -251,17 +251,9 @@ async fn binding_a_taken_port_is_a_clear_error() {
 
 /// The body of a GET sent with extra headers over a plain socket.
 async fn get_with_headers(addr: std::net::SocketAddr, path: &str, headers: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{headers}\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response))
-        .await
-        .unwrap()
-        .unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let (head, body) = support::raw_get(addr, path, headers).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
+    body
 }
 
 #[tokio::test]

@@ -125,13 +125,7 @@ where
                     request.route.route,
                     executor.budget().limit()
                 ));
-                return ResponseFuture {
-                    state: State::Done { response: Some(error.into_response()) },
-                    request,
-                    sleep: None,
-                    gate: Gate::default(),
-                    span,
-                };
+                return ResponseFuture::answered(error.into_response(), request, span);
             }
         }
 
@@ -142,13 +136,7 @@ where
                     http::StatusCode::PAYLOAD_TOO_LARGE,
                     format!("the request body is {declared} bytes; the limit is {limit} bytes"),
                 );
-                return ResponseFuture {
-                    state: State::Done { response: Some(error.into_response()) },
-                    request,
-                    sleep: None,
-                    gate: Gate::default(),
-                    span,
-                };
+                return ResponseFuture::answered(error.into_response(), request, span);
             }
         }
 
@@ -197,6 +185,19 @@ pin_project! {
         gate: Gate,
         // The request's span, entered while the handler is polled.
         span: tracing::Span,
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    /// A request fastlane answers itself, without calling the handler.
+    fn answered(response: Response, request: Arc<RequestState>, span: tracing::Span) -> Self {
+        Self {
+            state: State::Done { response: Some(response) },
+            request,
+            sleep: None,
+            gate: Gate::default(),
+            span,
+        }
     }
 }
 

@@ -29,7 +29,8 @@ const MAX_LEN: usize = 128;
 /// async fn handler(id: fastlane::RequestId) -> String {
 ///     format!("you are request {id}")
 /// }
-/// # let _ = axum::routing::get(handler);
+/// let app: axum::Router = axum::Router::new().route("/", axum::routing::get(handler));
+/// # let _ = app;
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct RequestId(Arc<str>);
