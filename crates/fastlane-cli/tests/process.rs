@@ -210,7 +210,9 @@ fn log_format_json_writes_one_object_per_line_with_the_request_id() {
 fn one_stall_gives_one_line_while_it_lasts_and_one_when_it_ends() {
     let demo = Demo::start(&[]);
     // The seeds' bug: an async fn that blocks its thread for 2 s.
-    assert_eq!(get(&demo.url("/test2?secs=2")).status, 200);
+    let response = get(&demo.url("/test2?secs=2"));
+    assert_eq!(response.status, 200);
+    let id = response.headers["x-request-id"].to_str().unwrap().to_owned();
     assert!(demo.wait_for_log("GET /test2 blocked its thread for", Duration::from_secs(5)).is_some());
     // A moment for a late line, if the monitor wrongly repeated itself.
     std::thread::sleep(Duration::from_millis(300));
@@ -223,9 +225,11 @@ fn one_stall_gives_one_line_while_it_lasts_and_one_when_it_ends() {
     );
     assert!(after.contains("GET /test2 blocked its thread for 2.0 s"), "{after}");
     for line in &lines {
-        // Short: the route, how long, and the fix, on one line.
+        // Short: the route, how long, and the fix, on one line; and which
+        // request it was, as its response and access log line say.
         assert!(line.contains("fastlane::blocking(..)"), "{line}");
-        assert!(line.len() < 400, "{} chars: {line}", line.len());
+        assert!(line.contains(&format!("request_id={id}")), "{line}");
+        assert!(line.len() < 450, "{} chars: {line}", line.len());
     }
 }
 

@@ -15,6 +15,8 @@
 //! * `metrics/`: the Prometheus registry behind `GET /metrics`.
 //! * `routes/`: the app's routes, each with its stall record and metric
 //!   handles, shared by the server, the executor and the companions.
+//! * [`RequestId`] (`request_id.rs`): the id on a request's response, log
+//!   lines and stall reports.
 //! * [`Companion`] (`server/companion.rs`): long-running work beside the requests,
 //!   such as a durable job consumer ([`Server::jobs`]), on the same executor.
 //! * [`client`]: a minimal HTTP/1.1 client, for tests and the probe.
@@ -47,6 +49,7 @@ mod executor;
 pub mod extract;
 mod lane;
 mod metrics;
+mod request_id;
 mod routes;
 mod server;
 mod shutdown;
@@ -60,12 +63,13 @@ pub use error::{Error, ErrorChain};
 pub use executor::IsolationConfig;
 pub use lane::{blocking, compute, cpu, sync, LaneConfig, LaneError, LaneHandler, Lanes};
 pub use metrics::{CompanionMetric, MetricKind, MetricsSource};
+pub use request_id::RequestId;
 pub use routes::StallRow;
 pub use routes::StallSource;
 pub use server::companion::{spawn, Companion, CompanionFuture, Spawner};
 pub use server::{
-    BoundServer, ClientInfo, Config, ForwardedAllowIps, RequestId, RouteTimeout, ServeArgs, Server,
-    ServerHandle, SetTimeout, SpawnedServer,
+    BoundServer, ClientInfo, Config, ForwardedAllowIps, RouteTimeout, ServeArgs, Server, ServerHandle,
+    SetTimeout, SpawnedServer,
 };
 pub use shutdown::{CutWork, ShutdownReport};
 pub use supervisor::worker::worker_id;

@@ -125,7 +125,7 @@ impl Store for PgStore {
         Ok(ids)
     }
 
-    /// Hands the next due jobs of `queue` to `worker` under a lease of
+    /// Hands the next due jobs of `queue` to `consumer` under a lease of
     /// `lease`: the highest priority first, then the earliest. A running job
     /// whose lease has expired (its worker died) is due again: that is how a
     /// dead worker's jobs are recovered, within one lease period.

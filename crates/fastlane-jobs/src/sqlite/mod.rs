@@ -171,7 +171,7 @@ impl Store for SqliteStore {
         Ok(in_batch_order(ids))
     }
 
-    /// Hands the next due jobs of `queue` to `worker` under a lease of
+    /// Hands the next due jobs of `queue` to `consumer` under a lease of
     /// `lease`: the highest priority first, then the earliest. A running job
     /// whose lease has expired (its worker died) is due again: that is how a
     /// dead worker's jobs are recovered, within one lease period.

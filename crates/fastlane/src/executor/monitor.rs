@@ -144,6 +144,7 @@ fn mark_stuck(shared: &Shared, slot: &Slot, started: u64, now: u64) {
     slot.stuck_route.store(route_id, Ordering::Relaxed);
     slot.stuck_phase.store(phase as u8, Ordering::Relaxed);
     slot.note_stuck_deadline();
+    let request = slot.note_stuck_request();
     slot.cpu_bound.store(false, Ordering::Relaxed);
     slot.cpu_mark.store(thread_cpu_ns(slot).unwrap_or(0), Ordering::Relaxed);
     slot.wall_mark.store(now, Ordering::Relaxed);
@@ -178,6 +179,7 @@ fn mark_stuck(shared: &Shared, slot: &Slot, started: u64, now: u64) {
             target: "fastlane::stall",
             method = %route.method,
             route = %route.route,
+            request_id = request.as_ref().map(tracing::field::display),
             "{}",
             stall_message(&route, phase, so_far, None, false, slot.panicking.load(Ordering::Relaxed))
         );

@@ -184,6 +184,7 @@ impl Shared {
         if slot.charged.swap(false, Ordering::Relaxed) {
             self.budget.release();
         }
+        let request = slot.take_stuck_request();
         let route = self.routes.by_id(slot.stuck_route.load(Ordering::Relaxed));
         let Some(route) = route else { return };
         route.stall_ended(took);
@@ -205,6 +206,7 @@ impl Shared {
             target: "fastlane::stall",
             method = %route.method,
             route = %route.route,
+            request_id = request.as_ref().map(tracing::field::display),
             ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
             "{message}"
         );

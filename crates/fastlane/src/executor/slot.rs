@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use async_task::Runnable;
 
 use crate::routes::Phase;
+use crate::RequestId;
 
 /// Set in [`Slot::poll_started`] by the monitor when it judges the current
 /// poll stuck. Packing the flag into the same word as the start time makes
@@ -43,6 +44,11 @@ pub(crate) struct Slot {
     timeout_ms: AtomicU64,
     pub(crate) stuck_deadline_ms: AtomicU64,
     pub(crate) stuck_timeout_ms: AtomicU64,
+    /// The request whose handler is being polled, if one is (set with the
+    /// route by [`enter_request`]); and its copy taken when the poll was
+    /// judged stuck, for the stall's two log lines.
+    request: Mutex<Option<RequestId>>,
+    pub(crate) stuck_request: Mutex<Option<RequestId>>,
     /// The monitor lowered this thread's priority; it retires after the poll.
     pub(crate) demoted: AtomicBool,
     /// The stuck poll was burning CPU (not sleeping or waiting on I/O).
@@ -85,10 +91,27 @@ impl Slot {
         Phase::from_u8(self.stuck_phase.load(Ordering::Relaxed))
     }
 
+    /// Copies the request being polled now (if any) into `stuck_request`.
+    pub(crate) fn note_stuck_request(&self) -> Option<RequestId> {
+        let request = lock(&self.request).clone();
+        lock(&self.stuck_request).clone_from(&request);
+        request
+    }
+
+    /// Takes the request the stuck poll was for.
+    pub(crate) fn take_stuck_request(&self) -> Option<RequestId> {
+        lock(&self.stuck_request).take()
+    }
+
     pub(crate) fn local(&self) -> std::sync::MutexGuard<'_, VecDeque<Runnable>> {
         // Nothing panics while holding it (tasks run after it is released).
         self.local.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Nothing panics while these locks are held; a poisoned one is still good.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 thread_local! {
@@ -125,18 +148,25 @@ pub(crate) struct RouteGuard {
     /// What to restore (route, phase, deadline, timeout); `None` off the
     /// runners (nothing was marked).
     previous: Option<(u32, u8, u64, u64)>,
+    /// The request to restore, when [`enter_request`] replaced it.
+    previous_request: Option<Option<RequestId>>,
 }
 
 /// Marks the current runner thread as working for `route` in `phase`.
 pub(crate) fn enter_route(route: u32, phase: Phase) -> RouteGuard {
-    enter(route, phase, 0, 0)
+    enter(route, phase, 0, 0, None)
 }
 
 /// Marks the current runner thread as polling the handler of a request of
 /// `route` whose `timeout_ms` expires at `deadline_ms` (coarse clock; 0 for
 /// none): a stall past it can then say why no 504 came.
-pub(crate) fn enter_request(route: u32, deadline_ms: u64, timeout_ms: u64) -> RouteGuard {
-    enter(route, Phase::Handler, deadline_ms, timeout_ms)
+pub(crate) fn enter_request(
+    route: u32,
+    deadline_ms: u64,
+    timeout_ms: u64,
+    request: &RequestId,
+) -> RouteGuard {
+    enter(route, Phase::Handler, deadline_ms, timeout_ms, Some(request))
 }
 
 /// The request being polled on this runner changed its timeout (a route's
@@ -150,29 +180,44 @@ pub(crate) fn request_deadline_changed(deadline_ms: u64, timeout_ms: u64) {
     });
 }
 
-fn enter(route: u32, phase: Phase, deadline_ms: u64, timeout_ms: u64) -> RouteGuard {
-    let previous = CURRENT.with(|c| {
-        c.borrow().as_ref().map(|slot| {
-            (
-                slot.route.swap(route, Ordering::Relaxed),
-                slot.phase.swap(phase as u8, Ordering::Relaxed),
-                slot.deadline_ms.swap(deadline_ms, Ordering::Relaxed),
-                slot.timeout_ms.swap(timeout_ms, Ordering::Relaxed),
-            )
-        })
-    });
-    RouteGuard { previous }
+fn enter(
+    route: u32,
+    phase: Phase,
+    deadline_ms: u64,
+    timeout_ms: u64,
+    request: Option<&RequestId>,
+) -> RouteGuard {
+    CURRENT.with(|c| {
+        let current = c.borrow();
+        let Some(slot) = current.as_ref() else {
+            return RouteGuard { previous: None, previous_request: None };
+        };
+        let previous = (
+            slot.route.swap(route, Ordering::Relaxed),
+            slot.phase.swap(phase as u8, Ordering::Relaxed),
+            slot.deadline_ms.swap(deadline_ms, Ordering::Relaxed),
+            slot.timeout_ms.swap(timeout_ms, Ordering::Relaxed),
+        );
+        // An uncontended lock per poll of a handler: the monitor takes it
+        // only when it judges a poll stuck.
+        let previous_request = request.map(|request| lock(&slot.request).replace(request.clone()));
+        RouteGuard { previous: Some(previous), previous_request }
+    })
 }
 
 impl Drop for RouteGuard {
     fn drop(&mut self) {
         if let Some((route, phase, deadline_ms, timeout_ms)) = self.previous {
+            let previous_request = self.previous_request.take();
             CURRENT.with(|c| {
                 if let Some(slot) = c.borrow().as_ref() {
                     slot.route.store(route, Ordering::Relaxed);
                     slot.phase.store(phase, Ordering::Relaxed);
                     slot.deadline_ms.store(deadline_ms, Ordering::Relaxed);
                     slot.timeout_ms.store(timeout_ms, Ordering::Relaxed);
+                    if let Some(request) = previous_request {
+                        *lock(&slot.request) = request;
+                    }
                 }
             });
         }

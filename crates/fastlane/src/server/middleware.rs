@@ -28,12 +28,12 @@ use http_body::{Body as _, Frame};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use super::request_id::{self, RequestId};
 use super::state::{RequestState, ServerState};
 use super::timer::CoarseTimer;
 use crate::executor::budget::Gate;
 use crate::executor::{enter_request, enter_route};
 use crate::lane::panic_message;
+use crate::request_id::{self, RequestId};
 use crate::routes::{Phase, RouteInfo};
 use crate::ApiError;
 
@@ -216,7 +216,8 @@ where
             StateProj::Running { future } => {
                 // With the deadline, so that a stall past it says why no 504 came.
                 let (deadline_ms, timeout_ms) = this.request.deadline_ms();
-                let _route = enter_request(this.request.route.id, deadline_ms, timeout_ms);
+                let _route =
+                    enter_request(this.request.route.id, deadline_ms, timeout_ms, &this.request.request_id);
                 let _span = this.span.enter();
                 let poll = |cx: &mut Context<'_>| match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
                     Ok(Poll::Pending) => Poll::Pending,

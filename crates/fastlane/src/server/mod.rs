@@ -16,7 +16,6 @@
 //! * `internal.rs`: `/metrics` and `/_fastlane/*`;
 //! * `middleware.rs`: the per-request layer (access log, metrics, timeouts,
 //!   panics), `timeout.rs` per-route timeouts, `proxy.rs` proxy headers;
-//! * `request_id.rs`: [`RequestId`], the id on a request's logs and response;
 //! * `sniff.rs` and `timer.rs`: deadlines of connections on tokio's I/O;
 //! * `tracker.rs`: what is in flight;
 //! * `heartbeat.rs`: a worker process's heartbeat to its supervisor;
@@ -28,7 +27,6 @@ mod heartbeat;
 mod internal;
 mod middleware;
 mod proxy;
-mod request_id;
 mod service;
 mod sniff;
 mod state;
@@ -51,7 +49,6 @@ use tokio::sync::watch;
 
 pub use config::{Config, ServeArgs};
 pub use proxy::{ClientInfo, ForwardedAllowIps};
-pub use request_id::RequestId;
 pub(crate) use state::{RequestState, ServerState};
 pub use timeout::{RouteTimeout, SetTimeout};
 

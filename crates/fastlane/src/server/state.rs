@@ -1,6 +1,6 @@
 //! State shared by a server's connections, requests and background tasks.
 
-use super::request_id::RequestId;
+use crate::RequestId;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
