@@ -39,7 +39,8 @@ pub(crate) async fn dispatch(
     server: ServerAddr,
     req: axum::extract::Request,
 ) -> Response {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    let request_id = pass_request_id(&mut parts);
     let path = parts.uri.path();
     let key = format!("{} {}", parts.method, path);
 
@@ -66,7 +67,7 @@ pub(crate) async fn dispatch(
             Ok(chosen) => chosen,
             Err(response) => return response,
         };
-        let (id, events) = worker.dispatch(frame::REQUEST, key.clone(), suspect, &head);
+        let (id, events) = worker.dispatch(frame::REQUEST, key.clone(), suspect, &head, request_id.clone());
         let exchange = Exchange { worker, id, events, body: rest, sent: 0, limit, finished: false };
         match exchange.response().await {
             Outcome::Response(response) => return response,
@@ -76,6 +77,18 @@ pub(crate) async fn dispatch(
             }
         }
     }
+}
+
+/// The request's id ([`fastlane::RequestId`]), also given to the app as its
+/// `x-request-id` header: the one the client sent when the server kept it,
+/// else the one the server made (replacing a malformed one), so that the
+/// app's logs can name the request as the server's do.
+pub(crate) fn pass_request_id(parts: &mut http::request::Parts) -> Option<fastlane::RequestId> {
+    let id = parts.extensions.get::<fastlane::RequestId>()?.clone();
+    if let Ok(value) = http::HeaderValue::from_str(id.as_str()) {
+        parts.headers.insert(http::HeaderName::from_static("x-request-id"), value);
+    }
+    Some(id)
 }
 
 /// The scope's fields of a request, for its frame: `decoded` is its path,

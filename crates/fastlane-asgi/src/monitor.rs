@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::frame;
 use crate::pool::Shared;
-use crate::worker::Worker;
+use crate::worker::{InFlight, Worker};
 
 /// How often the ticks are read.
 const PERIOD: Duration = Duration::from_millis(1);
@@ -73,6 +73,8 @@ struct StallLog {
 struct Report {
     /// `GET /test2`, with the route template when the app told it.
     request: Option<String>,
+    /// Its id, as its response and access log line carry it.
+    request_id: Option<fastlane::RequestId>,
     /// The method and route (the template when the app told it, else the
     /// path) the stall is counted under in `/_fastlane/stalls`.
     route: Option<(String, String)>,
@@ -325,6 +327,7 @@ fn began(shared: &Shared, worker: &Worker, since: Instant, log: &Mutex<StallLog>
         target: "fastlane::stall",
         worker = worker.number,
         pid = worker.pid,
+        request_id = report.request_id.as_ref().map(tracing::field::display),
         "{} blocked the event loop of worker {} for {}{so_far}{at}{called_from}; {}. Fix: {}",
         culprit(&report),
         worker.number,
@@ -375,6 +378,7 @@ fn ended(shared: &Shared, worker: &Worker, stall: Stall, now: Instant) {
         target: "fastlane::stall",
         worker = worker.number,
         pid = worker.pid,
+        request_id = report.request_id.as_ref().map(tracing::field::display),
         "the event loop of worker {} was blocked {} by {}{}; {waited}",
         worker.number,
         fastlane::HumanDuration(lasted),
@@ -474,12 +478,13 @@ fn ask_stack(shared: &Shared, worker: &Worker) -> Report {
         report.no_stack = Some(format!("its Python stack could not be read: {err}"));
     }
     if let Some(id) = reply.request {
-        if let Some((line, answered)) = worker.describe(id) {
+        if let Some(InFlight { line, answered, request_id }) = worker.describe(id) {
             report.route = route_of(&line, reply.route.as_deref());
             report.request = Some(match &reply.route {
                 Some(route) if !line.ends_with(route.as_str()) => format!("{line} (route {route})"),
                 _ => line,
             });
+            report.request_id = request_id;
             report.background |= answered;
         }
     }
@@ -487,10 +492,11 @@ fn ask_stack(shared: &Shared, worker: &Worker) -> Report {
         // A task the request started (a streaming body's, an anyio task
         // group's) is not the request's own; with one request in flight on
         // the worker, it is that request's.
-        if let [(line, answered)] = worker.in_flight_entries().as_slice() {
-            report.route = route_of(line, None);
-            report.request = Some(line.clone());
-            report.background = *answered;
+        if let [only] = worker.in_flight_entries().as_slice() {
+            report.route = route_of(&only.line, None);
+            report.request = Some(only.line.clone());
+            report.request_id.clone_from(&only.request_id);
+            report.background = only.answered;
         }
     }
     let app_dir =

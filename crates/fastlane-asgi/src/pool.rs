@@ -14,7 +14,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::frame;
 use crate::wire::{self, FrameReader, Outbox};
-use crate::worker::{self, Worker};
+use crate::worker::{self, InFlight, Worker};
 use crate::zygote::{self, Launch, Zygote};
 use crate::{AppConfig, StartError};
 
@@ -554,7 +554,7 @@ impl Shared {
                     } else {
                         let list: Vec<_> = running
                             .iter()
-                            .map(|(line, answered)| {
+                            .map(|InFlight { line, answered, .. }| {
                                 if *answered {
                                     format!("a background task of {line}")
                                 } else {

@@ -60,7 +60,8 @@ pub(crate) async fn dispatch(
         return response;
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let (parts, _) = req.into_parts();
+    let (mut parts, _) = req.into_parts();
+    let request_id = dispatch::pass_request_id(&mut parts);
     let path = parts.uri.path();
     let key_line = format!("WEBSOCKET {path}");
     let decoded = dispatch::percent_decode(path);
@@ -71,7 +72,8 @@ pub(crate) async fn dispatch(
             Ok(chosen) => chosen,
             Err(response) => return response,
         };
-        let (id, events) = worker.dispatch(frame::WS_CONNECT, key_line.clone(), suspect, &head);
+        let (id, events) =
+            worker.dispatch(frame::WS_CONNECT, key_line.clone(), suspect, &head, request_id.clone());
         let exchange = Exchange::new(worker, id, events, limit);
         let (exchange, accept) = match exchange.response().await {
             Outcome::Response(response) => return response,

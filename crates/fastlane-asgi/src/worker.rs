@@ -31,6 +31,24 @@ pub(crate) struct Entry {
     pub(crate) since: Instant,
     /// Its response has ended; what runs now is its background work.
     pub(crate) answered: bool,
+    /// The id of the request (its access log line's, its response's).
+    pub(crate) request_id: Option<fastlane::RequestId>,
+}
+
+/// A request in flight on a worker, as the logs name it.
+#[derive(Debug, Clone)]
+pub(crate) struct InFlight {
+    /// `GET /path`.
+    pub(crate) line: String,
+    /// Its response has ended; what runs now is its background work.
+    pub(crate) answered: bool,
+    pub(crate) request_id: Option<fastlane::RequestId>,
+}
+
+impl Entry {
+    fn in_flight(&self) -> InFlight {
+        InFlight { line: self.key.clone(), answered: self.answered, request_id: self.request_id.clone() }
+    }
 }
 
 /// One worker process.
@@ -165,6 +183,7 @@ impl Worker {
         key: String,
         suspect: bool,
         head: &frame::RequestHead<'_>,
+        request_id: Option<fastlane::RequestId>,
     ) -> (u32, Arc<Mailbox>) {
         let events = Arc::new(Mailbox::default());
         if suspect {
@@ -174,7 +193,7 @@ impl Worker {
             let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
             self.suspect_at.store(now, Ordering::Relaxed);
         }
-        let entry = Entry { events: events.clone(), key, since: Instant::now(), answered: false };
+        let entry = Entry { events: events.clone(), key, since: Instant::now(), answered: false, request_id };
         let mut next_id = self.next_id.lock().expect("worker id lock");
         let id = *next_id;
         *next_id += 1;
@@ -258,24 +277,23 @@ impl Worker {
         Some(u64::from_le_bytes(buf))
     }
 
-    /// `GET /x` of request `id`, if it is still in flight.
-    pub(crate) fn describe(&self, id: u32) -> Option<(String, bool)> {
+    /// Request `id`, if it is still in flight.
+    pub(crate) fn describe(&self, id: u32) -> Option<InFlight> {
         let requests = self.requests.lock().expect("worker requests lock");
-        requests.get(&id).map(|e| (e.key.clone(), e.answered))
+        requests.get(&id).map(Entry::in_flight)
     }
 
     /// The requests in flight, oldest first, as `GET /x`.
     pub(crate) fn in_flight_list(&self) -> Vec<String> {
-        self.in_flight_entries().into_iter().map(|(what, _)| what).collect()
+        self.in_flight_entries().into_iter().map(|r| r.line).collect()
     }
 
-    /// The requests in flight, oldest first, as `GET /x` and whether their
-    /// response has ended (background work runs).
-    pub(crate) fn in_flight_entries(&self) -> Vec<(String, bool)> {
+    /// The requests in flight, oldest first.
+    pub(crate) fn in_flight_entries(&self) -> Vec<InFlight> {
         let requests = self.requests.lock().expect("worker requests lock");
-        let mut list: Vec<_> = requests.values().map(|e| (e.since, e.key.clone(), e.answered)).collect();
-        list.sort();
-        list.into_iter().map(|(_, what, answered)| (what, answered)).collect()
+        let mut list: Vec<_> = requests.values().collect();
+        list.sort_by_key(|e| e.since);
+        list.into_iter().map(Entry::in_flight).collect()
     }
 }
 

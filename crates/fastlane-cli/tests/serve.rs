@@ -305,7 +305,8 @@ fn test1_answers_at_once_while_test2_blocks_its_event_loop() {
     let blocked = std::thread::spawn(move || {
         let sent = Instant::now();
         let response = get(&url);
-        (response.status.as_u16(), sent.elapsed())
+        let id = response.headers["x-request-id"].to_str().unwrap().to_owned();
+        (response.status.as_u16(), sent.elapsed(), id)
     });
     std::thread::sleep(Duration::from_millis(300));
     // Listed while it lasts, by route, with where it is stuck.
@@ -332,7 +333,7 @@ fn test1_answers_at_once_while_test2_blocks_its_event_loop() {
             sent.elapsed()
         );
     }
-    let (status, took) = blocked.join().unwrap();
+    let (status, took, id) = blocked.join().unwrap();
     assert_eq!(status, 200);
     assert!(took >= Duration::from_secs(8), "{took:?}");
     // The report names the request, the file and line, and the fix; and its end.
@@ -350,6 +351,11 @@ fn test1_answers_at_once_while_test2_blocks_its_event_loop() {
         .unwrap_or_else(|| panic!("{log}"));
     assert!(first.contains("in test2: time.sleep(secs)"), "{first}");
     assert!(first.contains("`def` instead of `async def`"), "{first}");
+    // Both lines name the request by the id its response carried.
+    let last = log.lines().find(|l| l.contains("was blocked 8.0s by GET /test2")).unwrap();
+    for line in [first, last] {
+        assert!(line.contains(&format!("request_id={id}")), "{line}");
+    }
     assert!(log.contains("started a worker (a spare"), "{log}");
     // Counted once it has ended, with how long it lasted.
     let rows = json(&get(&served.url("/_fastlane/stalls")));
@@ -759,6 +765,13 @@ fn the_scope_is_the_one_uvicorn_gives() {
     for path in ["/scope?a=1&b=%20x", "/scope", "/scope?q=caf%C3%A9"] {
         let ours = json(&get(&served.url(path)));
         let theirs = json(&get(&format!("{peer}{path}")));
+        // The one header fastlane adds: the request's id, the one its
+        // access log line and stall reports name (uvicorn sends none).
+        let mut ours = ours;
+        let headers = ours["headers"].as_array_mut().unwrap();
+        let at = headers.iter().position(|h| h[0] == "x-request-id").unwrap_or_else(|| panic!("{headers:?}"));
+        let id = headers.remove(at)[1].as_str().unwrap().to_owned();
+        assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
         let without_server = |mut v: serde_json::Value| {
             // The ports differ (in `server` and the Host header); nothing else may.
             v["server"] = serde_json::Value::Null;
