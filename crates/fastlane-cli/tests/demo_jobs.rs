@@ -113,3 +113,19 @@ fn a_job_cut_by_shutdown_is_given_back_at_once_and_finishes_after_a_restart() {
         let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
     }
 }
+
+#[test]
+fn a_job_carries_the_id_of_the_request_that_enqueued_it_into_its_attempts_logs() {
+    let demo = Demo::start(&[]);
+    let response = post(&demo.url("/jobs/fail"), r#"{"times": 1}"#);
+    assert_eq!(response.status, 201, "{}", response.text());
+    let request_id = response.headers["x-request-id"].to_str().unwrap().to_owned();
+    let id = response.json::<Value>().unwrap()["id"].as_i64().unwrap();
+    // Stored with the job, shown by GET /jobs/{id} (and `fastlane jobs show`).
+    assert_eq!(job(&demo, id)["request_id"], request_id.as_str());
+    // The attempt's log line names the job and the request.
+    let needle = format!("job {id} (fail) attempt 1 of");
+    assert!(demo.wait_for_log(&needle, Duration::from_secs(10)).is_some(), "no line for the failed attempt");
+    let line = demo.lines_with(&needle).remove(0);
+    assert!(line.contains(&format!("request_id={request_id}")), "{line}");
+}

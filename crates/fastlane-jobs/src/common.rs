@@ -165,7 +165,7 @@ macro_rules! store_methods {
         async fn get(&self, id: JobId) -> Result<JobInfo, Error> {
             let row = sqlx::query(
                 "SELECT id, name, queue, state, payload, priority, attempt, max_attempts, run_at, progress, \
-                 progress_message, last_error, worker, started_at FROM fastlane_jobs WHERE id = $1"
+                 progress_message, last_error, worker, started_at, request_id FROM fastlane_jobs WHERE id = $1"
             )
             .bind(id)
             .fetch_optional(&self.pool)
@@ -206,6 +206,7 @@ macro_rules! store_methods {
                 progress: row.get::<Option<i64>, _>("progress").map(|p| p.clamp(0, 100) as u8),
                 progress_message: row.get("progress_message"),
                 last_error: row.get("last_error"),
+                request_id: row.get("request_id"),
                 attempts,
             })
         }

@@ -333,7 +333,15 @@ impl<S: Store> Fetcher<S> {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(id, running);
         self.stats.running.fetch_add(1, Ordering::Relaxed);
         let name = job.name.clone();
-        self.spawner.spawn_job(&name, async move {
+        // The attempt's log lines name the request that enqueued the job.
+        // Only then: a span per job would cost every job of a busy queue.
+        let span = match &job.request_id {
+            Some(request) => {
+                tracing::error_span!(target: "fastlane_jobs", "job", id = job.id, request_id = %request)
+            }
+            None => tracing::Span::none(),
+        };
+        let attempt = async move {
             tokio::select! {
                 () = run_one(&env, job, cancelled) => {}
                 // Out of grace at shutdown: the handler is dropped, and the
@@ -343,7 +351,8 @@ impl<S: Store> Fetcher<S> {
             in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             env.stats.running.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
-        });
+        };
+        self.spawner.spawn_job(&name, tracing::Instrument::instrument(attempt, span));
     }
 }
 

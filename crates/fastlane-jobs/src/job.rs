@@ -122,6 +122,7 @@ pub struct NewJob {
     pub(crate) max_attempts: u32,
     pub(crate) timeout: Option<Duration>,
     pub(crate) unique_key: Option<String>,
+    pub(crate) request_id: Option<String>,
 }
 
 impl NewJob {
@@ -136,12 +137,21 @@ impl NewJob {
             max_attempts: 25,
             timeout: None,
             unique_key: None,
+            request_id: None,
         }
     }
 
     /// The job type's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The id of the request it is enqueued for, written on its attempts'
+    /// log lines. [`Jobs::enqueue`](crate::Jobs::enqueue) sets it to the
+    /// current request's ([`fastlane::RequestId::current`]) unless set here.
+    pub fn request_id(mut self, id: impl Into<String>) -> Self {
+        self.request_id = Some(id.into());
+        self
     }
 
     /// The queue (default `default`).
@@ -203,6 +213,7 @@ impl NewJob {
             max_attempts: i64::from(self.max_attempts),
             timeout_ms: self.timeout.map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX)),
             unique_key: self.unique_key.as_deref(),
+            request_id: self.request_id.as_deref(),
             created_at: now,
         })
     }
@@ -236,6 +247,7 @@ pub(crate) struct NewRow<'a> {
     pub(crate) max_attempts: i64,
     pub(crate) timeout_ms: Option<i64>,
     pub(crate) unique_key: Option<&'a str>,
+    pub(crate) request_id: Option<&'a str>,
     pub(crate) created_at: i64,
 }
 
@@ -314,6 +326,8 @@ pub struct Claimed {
     pub token: i64,
     /// The job's per-attempt timeout.
     pub timeout: Option<Duration>,
+    /// The id of the request that enqueued it, if any.
+    pub request_id: Option<String>,
 }
 
 impl Claimed {
@@ -324,15 +338,16 @@ impl Claimed {
 }
 
 /// A claimed job as both stores return it: id, name, payload (JSON text),
-/// attempt, max attempts, token, timeout (ms), priority, run at (ms).
-pub(crate) type ClaimedRow = (JobId, String, String, i64, i64, i64, Option<i64>, i64, i64);
+/// attempt, max attempts, token, timeout (ms), priority, run at (ms), the
+/// request id.
+pub(crate) type ClaimedRow = (JobId, String, String, i64, i64, i64, Option<i64>, i64, i64, Option<String>);
 
 /// The claimed jobs in the order they are due (RETURNING gives no order):
 /// highest priority first, then the earliest, then the oldest.
 pub(crate) fn claimed_in_order(mut rows: Vec<ClaimedRow>) -> Vec<Claimed> {
     rows.sort_by_key(|row| (std::cmp::Reverse(row.7), row.8, row.0));
     rows.into_iter()
-        .map(|(id, name, payload, attempt, max_attempts, token, timeout_ms, _, _)| Claimed {
+        .map(|(id, name, payload, attempt, max_attempts, token, timeout_ms, _, _, request_id)| Claimed {
             id,
             name,
             payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
@@ -340,6 +355,7 @@ pub(crate) fn claimed_in_order(mut rows: Vec<ClaimedRow>) -> Vec<Claimed> {
             max_attempts: u32::try_from(max_attempts).unwrap_or(u32::MAX),
             token,
             timeout: timeout_ms.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+            request_id,
         })
         .collect()
 }
@@ -390,6 +406,8 @@ pub struct JobInfo {
     pub progress_message: Option<String>,
     /// The last attempt's error text.
     pub last_error: Option<String>,
+    /// The id of the request that enqueued it, if any.
+    pub request_id: Option<String>,
     /// Every attempt.
     pub attempts: Vec<Attempt>,
 }

@@ -215,7 +215,15 @@ fn lane_outcome(result: Result<Result<(), JobError>, fastlane::LaneError>) -> Re
 
 /// Enqueues through a registry, so that unknown names and bad payloads are
 /// refused at enqueue time, not discovered by a worker later.
-pub async fn enqueue_checked<S: Store>(store: &S, registry: &Registry, job: NewJob) -> Result<JobId, Error> {
+pub async fn enqueue_checked<S: Store>(
+    store: &S,
+    registry: &Registry,
+    mut job: NewJob,
+) -> Result<JobId, Error> {
+    if job.request_id.is_none() {
+        // Read on the first poll, which runs inside the handler's own.
+        job.request_id = fastlane::RequestId::current().map(|id| id.to_string());
+    }
     registry.check(&job)?;
     store.enqueue(job).await
 }

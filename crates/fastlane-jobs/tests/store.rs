@@ -37,6 +37,16 @@ mod suite {
         assert_eq!((again.id, again.attempt, again.max_attempts), (a, 2, 2));
     }
 
+    pub(crate) async fn a_jobs_request_id_is_stored_and_handed_to_its_attempt<S: Store>(store: &S) {
+        let tagged = store.enqueue(NewJob::new("a", json!(null)).request_id("req-7f3a")).await.unwrap();
+        let untagged = store.enqueue_many(vec![NewJob::new("b", json!(null))]).await.unwrap()[0];
+        assert_eq!(store.get(tagged).await.unwrap().request_id.as_deref(), Some("req-7f3a"));
+        assert_eq!(store.get(untagged).await.unwrap().request_id, None);
+        let claimed = store.claim_many("default", "w", LEASE, 10).await.unwrap();
+        let ids: Vec<_> = claimed.iter().map(|j| (j.id, j.request_id.as_deref())).collect();
+        assert_eq!(ids, [(tagged, Some("req-7f3a")), (untagged, None)]);
+    }
+
     pub(crate) async fn batches_keep_their_order_and_are_all_or_nothing<S: Store>(store: &S) {
         let jobs: Vec<NewJob> = (0..300).map(|i| NewJob::new("noop", json!({ "i": i }))).collect();
         let ids = store.enqueue_many(jobs).await.unwrap();
@@ -347,6 +357,7 @@ macro_rules! conformance {
 }
 
 conformance!(
+    a_jobs_request_id_is_stored_and_handed_to_its_attempt,
     batches_keep_their_order_and_are_all_or_nothing,
     an_enqueue_wakes_idle_workers,
     list_and_retry_a_dead_job,

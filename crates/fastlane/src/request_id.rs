@@ -6,6 +6,7 @@
 //! `x-request-id`, is a field of the request's access log line, and names the
 //! `request` span every log event of the handler is written under.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -35,10 +36,28 @@ const MAX_LEN: usize = 128;
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct RequestId(Arc<str>);
 
+thread_local! {
+    /// The request whose handler this thread is polling.
+    static CURRENT: RefCell<Option<RequestId>> = const { RefCell::new(None) };
+}
+
 impl RequestId {
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The id of the request whose handler this thread is running right
+    /// now, on a fastlane server: what code called from a handler (a job
+    /// enqueued, a client call) can tag its work with. `None` elsewhere
+    /// (a background task, a spawned task, a test without a server).
+    pub fn current() -> Option<RequestId> {
+        CURRENT.with(|c| c.borrow().clone())
+    }
+
+    /// Makes this the [`current`](Self::current) id until the guard drops.
+    pub(crate) fn enter(&self) -> CurrentGuard {
+        CurrentGuard(CURRENT.with(|c| c.replace(Some(self.clone()))))
     }
 
     /// The id of a request with these headers: its `X-Request-Id` if that
@@ -72,6 +91,16 @@ impl RequestId {
         });
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         Self(format!("{:016x}{:016x}", mix(hi ^ n), mix(lo.wrapping_add(n))).into())
+    }
+}
+
+/// Restores the thread's previous current request when dropped.
+pub(crate) struct CurrentGuard(Option<RequestId>);
+
+impl Drop for CurrentGuard {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        CURRENT.with(|c| *c.borrow_mut() = previous);
     }
 }
 

@@ -168,7 +168,8 @@ impl Store for PgStore {
              UPDATE fastlane_jobs j SET state = 'running', attempt = attempt + 1, token = token + 1, \
              lease_until = $1, worker = $2, started_at = $3, owner = $6, progress = NULL, progress_message = NULL \
              FROM picked WHERE j.id = picked.id \
-             RETURNING j.id, j.name, j.payload, j.attempt, j.max_attempts, j.token, j.timeout_ms, j.priority::BIGINT, j.run_at",
+             RETURNING j.id, j.name, j.payload, j.attempt, j.max_attempts, j.token, j.timeout_ms, j.priority::BIGINT, j.run_at, \
+             j.request_id",
         )
         .bind(lease_until)
         .bind(consumer)
@@ -278,10 +279,10 @@ pub(crate) async fn enqueue_in(tx: &mut sqlx::PgConnection, jobs: Vec<NewJob>) -
     }
     let ids: Vec<i64> = sqlx::query_scalar(
         "INSERT INTO fastlane_jobs (name, queue, payload, state, priority, run_at, max_attempts, timeout_ms, \
-         unique_key, created_at) \
+         unique_key, request_id, created_at) \
          SELECT r ->> 'name', r ->> 'queue', r ->> 'payload', r ->> 'state', (r ->> 'priority')::INTEGER, \
          (r ->> 'run_at')::BIGINT, (r ->> 'max_attempts')::BIGINT, (r ->> 'timeout_ms')::BIGINT, \
-         r ->> 'unique_key', (r ->> 'created_at')::BIGINT \
+         r ->> 'unique_key', r ->> 'request_id', (r ->> 'created_at')::BIGINT \
          FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(r, n) ORDER BY n RETURNING id",
     )
     .bind(&rows)

@@ -59,6 +59,9 @@ const MIGRATIONS: &[&str] = &[
     // 3: the process holding a running job (`host/pid/start`), so that a
     // worker of the same host sees at once that it died.
     "ALTER TABLE fastlane_jobs ADD COLUMN owner TEXT;",
+    // 4: the id of the request that enqueued the job (`X-Request-Id`), for
+    // its attempts' log lines.
+    "ALTER TABLE fastlane_jobs ADD COLUMN request_id TEXT;",
 ];
 
 /// Brings the schema to the latest version; refuses a newer one.

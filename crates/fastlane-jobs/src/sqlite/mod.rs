@@ -157,10 +157,11 @@ impl Store for SqliteStore {
         }
         let ids: Vec<i64> = sqlx::query_scalar(
             "INSERT INTO fastlane_jobs (name, queue, payload, state, priority, run_at, max_attempts, timeout_ms, \
-             unique_key, created_at) \
+             unique_key, request_id, created_at) \
              SELECT value ->> 'name', value ->> 'queue', value ->> 'payload', value ->> 'state', \
              value ->> 'priority', value ->> 'run_at', value ->> 'max_attempts', value ->> 'timeout_ms', \
-             value ->> 'unique_key', value ->> 'created_at' FROM json_each(?) ORDER BY key RETURNING id",
+             value ->> 'unique_key', value ->> 'request_id', value ->> 'created_at' FROM json_each(?) ORDER BY key \
+             RETURNING id",
         )
         .bind(rows)
         .fetch_all(&mut *tx)
@@ -217,7 +218,7 @@ impl Store for SqliteStore {
              WHERE id IN (SELECT id FROM fastlane_jobs WHERE queue = ?4 \
                AND state IN ('scheduled','available','retrying') AND run_at <= ?3 \
                ORDER BY priority DESC, run_at, id LIMIT ?5) \
-             RETURNING id, name, payload, attempt, max_attempts, token, timeout_ms, priority, run_at",
+             RETURNING id, name, payload, attempt, max_attempts, token, timeout_ms, priority, run_at, request_id",
         )
         .bind(lease_until)
         .bind(consumer)

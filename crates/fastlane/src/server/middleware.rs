@@ -143,6 +143,7 @@ where
         req.extensions_mut().insert(request.clone());
         req.extensions_mut().insert(request.request_id.clone());
         let _route = enter_route(request.route.id, Phase::Handler);
+        let _current = request.request_id.enter();
         let inner = span.in_scope(|| match catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
             Ok(future) => State::Running { future },
             Err(payload) => State::Done { response: Some(panicked(&request, &*payload)) },
@@ -219,6 +220,7 @@ where
                 let _route =
                     enter_request(this.request.route.id, deadline_ms, timeout_ms, &this.request.request_id);
                 let _span = this.span.enter();
+                let _current = this.request.request_id.enter();
                 let poll = |cx: &mut Context<'_>| match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
                     Ok(Poll::Pending) => Poll::Pending,
                     Ok(Poll::Ready(result)) => Poll::Ready(Ok(result)),
