@@ -82,6 +82,13 @@ pub struct Config {
     /// off: it reveals route names and load to whoever can reach the port.
     /// The demo turns it on.
     pub expose_internal: bool,
+    /// Compress responses of 1 KiB or more with gzip, brotli or zstd, as
+    /// the client's `Accept-Encoding` prefers. Default off (a proxy in front
+    /// often does it). Never: images, gRPC, server-sent events
+    /// (`text/event-stream`, whose events must not wait in a compressor's
+    /// buffer), or a response that already has a `Content-Encoding` (a
+    /// handler that sets `Content-Encoding: identity` opts out).
+    pub compression: bool,
     /// Take the client's address and scheme from `X-Forwarded-For` /
     /// `X-Forwarded-Proto` (or `Forwarded`) when the peer is one of
     /// `forwarded_allow_ips`; see [`ClientInfo`](crate::ClientInfo). Default
@@ -109,6 +116,7 @@ impl Default for Config {
             max_requests: None,
             max_requests_jitter: 0,
             expose_internal: false,
+            compression: false,
             proxy_headers: true,
             forwarded_allow_ips: crate::ForwardedAllowIps::default(),
         }
@@ -247,6 +255,9 @@ pub struct ServeArgs {
     /// they show route names and load to whoever can reach the port.
     #[arg(long, env = "FASTLANE_EXPOSE_INTERNAL")]
     pub expose_internal: bool,
+    /// Compress responses of 1 KiB or more (gzip, brotli, zstd by Accept-Encoding) [default: off].
+    #[arg(long, env = "FASTLANE_COMPRESSION")]
+    pub compression: bool,
     /// Run async handlers on tokio's workers, without stall isolation (as plain axum).
     #[arg(long, env = "FASTLANE_NO_ISOLATION")]
     pub no_isolation: bool,
@@ -372,6 +383,9 @@ impl ServeArgs {
         }
         if self.expose_internal {
             config.expose_internal = true;
+        }
+        if self.compression {
+            config.compression = true;
         }
         if self.no_isolation {
             config.isolation.enabled = false;

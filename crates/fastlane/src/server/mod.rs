@@ -219,7 +219,11 @@ impl Server {
         // `with_state` turns every route's boxed handler into a service once,
         // here; a router called without it does that on every request (as
         // `axum::serve` knows, which calls it too).
-        let router = router.layer(middleware::TrackLayer { state: state.clone() }).with_state(());
+        let router = router.layer(middleware::TrackLayer { state: state.clone() });
+        // Outside the per-request layer, so that what it logs and times is
+        // the handler's response, compressed on its way out.
+        let router = if state.config.compression { router.layer(compression()) } else { router };
+        let router = router.with_state(());
         let (stop_tx, _) = watch::channel(false);
         Ok(BoundServer {
             listener,
@@ -682,4 +686,17 @@ fn os_signals() -> Result<ShutdownSignal, Error> {
             let _ = tokio::signal::ctrl_c().await;
         }))
     }
+}
+
+/// The compression of [`Config::compression`]: gzip, brotli or zstd as the
+/// client prefers, for bodies of 1 KiB or more (below that the frame costs
+/// more than it saves), never for images, gRPC, server-sent events or a
+/// response that already says how it is encoded.
+fn compression() -> tower_http::compression::CompressionLayer<impl tower_http::compression::Predicate> {
+    use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
+    let predicate = SizeAbove::new(1024)
+        .and(NotForContentType::GRPC)
+        .and(NotForContentType::IMAGES)
+        .and(NotForContentType::SSE);
+    tower_http::compression::CompressionLayer::new().compress_when(predicate)
 }
