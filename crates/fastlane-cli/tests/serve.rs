@@ -368,6 +368,21 @@ fn test1_answers_at_once_while_test2_blocks_its_event_loop() {
 }
 
 #[test]
+fn a_factory_app_is_served_and_an_oversized_body_gets_413() {
+    let Some(python) = python("a_factory_app_is_served_and_an_oversized_body_gets_413") else { return };
+    let served = Served::start(&python, "app:create_app", &["--factory", "--body-limit", "1000"]);
+    assert_eq!(get(&served.url("/fast")).status, 200);
+    // Over --body-limit: 413 with a JSON body naming the limit, before the app runs.
+    let big = send(
+        Method::POST,
+        &served.url("/profiles"),
+        Some(("application/json", Bytes::from(vec![b' '; 2000]))),
+    );
+    assert_eq!(big.status, 413, "{}", big.text());
+    assert!(json(&big)["error"].as_str().unwrap().contains("1000"), "{}", big.text());
+}
+
+#[test]
 fn requests_a_blocked_loop_has_not_started_are_served_elsewhere_and_run_once() {
     let Some(python) = python("requests_a_blocked_loop_has_not_started_are_served_elsewhere_and_run_once")
     else {

@@ -215,6 +215,11 @@ async def pid():
     return {"pid": os.getpid()}
 
 
+def create_app():
+    """For `--factory`: the same app, from a function."""
+    return app
+
+
 @app.websocket("/ws")
 async def websocket_echo(websocket: WebSocket):
     protocols = websocket.scope["subprotocols"]
