@@ -90,7 +90,15 @@ impl RequestId {
             (random(1), random(2))
         });
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        Self(format!("{:016x}{:016x}", mix(hi ^ n), mix(lo.wrapping_add(n))).into())
+        // Written on the stack and copied once into the `Arc` (a `format!`
+        // would allocate a `String` first): this runs for every request.
+        let mut hex = [0u8; 32];
+        for (i, half) in [mix(hi ^ n), mix(lo.wrapping_add(n))].into_iter().enumerate() {
+            for (j, digit) in hex[i * 16..(i + 1) * 16].iter_mut().enumerate() {
+                *digit = b"0123456789abcdef"[((half >> (60 - 4 * j)) & 0xf) as usize];
+            }
+        }
+        Self(std::str::from_utf8(&hex).expect("hex digits are ASCII").into())
     }
 }
 
