@@ -349,16 +349,20 @@ impl Exchange {
                 }
             }
         }
-        // The common case: the whole body follows the start at once.
+        let left = map.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        // The common case: the whole body follows the start at once (with
+        // an http middleware, Starlette sends it as one more chunk, then an
+        // empty last one: the declared length says it is whole).
         let next = match self.events.try_take() {
-            Some(Event::Chunk(data, false)) => {
+            Some(Event::Chunk(data, more)) if !more || left == Some(data.len() as u64) => {
                 self.finished = true;
                 *response.body_mut() = Body::from(data);
                 return response;
             }
             next => next,
         };
-        *response.body_mut() = Body::new(Streaming { exchange: self, next, want_body: false, ended: false });
+        *response.body_mut() =
+            Body::new(Streaming { exchange: self, next, want_body: false, ended: false, left });
         response
     }
 }
@@ -388,6 +392,10 @@ struct Streaming {
     /// The app waits for request body.
     want_body: bool,
     ended: bool,
+    /// Bytes still to come of a body whose length the app declared: once
+    /// they have all come, the response is whole (hyper stops polling for
+    /// the app's final, empty message, and the client may close at once).
+    left: Option<u64>,
 }
 
 impl http_body::Body for Streaming {
@@ -433,6 +441,13 @@ impl http_body::Body for Streaming {
                     if !data.is_empty() {
                         let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
                         exchange.worker.send_u32(frame::CREDIT, exchange.id, n);
+                    }
+                    if let Some(left) = &mut this.left {
+                        *left = left.saturating_sub(data.len() as u64);
+                        if *left == 0 && !data.is_empty() {
+                            exchange.finished = true;
+                            this.ended = true;
+                        }
                     }
                     if !more {
                         exchange.finished = true;

@@ -253,6 +253,10 @@ fn fastapi_features_work_over_the_live_server() {
     assert!(served.wait_for_log("GET /items/3 200", Duration::from_secs(2)), "{}", served.log());
     let (code, log) = served.stop(Duration::from_secs(20));
     assert_eq!(code, Some(0), "{log}");
+    // Every client here read its whole response: none is logged as cut
+    // short (a body whose declared length has all come is whole, though
+    // the http middleware sends an empty last message after it).
+    assert!(!log.contains("cut short"), "{log}");
     assert!(log.contains("lifespan shutdown in"), "{log}");
 }
 
@@ -272,6 +276,33 @@ fn request_bodies_stream_in_while_responses_stream_out() {
     for handle in handles {
         assert!(handle.join().unwrap() == body, "an echoed body differs from what was sent");
     }
+}
+
+#[test]
+fn a_client_that_leaves_is_an_http_disconnect_for_the_app_and_a_499_in_the_log() {
+    let Some(python) = python("a_client_that_leaves_is_an_http_disconnect_for_the_app_and_a_499_in_the_log")
+    else {
+        return;
+    };
+    let served = Served::start(&python, "echo:app", &[]);
+    // The endpoint polls `request.is_disconnected()` for up to 20 s.
+    let mut sock = TcpStream::connect(&served.addr).unwrap();
+    write!(sock, "GET /watch?secs=20 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    drop(sock);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let left = loop {
+        let left = json(&get(&served.url("/left")));
+        if left.as_array().is_some_and(|l| !l.is_empty()) {
+            break left;
+        }
+        assert!(Instant::now() < deadline, "the app never saw its client leave:\n{}", served.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(left[0].as_str().unwrap().starts_with("client left after"), "{left}");
+    // The access log has the request, as nginx logs a request whose client closed it.
+    assert!(served.wait_for_log("GET /watch 499", Duration::from_secs(5)), "{}", served.log());
+    assert!(served.log().contains("the client went away"), "{}", served.log());
 }
 
 /// Time to the first body byte, time to the end, and the text of a GET.

@@ -1,7 +1,12 @@
-"""An echo with no middleware: the request body streams in while the response streams out.
+"""An app with no middleware: an echo (the request body streams in while the response streams
+out) and an endpoint that waits for its client to leave.
 
-(Starlette's BaseHTTPMiddleware, which `app.py` uses, can cut such a body short under any server;
-uvicorn loses more of it than fastlane there. This app shows the server's own part.)"""
+(Starlette's BaseHTTPMiddleware, which `app.py` uses, can cut such a body short under any server,
+uvicorn loses more of it than fastlane there, and it hides `http.disconnect` from
+`request.is_disconnected()` under any server. This app shows the server's own part.)"""
+
+import asyncio
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -16,3 +21,24 @@ async def echo(request: Request):
             yield chunk
 
     return StreamingResponse(back(), media_type="application/octet-stream")
+
+
+LEFT = []
+
+
+@app.get("/watch")
+async def watch(request: Request, secs: float = 20):
+    """Waits for its client to leave (`http.disconnect`), as an endpoint streaming to a browser does."""
+    end = time.monotonic() + secs
+    while time.monotonic() < end:
+        if await request.is_disconnected():
+            LEFT.append(f"client left after {secs - (end - time.monotonic()):.1f}s")
+            return {"left": True}
+        await asyncio.sleep(0.02)
+    LEFT.append("client stayed")
+    return {"left": False}
+
+
+@app.get("/left")
+async def left():
+    return LEFT

@@ -40,6 +40,10 @@ use crate::ApiError;
 /// The route label of requests that matched no route.
 const UNMATCHED: &str = "<unmatched>";
 
+/// The status logged and counted for a request whose client went away
+/// before its response (nginx's "client closed request"; never sent).
+const CLIENT_CLOSED: u16 = 499;
+
 #[derive(Debug, Clone)]
 pub(crate) struct TrackLayer {
     pub(crate) state: Arc<ServerState>,
@@ -187,6 +191,20 @@ pin_project! {
         // The request's span, entered while the handler is polled.
         span: tracing::Span,
     }
+
+    impl<F> PinnedDrop for ResponseFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // Dropped with its handler still running: hyper saw the client
+            // go away (or the grace period ended) before the response. The
+            // line and the count still come, as nginx's 499 "client closed
+            // request", so that an abandoned request is seen and timed.
+            if let State::Running { .. } = this.state.as_ref().get_ref() {
+                let elapsed = this.request.started.elapsed();
+                answered(this.request, CLIENT_CLOSED, elapsed, Ending::Abandoned);
+            }
+        }
+    }
 }
 
 impl<F> ResponseFuture<F> {
@@ -297,7 +315,7 @@ fn finish(request: &Arc<RequestState>, mut response: Response) -> Response {
     let exact = response.body().size_hint().exact().is_some();
     let log = match exact {
         true => {
-            answered(request, status, elapsed, None);
+            answered(request, status, elapsed, Ending::Whole);
             None
         }
         false => Some(PendingLog { request: request.clone(), status, headers: elapsed }),
@@ -313,27 +331,40 @@ fn finish(request: &Arc<RequestState>, mut response: Response) -> Response {
     Response::from_parts(parts, Body::new(body))
 }
 
+/// How a request's response went, for the end of its access log line.
+enum Ending<'a> {
+    /// The whole response was ready with its headers.
+    Whole,
+    /// The body was streamed after the headers, which took `headers`;
+    /// `note` says why it did not end (empty: it did).
+    Streamed { headers: std::time::Duration, note: &'a str },
+    /// The connection closed before the response (the client went away,
+    /// or the grace period of a shutdown ended).
+    Abandoned,
+}
+
 /// Counts the request in its route's metrics and writes its access log
 /// line: one human-readable line per request, as the seed article's
 /// `log_requests` middleware prints it (`GET /users/{id} 200 1.3ms`), with
 /// the time to the headers when the body was streamed after them, and why a
 /// stream did not end.
-fn answered(
-    request: &RequestState,
-    status: u16,
-    elapsed: std::time::Duration,
-    stream: Option<(std::time::Duration, &str)>,
-) {
+fn answered(request: &RequestState, status: u16, elapsed: std::time::Duration, ending: Ending<'_>) {
     request.route.answered(status, elapsed);
-    let stream = match stream {
-        Some((headers, note)) => format!(" (headers {:.1}ms{note})", headers.as_secs_f64() * 1000.0),
-        None => String::new(),
+    let ending = match ending {
+        Ending::Whole => String::new(),
+        Ending::Streamed { headers, note } => {
+            format!(" (headers {:.1}ms{note})", headers.as_secs_f64() * 1000.0)
+        }
+        Ending::Abandoned => {
+            " (the client went away or the connection closed before the response; the handler was dropped)"
+                .to_owned()
+        }
     };
     tracing::info!(
         target: "fastlane::request",
         client = request.client.map(tracing::field::display),
         request_id = %request.request_id,
-        "{} {} {} {:.1}ms{stream}",
+        "{} {} {} {:.1}ms{ending}",
         request.method,
         request.unmatched_path.as_deref().unwrap_or(&request.route.route),
         status,
@@ -352,7 +383,7 @@ struct PendingLog {
 impl PendingLog {
     fn write(&self, note: &str) {
         let elapsed = self.request.started.elapsed();
-        answered(&self.request, self.status, elapsed, Some((self.headers, note)));
+        answered(&self.request, self.status, elapsed, Ending::Streamed { headers: self.headers, note });
     }
 }
 
