@@ -326,6 +326,7 @@ def worker(app, config, number):
     shared.truncate(mmap.PAGESIZE)
     ticks = mmap.mmap(shared.fileno(), mmap.PAGESIZE)
     server = Server(app, config, loop, front, ticks, shared.fileno())
+    loop.set_task_factory(server.task_factory)
     threading.Thread(target=server.watch, args=(watchdog,), name="fastlane-watchdog", daemon=True).start()
     try:
         return loop.run_until_complete(server.run())
@@ -427,6 +428,22 @@ class Server:
             "select", "_run_once", "run_forever", "run_until_complete"
         )
 
+    def task_factory(self, loop, coro, **kwargs):
+        """Makes the loop's tasks: one started from a request's task (an anyio task group's, as
+        Starlette's http middleware runs the endpoint in; a streaming body's; one the endpoint made)
+        carries that request, so that a stall inside it is blamed on the request."""
+        parent = asyncio.current_task(loop)
+        if parent is not None:
+            conn = self.conn
+            cycle = conn.by_task.get(parent) if conn is not None else None
+            if cycle is None:
+                cycle = getattr(parent, "cycle", None)
+            if cycle is not None:
+                task = RequestChildTask(coro, loop=loop, **kwargs)
+                task.cycle = cycle
+                return task
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
     def describe_loop(self):
         top = sys._current_frames().get(self.loop_thread)
         stack = []
@@ -446,6 +463,8 @@ class Server:
             task = None
         if conn is not None and task is not None:
             cycle = conn.by_task.get(task)
+            if cycle is None:
+                cycle = getattr(task, "cycle", None)
             if cycle is not None:
                 reply["request"] = cycle.rid
                 route = cycle.scope.get("route")
@@ -457,6 +476,12 @@ class Server:
             else:
                 reply["task"] = task.get_name()
         return reply
+
+
+class RequestChildTask(asyncio.Task):
+    """A task started by a request's task; `cycle` is that request (see `Server.task_factory`)."""
+
+    __slots__ = ("cycle",)
 
 
 class Lifespan:

@@ -70,6 +70,9 @@ pub struct AppConfig {
     /// Most worker processes, spares included: while every worker's loop is
     /// stalled, spares start up to this many. Default 4 × `workers`.
     pub max_workers: usize,
+    /// A spare (a worker beyond `workers`) with no request for this long
+    /// stops. Default 30 s.
+    pub spare_idle: Duration,
     /// The scope's `root_path` (the app is mounted under a prefix by a proxy).
     pub root_path: String,
     /// `auto` (uvloop when installed, as uvicorn), `asyncio` or `uvloop`.
@@ -95,6 +98,7 @@ impl AppConfig {
             python: None,
             workers: 1,
             max_workers: 4,
+            spare_idle: Duration::from_secs(30),
             root_path: String::new(),
             event_loop: "auto".into(),
             stall_threshold: Duration::from_millis(10),

@@ -21,9 +21,6 @@ use crate::worker::{InFlight, Worker};
 /// How often the ticks are read.
 const PERIOD: Duration = Duration::from_millis(1);
 
-/// A spare (a worker beyond `--workers`) idle this long stops.
-const SPARE_IDLE: Duration = Duration::from_secs(30);
-
 /// How long the watchdog has to answer with the stack. A loop in pure
 /// Python hands the GIL over every 5 ms; a C call that holds it does not.
 const STACK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -257,10 +254,12 @@ fn demote_if_spinning(shared: &Shared, worker: &Worker, stall: &Stall, now: Inst
     }
 }
 
-/// Stops one spare that has been idle for [`SPARE_IDLE`], while no loop is
+/// Stops one spare that has been idle for the configured time
+/// ([`AppConfig::spare_idle`](crate::AppConfig::spare_idle)), while no loop is
 /// stalled and more workers run than `--workers` asks for.
 fn retire_idle_spare(shared: &Shared, workers: &[Arc<Worker>], seen: &HashMap<u32, Seen>, now: Instant) {
     let open: Vec<_> = workers.iter().filter(|w| !w.closing.load(Ordering::Relaxed)).collect();
+    let spare_idle = shared.config.spare_idle;
     if open.len() <= shared.config.workers || open.iter().any(|w| w.stalled.load(Ordering::Relaxed)) {
         return;
     }
@@ -268,14 +267,14 @@ fn retire_idle_spare(shared: &Shared, workers: &[Arc<Worker>], seen: &HashMap<u3
     let idle = open.iter().rev().find(|w| {
         seen.get(&w.number)
             .and_then(|s| s.idle_since)
-            .is_some_and(|since| now.duration_since(since) >= SPARE_IDLE)
+            .is_some_and(|since| now.duration_since(since) >= spare_idle)
     });
     if let Some(worker) = idle {
         tracing::info!(
             worker = worker.number,
             pid = worker.pid,
             "stopping a spare worker, idle for {}",
-            fastlane::HumanDuration(SPARE_IDLE)
+            fastlane::HumanDuration(spare_idle)
         );
         worker.retire(Duration::from_secs(5));
     }

@@ -488,26 +488,39 @@ impl Shared {
             return;
         }
         let lived = worker.started.elapsed();
-        tracing::error!(
-            worker = worker.number,
-            pid = worker.pid,
-            "worker {} (pid {}) exited unexpectedly after {}; starting another",
-            worker.number,
-            worker.pid,
-            fastlane::HumanDuration(lived)
-        );
         self.stats.restarts.fetch_add(1, Ordering::Relaxed);
-        // A worker that dies at start keeps dying: wait longer each time.
+        // A worker that dies soon after it starts will die again (a bad
+        // deploy, a resource gone): wait longer each time, so that the
+        // server does not spend its CPU forking.
         let crashes = if lived < Duration::from_secs(5) {
             self.crashes.fetch_add(1, Ordering::Relaxed) + 1
         } else {
             self.crashes.store(0, Ordering::Relaxed);
             0
         };
-        let backoff = Duration::from_millis(100u64 << crashes.min(7)).min(Duration::from_secs(10));
+        let backoff = match crashes {
+            0 => Duration::ZERO,
+            n => Duration::from_millis(100u64 << n.min(7)).min(Duration::from_secs(10)),
+        };
+        let when = match crashes {
+            0 => "now".to_owned(),
+            n => format!(
+                "in {} ({n} worker{} in a row died within 5 s of starting)",
+                fastlane::HumanDuration(backoff),
+                if n == 1 { "" } else { "s" }
+            ),
+        };
+        tracing::error!(
+            worker = worker.number,
+            pid = worker.pid,
+            "worker {} (pid {}) exited unexpectedly after {}; starting another {when}",
+            worker.number,
+            worker.pid,
+            fastlane::HumanDuration(lived)
+        );
         let shared = self.clone();
         tokio::spawn(async move {
-            if crashes > 0 {
+            if !backoff.is_zero() {
                 tokio::time::sleep(backoff).await;
             }
             if !shared.stopping.load(Ordering::Relaxed) {

@@ -23,9 +23,13 @@ pub struct ServeCommand {
     #[arg(long, env = "FASTLANE_PYTHON", value_name = "PATH")]
     pub python: Option<PathBuf>,
     /// Most worker processes, spares included: spares start while every worker's event loop is
-    /// blocked, and stop after 30 s idle [default: 4 × --workers].
+    /// blocked, and stop after --spare-idle-timeout without a request [default: 4 × --workers].
     #[arg(long, env = "FASTLANE_MAX_WORKERS", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_workers: Option<u32>,
+    /// Seconds a spare worker may go without a request before it stops.
+    #[arg(long, env = "FASTLANE_SPARE_IDLE_TIMEOUT", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400), value_name = "SECS")]
+    pub spare_idle_timeout: u64,
     /// The ASGI root_path: the prefix under which a proxy mounts the app.
     #[arg(long, default_value = "", value_name = "PATH")]
     pub root_path: String,
@@ -118,6 +122,7 @@ pub async fn run_command(command: ServeCommand) -> ExitCode {
         app_dir,
         python,
         max_workers,
+        spare_idle_timeout,
         root_path,
         event_loop,
         reload,
@@ -190,6 +195,7 @@ pub async fn run_command(command: ServeCommand) -> ExitCode {
         python,
         workers,
         max_workers,
+        spare_idle: Duration::from_secs(spare_idle_timeout),
         root_path,
         event_loop,
         stall_threshold: config.isolation.stall_threshold,

@@ -689,6 +689,113 @@ fn a_worker_that_dies_is_replaced_and_its_request_gets_502() {
 }
 
 #[test]
+fn workers_that_keep_dying_at_start_are_replaced_ever_more_slowly() {
+    let Some(python) = python("workers_that_keep_dying_at_start_are_replaced_ever_more_slowly") else {
+        return;
+    };
+    // Every worker exits 0.3 s after its lifespan startup.
+    let served = Served::start_with_env(&python, "app:app", &[], &[("FASTLANE_TEST_DIE_AFTER", "0.3")]);
+    for (n, wait) in [(1, "200ms"), (2, "400ms"), (3, "800ms")] {
+        let line = format!("starting another in {wait} ({n} worker");
+        assert!(served.wait_for_log(&line, Duration::from_secs(15)), "no {line:?} in:\n{}", served.log());
+    }
+    // Fewer than one replacement per 0.3 s: the delays above were waited.
+    let log = served.log();
+    let started = |l: &&str| l.contains("started a worker (a replacement)");
+    let deaths = log.lines().filter(|l| l.contains("exited unexpectedly")).count();
+    assert!(deaths <= 4, "{deaths} deaths by the third backoff:\n{log}");
+    assert!(log.lines().filter(started).count() <= 3, "{log}");
+}
+
+#[test]
+fn a_stall_names_the_requests_that_waited_for_it_and_is_counted() {
+    let Some(python) = python("a_stall_names_the_requests_that_waited_for_it_and_is_counted") else { return };
+    // One worker and no spare: the request that waits is on the blocked loop.
+    let served = Served::start(&python, "app:app", &["--max-workers", "1", "--expose-internal"]);
+    assert_eq!(get(&served.url("/fast")).status, 200);
+    let url = served.url("/sleep?secs=0.3");
+    let waiting = std::thread::spawn(move || {
+        let sent = Instant::now();
+        (get(&url).status.as_u16(), sent.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(get(&served.url("/test2?secs=1.5")).status, 200);
+    let (status, took) = waiting.join().unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        took >= Duration::from_millis(1300),
+        "/sleep took {took:?}: it did not wait for the blocked loop"
+    );
+    assert!(
+        served.wait_for_log("by GET /test2", Duration::from_secs(5))
+            && served.wait_for_log("GET /sleep waited for it", Duration::from_secs(5)),
+        "{}",
+        served.log()
+    );
+    let metrics = get(&served.url("/metrics")).text();
+    assert!(metric(&metrics, "fastlane_asgi_stalls_total") >= 1.0, "{metrics}");
+    assert_eq!(metric(&metrics, "fastlane_asgi_spares_started_total"), 0.0, "{metrics}");
+}
+
+#[test]
+fn a_spare_started_for_a_blocked_loop_stops_when_idle() {
+    let Some(python) = python("a_spare_started_for_a_blocked_loop_stops_when_idle") else { return };
+    let served = Served::start(&python, "app:app", &["--spare-idle-timeout", "1", "--expose-internal"]);
+    let url = served.url("/test2?secs=1");
+    let blocked = std::thread::spawn(move || get(&url).status.as_u16());
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(get(&served.url("/test1")).status, 200);
+    assert_eq!(blocked.join().unwrap(), 200);
+    assert!(served.wait_for_log("started a worker (a spare", Duration::from_secs(5)), "{}", served.log());
+    assert!(
+        served.wait_for_log("stopping a spare worker, idle for 1.0s", Duration::from_secs(10)),
+        "{}",
+        served.log()
+    );
+    // Back to --workers: the gauge says one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = get(&served.url("/metrics")).text();
+        if metric(&metrics, "fastlane_asgi_workers") == 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the spare never left:\n{metrics}\n{}", served.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(metric(&get(&served.url("/metrics")).text(), "fastlane_asgi_spares_started_total") >= 1.0);
+}
+
+#[test]
+fn malformed_requests_and_slow_clients_get_the_servers_limits() {
+    let Some(python) = python("malformed_requests_and_slow_clients_get_the_servers_limits") else { return };
+    let served = Served::start(&python, "app:app", &["--timeout-keep-alive", "1"]);
+    // A header line without a colon: 400, and the app never sees it.
+    let mut sock = TcpStream::connect(&served.addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    sock.write_all(b"GET /fast HTTP/1.1\r\nHost x\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = sock.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    // A client that sends half its headers and stops is cut off at the
+    // header timeout, while others are served.
+    let mut slow = TcpStream::connect(&served.addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    slow.write_all(b"GET /fast HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
+    let sent = Instant::now();
+    assert_eq!(get(&served.url("/fast")).status, 200);
+    let mut rest = Vec::new();
+    let closed = slow.read_to_end(&mut rest);
+    let took = sent.elapsed();
+    assert!(
+        closed.is_ok() || closed.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "not closed by the server: {closed:?} after {took:?}"
+    );
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "closed after {took:?}");
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text:?}");
+}
+
+#[test]
 fn sigterm_drains_background_tasks_and_reports_what_the_grace_period_cut() {
     let Some(python) = python("sigterm_drains_background_tasks_and_reports_what_the_grace_period_cut") else {
         return;

@@ -18,6 +18,10 @@ EVENTS = []
 async def lifespan(app):
     app.state.started_by = "lifespan"
     print(f"lifespan startup in {os.getpid()}", flush=True)
+    die_after = os.environ.get("FASTLANE_TEST_DIE_AFTER")
+    if die_after:
+        # A worker that keeps dying soon after it starts (a bad deploy): the server backs off.
+        asyncio.get_running_loop().call_later(float(die_after), os._exit, 3)
     yield {"from_state": "lifespan state"}
     print(f"lifespan shutdown in {os.getpid()}", flush=True)
 
