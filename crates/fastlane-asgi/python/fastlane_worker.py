@@ -225,6 +225,24 @@ def _is_asgi2(app):
 # --- the zygote -------------------------------------------------------------------------------
 
 
+# Modules that libraries the app uses import at their first use, which is a request's: on the
+# loop, reading files from disk while every request of the worker waits (the first request of
+# each worker was a 30-60 ms stall). Each is imported here, once, before the workers fork, and
+# only if the library that would import it later has been imported by the app.
+LAZY_MODULES = (
+    ("anyio", "anyio._backends._asyncio"),  # Starlette's thread pool, task groups, streams
+)
+
+
+def preload_lazy_modules():
+    for library, module in LAZY_MODULES:
+        if library in sys.modules:
+            try:
+                importlib.import_module(module)
+            except Exception:  # noqa: BLE001: a warm-up only; the app imports it itself if it can
+                pass
+
+
 def zygote(config):
     front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     front.connect(config["socket"])
@@ -239,6 +257,7 @@ def zygote(config):
     except AppError as exc:
         front.sendall(frame(FAILED, 0, str(exc).encode()))
         return 1
+    preload_lazy_modules()
     front.sendall(frame(READY, 0))
 
     def tell(data):
@@ -447,14 +466,21 @@ class Server:
     def describe_loop(self):
         top = sys._current_frames().get(self.loop_thread)
         stack = []
+        importing = None
         while top is not None and len(stack) < 64:
             code = top.f_code
             filename = code.co_filename
             is_app = not filename.startswith(LIBRARY_DIRS) and not filename.startswith("<")
             source = linecache.getline(filename, top.f_lineno).strip()
             stack.append([filename, top.f_lineno, code.co_name, is_app, source])
+            if code.co_name == "_find_and_load" and filename.startswith("<frozen importlib"):
+                # The outermost import wins: the module the code asked for, not one it imports in turn.
+                name = top.f_locals.get("name")
+                importing = name if isinstance(name, str) else importing
             top = top.f_back
         reply = {"stack": stack, "idle": self.loop_is_waiting(stack)}
+        if importing is not None:
+            reply["importing"] = importing
         # Which request's task is on the loop: an unsynchronised read of asyncio's table, under the GIL.
         conn = self.conn
         try:

@@ -85,6 +85,8 @@ struct Report {
     /// running no code of the app: the tick was late because of a busy
     /// machine or a burst of requests, not because the app held the loop.
     idle: bool,
+    /// The loop was importing this module (at its first use).
+    importing: Option<String>,
 }
 
 fn run(weak: Weak<Shared>) {
@@ -414,7 +416,14 @@ fn request_key(request: &str) -> &str {
 }
 
 /// What to do about a stall, in one sentence.
-fn fix(report: &Report) -> &'static str {
+fn fix(report: &Report) -> String {
+    if let Some(module) = &report.importing {
+        return format!(
+            "the module `{module}` is imported at its first use, on the loop, and its files are read meanwhile \
+             (a library importing on demand, or an `import` inside a function): import it when the app starts, \
+             at the top of a module the app imports or in its lifespan startup"
+        );
+    }
     if report.background {
         "make the background function a plain `def` (Starlette runs it in a thread), or move its blocking call \
          to `await asyncio.to_thread(...)`"
@@ -424,6 +433,7 @@ fn fix(report: &Report) -> &'static str {
     } else {
         "move the blocking call to `await asyncio.to_thread(...)`, or use an async library"
     }
+    .to_owned()
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -437,6 +447,8 @@ struct StackReply {
     #[serde(default)]
     idle: bool,
     error: Option<String>,
+    /// The module being imported, when the loop was inside an import.
+    importing: Option<String>,
 }
 
 /// Asks the worker's watchdog thread for the loop's stack.
@@ -472,7 +484,12 @@ fn ask_stack(shared: &Shared, worker: &Worker) -> Report {
         }
     };
     drop(guard);
-    let mut report = Report { background: reply.after_response, idle: reply.idle, ..Report::default() };
+    let mut report = Report {
+        background: reply.after_response,
+        idle: reply.idle,
+        importing: reply.importing,
+        ..Report::default()
+    };
     if let Some(err) = reply.error {
         report.no_stack = Some(format!("its Python stack could not be read: {err}"));
     }

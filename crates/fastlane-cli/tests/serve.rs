@@ -420,12 +420,16 @@ fn requests_a_blocked_loop_has_not_started_are_served_elsewhere_and_run_once() {
         return;
     };
     // One worker, so that the requests sent right behind the blocking one
-    // go to the same loop before anyone can know it is blocked.
+    // go to the same loop before anyone can know it is blocked. An app
+    // without http middleware: Starlette's runs each endpoint in a task of
+    // its own, a loop turn after its request started, so that requests read
+    // in the same turn as the blocking one have started by the time it
+    // blocks (they wait for it, and its report names them).
     let calls = std::env::temp_dir().join(format!("fastlane-test-calls-{}", std::process::id()));
     let _ = std::fs::remove_file(&calls);
     let served = Served::start_with_env(
         &python,
-        "app:app",
+        "echo:app",
         &["--expose-internal", "--max-workers", "3"],
         &[("FASTLANE_TEST_CALLS_FILE", calls.to_str().unwrap())],
     );
@@ -735,6 +739,28 @@ fn a_stall_names_the_requests_that_waited_for_it_and_is_counted() {
     let metrics = get(&served.url("/metrics")).text();
     assert!(metric(&metrics, "fastlane_asgi_stalls_total") >= 1.0, "{metrics}");
     assert_eq!(metric(&metrics, "fastlane_asgi_spares_started_total"), 0.0, "{metrics}");
+}
+
+#[test]
+fn a_module_imported_at_first_use_is_named_and_libraries_imports_are_done_before_the_fork() {
+    let Some(python) =
+        python("a_module_imported_at_first_use_is_named_and_libraries_imports_are_done_before_the_fork")
+    else {
+        return;
+    };
+    let served = Served::start(&python, "app:app", &[]);
+    // anyio imports its asyncio backend at first use, which was each
+    // worker's first request: the zygote imports it before forking.
+    assert_eq!(get(&served.url("/fast")).status, 200);
+    assert_eq!(json(&get(&served.url("/lazy"))), serde_json::json!({"loaded": true}));
+    assert!(served.wait_for_log("was blocked", Duration::from_secs(5)), "{}", served.log());
+    let log = served.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("GET /lazy blocked the event loop"))
+        .unwrap_or_else(|| panic!("no stall line for /lazy:\n{log}"));
+    assert!(line.contains("the module `lazy_heavy` is imported at its first use"), "{line}");
+    assert!(!log.contains("anyio._backends"), "{log}");
 }
 
 #[test]

@@ -214,6 +214,13 @@ async def crash():
     os._exit(7)
 
 
+@app.get("/lazy")
+async def lazy():
+    import lazy_heavy  # imported at first use, on the loop: a stall the report says how to fix
+
+    return {"loaded": lazy_heavy.LOADED}
+
+
 @app.get("/pid")
 async def pid():
     return {"pid": os.getpid()}
