@@ -4,6 +4,8 @@
 
 mod support;
 
+use rustix::process::Signal;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -93,7 +95,7 @@ fn a_job_cut_by_shutdown_is_given_back_at_once_and_finishes_after_a_restart() {
     let demo = Demo::start_with_env(&["--grace-period", "0.5"], &env);
     let id = enqueue(&demo, "sleep", r#"{"ms": 4000}"#);
     wait_for_job(&demo, id, Duration::from_secs(10), |j| j["state"] == "running");
-    demo.signal(libc::SIGTERM);
+    demo.signal(Signal::TERM);
     let (_code, log) = demo.wait(Duration::from_secs(15));
     assert!(log.iter().any(|l| l.contains("job consumer stopped") && l.contains("released=1")), "{log:#?}");
 

@@ -1,5 +1,8 @@
 //! `fastlane jobs ...` as a user runs it, on a SQLite file.
 
+mod support;
+
+use rustix::process::Signal;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -71,11 +74,7 @@ fn enqueue_work_and_stats_through_the_cli() {
         assert!(Instant::now() < deadline, "jobs not done: {}", stats(&url));
         std::thread::sleep(Duration::from_millis(100));
     }
-    #[allow(unsafe_code)]
-    // SAFETY: a signal to the worker process this test started, by its PID.
-    unsafe {
-        libc::kill(worker.id() as i32, libc::SIGTERM);
-    }
+    support::send_signal(worker.id(), Signal::TERM);
     let output = worker.wait_with_output().unwrap();
     assert!(output.status.success());
     // Each failed attempt is logged, not only counted: a warning while the

@@ -10,6 +10,8 @@
 
 mod support;
 
+use rustix::process::Signal;
+
 use std::io::Write as _;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -50,13 +52,13 @@ impl Worker {
         format!("consumer-{}", self.child.id())
     }
 
-    fn signal(&self, signal: i32) {
+    fn signal(&self, signal: Signal) {
         support::send_signal(self.child.id(), signal);
     }
 
     /// SIGTERM, wait, and return the `fenced=N` of its closing line.
     fn stop(mut self) -> u64 {
-        self.signal(libc::SIGTERM);
+        self.signal(Signal::TERM);
         let status = self.child.wait().unwrap();
         assert!(status.success(), "worker exited with {status}");
         let log = std::fs::read_to_string(&self.log).unwrap();
@@ -67,7 +69,7 @@ impl Worker {
     }
 
     fn kill(mut self) {
-        self.signal(libc::SIGKILL);
+        self.signal(Signal::KILL);
         let _ = self.child.wait();
     }
 }
@@ -141,9 +143,9 @@ fn crash_run(url: &str, dir: &std::path::Path) -> (String, u64) {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(400));
-    zombie.signal(libc::SIGSTOP);
+    zombie.signal(Signal::STOP);
     std::thread::sleep(Duration::from_secs(4));
-    zombie.signal(libc::SIGCONT);
+    zombie.signal(Signal::CONT);
 
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {

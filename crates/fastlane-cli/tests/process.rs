@@ -2,6 +2,8 @@
 
 mod support;
 
+use rustix::process::Signal;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -13,7 +15,7 @@ fn sigterm_drains_running_background_tasks_and_exits_zero() {
     assert_eq!(get(&demo.url("/?action=1&secs=1.5")).status, 200);
     assert_eq!(get(&demo.url("/?action=3&secs=1.5")).status, 200);
     let sent = Instant::now();
-    demo.signal(libc::SIGTERM);
+    demo.signal(Signal::TERM);
     let (code, stderr) = demo.wait(Duration::from_secs(20));
     let log = stderr.join("\n");
     assert_eq!(code, Some(0), "{log}");
@@ -33,7 +35,7 @@ fn work_cut_by_the_grace_period_is_reported_and_the_exit_code_says_so() {
     assert_eq!(get(&demo.url("/?action=1&secs=20")).status, 200);
     std::thread::sleep(Duration::from_millis(200));
     let sent = Instant::now();
-    demo.signal(libc::SIGINT);
+    demo.signal(Signal::INT);
     let (code, stderr) = demo.wait(Duration::from_secs(10));
     let log = stderr.join("\n");
     assert_eq!(code, Some(1), "{log}");

@@ -7,6 +7,8 @@
 
 mod support;
 
+use rustix::process::Signal;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -114,7 +116,7 @@ impl Served {
 
     /// SIGTERM, then the exit code and the whole log.
     fn stop(mut self, limit: Duration) -> (Option<i32>, String) {
-        support::send_signal(self.child.id(), libc::SIGTERM);
+        support::send_signal(self.child.id(), Signal::TERM);
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -589,7 +591,7 @@ fn sighup_reloads_the_code_without_dropping_a_request_and_a_broken_reload_keeps_
     let in_flight = std::thread::spawn(move || json(&get(&url)));
     std::thread::sleep(Duration::from_millis(200));
     write_version(&dir, "two");
-    support::send_signal(served.child.id(), libc::SIGHUP);
+    support::send_signal(served.child.id(), Signal::HUP);
     assert!(served.wait_for_log("reloaded: new workers", Duration::from_secs(30)), "{}", served.log());
     let after = json(&get(&served.url("/version")));
     assert_eq!(after["version"], "two");
@@ -598,7 +600,7 @@ fn sighup_reloads_the_code_without_dropping_a_request_and_a_broken_reload_keeps_
 
     // Code that does not import: the reload fails, the running workers stay.
     std::fs::write(dir.join("versioned.py"), "this is not python\n").unwrap();
-    support::send_signal(served.child.id(), libc::SIGHUP);
+    support::send_signal(served.child.id(), Signal::HUP);
     assert!(
         served.wait_for_log("the reload failed; the old workers go on serving", Duration::from_secs(30)),
         "{}",

@@ -2,6 +2,8 @@
 
 mod support;
 
+use rustix::process::Signal;
+
 use std::time::{Duration, Instant};
 
 use fastlane_cli::mixed::{self, MixedConfig};
@@ -39,7 +41,7 @@ fn sigkill_of_one_worker_fails_at_most_its_in_flight_requests_and_it_is_replaced
     let (_, pid) = worker_pid(&demo);
     assert_ne!(pid, demo.pid(), "the supervisor itself must not serve");
     let started_before = demo.count_log("worker started");
-    send_signal(pid, libc::SIGKILL);
+    send_signal(pid, Signal::KILL);
     let killed = Instant::now();
     let deadline = killed + Duration::from_secs(2);
     while demo.count_log("worker started") == started_before {
@@ -79,7 +81,7 @@ fn sighup_reloads_the_workers_without_failing_a_request() {
     let (_, old_pid) = worker_pid(&demo);
     let load = steady_load(&demo, 5.0);
     std::thread::sleep(Duration::from_millis(1500));
-    send_signal(demo.pid(), libc::SIGHUP);
+    send_signal(demo.pid(), Signal::HUP);
     assert!(demo.wait_for_log("old worker drained and exited", Duration::from_secs(10)).is_some());
     let result = load.join().unwrap();
     assert_eq!(result.fast.errors, 0, "{:?}", result.fast);
@@ -189,7 +191,7 @@ fn a_worker_that_keeps_dying_young_is_restarted_with_growing_delays() {
     for _ in 0..3 {
         let pid = started_pid(&demo, 1).expect("worker 1 started");
         let before = demo.count_log("worker started worker=1 ");
-        send_signal(pid, libc::SIGKILL);
+        send_signal(pid, Signal::KILL);
         let killed = Instant::now();
         let deadline = killed + Duration::from_secs(10);
         while demo.count_log("worker started worker=1 ") == before {
@@ -220,7 +222,7 @@ fn during_a_graceful_drain_new_connections_are_refused_at_once() {
     let slow = std::thread::spawn(move || get(&url).status);
     std::thread::sleep(Duration::from_millis(300));
     let addr = demo.url("").trim_start_matches("http://").to_owned();
-    demo.signal(libc::SIGTERM);
+    demo.signal(Signal::TERM);
     assert!(demo.wait_for_log("supervisor shutting down", Duration::from_secs(5)).is_some());
     std::thread::sleep(Duration::from_millis(200));
     // The slow request is still draining; a new client learns at once that

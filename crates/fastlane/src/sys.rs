@@ -1,6 +1,5 @@
 //! Every call into the operating system that Rust's standard library does
-//! not wrap: the crate's only `unsafe` code, each call written once, behind
-//! a safe function that states its contract.
+//! not wrap, each written once, behind a function that states its contract.
 //!
 //! * threads: the kernel id, the nice value, the CPU-time clock;
 //! * processes: signals, pipes, descriptors kept across `exec`, and the
@@ -9,27 +8,40 @@
 //!   buffer without zeroing it first;
 //! * the allocator: giving free memory back.
 //!
-//! Why not a crate such as rustix: it covers pipes, signals and priorities,
-//! but not `pthread_getcpuclockid` or `malloc_trim`, so two styles of FFI
-//! would remain; these few calls on `libc`, each with its reason, are
-//! simpler to audit in one place.
+//! Calls go through rustix, whose functions are safe (typed descriptors,
+//! `OwnedFd`s, errors as `io::Error`), wherever it has them. `libc` remains
+//! for the two it lacks, `pthread_getcpuclockid` and glibc's `malloc_trim`.
+//! The `unsafe` left here is where a contract rustix cannot check is ours:
+//! those two calls, a descriptor named by number (a socket kept open by
+//! protocol, one inherited from a supervisor), the child side of `fork`, and
+//! telling hyper how much of its buffer a read filled.
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+
+pub(crate) use rustix::process::Signal;
 
 /// The calling thread's kernel id (its `tid`, what `/proc` and
 /// `setpriority` name a thread by); 0 where there is none.
 pub(crate) fn thread_id() -> i32 {
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: gettid has no preconditions and cannot fail.
-        unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+        rustix::thread::gettid().as_raw_nonzero().get()
     }
     #[cfg(not(target_os = "linux"))]
     {
         0
+    }
+}
+
+/// The thread `tid` names (0: the calling thread), as rustix takes it.
+#[cfg(target_os = "linux")]
+fn thread(tid: i32) -> Option<rustix::process::Pid> {
+    match tid {
+        0 => None,
+        tid => rustix::process::Pid::from_raw(tid),
     }
 }
 
@@ -38,10 +50,9 @@ pub(crate) fn thread_id() -> i32 {
 pub(crate) fn nice(tid: i32) -> i32 {
     #[cfg(target_os = "linux")]
     {
-        let Ok(who) = libc::id_t::try_from(tid) else { return 0 };
-        // SAFETY: plain integers, read-only. -1 is both a valid value and the
-        // error return, which is why errors are not told apart here.
-        unsafe { libc::getpriority(libc::PRIO_PROCESS, who) }
+        // On Linux a "process" priority named by a thread id is that
+        // thread's own.
+        rustix::process::getpriority_process(thread(tid)).unwrap_or(0)
     }
     #[cfg(not(target_os = "linux"))]
     {
@@ -55,9 +66,7 @@ pub(crate) fn nice(tid: i32) -> i32 {
 pub(crate) fn set_nice(tid: i32, nice: i32) -> bool {
     #[cfg(target_os = "linux")]
     {
-        let Ok(who) = libc::id_t::try_from(tid) else { return false };
-        // SAFETY: plain integers; affects only that thread's nice value.
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, who, nice) == 0 }
+        rustix::process::setpriority_process(thread(tid), nice).is_ok()
     }
     #[cfg(not(target_os = "linux"))]
     {
@@ -129,70 +138,60 @@ pub(crate) fn release_free_memory() {
 /// (so that the number cannot meanwhile name another file): its peer sees
 /// the end, and a task blocked on it wakes up.
 pub(crate) fn shutdown_socket(fd: RawFd) {
-    // SAFETY: plain integers; on a descriptor that is not a socket it fails
-    // with ENOTSOCK, which changes nothing.
-    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    // SAFETY: the caller keeps the descriptor open for the duration of the
+    // call (see above). On one that is not a socket it fails with ENOTSOCK,
+    // which changes nothing.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
 }
 
 /// Reads from `fd` into the unfilled part of `buf`, without zeroing it
 /// first, and marks what was read as filled. `look` sees the bytes read
 /// before that. Returns how many.
 pub(crate) fn read_into(
-    fd: RawFd,
+    fd: BorrowedFd<'_>,
     buf: &mut hyper::rt::ReadBufCursor<'_>,
     look: impl FnOnce(&[u8]),
 ) -> io::Result<usize> {
-    // SAFETY: the kernel only writes into the unfilled part of the buffer
-    // (never de-initializes it), at most its length, and the pointer stays
-    // valid for the duration of the call.
-    let rc = unsafe {
-        let unfilled = buf.as_mut();
-        libc::read(fd, unfilled.as_mut_ptr().cast(), unfilled.len())
-    };
-    let n = usize::try_from(rc).map_err(|_| io::Error::last_os_error())?;
-    // SAFETY: `read` initialized the first `n` bytes of the unfilled part;
-    // they are only looked at, before `advance`.
-    let bytes: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_mut().as_ptr().cast(), n) };
-    look(bytes);
-    // SAFETY: `read` initialized exactly `n` bytes of the unfilled part.
+    // SAFETY: rustix's read only writes initialized bytes into the slice,
+    // never de-initializes any.
+    let unfilled = unsafe { buf.as_mut() };
+    let (read, _) = rustix::io::read(fd, unfilled)?;
+    let n = read.len();
+    look(read);
+    // SAFETY: the read initialized exactly the first `n` bytes of the
+    // unfilled part.
     unsafe { buf.advance(n) };
     Ok(n)
 }
 
 /// A pipe whose two ends close on `exec` (read end, write end).
 pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: a valid two-element out-array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 just opened both descriptors, and nothing else owns them.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
 }
 
 /// Makes `cmd`'s child keep `fds` open across its `exec` (they are
 /// close-on-exec in this process, so that no other child inherits them).
 pub(crate) fn keep_open_in_child(cmd: &mut std::process::Command, fds: [RawFd; 2]) {
     // SAFETY: runs in the child between fork and exec and only calls fcntl,
-    // which is async-signal-safe, on descriptors the child has inherited.
+    // which is async-signal-safe, on descriptors the child has inherited
+    // (open there until its exec).
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(cmd, move || {
             for fd in fds {
-                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                let fd = BorrowedFd::borrow_raw(fd);
+                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
             }
             Ok(())
         });
     }
 }
 
-/// Sends signal `sig` to process `pid` (a child of ours); whether it went.
-pub(crate) fn send_signal(pid: u32, sig: i32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
-    // SAFETY: plain integers. The caller names its own child, which it has
-    // not reaped yet, so the PID cannot have been reused.
-    unsafe { libc::kill(pid, sig) == 0 }
+/// Sends `signal` to process `pid` (a child of ours, which the caller has
+/// not reaped yet, so that the PID cannot have been reused); whether it went.
+pub(crate) fn send_signal(pid: u32, signal: Signal) -> bool {
+    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else { return false };
+    rustix::process::kill_process(pid, signal).is_ok()
 }
 
 /// Takes the descriptor whose number is in the environment variable `var`

@@ -56,10 +56,10 @@ async fn sync_handlers_take_extractors_and_run_on_the_blocking_lane() {
     server.shutdown().await.unwrap();
 }
 
-#[allow(unsafe_code)]
+/// The calling thread's nice value.
 fn my_nice() -> i32 {
-    // SAFETY: reads the calling thread's own priority.
-    unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::syscall(libc::SYS_gettid) as libc::id_t) }
+    let tid = rustix::thread::gettid();
+    rustix::process::getpriority_process(Some(tid)).expect("a thread's own priority")
 }
 
 #[tokio::test]

@@ -44,19 +44,15 @@ async fn memory_taken_by_idle_connections_is_given_back_when_they_close() {
         return;
     }
     // Room for both ends of every connection in this one process.
-    let limit = libc::rlimit { rlim_cur: 4 * CONNECTIONS as u64 + 1024, rlim_max: libc::RLIM_INFINITY };
-    #[allow(unsafe_code)]
-    // SAFETY: reads and raises this process's own soft limit within its hard one.
-    unsafe {
-        let mut current = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut current);
-        if current.rlim_max < limit.rlim_cur {
-            eprintln!("skipped: the hard limit of open files ({}) is too low", current.rlim_max);
-            return;
-        }
-        let raised = libc::rlimit { rlim_cur: limit.rlim_cur, rlim_max: current.rlim_max };
-        libc::setrlimit(libc::RLIMIT_NOFILE, &raised);
+    let wanted = 4 * CONNECTIONS as u64 + 1024;
+    let current = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let hard = current.maximum.unwrap_or(u64::MAX);
+    if hard < wanted {
+        eprintln!("skipped: the hard limit of open files ({hard}) is too low");
+        return;
     }
+    let raised = rustix::process::Rlimit { current: Some(wanted), maximum: current.maximum };
+    rustix::process::setrlimit(rustix::process::Resource::Nofile, raised).expect("raise the soft limit");
     let app = Router::new().route("/fast", get(|| async { "ok" }));
     let server = start(app, Config::default()).await;
     // A first round settles what stays for good (thread stacks, slabs).

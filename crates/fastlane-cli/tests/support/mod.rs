@@ -3,6 +3,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::io::{BufRead, BufReader};
+
+use rustix::process::Signal;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -120,27 +122,22 @@ impl Demo {
         self.log.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
     }
 
-    pub fn signal(&self, signal: i32) {
+    pub fn signal(&self, signal: Signal) {
         send_signal(self.child.id(), signal);
     }
 }
 
 /// Sends a signal to a process this test started (directly or through the
 /// demo's supervisor), by its PID.
-pub fn send_signal(pid: u32, signal: i32) {
-    {
-        let pid = pid as i32;
-        #[allow(unsafe_code)]
-        // SAFETY: sends a signal to our own child process, by its PID.
-        let rc = unsafe { libc::kill(pid, signal) };
-        assert_eq!(rc, 0);
-    }
+pub fn send_signal(pid: u32, signal: Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a child's PID is positive");
+    rustix::process::kill_process(pid, signal).expect("the signal is sent");
 }
 
 impl Demo {
     /// SIGTERM, then [`wait`](Self::wait) up to 20 s.
     pub fn wait_after_term(self) -> (Option<i32>, Vec<String>) {
-        self.signal(libc::SIGTERM);
+        self.signal(Signal::TERM);
         self.wait(Duration::from_secs(20))
     }
 
@@ -181,7 +178,7 @@ impl Demo {
 /// after 10 s.
 pub fn stop_child(child: &mut Child) {
     if let Ok(None) = child.try_wait() {
-        send_signal(child.id(), libc::SIGTERM);
+        send_signal(child.id(), Signal::TERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {

@@ -32,7 +32,7 @@
 
 use std::io::{self, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -619,7 +619,7 @@ impl hyper::rt::Read for Connection {
         mut buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let fd = this.stream.as_raw_fd();
+        let fd = this.stream.as_fd();
         let len = buf.remaining();
         let (state, scanner) = (&this.state, &mut this.scanner);
         let read = state.read.poll_io(cx, || {

@@ -265,7 +265,7 @@ impl Supervisor {
                 tracing::error!(error = %err, "reload: could not start a new worker; keeping the old ones");
                 let new = std::mem::replace(&mut self.active, old);
                 self.retiring.extend(new);
-                self.signal_all_retiring(libc::SIGTERM);
+                self.signal_all_retiring(crate::sys::Signal::TERM);
                 return;
             }
         }
@@ -275,10 +275,10 @@ impl Supervisor {
         }
         tracing::info!("reload: new workers ready; draining the old ones");
         self.retiring.extend(old);
-        self.signal_all_retiring(libc::SIGTERM);
+        self.signal_all_retiring(crate::sys::Signal::TERM);
     }
 
-    fn signal_all_retiring(&self, sig: i32) {
+    fn signal_all_retiring(&self, sig: crate::sys::Signal) {
         for w in &self.retiring {
             crate::sys::send_signal(w.pid(), sig);
         }
@@ -291,7 +291,7 @@ impl Supervisor {
         let mut all: Vec<Worker> = self.active.drain(..).chain(self.retiring.drain(..)).collect();
         tracing::info!(workers = all.len(), "supervisor shutting down: draining workers");
         for w in &all {
-            crate::sys::send_signal(w.pid(), libc::SIGTERM);
+            crate::sys::send_signal(w.pid(), crate::sys::Signal::TERM);
         }
         let deadline = started + self.config.grace_period + Duration::from_secs(5);
         while !all.is_empty() {
