@@ -361,6 +361,7 @@ pub async fn run_command(command: DemoCommand) -> ExitCode {
         ..fastlane::Config::default()
     };
     let config = serve.apply(base);
+    let tls = config.tls.is_some();
     let server = match fastlane::Server::new(app_with_jobs(jobs)).config(config).jobs(consumer).bind().await {
         Ok(server) => server,
         Err(err) => {
@@ -369,11 +370,12 @@ pub async fn run_command(command: DemoCommand) -> ExitCode {
         }
     };
     let addr = server.local_addr();
+    let scheme = if tls { "https" } else { "http" };
     if fastlane::worker_id().is_some() {
         // The supervisor already printed the routes.
         return demo_exit(server.serve().await);
     }
-    outln!("fastlane demo on http://{addr}\n");
+    outln!("fastlane demo on {scheme}://{addr}\n");
     for (route, what) in ROUTES {
         outln!("  {route:<40} {what}");
     }
@@ -384,9 +386,15 @@ pub async fn run_command(command: DemoCommand) -> ExitCode {
     outln!("      the store is kept across restarts (ids go on from the last run); --jobs-url for another");
     // The hint names this very binary, which need not be on the PATH.
     let me = std::env::current_exe().map_or_else(|_| "fastlane".to_owned(), |p| p.display().to_string());
-    outln!("\ntry:  curl 'http://{addr}/slow/sync?secs=2' & curl 'http://{addr}/test1'");
-    outln!("      curl -d '{{\"ms\": 5000}}' http://{addr}/jobs/sleep   # then GET /jobs/<the id it prints>");
-    outln!("      {me} probe -n 2 -c 2 'http://{addr}/slow/sync?secs=2'\n");
+    outln!("\ntry:  curl '{scheme}://{addr}/slow/sync?secs=2' & curl '{scheme}://{addr}/test1'");
+    outln!(
+        "      curl -d '{{\"ms\": 5000}}' {scheme}://{addr}/jobs/sleep   # then GET /jobs/<the id it prints>"
+    );
+    if !tls {
+        outln!("      {me} probe -n 2 -c 2 'http://{addr}/slow/sync?secs=2'\n");
+    } else {
+        outln!();
+    }
     demo_exit(server.serve().await)
 }
 

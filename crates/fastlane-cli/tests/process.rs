@@ -249,3 +249,41 @@ fn a_stall_past_the_request_timeout_says_why_no_504_came() {
     // A sync route is timed out as promised.
     assert_eq!(get(&demo.url("/slow/sync?secs=2")).status, 504);
 }
+
+#[test]
+fn sighup_reloads_the_tls_certificate_and_a_bad_one_keeps_the_old() {
+    let dir = std::env::temp_dir().join(format!("fastlane-demo-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (certfile, keyfile) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let write = |with_its_key: bool| {
+        let names = vec!["localhost".to_owned()];
+        let made = rcgen::generate_simple_self_signed(names.clone()).unwrap();
+        std::fs::write(&certfile, made.cert.pem()).unwrap();
+        let key = match with_its_key {
+            true => made.key_pair.serialize_pem(),
+            false => rcgen::generate_simple_self_signed(names).unwrap().key_pair.serialize_pem(),
+        };
+        std::fs::write(&keyfile, key).unwrap();
+    };
+    write(true);
+    let (cert, key) = (certfile.to_str().unwrap(), keyfile.to_str().unwrap());
+    let demo = Demo::start(&["--ssl-certfile", cert, "--ssl-keyfile", key]);
+    assert!(demo.wait_for_log("fastlane listening on https://", Duration::from_secs(10)).is_some());
+    // A renewal (certbot replacing both files), then SIGHUP.
+    write(true);
+    demo.signal(Signal::HUP);
+    assert!(demo
+        .wait_for_log("SIGHUP: reloaded the TLS certificate and key", Duration::from_secs(10))
+        .is_some());
+    // A key that is not the certificate's: the error names the file, the old pair stays.
+    write(false);
+    demo.signal(Signal::HUP);
+    assert!(demo.wait_for_log("the old certificate stays", Duration::from_secs(10)).is_some());
+    // (What the handshakes present after each reload: tests/tls.rs in the fastlane crate.)
+    let (code, stderr) = demo.wait_after_term();
+    let log = stderr.join("\n");
+    assert_eq!(code, Some(0), "{log}");
+    let failed = log.lines().find(|l| l.contains("the old certificate stays")).unwrap();
+    assert!(failed.contains("key.pem") && failed.contains("is not the key of"), "{failed}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -40,6 +40,9 @@ pub enum Error {
     /// Installing the SIGINT/SIGTERM handlers failed.
     #[error("could not install signal handlers")]
     Signal(#[source] std::io::Error),
+    /// The TLS certificate or key could not be used; the source names the file.
+    #[error("could not set up TLS")]
+    Tls(#[source] crate::TlsError),
 }
 
 /// Prints an error and each of its causes, `: `-separated, the way a

@@ -69,7 +69,7 @@ pub use routes::StallSource;
 pub use server::companion::{spawn, Companion, CompanionFuture, Spawner};
 pub use server::{
     BoundServer, ClientInfo, Config, ForwardedAllowIps, RouteTimeout, ServeArgs, Server, ServerHandle,
-    SetTimeout, SpawnedServer,
+    SetTimeout, SpawnedServer, TlsConfig, TlsError,
 };
 pub use shutdown::{CutWork, ShutdownReport};
 pub use supervisor::worker::worker_id;

@@ -59,7 +59,8 @@ impl Demo {
         let out_writer = out.clone();
         std::thread::spawn(move || {
             for line in stdout.lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("fastlane demo on http://") {
+                let rest = line.strip_prefix("fastlane demo on http://");
+                if let Some(rest) = rest.or_else(|| line.strip_prefix("fastlane demo on https://")) {
                     let _ = addr_tx.send(rest.trim().to_owned());
                 }
                 out_writer.lock().unwrap().push(line);

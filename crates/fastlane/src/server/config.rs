@@ -98,6 +98,22 @@ pub struct Config {
     /// The peers whose proxy headers are believed. Default `127.0.0.1`, as
     /// uvicorn and gunicorn.
     pub forwarded_allow_ips: crate::ForwardedAllowIps,
+    /// Serve HTTPS with this certificate and key (HTTP/2 offered by ALPN,
+    /// HTTP/1.1 otherwise). Default `None`: plain HTTP, as behind a proxy
+    /// that terminates TLS. SIGHUP reloads both files: new connections get
+    /// the new certificate, open ones keep theirs.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The PEM files of a server's certificate and private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The certificate chain, the server's own certificate first (uvicorn's
+    /// `--ssl-certfile`).
+    pub certfile: std::path::PathBuf,
+    /// Its private key: PKCS#8, PKCS#1 (RSA) or SEC1 (EC) (uvicorn's
+    /// `--ssl-keyfile`).
+    pub keyfile: std::path::PathBuf,
 }
 
 impl Default for Config {
@@ -119,6 +135,7 @@ impl Default for Config {
             compression: false,
             proxy_headers: true,
             forwarded_allow_ips: crate::ForwardedAllowIps::default(),
+            tls: None,
         }
     }
 }
@@ -258,6 +275,12 @@ pub struct ServeArgs {
     /// Compress responses of 1 KiB or more (gzip, brotli, zstd by Accept-Encoding) [default: off].
     #[arg(long, env = "FASTLANE_COMPRESSION")]
     pub compression: bool,
+    /// Serve HTTPS with this certificate chain (PEM), with --ssl-keyfile; SIGHUP reloads both.
+    #[arg(long, env = "FASTLANE_SSL_CERTFILE", value_name = "FILE", requires = "ssl_keyfile")]
+    pub ssl_certfile: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --ssl-certfile.
+    #[arg(long, env = "FASTLANE_SSL_KEYFILE", value_name = "FILE", requires = "ssl_certfile")]
+    pub ssl_keyfile: Option<std::path::PathBuf>,
     /// Run async handlers on tokio's workers, without stall isolation (as plain axum).
     #[arg(long, env = "FASTLANE_NO_ISOLATION")]
     pub no_isolation: bool,
@@ -386,6 +409,9 @@ impl ServeArgs {
         }
         if self.compression {
             config.compression = true;
+        }
+        if let (Some(certfile), Some(keyfile)) = (self.ssl_certfile, self.ssl_keyfile) {
+            config.tls = Some(TlsConfig { certfile, keyfile });
         }
         if self.no_isolation {
             config.isolation.enabled = false;

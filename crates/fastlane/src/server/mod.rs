@@ -32,6 +32,7 @@ mod sniff;
 mod state;
 mod timeout;
 mod timer;
+mod tls;
 mod tracker;
 
 use std::future::Future;
@@ -47,10 +48,11 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-pub use config::{Config, ServeArgs};
+pub use config::{Config, ServeArgs, TlsConfig};
 pub use proxy::{ClientInfo, ForwardedAllowIps};
 pub(crate) use state::{RequestState, ServerState};
 pub use timeout::{RouteTimeout, SetTimeout};
+pub use tls::TlsError;
 
 use crate::executor::reactor::IdleWatch;
 use crate::executor::Executor;
@@ -181,6 +183,9 @@ impl Server {
             None if self.config.workers > 1 => Mode::Supervisor,
             None => Mode::Single,
         };
+        // Read now, in every mode, so that a bad file is an error at start
+        // (a supervisor's workers would otherwise fail one after another).
+        let tls = self.config.tls.as_ref().map(tls::Tls::new).transpose().map_err(Error::Tls)?;
         let sources = self.companions.iter().filter_map(|c| c.metrics()).collect();
         let stall_sources = state::StallSources(self.companions.iter().filter_map(|c| c.stalls()).collect());
         let metrics = Metrics::new((&self.config.lanes).into(), worker.map(|w| (w.id, w.restarts)), sources);
@@ -208,6 +213,7 @@ impl Server {
             routes,
             executor,
             stall_sources,
+            tls,
         });
         // axum's extractors already refuse bodies over 2 MiB; a layer (one
         // more boxed service per request) is only worth it for another limit.
@@ -330,6 +336,34 @@ impl ServerHandle {
     pub fn metrics(&self) -> String {
         self.state.render_metrics()
     }
+
+    /// Reads the TLS certificate and key files again, as SIGHUP does: the
+    /// handshakes from now on present the new certificate, the connections
+    /// already open keep theirs. On an error (a file missing, a key that is
+    /// not the certificate's) the old certificate stays. Without TLS,
+    /// nothing happens.
+    pub fn reload_tls(&self) -> Result<(), Error> {
+        match &self.state.tls {
+            Some(tls) => tls.reload().map_err(Error::Tls),
+            None => Ok(()),
+        }
+    }
+}
+
+/// SIGHUP reloads the certificate and key (the files a renewal, such as
+/// certbot's, has just replaced).
+fn reload_tls_on_hangup(handle: ServerHandle) -> Result<(), Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup()).map_err(Error::Signal)?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match handle.reload_tls() {
+                Ok(()) => tracing::info!("SIGHUP: reloaded the TLS certificate and key"),
+                Err(err) => tracing::error!("SIGHUP: {}; the old certificate stays", crate::ErrorChain(&err)),
+            }
+        }
+    });
+    Ok(())
 }
 
 impl BoundServer {
@@ -390,7 +424,7 @@ impl BoundServer {
             }
             Mode::Worker => {
                 let max = state.config.max_requests.map(|n| n + jitter(state.config.max_requests_jitter));
-                heartbeat::start(state.clone(), handle, max);
+                heartbeat::start(state.clone(), handle.clone(), max);
             }
             Mode::Single => {}
         }
@@ -398,7 +432,13 @@ impl BoundServer {
             timed: Arc::new(http_builder(&state, true)),
             watched: Arc::new(http_builder(&state, false)),
         };
-        tracing::info!(addr = %local_addr, "fastlane listening on http://{local_addr}");
+        // Before the line that says the server is up: a SIGHUP sent once it
+        // is read must find the handler (the default action ends the process).
+        if state.tls.is_some() {
+            reload_tls_on_hangup(handle.clone())?;
+        }
+        let scheme = if state.tls.is_some() { "https" } else { "http" };
+        tracing::info!(addr = %local_addr, "fastlane listening on {scheme}://{local_addr}");
         let companions = companion::start_all(companions, &state, &stop);
 
         let mut stop_rx = stop.subscribe();
@@ -506,6 +546,19 @@ fn start_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let (router, stop) = (router.clone(), stop.subscribe());
+    if let Some(tls) = &state.tls {
+        // The handshake, then HTTP on tokio's I/O, as a plain connection
+        // without isolation (the runners' reactor reads plain sockets only;
+        // the handlers still run on the runners).
+        let (acceptor, builder, task_state) = (tls.acceptor().clone(), builders.timed.clone(), state.clone());
+        let timeout = state.config.header_read_timeout;
+        state.start_task(Box::pin(async move {
+            if let Some(stream) = handshake(acceptor, stream, peer, timeout).await {
+                serve_on_tokio(stream, router, peer, true, builder, task_state, stop).await;
+            }
+        }));
+        return;
+    }
     match state.executor.as_ref().and_then(|e| e.reactor()) {
         Some(reactor) => match stream.into_std().and_then(|stream| reactor.register(stream)) {
             Ok(io) => {
@@ -521,21 +574,54 @@ fn start_connection(
             Err(err) => tracing::warn!(error = %err, "could not register a connection; closed it"),
         },
         None => {
-            // hyper enforces the HTTP/1 deadline here; the HTTP/2 ones are
-            // the connection task's (see `sniff`).
-            let watch = IdleWatch::standalone();
-            let service = ConnectionService::new(router, state, watch.clone(), false, peer);
-            let deadlines = Deadlines::new(watch.clone(), state.config.header_read_timeout);
-            let io = Sniffing::new(stream, watch);
-            let serve = serve_connection(
-                io,
-                builders.timed.clone(),
-                service,
-                state.clone(),
-                stop,
-                Watch::Task(deadlines),
-            );
+            let serve =
+                serve_on_tokio(stream, router, peer, false, builders.timed.clone(), state.clone(), stop);
             state.start_task(Box::pin(serve));
+        }
+    }
+}
+
+/// Serves a connection on tokio's I/O: hyper enforces the HTTP/1 deadline,
+/// the connection task the HTTP/2 ones (see `sniff`).
+async fn serve_on_tokio<S>(
+    stream: S,
+    router: Router,
+    peer: SocketAddr,
+    https: bool,
+    builder: Arc<auto::Builder<StreamExecutor>>,
+    state: Arc<ServerState>,
+    stop: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let watch = IdleWatch::standalone();
+    let service = ConnectionService::new(router, &state, watch.clone(), false, peer);
+    let service = if https { service.over_tls() } else { service };
+    let deadlines = Deadlines::new(watch.clone(), state.config.header_read_timeout);
+    let io = Sniffing::new(stream, watch);
+    serve_connection(io, builder, service, state, stop, Watch::Task(deadlines)).await;
+}
+
+/// The TLS handshake of an HTTPS connection, within the header-read
+/// timeout (a client that never finishes it holds nothing); `None` if it
+/// failed.
+async fn handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    timeout: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(err)) => {
+            // A client that does not trust the certificate, a scanner
+            // speaking plain HTTP: theirs to fix, not worth a warning.
+            tracing::debug!(%peer, error = %err, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake not finished within the header-read timeout; closed");
+            None
         }
     }
 }

@@ -162,14 +162,16 @@ impl ClientInfo {
         self.addr != self.peer
     }
 
-    /// The client of a request from `peer` with these headers: the proxy
-    /// headers are read when `trusted` says the peer may send them.
+    /// The client of a request from `peer` (over TLS when `https`) with
+    /// these headers: the proxy headers are read when `trusted` says the
+    /// peer may send them.
     pub(crate) fn resolve(
         peer: SocketAddr,
+        https: bool,
         headers: &HeaderMap,
         trusted: Option<&ForwardedAllowIps>,
     ) -> Self {
-        let direct = Self { addr: peer, https: false, peer };
+        let direct = Self { addr: peer, https, peer };
         let Some(trusted) = trusted.filter(|t| t.trusts(peer.ip())) else { return direct };
         let mut client = direct;
         if let Some(proto) = last_value(headers, "x-forwarded-proto") {
@@ -287,7 +289,7 @@ mod tests {
 
     fn resolve(peer: &str, pairs: &[(&'static str, &str)], trusted: &str) -> ClientInfo {
         let trusted: ForwardedAllowIps = trusted.parse().unwrap();
-        ClientInfo::resolve(peer.parse().unwrap(), &headers(pairs), Some(&trusted))
+        ClientInfo::resolve(peer.parse().unwrap(), false, &headers(pairs), Some(&trusted))
     }
 
     #[test]
@@ -317,6 +319,7 @@ mod tests {
         assert_eq!((c.addr, c.https, c.is_forwarded()), ("203.0.113.9:5000".parse().unwrap(), false, false));
         let none = ClientInfo::resolve(
             "127.0.0.1:1".parse().unwrap(),
+            false,
             &headers(&[("x-forwarded-for", "1.2.3.4")]),
             None,
         );

@@ -42,6 +42,8 @@ pub(super) struct ConnectionService {
     /// `ConnectInfo<SocketAddr>`, and with the proxy headers as
     /// [`ClientInfo`] (an ASGI app's `client`).
     peer: SocketAddr,
+    /// The connection is HTTPS (the scheme unless a trusted proxy says).
+    https: bool,
 }
 
 impl ConnectionService {
@@ -52,7 +54,13 @@ impl ConnectionService {
         watch_http1: bool,
         peer: SocketAddr,
     ) -> Self {
-        Self { router: RefCell::new(router), state: state.clone(), watch, watch_http1, peer }
+        Self { router: RefCell::new(router), state: state.clone(), watch, watch_http1, peer, https: false }
+    }
+
+    /// The same service for a connection over TLS.
+    pub(super) fn over_tls(mut self) -> Self {
+        self.https = true;
+        self
     }
 }
 
@@ -64,7 +72,7 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
     fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
         let config = &self.state.config;
         let trusted = config.proxy_headers.then_some(&config.forwarded_allow_ips);
-        let client = ClientInfo::resolve(self.peer, req.headers(), trusted);
+        let client = ClientInfo::resolve(self.peer, self.https, req.headers(), trusted);
         req.extensions_mut().insert(client);
         req.extensions_mut().insert(axum::extract::ConnectInfo(self.peer));
         let watched = self.watch_http1 || req.version() == http::Version::HTTP_2;

@@ -24,23 +24,24 @@ use tokio::net::TcpStream;
 use crate::executor::frames::FrameScanner;
 use crate::executor::reactor::{IdleWatch, Verdict};
 
-/// A TCP stream whose incoming bytes are followed for HTTP/2 frames; hyper
-/// reads it through hyper-util's `TokioIo`, like any tokio stream.
+/// A TCP stream (or the TLS stream over one) whose incoming bytes are
+/// followed for HTTP/2 frames; hyper reads it through hyper-util's
+/// `TokioIo`, like any tokio stream.
 #[derive(Debug)]
-pub(crate) struct Sniffing {
-    stream: TcpStream,
+pub(crate) struct Sniffing<S = TcpStream> {
+    stream: S,
     /// `None` once the connection is known not to be HTTP/2.
     scanner: Option<FrameScanner>,
     watch: IdleWatch,
 }
 
-impl Sniffing {
-    pub(crate) fn new(stream: TcpStream, watch: IdleWatch) -> TokioIo<Self> {
+impl<S> Sniffing<S> {
+    pub(crate) fn new(stream: S, watch: IdleWatch) -> TokioIo<Self> {
         TokioIo::new(Self { stream, scanner: Some(FrameScanner::default()), watch })
     }
 }
 
-impl AsyncRead for Sniffing {
+impl<S: AsyncRead + Unpin> AsyncRead for Sniffing<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
@@ -50,7 +51,7 @@ impl AsyncRead for Sniffing {
     }
 }
 
-impl AsyncWrite for Sniffing {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffing<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.watch.wrote(Pin::new(&mut this.stream).poll_write(cx, buf))

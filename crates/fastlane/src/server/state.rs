@@ -28,6 +28,8 @@ pub(crate) struct ServerState {
     pub(crate) executor: Option<Executor>,
     /// The companions' stall rows, listed with the routes'.
     pub(crate) stall_sources: StallSources,
+    /// HTTPS, when configured.
+    pub(crate) tls: Option<super::tls::Tls>,
 }
 
 /// The companions' [`StallSource`](crate::StallSource)s.
