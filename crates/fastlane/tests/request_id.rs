@@ -1,6 +1,8 @@
 //! Request ids over real sockets: taken from `X-Request-Id` or `traceparent`
-//! when well-formed, made otherwise, returned in the response, and on the
-//! request's log lines (the handler's own events and the access log).
+//! when well-formed, made otherwise, returned in the response (fastlane's
+//! own endpoints' too), and on the request's log lines (the handler's own
+//! events, its background tasks' and the access log); a background task
+//! sees it as [`RequestId::current`], as a job it enqueues does.
 //!
 //! One test in this binary: it installs the process's log subscriber.
 
@@ -50,6 +52,24 @@ async fn hello(id: RequestId) -> String {
     id.to_string()
 }
 
+/// What the background tasks of `/later` saw as the current request id.
+type Seen = Arc<Mutex<Vec<(&'static str, Option<String>)>>>;
+
+fn later(seen: Seen) -> axum::routing::MethodRouter {
+    get(move |background: fastlane::Background| async move {
+        let (a, b) = (seen.clone(), seen.clone());
+        background.spawn(async move {
+            tracing::warn!("async background task says hi");
+            a.lock().unwrap().push(("async", RequestId::current().map(|id| id.to_string())));
+        });
+        background.spawn_blocking(move || {
+            tracing::warn!("blocking background task says hi");
+            b.lock().unwrap().push(("blocking", RequestId::current().map(|id| id.to_string())));
+        });
+        "scheduled"
+    })
+}
+
 #[tokio::test]
 async fn request_ids_are_taken_or_made_returned_and_logged() {
     let captured = Captured::default();
@@ -59,8 +79,9 @@ async fn request_ids_are_taken_or_made_returned_and_logged() {
         .with_ansi(false)
         .with_max_level(tracing::Level::INFO)
         .init();
-    let app = Router::new().route("/hello", get(hello));
-    let server = support::start(app, Config::default()).await;
+    let seen = Seen::default();
+    let app = Router::new().route("/hello", get(hello)).route("/later", later(seen.clone()));
+    let server = support::start(app, Config { expose_internal: true, ..Config::default() }).await;
     let addr = server.local_addr();
 
     // The client's id, when well-formed, is kept: in the response, in the
@@ -90,8 +111,31 @@ async fn request_ids_are_taken_or_made_returned_and_logged() {
     assert_ne!(made, bad);
     assert!(captured.lines_with("a b\"c").is_empty(), "the bad id reached the log");
 
-    // Answers fastlane gives itself carry it too (here a 404 of no route).
+    // Answers fastlane gives itself carry it too: a 404 of no route, and
+    // its own endpoints.
     let (id, _) = get_with(addr, "/nowhere", "X-Request-Id: lost-1\r\n").await;
     assert_eq!(id.as_deref(), Some("lost-1"));
+    for path in ["/metrics", "/_fastlane/stalls", "/_fastlane/worker"] {
+        let (id, _) = get_with(addr, path, "X-Request-Id: scrape-9\r\n").await;
+        assert_eq!(id.as_deref(), Some("scrape-9"), "{path}");
+    }
+
+    // Background tasks run under the id of the request that scheduled them:
+    // their log lines carry it, and `RequestId::current()` (which a job's
+    // enqueue reads) gives it.
+    let (_, body) = get_with(addr, "/later", "X-Request-Id: bg-42\r\n").await;
+    assert_eq!(body, "scheduled");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while seen.lock().unwrap().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the background tasks did not run");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort();
+    assert_eq!(seen, [("async", Some("bg-42".to_owned())), ("blocking", Some("bg-42".to_owned()))]);
+    for what in ["async background task says hi", "blocking background task says hi"] {
+        let said = captured.lines_with(what);
+        assert!(said.iter().any(|l| l.contains("request{id=bg-42}")), "{said:#?}");
+    }
     assert!(server.shutdown().await.unwrap().is_clean());
 }

@@ -25,7 +25,7 @@ use crate::lane::{panic_message, LaneKind};
 use crate::metrics::TaskOutcome;
 use crate::routes::Phase;
 use crate::server::RequestState;
-use crate::ApiError;
+use crate::{ApiError, RequestId};
 
 /// Schedules work to run after the response has been sent.
 ///
@@ -100,7 +100,8 @@ impl Background {
             server.tracker.remove_task(id);
         };
         // Stalls inside the task are reported against the route that
-        // scheduled it.
+        // scheduled it, and it runs under the request's id.
+        let task = UnderRequestId::new(task, &self.request.request_id);
         let executor = self.request.server.executor.as_ref();
         let routed = Routed::new(task, self.request.route.clone(), Phase::Background, executor);
         self.request.schedule(Box::pin(routed));
@@ -141,12 +142,16 @@ impl Background {
         let server = request.server.clone();
         let route = request.route.route.clone();
         let method = request.method.clone();
+        let request_id = request.request_id.clone();
         self.request.schedule(Box::pin(async move {
             let tracker_server = server.clone();
             let result = server
                 .lanes
                 .run_when_ready(lane, move || {
                     tracker_server.tracker.task_started(id);
+                    let span = request_span(&request_id);
+                    let _span = span.enter();
+                    let _current = request_id.enter();
                     task().into_result()
                 })
                 .await;
@@ -172,6 +177,40 @@ impl Background {
         let id = request.server.tracker.add_task(&request.route, lane);
         request.server.metrics.task_scheduled();
         (id, request)
+    }
+}
+
+/// The span a request's background task runs in: the request's own, so
+/// that its log lines carry the request's id as the handler's do.
+fn request_span(id: &RequestId) -> tracing::Span {
+    tracing::error_span!(target: "fastlane", "request", id = %id)
+}
+
+pin_project_lite::pin_project! {
+    /// A background task polled under its request's id: in its span, and
+    /// as [`RequestId::current`] (which a job enqueued from it records).
+    struct UnderRequestId<F> {
+        #[pin]
+        inner: F,
+        id: RequestId,
+        span: tracing::Span,
+    }
+}
+
+impl<F> UnderRequestId<F> {
+    fn new(inner: F, id: &RequestId) -> Self {
+        Self { inner, id: id.clone(), span: request_span(id) }
+    }
+}
+
+impl<F: Future> Future for UnderRequestId<F> {
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        let _span = this.span.enter();
+        let _current = this.id.enter();
+        this.inner.poll(cx)
     }
 }
 

@@ -6,12 +6,23 @@ use axum::response::{IntoResponse, Response};
 
 use super::ServerState;
 
-/// The answer of fastlane's own endpoints, when exposed and asked for.
+/// The answer of fastlane's own endpoints, when exposed and asked for,
+/// with the request's id (`x-request-id`) as every answer has.
 pub(super) fn internal_endpoint<B>(state: &ServerState, req: &http::Request<B>) -> Option<Response> {
     if !state.config.expose_internal || req.method() != http::Method::GET {
         return None;
     }
-    match req.uri().path() {
+    let mut response = answer(state, req.uri().path())?;
+    let id = crate::RequestId::for_headers(req.headers());
+    // The id is of characters a header value can hold (see `request_id`).
+    if let Ok(value) = http::HeaderValue::from_str(id.as_str()) {
+        response.headers_mut().insert(crate::request_id::HEADER, value);
+    }
+    Some(response)
+}
+
+fn answer(state: &ServerState, path: &str) -> Option<Response> {
+    match path {
         "/metrics" => Some(metrics_response(state)),
         "/_fastlane/stalls" => {
             let mut rows = state.routes.stall_rows();
