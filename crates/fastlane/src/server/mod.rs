@@ -16,6 +16,7 @@
 //! * `internal.rs`: `/metrics` and `/_fastlane/*`;
 //! * `middleware.rs`: the per-request layer (access log, metrics, timeouts,
 //!   panics), `timeout.rs` per-route timeouts, `proxy.rs` proxy headers;
+//! * `tls.rs`: HTTPS (rustls; the certificate and key, and their reload);
 //! * `sniff.rs` and `timer.rs`: deadlines of connections on tokio's I/O;
 //! * `tracker.rs`: what is in flight;
 //! * `heartbeat.rs`: a worker process's heartbeat to its supervisor;
