@@ -98,6 +98,16 @@ async fn responses_are_compressed_as_the_client_accepts_when_it_is_on() {
     }
     assert!(server.shutdown().await.unwrap().is_clean());
 
+    // fastlane's own `/metrics` (answered before the router) too.
+    let config = Config { compression: true, expose_internal: true, ..Config::default() };
+    let server = support::start(app(), config).await;
+    let _ = fetch(server.local_addr(), "/big", "identity").await; // a route in the metrics
+    let (used, body) = fetch(server.local_addr(), "/metrics", "gzip").await;
+    assert_eq!(used.as_deref(), Some("gzip"));
+    let metrics = decode("gzip", &body);
+    assert!(metrics.contains("fastlane_http_requests_total") && metrics.ends_with("# EOF\n"), "{metrics}");
+    assert!(server.shutdown().await.unwrap().is_clean());
+
     // Off by default.
     let server = support::start(app(), Config::default()).await;
     let (used, body) = fetch(server.local_addr(), "/big", "gzip, br, zstd").await;

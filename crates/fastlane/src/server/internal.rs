@@ -18,7 +18,34 @@ pub(super) fn internal_endpoint<B>(state: &ServerState, req: &http::Request<B>) 
     if let Ok(value) = http::HeaderValue::from_str(id.as_str()) {
         response.headers_mut().insert(crate::request_id::HEADER, value);
     }
+    if state.config.compression {
+        response = compressed(response, req.headers().get(http::header::ACCEPT_ENCODING));
+    }
     Some(response)
+}
+
+/// `response` through the app's compression (these answers do not pass
+/// the router's layers): a scrape of `/metrics` is tens of kilobytes of text.
+fn compressed(response: Response, accept: Option<&http::HeaderValue>) -> Response {
+    use futures_util::FutureExt;
+    use tower::{Layer, ServiceExt};
+    let mut request = http::Request::new(axum::body::Body::empty());
+    if let Some(accept) = accept {
+        request.headers_mut().insert(http::header::ACCEPT_ENCODING, accept.clone());
+    }
+    let mut response = Some(response);
+    // Called once, by `oneshot`.
+    let answer = tower::service_fn(move |_: http::Request<axum::body::Body>| {
+        let response = response.take().unwrap_or_default();
+        std::future::ready(Ok::<_, std::convert::Infallible>(response))
+    });
+    // The inner service answers at once, so the layer's future is ready on
+    // its first poll.
+    match super::compression().layer(answer).oneshot(request).now_or_never() {
+        Some(Ok(response)) => response.map(axum::body::Body::new),
+        Some(Err(never)) => match never {},
+        None => unreachable!("a ready service answered later"),
+    }
 }
 
 fn answer(state: &ServerState, path: &str) -> Option<Response> {

@@ -779,7 +779,8 @@ fn os_signals() -> Result<ShutdownSignal, Error> {
 /// client prefers, for bodies of 1 KiB or more (below that the frame costs
 /// more than it saves), never for images, gRPC, server-sent events or a
 /// response that already says how it is encoded.
-fn compression() -> tower_http::compression::CompressionLayer<impl tower_http::compression::Predicate> {
+pub(super) fn compression(
+) -> tower_http::compression::CompressionLayer<impl tower_http::compression::Predicate> {
     use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
     let predicate = SizeAbove::new(1024)
         .and(NotForContentType::GRPC)
