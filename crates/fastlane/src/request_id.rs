@@ -47,12 +47,29 @@ impl RequestId {
         &self.0
     }
 
-    /// The id of the request whose handler this thread is running right
-    /// now, on a fastlane server: what code called from a handler (a job
-    /// enqueued, a client call) can tag its work with. `None` elsewhere
-    /// (a background task, a spawned task, a test without a server).
+    /// The id of the request whose handler (or background task) this
+    /// thread is running right now, on a fastlane server: what code called
+    /// from there (a job enqueued, a client call) can tag its work with.
+    /// `None` elsewhere (a task spawned with tokio, a test without a server).
     pub fn current() -> Option<RequestId> {
         CURRENT.with(|c| c.borrow().clone())
+    }
+
+    /// The `request{id=...}` span the request's handler and background
+    /// tasks are polled in, so that every event they log carries the id. At
+    /// the error level so that it is on whenever anything is logged (a
+    /// service run at `warn` keeps it too).
+    pub(crate) fn span(&self) -> tracing::Span {
+        tracing::error_span!(target: "fastlane", "request", id = %self)
+    }
+
+    /// Sets the `x-request-id` header of an answer to this id.
+    pub(crate) fn set_header(&self, headers: &mut HeaderMap) {
+        // The id is of characters a header value can hold (see `acceptable`
+        // and `new`), so this does not fail.
+        if let Ok(value) = http::HeaderValue::from_str(self.as_str()) {
+            headers.insert(HEADER, value);
+        }
     }
 
     /// Makes this the [`current`](Self::current) id until the guard drops.

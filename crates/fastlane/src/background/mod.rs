@@ -149,7 +149,7 @@ impl Background {
                 .lanes
                 .run_when_ready(lane, move || {
                     tracker_server.tracker.task_started(id);
-                    let span = request_span(&request_id);
+                    let span = request_id.span();
                     let _span = span.enter();
                     let _current = request_id.enter();
                     task().into_result()
@@ -180,12 +180,6 @@ impl Background {
     }
 }
 
-/// The span a request's background task runs in: the request's own, so
-/// that its log lines carry the request's id as the handler's do.
-fn request_span(id: &RequestId) -> tracing::Span {
-    tracing::error_span!(target: "fastlane", "request", id = %id)
-}
-
 pin_project_lite::pin_project! {
     /// A background task polled under its request's id: in its span, and
     /// as [`RequestId::current`] (which a job enqueued from it records).
@@ -199,7 +193,7 @@ pin_project_lite::pin_project! {
 
 impl<F> UnderRequestId<F> {
     fn new(inner: F, id: &RequestId) -> Self {
-        Self { inner, id: id.clone(), span: request_span(id) }
+        Self { inner, id: id.clone(), span: id.span() }
     }
 }
 

@@ -13,11 +13,7 @@ pub(super) fn internal_endpoint<B>(state: &ServerState, req: &http::Request<B>) 
         return None;
     }
     let mut response = answer(state, req.uri().path())?;
-    let id = crate::RequestId::for_headers(req.headers());
-    // The id is of characters a header value can hold (see `request_id`).
-    if let Ok(value) = http::HeaderValue::from_str(id.as_str()) {
-        response.headers_mut().insert(crate::request_id::HEADER, value);
-    }
+    crate::RequestId::for_headers(req.headers()).set_header(response.headers_mut());
     if state.config.compression {
         response = compressed(response, req.headers().get(http::header::ACCEPT_ENCODING));
     }

@@ -33,7 +33,7 @@ use super::timer::CoarseTimer;
 use crate::executor::budget::Gate;
 use crate::executor::{enter_request, enter_route};
 use crate::lane::panic_message;
-use crate::request_id::{self, RequestId};
+use crate::request_id::RequestId;
 use crate::routes::{Phase, RouteInfo};
 use crate::ApiError;
 
@@ -108,10 +108,7 @@ where
         let unmatched = (path == UNMATCHED).then(|| req.uri().path().into());
         let client = req.extensions().get::<crate::ClientInfo>().map(|c| c.addr.ip());
         let request_id = RequestId::for_headers(req.headers());
-        // Every event the handler logs is written under this span, so it
-        // carries the id. At the error level so that it is on whenever
-        // anything is logged (a service run at `warn` keeps it too).
-        let span = tracing::error_span!(target: "fastlane", "request", id = %request_id);
+        let span = request_id.span();
         let request =
             Arc::new(RequestState::new(state.clone(), route, started, unmatched, client, request_id));
 
@@ -307,10 +304,7 @@ where
 /// headers beside it).
 fn finish(request: &Arc<RequestState>, mut response: Response) -> Response {
     let elapsed = request.started.elapsed();
-    // The id is of characters a header value can hold (see `request_id`).
-    if let Ok(value) = http::HeaderValue::from_str(request.request_id.as_str()) {
-        response.headers_mut().insert(request_id::HEADER, value);
-    }
+    request.request_id.set_header(response.headers_mut());
     let status = response.status().as_u16();
     let exact = response.body().size_hint().exact().is_some();
     let log = match exact {

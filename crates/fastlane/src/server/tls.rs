@@ -55,9 +55,10 @@ impl Tls {
     /// Loads the files of `config`; fails (naming the file) if they do not
     /// make a usable certificate and key.
     pub(crate) fn new(config: &TlsConfig) -> Result<Tls, TlsError> {
-        let key = load(config)?;
-        let current = Arc::new(Current { config: config.clone(), key: RwLock::new(key) });
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = load(config, &provider)?;
+        let current =
+            Arc::new(Current { config: config.clone(), provider: provider.clone(), key: RwLock::new(key) });
         let mut server = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|err| TlsError::Key { path: config.keyfile.clone(), why: err.to_string() })?
@@ -77,7 +78,7 @@ impl Tls {
     /// the new certificate; on failure the old one stays, and the error
     /// says why.
     pub(crate) fn reload(&self) -> Result<(), TlsError> {
-        let key = load(&self.current.config)?;
+        let key = load(&self.current.config, &self.current.provider)?;
         *self.current.key.write().unwrap_or_else(|p| p.into_inner()) = key;
         Ok(())
     }
@@ -87,6 +88,8 @@ impl Tls {
 #[derive(Debug)]
 struct Current {
     config: TlsConfig,
+    /// What reads the key (the one the server's handshakes use).
+    provider: Arc<rustls::crypto::CryptoProvider>,
     key: RwLock<Arc<CertifiedKey>>,
 }
 
@@ -97,7 +100,10 @@ impl ResolvesServerCert for Current {
 }
 
 /// The certificate chain and signing key of `config`'s files.
-fn load(config: &TlsConfig) -> Result<Arc<CertifiedKey>, TlsError> {
+fn load(
+    config: &TlsConfig,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<Arc<CertifiedKey>, TlsError> {
     let certs = read_certs(&config.certfile)?;
     let key = PrivateKeyDer::from_pem_file(&config.keyfile).map_err(|err| TlsError::File {
         what: "the key file",
@@ -105,7 +111,6 @@ fn load(config: &TlsConfig) -> Result<Arc<CertifiedKey>, TlsError> {
         why: pem_error(&err, "PRIVATE KEY"),
     })?;
     let bad_key = |why: String| TlsError::Key { path: config.keyfile.clone(), why };
-    let provider = rustls::crypto::ring::default_provider();
     let signer = provider.key_provider.load_private_key(key).map_err(|err| bad_key(err.to_string()))?;
     let key = CertifiedKey::new(certs, signer);
     // A key that is not the certificate's would fail every handshake.
