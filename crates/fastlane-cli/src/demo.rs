@@ -7,18 +7,23 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use bytes::Bytes;
-use fastlane::extract::{Json, Query};
+use fastlane::extract::{Json, Path, Query};
+use fastlane::openapi::aide::openapi::{MediaType, ReferenceOr, RequestBody};
+use fastlane::openapi::aide::transform::TransformOperation;
+use fastlane::openapi::routing::{get_with, post_with};
+use fastlane::openapi::{ApiRouter, Docs};
 use fastlane::{ApiError, Background};
+use schemars::JsonSchema;
 
 use crate::outln;
 use fastlane_jobs::{Jobs, NewJob};
 use futures_util::StreamExt as _;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The longest sleep or computation a demo route accepts: it keeps the demo
 /// safe to expose to curious clients.
@@ -46,42 +51,135 @@ pub const ROUTES: &[(&str, &str)] = &[
     ),
 ];
 
-/// Builds the demo router.
+/// Builds the demo router, with its OpenAPI document at `/openapi.json` and
+/// Swagger UI at `/docs`.
 pub fn app() -> Router {
-    Router::new()
-        .route("/fast", get(|| async { "ok" }))
-        .route("/test1", get(|| async { "test1" }))
-        .route("/test2", get(test2))
-        .route("/ping", get(ping))
-        .route("/slow/async-blocking", get(slow_async_blocking))
-        .route("/slow/sync", get(fastlane::sync(slow_sync)))
-        .route("/slow/async", get(slow_async))
-        .route("/cpu/async-blocking", get(cpu_async_blocking))
-        .route("/cpu/offload", get(fastlane::cpu(cpu_offload)))
-        .route("/stream/blocking", get(stream_blocking))
-        .route("/profile", post(profile))
-        .route("/", get(action))
-        .route("/debug/hang-runtime", get(hang_runtime))
+    docs().finish(routes())
 }
 
 /// The demo router with the durable job routes, on `jobs`.
 pub fn app_with_jobs(jobs: Jobs) -> Router {
-    app().merge(
-        Router::new()
-            // One pattern: the segment is a job type for POST and a job id for
-            // GET (the router allows one parameter name per position).
-            .route("/jobs/{job}", post(enqueue_job).get(show_job))
-            .with_state(jobs),
+    docs().finish(routes().merge(job_routes(jobs)))
+}
+
+fn docs() -> Docs {
+    Docs::new("fastlane demo", env!("CARGO_PKG_VERSION")).description(
+        "The seed articles' scenarios, each on the lane that fits it, and, on purpose, the \
+         `async fn` + blocking-call bug they are about (`/test2`, `/ping`, `/slow/async-blocking`, \
+         `/cpu/async-blocking`, `/stream/blocking`, `/?action=2`): try them here and watch `/fast` \
+         keep answering.",
     )
 }
 
-#[derive(Debug, Deserialize)]
+/// The summary of a route in `/docs`: its line of [`ROUTES`], so that the
+/// list `fastlane demo` prints and the document say the same.
+fn summary(route: &str) -> &'static str {
+    ROUTES
+        .iter()
+        .find(|(key, _)| key.strip_prefix(route).is_some_and(|rest| rest.is_empty() || rest.starts_with('?')))
+        .map_or("", |(_, text)| text)
+}
+
+fn routes() -> ApiRouter {
+    ApiRouter::new()
+        .api_route("/fast", get_with(|| async { "ok" }, |op| op.summary(summary("GET  /fast"))))
+        .api_route("/test1", get_with(|| async { "test1" }, |op| op.summary(summary("GET  /test1"))))
+        .api_route("/test2", get_with(test2, |op| op.summary(summary("GET  /test2"))))
+        .api_route("/ping", get_with(ping, |op| op.summary(summary("GET  /ping"))))
+        .api_route(
+            "/slow/async-blocking",
+            get_with(slow_async_blocking, |op| op.summary(summary("GET  /slow/async-blocking"))),
+        )
+        .api_route(
+            "/slow/sync",
+            get_with(fastlane::sync(slow_sync), |op| op.summary(summary("GET  /slow/sync"))),
+        )
+        .api_route("/slow/async", get_with(slow_async, |op| op.summary(summary("GET  /slow/async"))))
+        .api_route(
+            "/cpu/async-blocking",
+            get_with(cpu_async_blocking, |op| op.summary(summary("GET  /cpu/async-blocking"))),
+        )
+        .api_route(
+            "/cpu/offload",
+            get_with(fastlane::cpu(cpu_offload), |op| op.summary(summary("GET  /cpu/offload"))),
+        )
+        .api_route(
+            "/stream/blocking",
+            get_with(stream_blocking, |op| {
+                op.summary(summary("GET  /stream/blocking"))
+                    .response_with::<200, String, _>(|r| r.description("A stream of `chunks` lines."))
+            }),
+        )
+        .api_route("/profile", post_with(profile, |op| op.summary(summary("POST /profile"))))
+        .api_route("/", get_with(action, |op| op.summary(summary("GET  /"))))
+        .api_route(
+            "/debug/hang-runtime",
+            get_with(hang_runtime, |op| op.summary(summary("GET  /debug/hang-runtime"))),
+        )
+}
+
+fn job_routes(jobs: Jobs) -> ApiRouter {
+    ApiRouter::new()
+        // One pattern: the segment is a job type for POST and a job id for
+        // GET (the router allows one parameter name per position).
+        .api_route(
+            "/jobs/{job}",
+            post_with(enqueue_job, |op| {
+                json_payload(op)
+                    .summary(summary("POST /jobs/{name}"))
+                    .description("`{job}` is the job type (`noop`, `sleep`, `fail`); the body, if any, is its JSON payload.")
+                    .response_with::<201, axum::Json<Enqueued>, _>(|r| r.description("The job is stored."))
+            })
+            .get_with(show_job, |op| {
+                op.summary(summary("GET  /jobs/{id}")).description("`{job}` is the job id that enqueueing answered.")
+            }),
+        )
+        .with_state(jobs)
+}
+
+/// The enqueue route reads its body as bytes (an empty body is a `null`
+/// payload): the document says what those bytes are.
+fn json_payload(mut op: TransformOperation<'_>) -> TransformOperation<'_> {
+    let mut body = RequestBody {
+        description: Some("The job's payload, any JSON value; empty for `null`.".to_owned()),
+        required: false,
+        ..Default::default()
+    };
+    body.content.insert("application/json".to_owned(), MediaType::default());
+    op.inner_mut().request_body = Some(ReferenceOr::Item(body));
+    op
+}
+
+/// The answer to an enqueue.
+#[derive(Debug, Serialize, JsonSchema)]
+struct Enqueued {
+    /// The job's id.
+    id: fastlane_jobs::JobId,
+    /// Its type.
+    name: String,
+    /// Where to see it: `/jobs/{id}`.
+    url: String,
+}
+
+/// The one path segment of `/jobs/{job}`.
+#[derive(Debug, Deserialize, JsonSchema)]
+struct JobSegment {
+    /// The job type (POST) or the job id (GET).
+    job: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct EnqueueParams {
+    /// The queue to put the job on [default: `default`].
     queue: Option<String>,
+    /// Higher runs first among ready jobs [default: 0].
     priority: Option<i32>,
+    /// Milliseconds before the job may run [default: 0].
     delay_ms: Option<u64>,
+    /// Attempts before the job is dead [default: the store's].
     max_attempts: Option<u32>,
+    /// At most one live job per key: a second enqueue answers the first's id.
     unique_key: Option<String>,
 }
 
@@ -89,10 +187,10 @@ struct EnqueueParams {
 /// with the payload as the body (JSON; empty for `null`).
 async fn enqueue_job(
     State(jobs): State<Jobs>,
-    Path(name): Path<String>,
+    Path(JobSegment { job: name }): Path<JobSegment>,
     Query(q): Query<EnqueueParams>,
     body: Bytes,
-) -> Result<(StatusCode, axum::Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, axum::Json<Enqueued>), ApiError> {
     let payload: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
         serde_json::Value::Null
     } else {
@@ -116,28 +214,27 @@ async fn enqueue_job(
         job = job.unique_key(key);
     }
     let id = jobs.enqueue(job).await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(serde_json::json!({ "id": id, "name": name, "url": format!("/jobs/{id}") })),
-    ))
+    Ok((StatusCode::CREATED, axum::Json(Enqueued { id, url: format!("/jobs/{id}"), name })))
 }
 
 /// `GET /jobs/{id}`: the job, its attempts and its progress.
 async fn show_job(
     State(jobs): State<Jobs>,
-    Path(id): Path<String>,
+    Path(JobSegment { job: id }): Path<JobSegment>,
 ) -> Result<axum::Json<fastlane_jobs::JobInfo>, ApiError> {
     let id: i64 = id.parse().map_err(|_| ApiError::unprocessable("id", "must be a job id (an integer)"))?;
     Ok(axum::Json(jobs.get(id).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 struct SecsParam {
+    /// Seconds, at most 60 [default: the route's].
     secs: Option<f64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 struct MsParam {
+    /// Milliseconds of CPU, at most 60000 [default: 100].
     ms: Option<u64>,
 }
 
@@ -221,13 +318,15 @@ fn cpu_offload(Query(q): Query<MsParam>) -> Result<String, ApiError> {
     Ok(format!("computed {} ms on the CPU lane ({x:x})", d.as_millis()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 struct StreamParams {
+    /// Lines to send, 1 to 1000 [default: 3].
     chunks: Option<u32>,
+    /// Seconds the producer blocks before each line [default: 1].
     secs: Option<f64>,
 }
 
-async fn stream_blocking(Query(q): Query<StreamParams>) -> Result<Body, ApiError> {
+async fn stream_blocking(Query(q): Query<StreamParams>) -> Result<Response, ApiError> {
     let chunks = q.chunks.unwrap_or(3);
     if !(1..=1000).contains(&chunks) {
         return Err(ApiError::unprocessable("chunks", "must be between 1 and 1000"));
@@ -242,12 +341,14 @@ async fn stream_blocking(Query(q): Query<StreamParams>) -> Result<Body, ApiError
         std::thread::sleep(d);
         Ok::<_, std::convert::Infallible>(Bytes::from(format!("chunk {i}\n")))
     });
-    Ok(Body::from_stream(stream))
+    Ok(Body::from_stream(stream).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 struct Profile {
+    /// Whose profile to compute.
     name: String,
+    /// Milliseconds of CPU the background computation takes, at most 60000 [default: 2000].
     work_ms: Option<u64>,
 }
 
@@ -278,9 +379,11 @@ async fn hang_runtime(Query(q): Query<SecsParam>) -> Result<&'static str, ApiErr
     Ok("the runtime was hung")
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 struct ActionParams {
+    /// 1: a sync-blocking background task, 2: an async-blocking one, 3: an async-sleeping one.
     action: Option<u8>,
+    /// Seconds the background task takes, at most 60 [default: 15].
     secs: Option<f64>,
 }
 

@@ -19,20 +19,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Method;
 
-/// The test virtualenv's Python, or `None` (the test says it skipped).
-fn python(test: &str) -> Option<PathBuf> {
-    let from_env = std::env::var_os("FASTLANE_TEST_PYTHON").map(PathBuf::from);
-    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-venv/bin/python");
-    let python = from_env.or_else(|| local.exists().then_some(local));
-    if python.is_none() {
-        eprintln!(
-            "skipped {test}: no Python with FastAPI (run `bash .ci/python-env` and set FASTLANE_TEST_PYTHON to the \
-             python it prints; .ci/run does both)"
-        );
-    }
-    python
-}
-
 fn apps_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/asgi")
 }
@@ -154,7 +140,7 @@ fn json(response: &fastlane::client::Response) -> serde_json::Value {
 
 #[test]
 fn fastapi_features_work_over_the_live_server() {
-    let Some(python) = python("fastapi_features_work_over_the_live_server") else { return };
+    let Some(python) = support::test_python("fastapi_features_work_over_the_live_server") else { return };
     let served = Served::start(&python, "app:app", &[]);
 
     // Path, query and body parameters, and FastAPI's 422.
@@ -264,7 +250,9 @@ fn fastapi_features_work_over_the_live_server() {
 
 #[test]
 fn request_bodies_stream_in_while_responses_stream_out() {
-    let Some(python) = python("request_bodies_stream_in_while_responses_stream_out") else { return };
+    let Some(python) = support::test_python("request_bodies_stream_in_while_responses_stream_out") else {
+        return;
+    };
     let served = Served::start(&python, "echo:app", &["--workers", "2"]);
     let body: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
     let handles: Vec<_> = (0..20)
@@ -282,7 +270,8 @@ fn request_bodies_stream_in_while_responses_stream_out() {
 
 #[test]
 fn a_client_that_leaves_is_an_http_disconnect_for_the_app_and_a_499_in_the_log() {
-    let Some(python) = python("a_client_that_leaves_is_an_http_disconnect_for_the_app_and_a_499_in_the_log")
+    let Some(python) =
+        support::test_python("a_client_that_leaves_is_an_http_disconnect_for_the_app_and_a_499_in_the_log")
     else {
         return;
     };
@@ -331,7 +320,9 @@ fn stream_timing(addr: &str, path: &str) -> (Duration, Duration, String) {
 
 #[test]
 fn test1_answers_at_once_while_test2_blocks_its_event_loop() {
-    let Some(python) = python("test1_answers_at_once_while_test2_blocks_its_event_loop") else { return };
+    let Some(python) = support::test_python("test1_answers_at_once_while_test2_blocks_its_event_loop") else {
+        return;
+    };
     // One worker, as `uvicorn main:app` runs: the blocked loop is its only one.
     let served = Served::start(&python, "app:app", &["--expose-internal"]);
     let url = served.url("/test2?secs=8");
@@ -402,7 +393,9 @@ fn test1_answers_at_once_while_test2_blocks_its_event_loop() {
 
 #[test]
 fn a_factory_app_is_served_and_an_oversized_body_gets_413() {
-    let Some(python) = python("a_factory_app_is_served_and_an_oversized_body_gets_413") else { return };
+    let Some(python) = support::test_python("a_factory_app_is_served_and_an_oversized_body_gets_413") else {
+        return;
+    };
     let served = Served::start(&python, "app:create_app", &["--factory", "--body-limit", "1000"]);
     assert_eq!(get(&served.url("/fast")).status, 200);
     // Over --body-limit: 413 with a JSON body naming the limit, before the app runs.
@@ -417,7 +410,8 @@ fn a_factory_app_is_served_and_an_oversized_body_gets_413() {
 
 #[test]
 fn requests_a_blocked_loop_has_not_started_are_served_elsewhere_and_run_once() {
-    let Some(python) = python("requests_a_blocked_loop_has_not_started_are_served_elsewhere_and_run_once")
+    let Some(python) =
+        support::test_python("requests_a_blocked_loop_has_not_started_are_served_elsewhere_and_run_once")
     else {
         return;
     };
@@ -494,7 +488,9 @@ fn a_websocket_echoes_text_and_bytes_and_closes_with_the_apps_code() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
 
-    let Some(python) = python("a_websocket_echoes_text_and_bytes_and_closes_with_the_apps_code") else {
+    let Some(python) =
+        support::test_python("a_websocket_echoes_text_and_bytes_and_closes_with_the_apps_code")
+    else {
         return;
     };
     let served = Served::start(&python, "app:app", &[]);
@@ -581,7 +577,9 @@ fn serve_dir(python: &PathBuf, dir: &std::path::Path, extra: &[&str]) -> Served 
 
 #[test]
 fn sighup_reloads_the_code_without_dropping_a_request_and_a_broken_reload_keeps_the_old_workers() {
-    let Some(python) = python("sighup_reloads_the_code_without_dropping_a_request") else { return };
+    let Some(python) = support::test_python("sighup_reloads_the_code_without_dropping_a_request") else {
+        return;
+    };
     let dir = versioned_app("one");
     let served = serve_dir(&python, &dir, &["--workers", "2"]);
     let before = json(&get(&served.url("/version")));
@@ -614,7 +612,7 @@ fn sighup_reloads_the_code_without_dropping_a_request_and_a_broken_reload_keeps_
 
 #[test]
 fn reload_follows_changes_to_the_apps_files() {
-    let Some(python) = python("reload_follows_changes_to_the_apps_files") else { return };
+    let Some(python) = support::test_python("reload_follows_changes_to_the_apps_files") else { return };
     let dir = versioned_app("one");
     let served = serve_dir(&python, &dir, &["--reload"]);
     assert_eq!(json(&get(&served.url("/version")))["version"], "one");
@@ -630,7 +628,9 @@ fn reload_follows_changes_to_the_apps_files() {
 
 #[test]
 fn two_requests_that_await_asyncio_sleep_finish_together() {
-    let Some(python) = python("two_requests_that_await_asyncio_sleep_finish_together") else { return };
+    let Some(python) = support::test_python("two_requests_that_await_asyncio_sleep_finish_together") else {
+        return;
+    };
     let served = Served::start(&python, "app:app", &[]);
     let sent = Instant::now();
     let handles: Vec<_> = (0..2)
@@ -648,7 +648,9 @@ fn two_requests_that_await_asyncio_sleep_finish_together() {
 
 #[test]
 fn a_blocking_background_task_kills_nothing_and_finishes() {
-    let Some(python) = python("a_blocking_background_task_kills_nothing_and_finishes") else { return };
+    let Some(python) = support::test_python("a_blocking_background_task_kills_nothing_and_finishes") else {
+        return;
+    };
     // gunicorn -t 10 kills this worker and loses the task; here nothing is killed.
     let served = Served::start(&python, "app:app", &["--timeout", "10"]);
     let scheduled = send(Method::POST, &served.url("/background?tag=b&block=15"), None);
@@ -671,7 +673,9 @@ fn a_blocking_background_task_kills_nothing_and_finishes() {
 
 #[test]
 fn a_worker_that_dies_is_replaced_and_its_request_gets_502() {
-    let Some(python) = python("a_worker_that_dies_is_replaced_and_its_request_gets_502") else { return };
+    let Some(python) = support::test_python("a_worker_that_dies_is_replaced_and_its_request_gets_502") else {
+        return;
+    };
     let served = Served::start(&python, "app:app", &[]);
     let crashed = get(&served.url("/crash"));
     assert_eq!(crashed.status, 502, "{}", crashed.text());
@@ -696,7 +700,8 @@ fn a_worker_that_dies_is_replaced_and_its_request_gets_502() {
 
 #[test]
 fn workers_that_keep_dying_at_start_are_replaced_ever_more_slowly() {
-    let Some(python) = python("workers_that_keep_dying_at_start_are_replaced_ever_more_slowly") else {
+    let Some(python) = support::test_python("workers_that_keep_dying_at_start_are_replaced_ever_more_slowly")
+    else {
         return;
     };
     // Every worker exits 0.3 s after its lifespan startup.
@@ -715,7 +720,10 @@ fn workers_that_keep_dying_at_start_are_replaced_ever_more_slowly() {
 
 #[test]
 fn a_stall_names_the_requests_that_waited_for_it_and_is_counted() {
-    let Some(python) = python("a_stall_names_the_requests_that_waited_for_it_and_is_counted") else { return };
+    let Some(python) = support::test_python("a_stall_names_the_requests_that_waited_for_it_and_is_counted")
+    else {
+        return;
+    };
     // One worker and no spare: the request that waits is on the blocked loop.
     let served = Served::start(&python, "app:app", &["--max-workers", "1", "--expose-internal"]);
     assert_eq!(get(&served.url("/fast")).status, 200);
@@ -745,9 +753,9 @@ fn a_stall_names_the_requests_that_waited_for_it_and_is_counted() {
 
 #[test]
 fn a_module_imported_at_first_use_is_named_and_libraries_imports_are_done_before_the_fork() {
-    let Some(python) =
-        python("a_module_imported_at_first_use_is_named_and_libraries_imports_are_done_before_the_fork")
-    else {
+    let Some(python) = support::test_python(
+        "a_module_imported_at_first_use_is_named_and_libraries_imports_are_done_before_the_fork",
+    ) else {
         return;
     };
     let served = Served::start(&python, "app:app", &[]);
@@ -767,7 +775,9 @@ fn a_module_imported_at_first_use_is_named_and_libraries_imports_are_done_before
 
 #[test]
 fn a_spare_started_for_a_blocked_loop_stops_when_idle() {
-    let Some(python) = python("a_spare_started_for_a_blocked_loop_stops_when_idle") else { return };
+    let Some(python) = support::test_python("a_spare_started_for_a_blocked_loop_stops_when_idle") else {
+        return;
+    };
     let served = Served::start(&python, "app:app", &["--spare-idle-timeout", "1", "--expose-internal"]);
     let url = served.url("/test2?secs=1");
     let blocked = std::thread::spawn(move || get(&url).status.as_u16());
@@ -795,7 +805,10 @@ fn a_spare_started_for_a_blocked_loop_stops_when_idle() {
 
 #[test]
 fn malformed_requests_and_slow_clients_get_the_servers_limits() {
-    let Some(python) = python("malformed_requests_and_slow_clients_get_the_servers_limits") else { return };
+    let Some(python) = support::test_python("malformed_requests_and_slow_clients_get_the_servers_limits")
+    else {
+        return;
+    };
     let served = Served::start(&python, "app:app", &["--timeout-keep-alive", "1"]);
     // A header line without a colon: 400, and the app never sees it.
     let mut sock = TcpStream::connect(&served.addr).unwrap();
@@ -825,7 +838,9 @@ fn malformed_requests_and_slow_clients_get_the_servers_limits() {
 
 #[test]
 fn sigterm_drains_background_tasks_and_reports_what_the_grace_period_cut() {
-    let Some(python) = python("sigterm_drains_background_tasks_and_reports_what_the_grace_period_cut") else {
+    let Some(python) =
+        support::test_python("sigterm_drains_background_tasks_and_reports_what_the_grace_period_cut")
+    else {
         return;
     };
     let served = Served::start(&python, "app:app", &[]);
@@ -846,7 +861,9 @@ fn sigterm_drains_background_tasks_and_reports_what_the_grace_period_cut() {
 
 #[test]
 fn apps_that_cannot_start_say_why_and_exit_non_zero() {
-    let Some(python) = python("apps_that_cannot_start_say_why_and_exit_non_zero") else { return };
+    let Some(python) = support::test_python("apps_that_cannot_start_say_why_and_exit_non_zero") else {
+        return;
+    };
     let cases = [
         ("nosuchmodule:app", "could not import module \"nosuchmodule\""),
         ("broken:app", "importing \"broken\" raised ValueError: this module fails at import, on purpose"),
@@ -914,7 +931,7 @@ fn flags_that_mean_nothing_for_python_workers_are_refused_by_name() {
 
 #[test]
 fn the_scope_is_the_one_uvicorn_gives() {
-    let Some(python) = python("the_scope_is_the_one_uvicorn_gives") else { return };
+    let Some(python) = support::test_python("the_scope_is_the_one_uvicorn_gives") else { return };
     let served = Served::start(&python, "app:app", &["--root-path", "/api"]);
     let port = free_port();
     let uvicorn = Command::new(&python)
@@ -996,7 +1013,9 @@ fn the_scope_is_the_one_uvicorn_gives() {
 
 #[test]
 fn proxy_headers_from_an_untrusted_peer_are_ignored() {
-    let Some(python) = python("proxy_headers_from_an_untrusted_peer_are_ignored") else { return };
+    let Some(python) = support::test_python("proxy_headers_from_an_untrusted_peer_are_ignored") else {
+        return;
+    };
     let spoofed = [("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-Proto", "https")];
     // 127.0.0.1 is not among the trusted: a client spoofing its address
     // and scheme is seen as what it is.

@@ -28,6 +28,7 @@ pub struct Lease {
 }
 
 /// Where a job is in its life.
+#[cfg_attr(feature = "openapi", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
@@ -361,6 +362,7 @@ pub(crate) fn claimed_in_order(mut rows: Vec<ClaimedRow>) -> Vec<Claimed> {
 }
 
 /// One attempt of a job, as recorded.
+#[cfg_attr(feature = "openapi", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
 pub struct Attempt {
@@ -379,6 +381,7 @@ pub struct Attempt {
 }
 
 /// A job as stored, with its attempts.
+#[cfg_attr(feature = "openapi", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
 pub struct JobInfo {

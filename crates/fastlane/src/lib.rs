@@ -19,6 +19,8 @@
 //!   lines and stall reports.
 //! * [`Companion`] (`server/companion.rs`): long-running work beside the requests,
 //!   such as a durable job consumer ([`Server::jobs`]), on the same executor.
+//! * [`openapi`] (feature `openapi`, on by default): `/openapi.json` and
+//!   Swagger UI at `/docs` for routes described with aide.
 //! * [`client`]: a minimal HTTP/1.1 client, for tests and the probe.
 //!
 //! # Example
@@ -49,6 +51,8 @@ mod executor;
 pub mod extract;
 mod lane;
 mod metrics;
+#[cfg(feature = "openapi")]
+pub mod openapi;
 mod request_id;
 mod routes;
 mod server;

@@ -196,3 +196,19 @@ pub fn get(url: &str) -> fastlane::client::Response {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(fastlane::client::get(url)).expect("request")
 }
+
+/// The test virtualenv's Python (FastAPI, uvicorn, openapi-spec-validator:
+/// `.ci/python-env`), or `None`, after saying that `test` was skipped.
+pub fn test_python(test: &str) -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let from_env = std::env::var_os("FASTLANE_TEST_PYTHON").map(PathBuf::from);
+    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-venv/bin/python");
+    let python = from_env.or_else(|| local.exists().then_some(local));
+    if python.is_none() {
+        eprintln!(
+            "skipped {test}: no Python with the test packages (run `bash .ci/python-env` and set \
+             FASTLANE_TEST_PYTHON to the python it prints; .ci/run does both)"
+        );
+    }
+    python
+}
