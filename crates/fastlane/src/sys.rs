@@ -6,13 +6,14 @@
 //!   descriptors a supervisor hands its workers;
 //! * sockets: shutting one by its descriptor, and reading into hyper's
 //!   buffer without zeroing it first;
-//! * the allocator: giving free memory back.
+//! * the allocator: giving free memory back;
+//! * the process's exit: work to do when it exits.
 //!
 //! Calls go through rustix, whose functions are safe (typed descriptors,
 //! `OwnedFd`s, errors as `io::Error`), wherever it has them. `libc` remains
-//! for the two it lacks, `pthread_getcpuclockid` and glibc's `malloc_trim`.
-//! The `unsafe` left here is where a contract rustix cannot check is ours:
-//! those two calls, a descriptor named by number (a socket kept open by
+//! for the three it lacks, `pthread_getcpuclockid`, glibc's `malloc_trim` and
+//! `atexit`. The `unsafe` left here is where a contract rustix cannot check is
+//! ours: those three calls, a descriptor named by number (a socket kept open by
 //! protocol, one inherited from a supervisor), the child side of `fork`, and
 //! telling hyper how much of its buffer a read filled.
 #![allow(unsafe_code)]
@@ -132,6 +133,15 @@ pub(crate) fn release_free_memory() {
         // allocations.
         unsafe { libc::malloc_trim(0) };
     }
+}
+
+/// Runs `f` when the process exits normally (`main` returns or
+/// `std::process::exit`), not when it is killed or aborts. `f` must not
+/// panic: a panic cannot unwind out of an exit handler, so the process aborts.
+pub(crate) fn at_exit(f: extern "C" fn()) -> bool {
+    // SAFETY: atexit only records the pointer; `f` is a plain function that
+    // lives as long as the program.
+    unsafe { libc::atexit(f) == 0 }
 }
 
 /// Shuts both directions of the socket `fd`, which the caller keeps open

@@ -181,9 +181,16 @@ impl Metrics {
                 gauge,
             );
         }
-        if !sources.is_empty() {
-            registry.register_collector(Box::new(Sources(sources)));
-        }
+        let mut sources = sources;
+        sources.push(Arc::new(|| {
+            vec![CompanionMetric {
+                name: "log_lines_dropped",
+                help: "Log lines dropped because stderr did not take them as fast as they came (the log never makes a request wait)",
+                kind: MetricKind::Counter,
+                value: i64::try_from(crate::telemetry::log_lines_dropped()).unwrap_or(i64::MAX),
+            }]
+        }));
+        registry.register_collector(Box::new(Sources(sources)));
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",

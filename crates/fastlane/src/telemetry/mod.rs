@@ -8,6 +8,10 @@
 //! field (the message included) with control characters escaped and its
 //! length bounded.
 
+mod pipe;
+
+pub(crate) use pipe::dropped as log_lines_dropped;
+
 use std::fmt::{self, Write as _};
 
 use tracing::field::{Field, Visit};
@@ -80,7 +84,8 @@ pub fn init_logging_with(config: &LogConfig) {
         // A directive this simple always parses.
         false => filter.add_directive("fastlane::request=off".parse().expect("a valid directive")),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Through the pipe: no request waits on a slow or stuck stderr.
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(pipe::stderr_pipe());
     let _ = match config.format {
         LogFormat::Text => {
             builder.fmt_fields(LogFields::default()).with_ansi(std::io::stderr().is_terminal()).try_init()
