@@ -8,6 +8,7 @@
 //! field (the message included) with control characters escaped and its
 //! length bounded.
 
+mod clock;
 mod pipe;
 
 pub(crate) use pipe::dropped as log_lines_dropped;
@@ -85,7 +86,10 @@ pub fn init_logging_with(config: &LogConfig) {
         false => filter.add_directive("fastlane::request=off".parse().expect("a valid directive")),
     };
     // Through the pipe: no request waits on a slow or stuck stderr.
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(pipe::stderr_pipe());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_timer(clock::LineTime)
+        .with_writer(pipe::stderr_pipe());
     let _ = match config.format {
         LogFormat::Text => {
             builder.fmt_fields(LogFields::default()).with_ansi(std::io::stderr().is_terminal()).try_init()
@@ -209,8 +213,11 @@ fn must_escape(c: char) -> bool {
 
 impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        // The usual case, a short clean piece, goes through as it is.
-        if s.len() <= self.left && !s.chars().any(must_escape) {
+        // The usual case, a short clean piece, goes through as it is
+        // (printable ASCII is checked byte by byte first: no decoding).
+        if s.len() <= self.left
+            && (s.bytes().all(|b| (0x20..0x7f).contains(&b)) || !s.chars().any(must_escape))
+        {
             self.left -= s.len();
             return self.out.write_str(s);
         }
