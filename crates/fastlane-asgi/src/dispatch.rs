@@ -60,14 +60,20 @@ pub(crate) async fn dispatch(
     };
 
     let decoded = percent_decode(path);
-    let head = request_head(&parts, &decoded, server, false, rest.is_some(), &inline);
+    let payload =
+        frame::request_payload(&request_head(&parts, &decoded, server, false, rest.is_some(), &inline));
+    // Its header values and URI hold on to hyper's read buffer: let go of
+    // them now, so that hyper reads the connection's next request into the
+    // same buffer rather than a new one.
+    drop(parts);
     // Once, or again when a worker whose loop blocked gave it back unstarted.
     loop {
         let (worker, suspect) = match choose(&shared, &key).await {
             Ok(chosen) => chosen,
             Err(response) => return response,
         };
-        let (id, events) = worker.dispatch(frame::REQUEST, key.clone(), suspect, &head, request_id.clone());
+        let (id, events) =
+            worker.dispatch(frame::REQUEST, key.clone(), suspect, &payload, request_id.clone());
         let exchange = Exchange { worker, id, events, body: rest, sent: 0, limit, finished: false };
         match exchange.response().await {
             Outcome::Response(response) => return response,

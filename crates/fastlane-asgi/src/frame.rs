@@ -140,14 +140,16 @@ pub(crate) struct RequestHead<'a> {
     pub(crate) body: &'a [u8],
 }
 
-/// Appends the `REQUEST` (or `WS_CONNECT`: `kind`) frame for `head`.
-pub(crate) fn put_request(out: &mut BytesMut, kind: u8, id: u32, head: &RequestHead<'_>) {
-    let start = out.len();
-    out.reserve(
-        HEADER + 128 + head.path.len() * 2 + head.query.len() + head.body.len() + head.headers.len() * 48,
+/// The payload of the `REQUEST` (or `WS_CONNECT`) frame for `head`, made
+/// once: it is sent again as it is if a worker gives the request back, and
+/// the request's own head (whose header values hold on to hyper's read
+/// buffer) can be dropped at once, so that hyper reuses its buffer for the
+/// next request instead of allocating another.
+pub(crate) fn request_payload(head: &RequestHead<'_>) -> Bytes {
+    let mut out = BytesMut::with_capacity(
+        128 + head.path.len() * 2 + head.query.len() + head.body.len() + head.headers.len() * 48,
     );
-    out.put_slice(&[0; HEADER]);
-    let mut m = Marshal(out);
+    let mut m = Marshal(&mut out);
     m.small_tuple(11);
     m.str(head.method);
     m.str(head.path);
@@ -175,11 +177,7 @@ pub(crate) fn put_request(out: &mut BytesMut, kind: u8, id: u32, head: &RequestH
     m.str(head.http_version);
     m.bool(head.more_body);
     m.bytes(head.body);
-    let len = u32::try_from(out.len() - start - HEADER).expect("a request head is far smaller than 4 GiB");
-    let header = &mut out[start..start + HEADER];
-    header[..4].copy_from_slice(&len.to_le_bytes());
-    header[4] = kind;
-    header[5..].copy_from_slice(&id.to_le_bytes());
+    out.freeze()
 }
 
 /// Writes `marshal` codes (the subset every Python 3 reads).

@@ -65,7 +65,7 @@ pub(crate) async fn dispatch(
     let path = parts.uri.path();
     let key_line = format!("WEBSOCKET {path}");
     let decoded = dispatch::percent_decode(path);
-    let head = dispatch::request_head(&parts, &decoded, server, true, false, b"");
+    let payload = frame::request_payload(&dispatch::request_head(&parts, &decoded, server, true, false, b""));
     let limit = shared.config.body_limit;
     loop {
         let (worker, suspect) = match dispatch::choose(&shared, &key_line).await {
@@ -73,7 +73,7 @@ pub(crate) async fn dispatch(
             Err(response) => return response,
         };
         let (id, events) =
-            worker.dispatch(frame::WS_CONNECT, key_line.clone(), suspect, &head, request_id.clone());
+            worker.dispatch(frame::WS_CONNECT, key_line.clone(), suspect, &payload, request_id.clone());
         let exchange = Exchange::new(worker, id, events, limit);
         let (exchange, accept) = match exchange.response().await {
             Outcome::Response(response) => return response,

@@ -182,7 +182,7 @@ impl Worker {
         kind: u8,
         key: String,
         suspect: bool,
-        head: &frame::RequestHead<'_>,
+        payload: &[u8],
         request_id: Option<fastlane::RequestId>,
     ) -> (u32, Arc<Mailbox>) {
         let events = Arc::new(Mailbox::default());
@@ -200,7 +200,7 @@ impl Worker {
         self.requests.lock().expect("worker requests lock").insert(id, entry);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.unstarted.fetch_add(1, Ordering::Relaxed);
-        self.out.push(|buf| frame::put_request(buf, kind, id, head));
+        self.out.push(|buf| frame::put(buf, kind, id, payload));
         drop(next_id);
         (id, events)
     }
