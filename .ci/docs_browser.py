@@ -32,6 +32,21 @@ EXPECTED = "slept 0.300 s on the blocking lane"
 STEP_TIMEOUT = 20.0
 
 
+def wait_for_line(proc, stream, marker, what):
+    """The rest of the first line of `stream` (the process's stdout or stderr)
+    after `marker`; exits saying `what` did not come within 30 s."""
+    deadline = time.monotonic() + 30
+    for line in stream:
+        if marker in line:
+            # Keep reading its output so that the process never blocks on a full pipe.
+            threading.Thread(target=lambda: [None for _ in stream], daemon=True).start()
+            return line.split(marker, 1)[1].strip()
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    sys.exit(f"docs_browser: {what} did not come")
+
+
 def start_demo(binary):
     """`fastlane demo --port 0`; returns the process and its base URL."""
     jobs_db = os.path.join(tempfile.mkdtemp(prefix="fastlane-docs-"), "jobs.db")
@@ -39,17 +54,7 @@ def start_demo(binary):
     proc = subprocess.Popen(
         [binary, "demo", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True
     )
-    deadline = time.monotonic() + 30
-    for line in proc.stdout:
-        if line.startswith("fastlane demo on "):
-            url = line.split(" on ", 1)[1].strip()
-            # Keep reading its output so that the demo never blocks on a full pipe.
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-            return proc, url
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    sys.exit("docs_browser: fastlane demo did not print its address")
+    return proc, wait_for_line(proc, proc.stdout, "fastlane demo on ", "the demo's address")
 
 
 def start_chromium():
@@ -67,16 +72,7 @@ def start_chromium():
         "--window-size=1280,1600", "about:blank",
     ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    for line in proc.stderr:
-        if "DevTools listening on " in line:
-            ws = line.split("DevTools listening on ", 1)[1].strip()
-            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-            return proc, ws
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    sys.exit("docs_browser: Chromium did not print its DevTools address")
+    return proc, wait_for_line(proc, proc.stderr, "DevTools listening on ", "Chromium's DevTools address")
 
 
 class Page:

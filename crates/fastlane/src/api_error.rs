@@ -36,11 +36,21 @@ pub struct ApiError {
     retry_after: Option<Duration>,
 }
 
+/// The JSON body of every error the server answers, and of a handler's `ApiError`.
+// Its schema is the one `/openapi.json` shows (feature `openapi`).
 #[derive(Serialize)]
-struct Body<'a> {
+#[cfg_attr(feature = "openapi", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "openapi", schemars(rename = "ApiError"))]
+#[cfg_attr(feature = "openapi", schemars(example = serde_json::json!({
+    "error": "invalid value for `secs`: must be at most 60", "field": "secs", "status": 422
+})))]
+pub(crate) struct Body<'a> {
+    /// What was wrong, in a sentence.
     error: &'a str,
+    /// The query, path or body field to blame, when one is.
     #[serde(skip_serializing_if = "Option::is_none")]
     field: Option<&'a str>,
+    /// The HTTP status again, for clients that only keep the body.
     status: u16,
 }
 

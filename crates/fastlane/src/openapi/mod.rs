@@ -108,13 +108,10 @@ impl Docs {
     /// Adds the document and docs routes to `router` for a document the app
     /// made itself (`ApiRouter::finish_api_with`). The info of this `Docs`
     /// fills in a document whose title is empty.
-    pub fn serve<S>(self, router: Router<S>, mut api: OpenApi) -> Router<S>
+    pub fn serve<S>(self, router: Router<S>, api: OpenApi) -> Router<S>
     where
         S: Clone + Send + Sync + 'static,
     {
-        if api.info.title.is_empty() {
-            api.info = self.info.clone();
-        }
         let document = Bytes::from(serde_json::to_vec(&self.document(api)).expect("a JSON value serializes"));
         let ui = Bytes::from(
             aide::swagger::Swagger::new(spec_url(&self.openapi_path, &self.docs_path))

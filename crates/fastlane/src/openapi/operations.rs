@@ -12,23 +12,8 @@ use crate::extract::{Json, Path, Query};
 use crate::lane::LaneHandler;
 use crate::{ApiError, Background, ClientInfo, RequestId};
 
-// The struct that writes the body is private to `api_error.rs`; the test in
-// `openapi/mod.rs` checks that the two agree.
-/// The JSON body of every error the server answers, and of a handler's `ApiError`.
-#[derive(JsonSchema)]
-#[schemars(rename = "ApiError")]
-#[schemars(example = serde_json::json!({
-    "error": "invalid value for `secs`: must be at most 60", "field": "secs", "status": 422
-}))]
-#[allow(dead_code)] // Only its schema is used.
-pub(super) struct ErrorBody {
-    /// What was wrong, in a sentence.
-    error: String,
-    /// The query, path or body field to blame, when one is.
-    field: Option<String>,
-    /// The HTTP status again, for clients that only keep the body.
-    status: u16,
-}
+/// The body an [`ApiError`] writes, whose schema the document shows.
+pub(super) type ErrorBody = crate::api_error::Body<'static>;
 
 /// A response with an [`ApiError`] body and `description`.
 pub(super) fn error_response(ctx: &mut GenContext, description: &str) -> Response {

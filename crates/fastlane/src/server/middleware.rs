@@ -347,7 +347,7 @@ fn answered(request: &RequestState, status: u16, elapsed: std::time::Duration, e
     let ending = match ending {
         Ending::Whole => String::new(),
         Ending::Streamed { headers, note } => {
-            format!(" (headers {:.1}ms{note})", headers.as_secs_f64() * 1000.0)
+            format!(" (headers {}ms{note})", Millis(headers))
         }
         Ending::Abandoned => {
             " (the client went away or the connection closed before the response; the handler was dropped)"
