@@ -4,6 +4,11 @@
     python3 bench/cpu.py                      # 6 rounds of 4 s each
     python3 bench/cpu.py --rounds 8 --seconds 4 \\
         --variant "no isolation=target/release/fastlane demo --no-isolation"
+    python3 bench/cpu.py --access-log         # fastlane as run in production
+
+By default fastlane runs with RUST_LOG=warn (no access log). With
+--access-log it logs at `info`, a line per request, to a file
+(target/bench/cpu-access.log), as bench/run.py's throughput rows do.
 
 Requests per second on this shared 2-core machine swing by ±20 % from one
 round to the next, because wrk runs on the same cores; the CPU time the
@@ -47,9 +52,12 @@ def wrk(seconds):
     return rps, done
 
 
-def measure(cmd, env, seconds):
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+def measure(cmd, env, seconds, log):
+    stderr = open(log, "wb") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
                             start_new_session=True)
+    if log:
+        stderr.close()
     try:
         deadline = time.time() + 30
         while True:
@@ -77,7 +85,10 @@ def main():
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=COMMAND",
                         help="another server to measure (its command gets --port appended)")
+    parser.add_argument("--access-log", action="store_true",
+                        help="log at info (a line per request) to target/bench/cpu-access.log")
     args = parser.parse_args()
+    log = ROOT / "target" / "bench" / "cpu-access.log" if args.access_log else None
     port = ["--port", str(PORT)]
     servers = {
         "fastlane": [str(ROOT / "target/release/fastlane"), "demo"] + port,
@@ -88,19 +99,21 @@ def main():
         if not cmd:
             sys.exit(f"--variant wants NAME=COMMAND, got {variant!r}")
         servers[name] = shlex.split(cmd) + port
-    env = dict(os.environ, RUST_LOG="warn", FASTLANE_JOBS_URL="sqlite:///tmp/fastlane-bench-cpu.db")
+    env = dict(os.environ, RUST_LOG="info" if log else "warn",
+               FASTLANE_JOBS_URL="sqlite:///tmp/fastlane-bench-cpu.db")
     rps = {name: [] for name in servers}
     cpu = {name: [] for name in servers}
     for round_ in range(args.rounds):
         order = list(servers.items()) if round_ % 2 == 0 else list(reversed(servers.items()))
         for name, cmd in order:
-            r, c = measure(cmd, env, args.seconds)
+            r, c = measure(cmd, env, args.seconds, log)
             rps[name].append(r)
             cpu[name].append(c)
             print(f"[cpu] round {round_ + 1} {name}: {r:,.0f} req/s, {c:.1f} us CPU per request",
                   file=sys.stderr, flush=True)
     base_rps, base_cpu = statistics.median(rps["axum"]), statistics.median(cpu["axum"])
     print(f"command: python3 bench/cpu.py --rounds {args.rounds} --seconds {args.seconds}"
+          + (" --access-log" if log else "")
           + "".join(f" --variant {shlex.quote(v)}" for v in args.variant))
     print("| server | req/s (median) | × axum | CPU µs per request (median) | × axum |")
     print("| --- | ---: | ---: | ---: | ---: |")

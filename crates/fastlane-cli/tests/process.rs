@@ -12,8 +12,14 @@ use support::{get, Demo};
 #[test]
 fn sigterm_drains_running_background_tasks_and_exits_zero() {
     let demo = Demo::start(&[]);
-    assert_eq!(get(&demo.url("/?action=1&secs=1.5")).status, 200);
-    assert_eq!(get(&demo.url("/?action=3&secs=1.5")).status, 200);
+    let ids: Vec<String> = ["/?action=1&secs=1.5", "/?action=3&secs=1.5"]
+        .into_iter()
+        .map(|path| {
+            let response = get(&demo.url(path));
+            assert_eq!(response.status, 200);
+            response.headers["x-request-id"].to_str().unwrap().to_owned()
+        })
+        .collect();
     let sent = Instant::now();
     demo.signal(Signal::TERM);
     let (code, stderr) = demo.wait(Duration::from_secs(20));
@@ -23,6 +29,12 @@ fn sigterm_drains_running_background_tasks_and_exits_zero() {
     assert!(log.contains("action 1 done"), "{log}");
     assert!(log.contains("action 3 done"), "{log}");
     assert!(log.contains("nothing was cut"), "{log}");
+    // Each task's line names the request that scheduled it, as the lines a
+    // handler logs do (blocking lane and async task alike).
+    for (what, id) in ["action 1 done", "action 3 done"].into_iter().zip(&ids) {
+        let line = log.lines().find(|l| l.contains(what)).unwrap();
+        assert!(line.contains(&format!(" INFO request{{id={id}}}: fastlane_cli::demo: {what}")), "{line}");
+    }
     // Durations read as a person writes them: `drained_in=1.4s`, never `1.5483e-5`.
     let done = log.lines().find(|l| l.contains("nothing was cut")).unwrap();
     let drained = done.split("drained_in=").nth(1).unwrap_or_default();

@@ -55,12 +55,22 @@ impl RequestId {
         CURRENT.with(|c| c.borrow().clone())
     }
 
+    /// Calls `f` with the [`current`](Self::current) id, without cloning it.
+    pub(crate) fn with_current<R>(f: impl FnOnce(Option<&RequestId>) -> R) -> R {
+        let mut f = Some(f);
+        // Only fails while the thread is being torn down: no current id then.
+        CURRENT
+            .try_with(|c| (f.take().expect("called once"))(c.borrow().as_ref()))
+            .unwrap_or_else(|_| (f.take().expect("called once"))(None))
+    }
+
     /// The `request{id=...}` span the request's handler and background
     /// tasks are polled in, so that every event they log carries the id. At
     /// the error level so that it is on whenever anything is logged (a
-    /// service run at `warn` keeps it too).
+    /// service run at `warn` keeps it too). `init_logging`'s text lines turn
+    /// it off and write the id themselves (see `telemetry::line`).
     pub(crate) fn span(&self) -> tracing::Span {
-        tracing::error_span!(target: "fastlane", "request", id = %self)
+        tracing::error_span!(target: crate::telemetry::REQUEST_SPAN_TARGET, "request", id = %self)
     }
 
     /// Sets the `x-request-id` header of an answer to this id.

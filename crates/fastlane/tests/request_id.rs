@@ -47,6 +47,13 @@ async fn get_with(addr: std::net::SocketAddr, path: &str, headers: &str) -> (Opt
     (id, body)
 }
 
+/// A handler on the blocking lane: its lines and `RequestId::current()`
+/// are its request's, as an async handler's are.
+fn sync_hello() -> String {
+    tracing::warn!("sync handler says hello");
+    RequestId::current().map(|id| id.to_string()).unwrap_or_default()
+}
+
 async fn hello(id: RequestId) -> String {
     tracing::warn!("handler says hello");
     id.to_string()
@@ -80,7 +87,10 @@ async fn request_ids_are_taken_or_made_returned_and_logged() {
         .with_max_level(tracing::Level::INFO)
         .init();
     let seen = Seen::default();
-    let app = Router::new().route("/hello", get(hello)).route("/later", later(seen.clone()));
+    let app = Router::new()
+        .route("/hello", get(hello))
+        .route("/later", later(seen.clone()))
+        .route("/sync", get(fastlane::sync(sync_hello)));
     let server = support::start(app, Config { expose_internal: true, ..Config::default() }).await;
     let addr = server.local_addr();
 
@@ -93,6 +103,11 @@ async fn request_ids_are_taken_or_made_returned_and_logged() {
     assert!(said.iter().any(|l| l.contains("request{id=order-7f3a.retry:2}")), "{said:#?}");
     let access = captured.lines_with("fastlane::request: GET /hello 200");
     assert!(access.iter().any(|l| l.contains("request_id=order-7f3a.retry:2")), "{access:#?}");
+
+    let (id, body) = get_with(addr, "/sync", "X-Request-Id: on-a-lane\r\n").await;
+    assert_eq!((id.as_deref(), body.as_str()), (Some("on-a-lane"), "on-a-lane"));
+    let said = captured.lines_with("sync handler says hello");
+    assert!(said.iter().any(|l| l.contains("request{id=on-a-lane}")), "{said:#?}");
 
     // A W3C traceparent gives its trace id.
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";

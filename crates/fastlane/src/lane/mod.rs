@@ -186,7 +186,7 @@ impl Lanes {
         T: Send + 'static,
     {
         let pool = self.pool(lane);
-        let rx = pool.try_run(f)?;
+        let rx = pool.try_run(in_this_request(f))?;
         rx.await.unwrap_or_else(|_| Err(LaneError::shutdown(pool.name())))
     }
 
@@ -197,7 +197,7 @@ impl Lanes {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        self.pool(lane).run_when_ready(f).await
+        self.pool(lane).run_when_ready(in_this_request(f)).await
     }
 
     fn pool(&self, lane: LaneKind) -> &Pool {
@@ -224,6 +224,22 @@ impl Lanes {
     /// Makes these lanes the fallback for code outside any server's tasks.
     pub(crate) fn install_fallback(&self) {
         *FALLBACK.write().unwrap_or_else(|p| p.into_inner()) = Some(self.clone());
+    }
+}
+
+/// `f`, to run on a lane thread as part of the request (or background task)
+/// that sends it there: under its span and with its id current, so that the
+/// lines it logs and the jobs it enqueues carry the id as the handler's do.
+fn in_this_request<F, T>(f: F) -> impl FnOnce() -> T + Send + 'static
+where
+    F: FnOnce() -> T + Send + 'static,
+{
+    let id = crate::RequestId::current();
+    let span = tracing::Span::current();
+    move || {
+        let _span = span.enter();
+        let _id = id.as_ref().map(crate::RequestId::enter);
+        f()
     }
 }
 

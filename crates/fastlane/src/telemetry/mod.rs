@@ -9,7 +9,10 @@
 //! length bounded.
 
 mod clock;
+mod line;
 mod pipe;
+
+pub(crate) use line::REQUEST_SPAN_TARGET;
 
 pub(crate) use pipe::dropped as log_lines_dropped;
 
@@ -86,15 +89,26 @@ pub fn init_logging_with(config: &LogConfig) {
         false => filter.add_directive("fastlane::request=off".parse().expect("a valid directive")),
     };
     // Through the pipe: no request waits on a slow or stuck stderr.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_timer(clock::LineTime)
-        .with_writer(pipe::stderr_pipe());
+    let builder = tracing_subscriber::fmt().with_writer(pipe::stderr_pipe());
     let _ = match config.format {
         LogFormat::Text => {
-            builder.fmt_fields(LogFields::default()).with_ansi(std::io::stderr().is_terminal()).try_init()
+            // The request's span off: `TextLine` writes its id from the thread.
+            let directive = format!("{REQUEST_SPAN_TARGET}=off").parse().expect("a valid directive");
+            builder
+                .with_env_filter(filter.add_directive(directive))
+                .fmt_fields(LogFields::default())
+                .with_ansi(std::io::stderr().is_terminal())
+                .event_format(line::TextLine)
+                .try_init()
         }
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
+        // Kept on here: log shippers read the id from the span's object.
+        LogFormat::Json => builder
+            .with_env_filter(filter)
+            .json()
+            .with_timer(clock::LineTime)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
     };
 }
 
