@@ -95,6 +95,16 @@ pub enum JobsCommand {
         /// The job's id.
         id: i64,
     },
+    /// The schedules the store knows (declared in code with Registry::schedule): their next tick, the
+    /// job of their last, and when a consumer last looked at them.
+    Schedules {
+        /// The job store (the help text is STORE_URL_HELP).
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
+        url: String,
+        /// One JSON array.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make a dead or cancelled job available again.
     Retry {
         /// The job store (the help text is STORE_URL_HELP).
@@ -139,6 +149,28 @@ pub async fn run_command(command: JobsCommand) -> ExitCode {
             eprintln!("fastlane jobs: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Unix milliseconds now.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A Unix time in ms as `2026-11-27 03:00:00 UTC`.
+fn utc(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map_or_else(|| format!("{ms} ms"), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+}
+
+/// How far `ms` is from `now`: `in 2h05m`, `12s ago`.
+fn relative(ms: i64, now: i64) -> String {
+    let span = fastlane::HumanDuration(Duration::from_millis(ms.abs_diff(now)));
+    match ms >= now {
+        true => format!("in {span}"),
+        false => format!("{span} ago"),
     }
 }
 
@@ -230,6 +262,32 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
                     j.queue,
                     j.attempt,
                     j.last_error.map(|e| format!("  ({e})")).unwrap_or_default()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Schedules { url, json } => {
+            let schedules = connect(url).await?.schedules().await.map_err(chain)?;
+            if json {
+                outln!("{}", serde_json::to_string(&schedules).unwrap_or_default());
+                return Ok(ExitCode::SUCCESS);
+            }
+            if schedules.is_empty() {
+                outln!("no schedules (a consumer whose registry declares one registers it when it starts)");
+            }
+            let now = now_ms();
+            for s in schedules {
+                let next = s
+                    .next_tick
+                    .map_or_else(|| "never".to_owned(), |t| format!("{} ({})", utc(t), relative(t, now)));
+                let last_job = s.last_job.map_or_else(|| "none yet".to_owned(), |id| id.to_string());
+                outln!(
+                    "{}  job {}  {}  missed: {}  next: {next}  last job: {last_job}  seen: {}",
+                    s.name,
+                    s.job,
+                    s.spec,
+                    s.missed,
+                    relative(s.seen_at, now)
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -151,3 +151,44 @@ fn enqueue_work_and_stats_through_the_cli() {
     assert!(out.status.success() && !stderr.contains("panicked"), "{:?}: {stderr}", out.status);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `jobs schedules` lists what consumers registered: the spec, the next tick,
+/// the last tick's job, when a consumer last looked; `--json` for scripts.
+#[test]
+fn schedules_are_listed_with_their_next_tick_and_last_job() {
+    use fastlane_jobs::{NewJob, Schedule, Store as _};
+    let dir = std::env::temp_dir().join(format!("fastlane-jobs-cli-schedules-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}", dir.join("jobs.db").display());
+    let out = fastlane(&["jobs", "schedules", "--url", &url]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("no schedules"));
+
+    // A consumer's scheduler looks twice at an hourly schedule, a tick apart.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let job = rt.block_on(async {
+        let store = fastlane_jobs::SqliteStore::open(&url).await.unwrap();
+        let hourly =
+            Schedule::every("cleanup", NewJob::new("noop", serde_json::json!({})), Duration::from_secs(3600))
+                .unwrap();
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        let hour = 3_600_000;
+        store.look_at_schedule(&hourly, now / hour * hour - hour + 10).await.unwrap();
+        store.look_at_schedule(&hourly, now).await.unwrap().job.expect("the hour's tick")
+    });
+    let out = fastlane(&["jobs", "schedules", "--url", &url]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.starts_with("cleanup  job noop  every 1h  missed: run-once  next: "), "{text}");
+    assert!(text.contains(" UTC (in ") && text.contains(&format!("last job: {job}  seen: ")), "{text}");
+    let out = fastlane(&["jobs", "schedules", "--url", &url, "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON array");
+    assert_eq!(listed[0]["name"], "cleanup");
+    assert_eq!(listed[0]["last_job"], job);
+    // The job is the tick's, due at the hour.
+    let out = fastlane(&["jobs", "show", "--url", &url, &job.to_string()]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(shown["unique_key"].as_str().unwrap().starts_with("schedule:cleanup:"), "{shown}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::job::{Claimed, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
-use crate::{Error, PgStore, SqliteStore, Store};
+use crate::{Error, PgStore, Schedule, ScheduleInfo, ScheduleLook, SqliteStore, Store};
 
 /// A store of either backend, chosen by URL with [`connect`].
 #[derive(Debug, Clone)]
@@ -110,5 +110,13 @@ impl Store for AnyStore {
 
     async fn retry(&self, id: JobId) -> Result<JobState, Error> {
         delegate!(self, s => s.retry(id))
+    }
+
+    async fn look_at_schedule(&self, schedule: &Schedule, now: i64) -> Result<ScheduleLook, Error> {
+        delegate!(self, s => s.look_at_schedule(schedule, now))
+    }
+
+    async fn schedules(&self) -> Result<Vec<ScheduleInfo>, Error> {
+        delegate!(self, s => s.schedules())
     }
 }

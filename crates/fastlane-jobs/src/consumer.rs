@@ -117,6 +117,11 @@ pub async fn run_with_stats<S: Store>(
     // Captured here: the fetchers are tokio tasks, which do not know the
     // server this worker may run in.
     let spawner = fastlane::Spawner::current();
+    let scheduler = tokio::spawn(crate::scheduler::run(
+        store.clone(),
+        registry.schedules().to_vec(),
+        stop_tx.subscribe(),
+    ));
     let env = Arc::new(AttemptEnv {
         store: store.clone(),
         registry,
@@ -143,8 +148,10 @@ pub async fn run_with_stats<S: Store>(
     drop(env);
     let sweeper = tokio::spawn(sweep(store.clone(), in_flight.clone(), stop_tx.subscribe()));
     let _ = shutdown.wait_for(|s| *s).await;
-    // Stop fetching; running jobs go on.
+    // Stop fetching and scheduling; running jobs go on.
     stop_tx.send_replace(true);
+    // A look at a schedule is one transaction: let it end rather than cut it.
+    let _ = scheduler.await;
     let finished = tokio::time::timeout(grace, async {
         for f in &mut fetchers {
             let _ = f.await;

@@ -411,6 +411,8 @@ pub struct JobInfo {
     pub last_error: Option<String>,
     /// The id of the request that enqueued it, if any.
     pub request_id: Option<String>,
+    /// Its unique key, if it has one (a schedule's job: `schedule:<name>:<tick ms>`).
+    pub unique_key: Option<String>,
     /// Every attempt.
     pub attempts: Vec<Attempt>,
 }

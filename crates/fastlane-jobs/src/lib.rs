@@ -23,6 +23,11 @@
 //!   server (`Server::jobs`) and the application's checked handle on its
 //!   queue.
 //!
+//! * `schedule.rs`: [`Schedule`], a job enqueued at every tick of a cron
+//!   expression or an interval, and the arithmetic of its ticks.
+//! * `scheduler.rs`: the loop that enqueues each tick once however many
+//!   consumers run it, and the store operations it uses.
+//!
 //! * `owner.rs`: which process holds a running job, so that a consumer on the
 //!   same host sees at once that it died instead of waiting for its lease.
 //!
@@ -45,6 +50,8 @@ mod job;
 mod owner;
 mod postgres;
 mod registry;
+mod schedule;
+mod scheduler;
 mod sqlite;
 mod store;
 
@@ -57,5 +64,6 @@ pub use in_server::{Consumer, Jobs};
 pub use job::{backoff, Attempt, Claimed, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
 pub use postgres::{enqueue_in_tx, enqueue_many_in_tx, PgStore};
 pub use registry::{enqueue_checked, JobContext, JobError, Registry};
+pub use schedule::{Missed, Schedule, ScheduleInfo, ScheduleLook};
 pub use sqlite::SqliteStore;
 pub use store::Store;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use crate::job::{JobId, Lease, NewJob};
-use crate::{Error, Store};
+use crate::{Error, Schedule, Store};
 
 /// How a handler's attempt ended, when it did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,11 +106,16 @@ pub struct Registry {
     handlers: HashMap<String, Handler>,
     /// Checks a payload against the type's payload type, at enqueue time.
     validators: HashMap<String, Validator>,
+    /// Periodic jobs, run by every consumer of this registry.
+    schedules: Vec<Schedule>,
 }
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").field("jobs", &self.handlers.keys().collect::<Vec<_>>()).finish()
+        f.debug_struct("Registry")
+            .field("jobs", &self.handlers.keys().collect::<Vec<_>>())
+            .field("schedules", &self.schedules.iter().map(Schedule::name).collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -169,6 +174,40 @@ impl Registry {
             let handler = handler.clone();
             async move { lane_outcome(fastlane::compute(move || handler(payload, ctx)).await) }
         })
+    }
+
+    /// Adds a periodic job ([`Schedule`]), run by every consumer of this
+    /// registry. Each of its ticks is enqueued once however many consumers
+    /// run it, in one process or on many hosts: a consumer looks at a
+    /// schedule in one write transaction that locks its row in
+    /// `fastlane_schedules`, enqueues the due tick's job and moves the
+    /// schedule's last tick, so the next to look finds the tick taken. Its
+    /// job type must be registered first, and its payload must be one the
+    /// type takes; schedule names are unique.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use fastlane_jobs::{JobContext, NewJob, Registry, Schedule};
+    ///
+    /// let registry = Registry::new()
+    ///     .register("sweep", |_: serde_json::Value, _ctx: JobContext| async { Ok(()) })
+    ///     .schedule(Schedule::every("sweep", NewJob::new("sweep", serde_json::Value::Null), Duration::from_secs(60))?)?;
+    /// # let _ = registry;
+    /// # Ok::<(), fastlane_jobs::Error>(())
+    /// ```
+    pub fn schedule(mut self, schedule: Schedule) -> Result<Self, Error> {
+        self.check(&schedule.job)
+            .map_err(|err| Error::Invalid(format!("schedule `{}`: {err}", schedule.name)))?;
+        if self.schedules.iter().any(|s| s.name == schedule.name) {
+            return Err(Error::Invalid(format!("two schedules are named `{}`", schedule.name)));
+        }
+        self.schedules.push(schedule);
+        Ok(self)
+    }
+
+    /// The schedules declared with [`schedule`](Self::schedule).
+    pub fn schedules(&self) -> &[Schedule] {
+        &self.schedules
     }
 
     /// The handler of job type `name`.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::job::{Claimed, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
-use crate::Error;
+use crate::{Error, Schedule, ScheduleInfo, ScheduleLook};
 
 /// A durable job store. Every operation is atomic; every write of a running
 /// attempt carries its fencing token and is rejected with
@@ -136,4 +136,22 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// one more attempt allowed if it had used them all. Returns the state
     /// after (a pending or succeeded job is left as it is).
     fn retry(&self, id: JobId) -> impl Future<Output = Result<JobState, Error>> + Send;
+
+    /// Looks at `schedule` at `now` (Unix ms), in one write transaction:
+    /// registers it if the store does not know it yet (its first tick is
+    /// then the first after `now`) or restarts it from `now` if it was
+    /// declared differently; else enqueues the job of its due tick, if one
+    /// is, and accounts for its ticks up to `now`. Two schedulers looking at
+    /// once are served one after the other, and the second finds the tick
+    /// taken: each tick is enqueued once (see `scheduler.rs`). Consumers
+    /// call it for the schedules of their registry; tests, with a clock of
+    /// their own.
+    fn look_at_schedule(
+        &self,
+        schedule: &Schedule,
+        now: i64,
+    ) -> impl Future<Output = Result<ScheduleLook, Error>> + Send;
+
+    /// Every schedule the store knows, by name.
+    fn schedules(&self) -> impl Future<Output = Result<Vec<ScheduleInfo>, Error>> + Send;
 }

@@ -18,6 +18,10 @@ use http::HeaderMap;
 /// The response header (and the request header read first).
 pub(crate) const HEADER: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
+/// The target of the `request{id}` span ([`RequestId::span`]), by which
+/// `init_logging`'s text lines turn it off (see `telemetry/line.rs`).
+pub(crate) const SPAN_TARGET: &str = "fastlane::request_span";
+
 /// The longest `X-Request-Id` taken as it is (a UUID is 36, a trace id 32).
 const MAX_LEN: usize = 128;
 
@@ -70,7 +74,7 @@ impl RequestId {
     /// service run at `warn` keeps it too). `init_logging`'s text lines turn
     /// it off and write the id themselves (see `telemetry::line`).
     pub(crate) fn span(&self) -> tracing::Span {
-        tracing::error_span!(target: crate::telemetry::REQUEST_SPAN_TARGET, "request", id = %self)
+        tracing::error_span!(target: SPAN_TARGET, "request", id = %self)
     }
 
     /// Sets the `x-request-id` header of an answer to this id.

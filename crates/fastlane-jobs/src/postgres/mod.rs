@@ -21,7 +21,16 @@ use crate::job::{
     push_running_attempt, Attempt, Claimed, ClaimedRow, JobId, JobInfo, JobState, JobSummary, Lease, NewJob,
     Stats,
 };
+use crate::scheduler::schedule_methods;
 use crate::{Error, Store};
+
+/// A schedule's row is locked while a scheduler looks at it, so that a
+/// second one waits and then sees the tick taken.
+macro_rules! lock_row {
+    () => {
+        " FOR UPDATE"
+    };
+}
 
 /// A job store in a PostgreSQL database (`postgres://...`); its tables are
 /// created (and migrated) on first use, beside the application's own.
@@ -92,6 +101,12 @@ impl PgStore {
 
     finish_method!();
 
+    /// Jobs were committed: this process's idle workers wake at once
+    /// (`enqueue_in`'s NOTIFY wakes every process's, a moment later).
+    fn enqueued(&self) {
+        self.wake.notify.notify_waiters();
+    }
+
     /// Connects to `url` and brings the job schema up to date.
     pub async fn open(url: &str) -> Result<Self, Error> {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -117,6 +132,7 @@ impl PgStore {
 
 impl Store for PgStore {
     store_methods!();
+    schedule_methods!();
 
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, Error> {
         let mut tx = self.pool.begin().await.map_err(classify)?;

@@ -62,6 +62,18 @@ const MIGRATIONS: &[&str] = &[
     // 4: the id of the request that enqueued the job (`X-Request-Id`), for
     // its attempts' log lines.
     "ALTER TABLE fastlane_jobs ADD COLUMN request_id TEXT;",
+    // 5: schedules (scheduler.rs): how far each one's ticks are accounted
+    // for, and what `fastlane jobs schedules` shows.
+    "CREATE TABLE fastlane_schedules (
+        name TEXT PRIMARY KEY,
+        job TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        missed TEXT NOT NULL,
+        last_tick BIGINT NOT NULL,
+        next_tick BIGINT,
+        last_job BIGINT,
+        seen_at BIGINT NOT NULL
+    );",
 ];
 
 /// Brings the schema to the latest version; refuses a newer one.

@@ -22,7 +22,16 @@ use crate::job::{
     push_running_attempt, Attempt, Claimed, ClaimedRow, JobId, JobInfo, JobState, JobSummary, Lease, NewJob,
     Stats,
 };
+use crate::scheduler::schedule_methods;
 use crate::{Error, Store};
+
+/// `BEGIN IMMEDIATE` already holds SQLite's one write lock: rows need no
+/// lock of their own (and SQLite has no `FOR UPDATE`).
+macro_rules! lock_row {
+    () => {
+        ""
+    };
+}
 
 /// A job store in a SQLite file (`sqlite://path/to/jobs.db`), created on
 /// first use.
@@ -56,6 +65,12 @@ impl SqliteStore {
     }
 
     finish_method!();
+
+    /// Jobs were committed: wake this process's idle workers (SQLite cannot
+    /// tell other processes; theirs poll).
+    fn enqueued(&self) {
+        self.wake.notify_waiters();
+    }
 
     /// Opens (creating if needed) the store at `url` and brings its schema
     /// up to date.
@@ -102,6 +117,40 @@ impl SqliteStore {
     }
 }
 
+/// Stores `jobs` inside the caller's write transaction; their ids in the
+/// batch's order.
+async fn enqueue_in(tx: &mut sqlx::SqliteConnection, jobs: Vec<NewJob>) -> Result<Vec<JobId>, Error> {
+    let now = now_ms();
+    let (rows, keys) = batch_rows(&jobs, now)?;
+    if !keys.is_empty() {
+        let keys = serde_json::to_string(&keys).map_err(|e| Error::Invalid(e.to_string()))?;
+        let taken: Option<String> = sqlx::query_scalar(
+            "SELECT unique_key FROM fastlane_jobs WHERE unique_key IN (SELECT value FROM json_each(?)) \
+             AND state IN ('scheduled','available','running','retrying') LIMIT 1",
+        )
+        .bind(keys)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if let Some(key) = taken {
+            return Err(Error::Duplicate(key));
+        }
+    }
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO fastlane_jobs (name, queue, payload, state, priority, run_at, max_attempts, timeout_ms, \
+         unique_key, request_id, created_at) \
+         SELECT value ->> 'name', value ->> 'queue', value ->> 'payload', value ->> 'state', \
+         value ->> 'priority', value ->> 'run_at', value ->> 'max_attempts', value ->> 'timeout_ms', \
+         value ->> 'unique_key', value ->> 'request_id', value ->> 'created_at' FROM json_each(?) ORDER BY key \
+         RETURNING id",
+    )
+    .bind(rows)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(classify)?;
+    Ok(in_batch_order(ids))
+}
+
 /// Writes the attempt records of jobs whose attempt has just ended, from
 /// their rows (attempt number, worker, start). An attempt record is written
 /// once, when the attempt ends: a running attempt is read off its job row, so
@@ -134,42 +183,17 @@ async fn record_attempts(
 impl Store for SqliteStore {
     store_methods!();
 
+    schedule_methods!();
+
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, Error> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        let now = now_ms();
-        let (rows, keys) = batch_rows(&jobs, now)?;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
-        if !keys.is_empty() {
-            let keys = serde_json::to_string(&keys).map_err(|e| Error::Invalid(e.to_string()))?;
-            let taken: Option<String> = sqlx::query_scalar(
-                "SELECT unique_key FROM fastlane_jobs WHERE unique_key IN (SELECT value FROM json_each(?)) \
-                 AND state IN ('scheduled','available','running','retrying') LIMIT 1",
-            )
-            .bind(keys)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(classify)?;
-            if let Some(key) = taken {
-                return Err(Error::Duplicate(key));
-            }
-        }
-        let ids: Vec<i64> = sqlx::query_scalar(
-            "INSERT INTO fastlane_jobs (name, queue, payload, state, priority, run_at, max_attempts, timeout_ms, \
-             unique_key, request_id, created_at) \
-             SELECT value ->> 'name', value ->> 'queue', value ->> 'payload', value ->> 'state', \
-             value ->> 'priority', value ->> 'run_at', value ->> 'max_attempts', value ->> 'timeout_ms', \
-             value ->> 'unique_key', value ->> 'request_id', value ->> 'created_at' FROM json_each(?) ORDER BY key \
-             RETURNING id",
-        )
-        .bind(rows)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(classify)?;
+        let mut tx = self.write_tx().await?;
+        let ids = enqueue_in(&mut tx, jobs).await?;
         tx.commit().await.map_err(classify)?;
-        self.wake.notify_waiters();
-        Ok(in_batch_order(ids))
+        self.enqueued();
+        Ok(ids)
     }
 
     /// Hands the next due jobs of `queue` to `consumer` under a lease of

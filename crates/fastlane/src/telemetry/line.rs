@@ -28,7 +28,7 @@ use super::clock::LineTime;
 use crate::request_id::RequestId;
 
 /// The target of the `request{id}` span (see the module's doc).
-pub(crate) const REQUEST_SPAN_TARGET: &str = "fastlane::request_span";
+pub(crate) use crate::request_id::SPAN_TARGET as REQUEST_SPAN_TARGET;
 
 /// Terminal colours, as `tracing-subscriber` uses them (bold span names,
 /// dimmed timestamp, punctuation and target, a colour per level).

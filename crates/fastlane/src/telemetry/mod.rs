@@ -12,7 +12,7 @@ mod clock;
 mod line;
 mod pipe;
 
-pub(crate) use line::REQUEST_SPAN_TARGET;
+use line::REQUEST_SPAN_TARGET;
 
 pub(crate) use pipe::dropped as log_lines_dropped;
 
