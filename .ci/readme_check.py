@@ -428,6 +428,10 @@ def check_jobs(found):
             job = json_of(line, out)
             expect(job.get("id") == 1 and job.get("state") == "succeeded" and job.get("attempts"), line, out)
 
+        def schedules(line, out):
+            # The demo job types declare no schedule: the listing says so.
+            expect(out.startswith("no schedules"), line, out)
+
         def bench(line, out):
             expect(out.startswith("50000 jobs") and "end to end" in out and "jobs/s" in out, line, out)
 
@@ -436,6 +440,7 @@ def check_jobs(found):
             (r"jobs work ", work),
             (r"jobs stats .*--json", show_stats),
             (r"jobs show .* 1\b", show),
+            (r"jobs schedules ", schedules),
             (r"jobs bench .*--jobs 50000", bench),
         ]
         for line, check in by_rules(shell_lines(found, "jobs-cli"), rules, "jobs-cli"):
