@@ -3,7 +3,8 @@
 //!
 //! # How a tick is enqueued once
 //!
-//! Each schedule has a row in `fastlane_schedules` holding `last_tick`: the
+//! Each schedule (its name and how it ticks) has a row in
+//! `fastlane_schedules` holding `last_tick`: the
 //! time up to which its ticks are accounted for. A scheduler looks at a
 //! schedule in one write transaction of the store: it locks the row
 //! (`SELECT ... FOR UPDATE` on PostgreSQL; SQLite's `BEGIN IMMEDIATE` locks
@@ -41,36 +42,40 @@ macro_rules! schedule_methods {
         ) -> Result<crate::ScheduleLook, Error> {
             let spec = schedule.spec();
             let mut tx = self.write_tx().await?;
-            let row: Option<(i64, String, String, String)> = sqlx::query_as(concat!(
-                "SELECT last_tick, spec, job, missed FROM fastlane_schedules WHERE name = $1",
+            // A declaration is its name and its ticks (`spec`): declared
+            // differently, it is another row, whose ticks count from when it
+            // is first seen, so that two versions running side by side (a
+            // rolling deploy) each enqueue their own ticks once.
+            let last: Option<i64> = sqlx::query_scalar(concat!(
+                "SELECT last_tick FROM fastlane_schedules WHERE name = $1 AND spec = $2",
                 lock_row!()
             ))
             .bind(&schedule.name)
+            .bind(&spec)
             .fetch_optional(&mut *tx)
             .await
             .map_err(classify)?;
-            let declared = (spec.as_str(), schedule.job.name.as_str(), schedule.missed.as_str());
-            let last = match &row {
-                Some((last, spec, job, missed)) if (spec.as_str(), job.as_str(), missed.as_str()) == declared => {
-                    *last
-                }
-                // New, or declared differently: ticks count from now.
-                _ => now,
-            };
+            let last = last.unwrap_or(now);
             let due = schedule.due(last, now);
             let fired = match due.fire {
                 Some(tick) => {
                     let job = schedule.job.clone().unique_key(format!("schedule:{}:{}", schedule.name, tick.at));
                     let job = job.run_at(std::time::UNIX_EPOCH + Duration::from_millis(tick.at.max(0) as u64));
-                    let ids = enqueue_in(&mut tx, vec![job]).await?;
-                    ids.first().map(|id| (tick, *id))
+                    match enqueue_in(&mut tx, vec![job]).await {
+                        Ok(ids) => ids.first().map(|id| (tick, *id)),
+                        // Another declaration of the same name took this
+                        // very instant, and its job is still pending: one
+                        // job for it is enough.
+                        Err(Error::Duplicate(_)) => None,
+                        Err(err) => return Err(err),
+                    }
                 }
                 None => None,
             };
             sqlx::query(
                 "INSERT INTO fastlane_schedules (name, job, spec, missed, last_tick, next_tick, last_job, seen_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $5) \
-                 ON CONFLICT (name) DO UPDATE SET job = excluded.job, spec = excluded.spec, \
+                 ON CONFLICT (name, spec) DO UPDATE SET job = excluded.job, \
                  missed = excluded.missed, last_tick = excluded.last_tick, next_tick = excluded.next_tick, \
                  last_job = COALESCE(excluded.last_job, fastlane_schedules.last_job), seen_at = excluded.seen_at",
             )
@@ -99,7 +104,7 @@ macro_rules! schedule_methods {
         async fn schedules(&self) -> Result<Vec<crate::ScheduleInfo>, Error> {
             let rows: Vec<(String, String, String, String, i64, Option<i64>, Option<i64>, i64)> = sqlx::query_as(
                 "SELECT name, job, spec, missed, last_tick, next_tick, last_job, seen_at \
-                 FROM fastlane_schedules ORDER BY name",
+                 FROM fastlane_schedules ORDER BY name, seen_at DESC",
             )
             .fetch_all(&self.pool)
             .await

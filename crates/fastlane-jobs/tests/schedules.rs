@@ -166,9 +166,9 @@ mod suite {
         assert_eq!(jobs_by_tick(store, "hourly-skip").await.keys().copied().collect::<Vec<_>>(), [h(10)]);
     }
 
-    /// The store lists what it knows; a schedule declared differently starts
-    /// again from the moment it is seen so (no burst of old ticks); a cron
-    /// schedule ticks in its time zone.
+    /// The store lists what it knows; a schedule declared with other ticks
+    /// is a schedule of its own, starting when first seen; a cron schedule
+    /// ticks in its time zone.
     pub(crate) async fn schedules_are_listed_and_a_changed_one_restarts<S: Store>(stores: &[S]) {
         let store = &stores[0];
         let nightly =
@@ -187,13 +187,25 @@ mod suite {
         );
         assert_eq!((info.last_job, info.next_tick), (look.job, Some(ms("2026-11-29T02:00:00Z"))));
         assert_eq!(info.seen_at, ms("2026-11-28T02:00:10Z"));
-        // Declared at 04:00 instead, and looked at two days later: the ticks
-        // of the old declaration are not owed; the new one starts now.
+        // Declared at 04:00 instead (a new version deployed), first looked
+        // at two days later: a schedule of its own, whose ticks count from
+        // then (the old declaration's are not owed to it).
         let moved =
             Schedule::cron("nightly", noop(), "0 4 * * *").unwrap().time_zone("Europe/Paris").unwrap();
         let look = store.look_at_schedule(&moved, ms("2026-11-30T12:00:00Z")).await.unwrap();
         assert_eq!((look.job, look.next_tick), (None, Some(ms("2026-12-01T03:00:00Z"))));
-        assert_eq!(store.schedules().await.unwrap()[0].spec, "cron 0 4 * * * Europe/Paris");
+        let listed = store.schedules().await.unwrap();
+        let specs: Vec<&str> = listed.iter().map(|s| s.spec.as_str()).collect();
+        assert_eq!(specs, ["cron 0 4 * * * Europe/Paris", "cron 0 3 * * * Europe/Paris"]);
+        // Both versions running side by side (a rolling deploy): each
+        // enqueues its own ticks, once; neither resets the other.
+        let old = stores[1].look_at_schedule(&nightly, ms("2026-12-01T02:00:05Z")).await.unwrap();
+        assert_eq!((old.tick, old.late), (Some(ms("2026-12-01T02:00:00Z")), true));
+        let new = stores[2].look_at_schedule(&moved, ms("2026-12-01T03:00:05Z")).await.unwrap();
+        assert_eq!((new.tick, new.late), (Some(ms("2026-12-01T03:00:00Z")), false));
+        for (store, schedule) in [(&stores[1], &nightly), (&stores[2], &moved)] {
+            assert_eq!(store.look_at_schedule(schedule, ms("2026-12-01T03:00:06Z")).await.unwrap().job, None);
+        }
     }
 }
 

@@ -63,16 +63,18 @@ const MIGRATIONS: &[&str] = &[
     // its attempts' log lines.
     "ALTER TABLE fastlane_jobs ADD COLUMN request_id TEXT;",
     // 5: schedules (scheduler.rs): how far each one's ticks are accounted
-    // for, and what `fastlane jobs schedules` shows.
+    // for, and what `fastlane jobs schedules` shows. A schedule declared
+    // differently (another `spec`) is another row.
     "CREATE TABLE fastlane_schedules (
-        name TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
         job TEXT NOT NULL,
         spec TEXT NOT NULL,
         missed TEXT NOT NULL,
         last_tick BIGINT NOT NULL,
         next_tick BIGINT,
         last_job BIGINT,
-        seen_at BIGINT NOT NULL
+        seen_at BIGINT NOT NULL,
+        PRIMARY KEY (name, spec)
     );",
 ];
 

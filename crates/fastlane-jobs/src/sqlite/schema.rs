@@ -59,16 +59,18 @@ const MIGRATIONS: &[&str] = &[
     // its attempts' log lines.
     "ALTER TABLE fastlane_jobs ADD COLUMN request_id TEXT;",
     // 5: schedules (scheduler.rs): how far each one's ticks are accounted
-    // for, and what `fastlane jobs schedules` shows.
+    // for, and what `fastlane jobs schedules` shows. A schedule declared
+    // differently (another `spec`) is another row.
     "CREATE TABLE fastlane_schedules (
-        name TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
         job TEXT NOT NULL,
         spec TEXT NOT NULL,
         missed TEXT NOT NULL,
         last_tick INTEGER NOT NULL,
         next_tick INTEGER,
         last_job INTEGER,
-        seen_at INTEGER NOT NULL
+        seen_at INTEGER NOT NULL,
+        PRIMARY KEY (name, spec)
     );",
 ];
 
