@@ -66,12 +66,12 @@ pub enum JobsCommand {
         #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u32).range(1..))]
         max_attempts: u32,
     },
-    /// Counts per state.
+    /// Counts per state, and the size of the store's tables.
     Stats {
         /// The job store (the help text is STORE_URL_HELP).
         #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
         url: String,
-        /// One JSON object with a key per state.
+        /// One JSON object with a key per state, and `tables` (rows of each table, bytes).
         #[arg(long)]
         json: bool,
     },
@@ -235,13 +235,25 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Stats { url, json } => {
-            let stats = connect(url).await?.stats().await.map_err(chain)?;
+            let store = connect(url).await?;
+            let stats = store.stats().await.map_err(chain)?;
+            let sizes = store.table_sizes().await.map_err(chain)?;
             if json {
-                outln!("{}", serde_json::to_string(&stats).unwrap_or_default());
+                // The counts by state, as before, and the tables' sizes.
+                let mut object = serde_json::to_value(&stats).unwrap_or_default();
+                object["tables"] = serde_json::to_value(sizes).unwrap_or_default();
+                outln!("{object}");
             } else {
                 for (state, count) in &stats {
                     outln!("{:<10} {count}", state.as_str());
                 }
+                outln!(
+                    "tables     {} jobs, {} attempts, {} schedules; {:.1} MiB",
+                    sizes.jobs,
+                    sizes.attempts,
+                    sizes.schedules,
+                    sizes.bytes as f64 / 1_048_576.0
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -131,3 +131,28 @@ fn a_job_carries_the_id_of_the_request_that_enqueued_it_into_its_attempts_logs()
     let line = demo.lines_with(&needle).remove(0);
     assert!(line.contains(&format!("request_id={request_id}")), "{line}");
 }
+
+/// `/metrics` reports the job store's size (measured by the consumer's
+/// pruner when it starts, then every minute) and what it pruned.
+#[test]
+fn metrics_report_the_job_stores_size() {
+    let demo = Demo::start(&[]);
+    let id = enqueue(&demo, "noop", "{}");
+    wait_for_job(&demo, id, Duration::from_secs(10), |j| j["state"] == "succeeded");
+    let value = |metrics: &str, name: &str| -> Option<f64> {
+        metrics.lines().find(|l| l.starts_with(name) && !l.starts_with('#'))?.rsplit(' ').next()?.parse().ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = support::get(&demo.url("/metrics")).text();
+        let bytes = value(&metrics, "fastlane_jobs_store_bytes");
+        if bytes.is_some_and(|b| b > 0.0) {
+            assert!(value(&metrics, "fastlane_jobs_store_jobs_rows").is_some(), "{metrics}");
+            assert!(value(&metrics, "fastlane_jobs_store_attempts_rows").is_some(), "{metrics}");
+            assert_eq!(value(&metrics, "fastlane_jobs_pruned_total"), Some(0.0), "{metrics}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no store size in /metrics:\n{metrics}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -62,6 +62,13 @@ fn enqueue_work_and_stats_through_the_cli() {
         assert!(s.get(state).is_some(), "missing {state}: {s}");
     }
     assert_eq!(s["available"], 22);
+    // The tables' sizes: 22 jobs, no finished attempt yet, the file's bytes.
+    let tables = &s["tables"];
+    assert_eq!((tables["jobs"].as_u64(), tables["attempts"].as_u64()), (Some(22), Some(0)), "{s}");
+    assert!(tables["bytes"].as_u64().unwrap() > 0, "{s}");
+    let out = fastlane(&["jobs", "stats", "--url", &url]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("tables     22 jobs, 0 attempts, 0 schedules; "), "{text}");
 
     let worker = Command::new(env!("CARGO_BIN_EXE_fastlane"))
         .args(["jobs", "work", "--url", &url])

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use crate::job::{Claimed, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
-use crate::{Error, PgStore, Schedule, ScheduleInfo, ScheduleLook, SqliteStore, Store};
+use crate::{
+    Error, PgStore, Retention, Schedule, ScheduleInfo, ScheduleLook, SqliteStore, Store, TableSizes,
+};
 
 /// A store of either backend, chosen by URL with [`connect`].
 #[derive(Debug, Clone)]
@@ -118,5 +120,13 @@ impl Store for AnyStore {
 
     async fn schedules(&self) -> Result<Vec<ScheduleInfo>, Error> {
         delegate!(self, s => s.schedules())
+    }
+
+    async fn prune(&self, retention: &Retention, now: i64) -> Result<u64, Error> {
+        delegate!(self, s => s.prune(retention, now))
+    }
+
+    async fn table_sizes(&self) -> Result<TableSizes, Error> {
+        delegate!(self, s => s.table_sizes())
     }
 }

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 use crate::job::{Claimed, JobId, JobState, Lease};
 use crate::registry::{BoxFuture, JobContext, JobError, ProgressSink, Registry, StoreProgress};
+use crate::retention::{Pruning, Retention};
 use crate::Store;
 
 /// How a worker runs.
@@ -35,6 +36,10 @@ pub struct ConsumerConfig {
     pub poll_interval: Duration,
     /// Most jobs fetched in one claim. Default 256.
     pub fetch_batch: usize,
+    /// How long finished jobs are kept before this consumer deletes them
+    /// ([`Retention`]: succeeded and cancelled a day, dead a week, by
+    /// default); `None` keeps them for ever.
+    pub retention: Option<Retention>,
 }
 
 impl Default for ConsumerConfig {
@@ -45,6 +50,7 @@ impl Default for ConsumerConfig {
             lease: Duration::from_secs(15),
             poll_interval: Duration::from_secs(1),
             fetch_batch: 256,
+            retention: Some(Retention::default()),
         }
     }
 }
@@ -62,6 +68,14 @@ pub struct ConsumerStats {
     pub released: AtomicU64,
     /// Attempts running now.
     pub running: AtomicU64,
+    /// Finished jobs this consumer deleted past their retention.
+    pub pruned: AtomicU64,
+    /// Rows of the jobs table when the pruner last measured the store.
+    pub store_jobs: AtomicU64,
+    /// Rows of the attempts table, likewise.
+    pub store_attempts: AtomicU64,
+    /// Bytes the store takes, likewise.
+    pub store_bytes: AtomicU64,
 }
 
 /// Most successes written in one transaction.
@@ -147,6 +161,20 @@ pub async fn run_with_stats<S: Store>(
     // The completer ends once the fetchers, and the attempts, have let go.
     drop(env);
     let sweeper = tokio::spawn(sweep(store.clone(), in_flight.clone(), stop_tx.subscribe()));
+    let pruner = config.retention.map(|retention| {
+        let stats = stats.clone();
+        let report = move |event| match event {
+            Pruning::Pruned(n) => {
+                stats.pruned.fetch_add(n, Ordering::Relaxed);
+            }
+            Pruning::Measured(sizes) => {
+                stats.store_jobs.store(sizes.jobs, Ordering::Relaxed);
+                stats.store_attempts.store(sizes.attempts, Ordering::Relaxed);
+                stats.store_bytes.store(sizes.bytes, Ordering::Relaxed);
+            }
+        };
+        tokio::spawn(crate::retention::run(store.clone(), retention, report, stop_tx.subscribe()))
+    });
     let _ = shutdown.wait_for(|s| *s).await;
     // Stop fetching and scheduling; running jobs go on.
     stop_tx.send_replace(true);
@@ -177,6 +205,10 @@ pub async fn run_with_stats<S: Store>(
         }
     }
     sweeper.abort();
+    if let Some(pruner) = pruner {
+        // A batch is one short transaction: let it end rather than cut it.
+        let _ = pruner.await;
+    }
     // Every finished job's success is written before the worker returns.
     let _ = completer.await;
     stats

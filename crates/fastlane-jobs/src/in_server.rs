@@ -112,6 +112,30 @@ impl<S: Store> fastlane::Companion for Consumer<S> {
                     MetricKind::Gauge,
                     &stats.running,
                 ),
+                metric(
+                    "jobs_pruned",
+                    "Finished jobs this process deleted past their retention",
+                    MetricKind::Counter,
+                    &stats.pruned,
+                ),
+                metric(
+                    "jobs_store_jobs_rows",
+                    "Rows of the job store's jobs table, as last measured (every retention interval)",
+                    MetricKind::Gauge,
+                    &stats.store_jobs,
+                ),
+                metric(
+                    "jobs_store_attempts_rows",
+                    "Rows of the job store's attempts table, as last measured",
+                    MetricKind::Gauge,
+                    &stats.store_attempts,
+                ),
+                metric(
+                    "jobs_store_bytes",
+                    "Bytes the job store takes (the SQLite file, or the PostgreSQL tables), as last measured",
+                    MetricKind::Gauge,
+                    &stats.store_bytes,
+                ),
             ]
         };
         Some(Arc::new(read))

@@ -28,6 +28,9 @@
 //! * `scheduler.rs`: the loop that enqueues each tick once however many
 //!   consumers run it, and the store operations it uses.
 //!
+//! * `retention.rs`: [`Retention`], the pruning of finished jobs by every
+//!   consumer in small batches, and [`TableSizes`].
+//!
 //! * `owner.rs`: which process holds a running job, so that a consumer on the
 //!   same host sees at once that it died instead of waiting for its lease.
 //!
@@ -50,6 +53,7 @@ mod job;
 mod owner;
 mod postgres;
 mod registry;
+mod retention;
 mod schedule;
 mod scheduler;
 mod sqlite;
@@ -64,6 +68,7 @@ pub use in_server::{Consumer, Jobs};
 pub use job::{backoff, Attempt, Claimed, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
 pub use postgres::{enqueue_in_tx, enqueue_many_in_tx, PgStore};
 pub use registry::{enqueue_checked, JobContext, JobError, Registry};
+pub use retention::{Retention, TableSizes};
 pub use schedule::{Missed, Schedule, ScheduleInfo, ScheduleLook};
 pub use sqlite::SqliteStore;
 pub use store::Store;

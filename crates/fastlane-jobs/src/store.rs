@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::job::{Claimed, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
-use crate::{Error, Schedule, ScheduleInfo, ScheduleLook};
+use crate::{Error, Retention, Schedule, ScheduleInfo, ScheduleLook, TableSizes};
 
 /// A durable job store. Every operation is atomic; every write of a running
 /// attempt carries its fencing token and is rejected with
@@ -154,4 +154,14 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
 
     /// Every schedule the store knows, by name.
     fn schedules(&self) -> impl Future<Output = Result<Vec<ScheduleInfo>, Error>> + Send;
+
+    /// Deletes one batch (up to `retention.batch`) of the finished jobs
+    /// past their retention at `now` (Unix ms), oldest first, with their
+    /// attempts, in one short transaction; returns how many. Pending and
+    /// running jobs are never touched. Consumers call it in a loop (see
+    /// `retention.rs`); tests, with a clock of their own.
+    fn prune(&self, retention: &Retention, now: i64) -> impl Future<Output = Result<u64, Error>> + Send;
+
+    /// How big the store is: rows of each table, and bytes.
+    fn table_sizes(&self) -> impl Future<Output = Result<TableSizes, Error>> + Send;
 }

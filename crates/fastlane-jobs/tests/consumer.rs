@@ -328,3 +328,48 @@ async fn each_queue_runs_at_most_its_own_limit() {
     assert_eq!(gauges[0].max.load(Ordering::SeqCst), 1, "narrow ran more than 1 at once");
     assert_eq!(gauges[1].max.load(Ordering::SeqCst), 3, "wide did not use its 3 slots");
 }
+
+/// A consumer prunes what it ran once it is past its retention, counts what
+/// it deleted and measures the store; enqueues are not held up meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_prunes_finished_jobs_past_their_retention() {
+    let (store, _dir) = store().await;
+    let jobs: Vec<NewJob> = (0..3_000).map(|_| NewJob::new("noop", json!(null))).collect();
+    store.enqueue_many(jobs).await.unwrap();
+    let retention = fastlane_jobs::Retention {
+        succeeded: Duration::ZERO,
+        batch: 200,
+        interval: Duration::from_millis(100),
+        ..fastlane_jobs::Retention::default()
+    };
+    let config = ConsumerConfig { retention: Some(retention), ..ConsumerConfig::default() };
+    let stats = std::sync::Arc::new(fastlane_jobs::ConsumerStats::default());
+    let (stop, shutdown) = watch::channel(false);
+    let consumer = tokio::spawn(fastlane_jobs::run_consumer_with_stats(
+        store.clone(),
+        registry(),
+        config,
+        shutdown,
+        Duration::from_secs(5),
+        stats.clone(),
+    ));
+    // Meanwhile, enqueues answer at once (batches are short transactions).
+    let mut slowest = Duration::ZERO;
+    for _ in 0..100 {
+        let started = Instant::now();
+        store.enqueue(NewJob::new("noop", json!(null))).await.unwrap();
+        slowest = slowest.max(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats.pruned.load(Ordering::Relaxed) < 3_100 || stats.store_jobs.load(Ordering::Relaxed) != 0 {
+        assert!(Instant::now() < deadline, "pruned {}", stats.pruned.load(Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send_replace(true);
+    consumer.await.unwrap();
+    let sizes = store.table_sizes().await.unwrap();
+    assert_eq!((sizes.jobs, sizes.attempts), (0, 0), "{sizes:?}");
+    assert!(stats.store_bytes.load(Ordering::Relaxed) > 0);
+    assert!(slowest < Duration::from_secs(1), "an enqueue waited {slowest:?} while the pruner ran");
+}

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use fastlane_jobs::{Error, JobState, Lease, NewJob, PgStore, SqliteStore, Store};
+use fastlane_jobs::{Error, JobState, Lease, NewJob, PgStore, Retention, SqliteStore, Store};
 use serde_json::json;
 
 const LEASE: Duration = Duration::from_secs(15);
@@ -269,6 +269,88 @@ mod suite {
         assert!(store.release(Lease { job: id, token: job.token }).await.unwrap_err().is_fenced());
     }
 
+    /// Unix ms now.
+    fn now() -> i64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+    }
+
+    /// Claims and completes every available job of the default queue.
+    async fn run_all<S: Store>(store: &S) {
+        loop {
+            let claimed = store.claim_many("default", "w", LEASE, 500).await.unwrap();
+            if claimed.is_empty() {
+                return;
+            }
+            let leases: Vec<Lease> = claimed.iter().map(|job| job.lease()).collect();
+            assert!(store.complete_many(&leases).await.unwrap().is_empty());
+        }
+    }
+
+    pub(crate) async fn finished_jobs_are_pruned_after_their_retention_with_their_attempts<S: Store>(
+        store: &S,
+    ) {
+        const HOUR: i64 = 3_600_000;
+        let ok = store.enqueue(NewJob::new("ok", json!(null))).await.unwrap();
+        run_all(store).await;
+        let cancelled = store.enqueue(NewJob::new("c", json!(null))).await.unwrap();
+        assert_eq!(store.cancel(cancelled).await.unwrap(), JobState::Cancelled);
+        let dead = store.enqueue(NewJob::new("d", json!(null)).max_attempts(1)).await.unwrap();
+        let claimed = store.claim("default", "w", LEASE).await.unwrap().unwrap();
+        assert_eq!(store.fail(claimed.lease(), "boom", true).await.unwrap(), JobState::Dead);
+        // Never pruned, however old: a job waiting to run, and a running one.
+        let waiting =
+            store.enqueue(NewJob::new("w", json!(null)).delay(Duration::from_secs(3600))).await.unwrap();
+        let running = store.enqueue(NewJob::new("r", json!(null))).await.unwrap();
+        assert_eq!(store.claim("default", "w", LEASE).await.unwrap().unwrap().id, running);
+        let before = store.table_sizes().await.unwrap();
+        assert_eq!((before.jobs, before.attempts), (5, 2), "{before:?}");
+        assert!(before.bytes > 0);
+
+        let retention = Retention::default();
+        let t = now();
+        assert_eq!(store.prune(&retention, t + HOUR).await.unwrap(), 0);
+        // A day later: the succeeded and the cancelled job go, with the
+        // succeeded one's attempt; the dead one stays a week.
+        assert_eq!(store.prune(&retention, t + 25 * HOUR).await.unwrap(), 2);
+        for gone in [ok, cancelled] {
+            assert!(matches!(store.get(gone).await, Err(Error::NotFound(_))), "{gone}");
+        }
+        let after = store.table_sizes().await.unwrap();
+        assert_eq!((after.jobs, after.attempts), (3, 1), "{after:?}");
+        assert_eq!(store.get(dead).await.unwrap().state, JobState::Dead);
+        assert_eq!(store.prune(&retention, t + 8 * 24 * HOUR).await.unwrap(), 1);
+        assert!(matches!(store.get(dead).await, Err(Error::NotFound(_))));
+        assert_eq!(store.prune(&retention, t + 365 * 24 * HOUR).await.unwrap(), 0);
+        assert_eq!(store.get(waiting).await.unwrap().state, JobState::Scheduled);
+        assert_eq!(store.get(running).await.unwrap().state, JobState::Running);
+        assert_eq!(store.table_sizes().await.unwrap().attempts, 0);
+    }
+
+    pub(crate) async fn pruning_goes_in_bounded_batches<S: Store>(store: &S) {
+        let jobs: Vec<NewJob> = (0..2_500).map(|i| NewJob::new("noop", json!({ "i": i }))).collect();
+        let ids = store.enqueue_many(jobs).await.unwrap();
+        run_all(store).await;
+        let retention = Retention { succeeded: Duration::ZERO, batch: 1000, ..Retention::default() };
+        let later = now() + 1000;
+        let mut batches = Vec::new();
+        loop {
+            let n = store.prune(&retention, later).await.unwrap();
+            batches.push(n);
+            if n == 0 {
+                break;
+            }
+            // Between batches the store takes other work at once.
+            let id = store
+                .enqueue(NewJob::new("between", json!(null)).delay(Duration::from_secs(60)))
+                .await
+                .unwrap();
+            assert_eq!(store.get(id).await.unwrap().state, JobState::Scheduled);
+        }
+        assert_eq!(batches, [1000, 1000, 500, 0]);
+        assert!(matches!(store.get(ids[0]).await, Err(Error::NotFound(_))));
+        assert_eq!(store.table_sizes().await.unwrap().jobs, 3, "the three jobs enqueued between batches");
+    }
+
     pub(crate) async fn stats_name_every_state<S: Store>(store: &S) {
         store.enqueue(NewJob::new("a", json!(null))).await.unwrap();
         store.enqueue(NewJob::new("a", json!(null)).delay(Duration::from_secs(60))).await.unwrap();
@@ -369,7 +451,9 @@ conformance!(
     unique_keys_allow_one_pending_job,
     cancellation_of_pending_and_running_jobs,
     a_released_job_is_available_at_once_without_losing_an_attempt,
-    stats_name_every_state
+    stats_name_every_state,
+    finished_jobs_are_pruned_after_their_retention_with_their_attempts,
+    pruning_goes_in_bounded_batches
 );
 
 /// A job enqueued in the application's own transaction exists if and only if

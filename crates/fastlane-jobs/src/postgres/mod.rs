@@ -21,8 +21,22 @@ use crate::job::{
     push_running_attempt, Attempt, Claimed, ClaimedRow, JobId, JobInfo, JobState, JobSummary, Lease, NewJob,
     Stats,
 };
+use crate::retention::retention_methods;
 use crate::scheduler::schedule_methods;
 use crate::{Error, Store};
+
+/// A pruning batch skips rows another consumer's pruner holds, so that
+/// pruners on many hosts share the work instead of queueing for the same rows.
+macro_rules! skip_locked {
+    () => {
+        " FOR UPDATE SKIP LOCKED"
+    };
+}
+
+/// The store's size: its three tables with their indexes and TOAST.
+const STORE_BYTES: &str =
+    "SELECT CAST(pg_total_relation_size('fastlane_jobs') + pg_total_relation_size('fastlane_attempts') \
+     + pg_total_relation_size('fastlane_schedules') AS BIGINT)";
 
 /// A schedule's row is locked while a scheduler looks at it, so that a
 /// second one waits and then sees the tick taken.
@@ -133,6 +147,7 @@ impl PgStore {
 impl Store for PgStore {
     store_methods!();
     schedule_methods!();
+    retention_methods!();
 
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, Error> {
         let mut tx = self.pool.begin().await.map_err(classify)?;

@@ -76,6 +76,10 @@ const MIGRATIONS: &[&str] = &[
         seen_at BIGINT NOT NULL,
         PRIMARY KEY (name, spec)
     );",
+    // 6: retention (retention.rs) deletes finished jobs oldest first; this
+    // index finds them without a scan of the jobs still to run.
+    "CREATE INDEX fastlane_jobs_finished ON fastlane_jobs (finished_at)
+        WHERE state IN ('succeeded', 'cancelled', 'dead');",
 ];
 
 /// Brings the schema to the latest version; refuses a newer one.

@@ -22,8 +22,20 @@ use crate::job::{
     push_running_attempt, Attempt, Claimed, ClaimedRow, JobId, JobInfo, JobState, JobSummary, Lease, NewJob,
     Stats,
 };
+use crate::retention::retention_methods;
 use crate::scheduler::schedule_methods;
 use crate::{Error, Store};
+
+/// A pruning batch needs no row locks: `BEGIN IMMEDIATE` holds the store's
+/// one write lock.
+macro_rules! skip_locked {
+    () => {
+        ""
+    };
+}
+
+/// The store's size: the database file's pages.
+const STORE_BYTES: &str = "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()";
 
 /// `BEGIN IMMEDIATE` already holds SQLite's one write lock: rows need no
 /// lock of their own (and SQLite has no `FOR UPDATE`).
@@ -184,6 +196,7 @@ impl Store for SqliteStore {
     store_methods!();
 
     schedule_methods!();
+    retention_methods!();
 
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, Error> {
         if jobs.is_empty() {
