@@ -57,12 +57,16 @@ fn the_demo_enqueues_jobs_runs_them_inside_the_server_and_shows_progress() {
     assert!(running["attempts"][0]["consumer"].as_str().unwrap().starts_with("consumer-"), "{running}");
     let done = wait_for_job(&demo, id, Duration::from_secs(15), |j| j["state"] == "succeeded");
     assert_eq!(done["attempts"][0]["outcome"], "succeeded", "{done}");
+    // What the handler returned is stored with the job.
+    assert_eq!(done["result"], serde_json::json!({"slept_ms": 3000}), "{done}");
+    assert_eq!(running["result"], Value::Null, "{running}");
 
     // A failing job retries with backoff and then succeeds; every attempt is kept.
     let flaky = enqueue(&demo, "fail", r#"{"times": 1}"#);
     let done = wait_for_job(&demo, flaky, Duration::from_secs(20), |j| j["state"] == "succeeded");
     assert_eq!(done["attempts"].as_array().unwrap().len(), 2, "{done}");
     assert!(done["attempts"][0]["error"].as_str().unwrap().contains("failing on purpose"), "{done}");
+    assert_eq!(done["result"], serde_json::json!({"succeeded_at_attempt": 2}), "{done}");
 
     // Bad input: a JSON error naming the problem, and nothing stored.
     let cases = [

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::job::{Claimed, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
+use crate::job::{Claimed, Done, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
 use crate::{
     Error, PgStore, Retention, Schedule, ScheduleInfo, ScheduleLook, SqliteStore, Store, TableSizes,
 };
@@ -78,7 +78,7 @@ impl Store for AnyStore {
         delegate!(self, s => s.progress(lease, percent, message))
     }
 
-    async fn complete_many(&self, done: &[Lease]) -> Result<Vec<Lease>, Error> {
+    async fn complete_many(&self, done: &[Done]) -> Result<Vec<Lease>, Error> {
         delegate!(self, s => s.complete_many(done))
     }
 

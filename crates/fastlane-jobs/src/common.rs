@@ -165,7 +165,8 @@ macro_rules! store_methods {
         async fn get(&self, id: JobId) -> Result<JobInfo, Error> {
             let row = sqlx::query(
                 "SELECT id, name, queue, state, payload, priority, attempt, max_attempts, run_at, progress, \
-                 progress_message, last_error, worker, started_at, request_id, unique_key FROM fastlane_jobs WHERE id = $1"
+                 progress_message, last_error, worker, started_at, request_id, unique_key, result FROM fastlane_jobs \
+                 WHERE id = $1"
             )
             .bind(id)
             .fetch_optional(&self.pool)
@@ -208,6 +209,9 @@ macro_rules! store_methods {
                 last_error: row.get("last_error"),
                 request_id: row.get("request_id"),
                 unique_key: row.get("unique_key"),
+                result: row
+                    .get::<Option<String>, _>("result")
+                    .map(|text| serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))),
                 attempts,
             })
         }

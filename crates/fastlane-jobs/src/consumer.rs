@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
-use crate::job::{Claimed, JobId, JobState, Lease};
+use crate::job::{Claimed, Done, JobId, JobState, Lease};
 use crate::registry::{BoxFuture, JobContext, JobError, ProgressSink, Registry, StoreProgress};
 use crate::retention::{Pruning, Retention};
 use crate::Store;
@@ -282,7 +282,7 @@ struct AttemptEnv<S: Store> {
     lease: Duration,
     stats: Arc<ConsumerStats>,
     /// Where successes go, to be written in batches.
-    done: mpsc::Sender<Lease>,
+    done: mpsc::Sender<Done>,
     /// Where handlers' progress reports go.
     progress: Arc<dyn ProgressSink>,
 }
@@ -398,7 +398,7 @@ impl<S: Store> Fetcher<S> {
 /// Writes successes in batches: whatever has finished since the last write,
 /// up to [`COMPLETE_BATCH`], in one transaction. Ends when every sender is
 /// gone and everything sent is written.
-async fn complete_in_batches<S: Store>(store: S, mut done: mpsc::Receiver<Lease>, stats: Arc<ConsumerStats>) {
+async fn complete_in_batches<S: Store>(store: S, mut done: mpsc::Receiver<Done>, stats: Arc<ConsumerStats>) {
     let mut batch = Vec::with_capacity(COMPLETE_BATCH);
     while done.recv_many(&mut batch, COMPLETE_BATCH).await > 0 {
         let mut tries = 0u32;
@@ -448,7 +448,7 @@ async fn run_one<S: Store>(env: &AttemptEnv<S>, mut job: Claimed, cancelled: Arc
     let cancelled_flag = cancelled.clone();
     let progress = progress.clone();
     let ctx = JobContext::new(job.id, job.attempt, job.token, cancelled.clone(), progress);
-    let outcome: Result<(), JobError> = match registry.handler(&job.name) {
+    let outcome: Result<Option<serde_json::Value>, JobError> = match registry.handler(&job.name) {
         None => Err(JobError::Permanent(format!("no handler for job `{}` on this consumer", job.name))),
         Some(handler) => match handler(std::mem::take(&mut job.payload), ctx) {
             Err(bad_payload) => {
@@ -464,22 +464,22 @@ async fn run_one<S: Store>(env: &AttemptEnv<S>, mut job: Claimed, cancelled: Arc
             }
         },
     };
-    let written = match &outcome {
+    let written = match outcome {
         // The job was cancelled while it ran and the handler gave up.
         Err(_) if cancelled_flag.load(Ordering::Relaxed) => store.cancelled(job.lease()).await.map(|()| 0),
-        Ok(()) => {
+        Ok(result) => {
             // Written by the completer, with others; counted there.
-            if done.send(job.lease()).await.is_err() {
+            if done.send(Done { lease: job.lease(), result }).await.is_err() {
                 tracing::warn!("job {}: the consumer stopped before its success was recorded", job.id);
             }
             Ok(0)
         }
-        Err(JobError::Retry(e)) => store.fail(job.lease(), e, true).await.map(|state| {
-            log_failure(&job, e, true, state);
+        Err(JobError::Retry(e)) => store.fail(job.lease(), &e, true).await.map(|state| {
+            log_failure(&job, &e, true, state);
             stats.failed.fetch_add(1, Ordering::Relaxed)
         }),
-        Err(JobError::Permanent(e)) => store.fail(job.lease(), e, false).await.map(|state| {
-            log_failure(&job, e, false, state);
+        Err(JobError::Permanent(e)) => store.fail(job.lease(), &e, false).await.map(|state| {
+            log_failure(&job, &e, false, state);
             stats.failed.fetch_add(1, Ordering::Relaxed)
         }),
     };
@@ -533,7 +533,10 @@ async fn heartbeat<S: Store>(store: S, held: Lease, lease: Duration, cancelled: 
 }
 
 /// Runs the handler with its timeout; a panic is a (retryable) failure.
-async fn futures_catch(future: BoxFuture, timeout: Option<Duration>) -> Result<(), JobError> {
+async fn futures_catch(
+    future: BoxFuture,
+    timeout: Option<Duration>,
+) -> Result<Option<serde_json::Value>, JobError> {
     let caught = CatchPanic(future);
     match timeout {
         Some(t) => tokio::time::timeout(t, caught)
@@ -548,7 +551,7 @@ async fn futures_catch(future: BoxFuture, timeout: Option<Duration>) -> Result<(
 struct CatchPanic(BoxFuture);
 
 impl Future for CatchPanic {
-    type Output = Result<(), JobError>;
+    type Output = Result<Option<serde_json::Value>, JobError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
         let future = &mut self.0;

@@ -39,6 +39,27 @@ pub enum Error {
     /// Bad input to an enqueue call; the message names the field.
     #[error("invalid job: {0}")]
     Invalid(String),
+    /// A job whose result was awaited ended without one: dead (its last
+    /// error) or cancelled.
+    #[error("job {job} ended {state} without a result{}", error.as_deref().map(|e| format!(": {e}")).unwrap_or_default())]
+    Unsuccessful {
+        /// The job.
+        job: i64,
+        /// How it ended.
+        state: crate::JobState,
+        /// Its last error, if any.
+        error: Option<String>,
+    },
+    /// A job whose result was awaited had not ended when the wait did.
+    #[error("job {job} had not finished after {:.1} s (it is {state})", waited.as_secs_f64())]
+    NotFinished {
+        /// The job.
+        job: i64,
+        /// Where it was when the wait ended.
+        state: crate::JobState,
+        /// How long it was awaited.
+        waited: std::time::Duration,
+    },
     /// Any other database error.
     #[error("job store error")]
     Database(#[from] sqlx::Error),
@@ -59,6 +80,9 @@ impl From<Error> for fastlane::ApiError {
         use axum::http::StatusCode;
         let status = match &err {
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            // The job's own outcome, not the request's: the caller asked for
+            // a result that does not exist (yet).
+            Error::Unsuccessful { .. } | Error::NotFinished { .. } => StatusCode::CONFLICT,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Duplicate(_) | Error::Fenced { .. } => StatusCode::CONFLICT,
             Error::Locked(_) | Error::Database(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -181,6 +181,29 @@ impl<S: Store> Jobs<S> {
         self.store.get(id).await
     }
 
+    /// Waits up to `limit` for job `id` to end, and reads what its handler
+    /// returned into `R` (`serde_json::Value` takes anything). A job that
+    /// ended dead or cancelled is [`Error::Unsuccessful`] with its last
+    /// error; one still pending or running when the wait ends is
+    /// [`Error::NotFinished`]. See [`wait_for_result`].
+    ///
+    /// ```no_run
+    /// # async fn f(jobs: fastlane_jobs::Jobs) -> Result<(), fastlane_jobs::Error> {
+    /// use fastlane_jobs::NewJob;
+    /// let id = jobs.enqueue(NewJob::new("thumbnail", serde_json::json!({"image": 7}))).await?;
+    /// let url: String = jobs.result(id, std::time::Duration::from_secs(30)).await?;
+    /// # let _ = url;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn result<R: serde::de::DeserializeOwned>(
+        &self,
+        id: JobId,
+        limit: Duration,
+    ) -> Result<R, Error> {
+        wait_for_result(&self.store, id, limit).await
+    }
+
     /// The store, for everything else.
     pub fn store(&self) -> &S {
         &self.store
@@ -195,5 +218,49 @@ impl<S: Store> Jobs<S> {
     /// with [`Server::jobs`](fastlane::Server::jobs).
     pub fn consumer(&self) -> Consumer<S> {
         Consumer::new(self.store.clone(), self.registry.clone())
+    }
+}
+
+/// How often [`wait_for_result`] looks at first; it looks less often the
+/// longer it waits, up to [`WAIT_POLL_MAX`].
+const WAIT_POLL_MIN: Duration = Duration::from_millis(10);
+/// The longest pause between two looks of [`wait_for_result`].
+const WAIT_POLL_MAX: Duration = Duration::from_millis(500);
+
+/// Waits up to `limit` for job `id` to end, and reads its result into `R`.
+///
+/// It reads the job's row, every 10 ms at first and less often as the wait
+/// goes on (up to every 500 ms): a result is seen within a few
+/// milliseconds of a quick job's end, and a long wait costs a read or two
+/// a second, not a connection held open. Works the same on both stores and
+/// across processes (the job may run on any consumer).
+pub async fn wait_for_result<S: Store, R: serde::de::DeserializeOwned>(
+    store: &S,
+    id: JobId,
+    limit: Duration,
+) -> Result<R, Error> {
+    use crate::JobState;
+    let started = tokio::time::Instant::now();
+    let mut pause = WAIT_POLL_MIN;
+    loop {
+        let job = store.get(id).await?;
+        match job.state {
+            JobState::Succeeded => {
+                let value = job.result.unwrap_or(serde_json::Value::Null);
+                return serde_json::from_value(value).map_err(|err| {
+                    Error::Invalid(format!("the result of job {id} does not fit the type asked for: {err}"))
+                });
+            }
+            JobState::Dead | JobState::Cancelled => {
+                return Err(Error::Unsuccessful { job: id, state: job.state, error: job.last_error });
+            }
+            state if started.elapsed() >= limit => {
+                return Err(Error::NotFinished { job: id, state, waited: started.elapsed() });
+            }
+            _ => {}
+        }
+        let left = limit.saturating_sub(started.elapsed());
+        tokio::time::sleep(pause.min(left)).await;
+        pause = (pause * 2).min(WAIT_POLL_MAX);
     }
 }

@@ -27,6 +27,23 @@ pub struct Lease {
     pub token: i64,
 }
 
+/// A successful attempt to record: its lease and the handler's return
+/// value (JSON; `None` for a handler that returns nothing, `()`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Done {
+    /// The attempt.
+    pub lease: Lease,
+    /// What the handler returned.
+    pub result: Option<serde_json::Value>,
+}
+
+impl From<Lease> for Done {
+    /// A success with no result.
+    fn from(lease: Lease) -> Self {
+        Self { lease, result: None }
+    }
+}
+
 /// Where a job is in its life.
 #[cfg_attr(feature = "openapi", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -267,9 +284,16 @@ pub(crate) fn batch_rows(jobs: &[NewJob], now: i64) -> Result<(String, Vec<&str>
 }
 
 /// `[{"id": .., "token": ..}, ..]`: the attempts of a batch completion.
-pub(crate) fn done_rows(done: &[Lease]) -> String {
-    let rows: Vec<serde_json::Value> =
-        done.iter().map(|lease| serde_json::json!({"id": lease.job, "token": lease.token})).collect();
+pub(crate) fn done_rows(done: &[Done]) -> String {
+    // The result goes as JSON text in a string: both stores read it back
+    // with `->>` and store it as it is.
+    let rows: Vec<serde_json::Value> = done
+        .iter()
+        .map(|d| {
+            let result = d.result.as_ref().map(serde_json::Value::to_string);
+            serde_json::json!({"id": d.lease.job, "token": d.lease.token, "result": result})
+        })
+        .collect();
     serde_json::Value::Array(rows).to_string()
 }
 
@@ -281,9 +305,9 @@ pub(crate) fn in_batch_order(mut ids: Vec<JobId>) -> Vec<JobId> {
 }
 
 /// The attempts of `done` whose job is not among `recorded`: fenced.
-pub(crate) fn fenced_among(done: &[Lease], recorded: Vec<JobId>) -> Vec<Lease> {
+pub(crate) fn fenced_among(done: &[Done], recorded: Vec<JobId>) -> Vec<Lease> {
     let recorded: std::collections::HashSet<JobId> = recorded.into_iter().collect();
-    done.iter().filter(|lease| !recorded.contains(&lease.job)).copied().collect()
+    done.iter().map(|d| d.lease).filter(|lease| !recorded.contains(&lease.job)).collect()
 }
 
 /// Adds the running attempt, which is recorded only when it ends, to a
@@ -413,6 +437,9 @@ pub struct JobInfo {
     pub request_id: Option<String>,
     /// Its unique key, if it has one (a schedule's job: `schedule:<name>:<tick ms>`).
     pub unique_key: Option<String>,
+    /// What its handler returned when it succeeded (JSON); `null` while it
+    /// has not, or for a handler that returns nothing.
+    pub result: Option<serde_json::Value>,
     /// Every attempt.
     pub attempts: Vec<Attempt>,
 }

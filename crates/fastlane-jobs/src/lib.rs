@@ -64,8 +64,8 @@ pub use consumer::{
     run as run_consumer, run_with_stats as run_consumer_with_stats, ConsumerConfig, ConsumerStats,
 };
 pub use error::Error;
-pub use in_server::{Consumer, Jobs};
-pub use job::{backoff, Attempt, Claimed, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
+pub use in_server::{wait_for_result, Consumer, Jobs};
+pub use job::{backoff, Attempt, Claimed, Done, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
 pub use postgres::{enqueue_in_tx, enqueue_many_in_tx, PgStore};
 pub use registry::{enqueue_checked, JobContext, JobError, Registry};
 pub use retention::{Retention, TableSizes};

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use crate::job::{JobId, Lease, NewJob};
 use crate::{Error, Schedule, Store};
@@ -92,8 +93,9 @@ impl JobContext {
     }
 }
 
-/// A handler's attempt, started.
-pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = Result<(), JobError>> + Send>>;
+/// A handler's attempt, started; on success, what it returned as JSON
+/// (`None` for nothing: `()`).
+pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = Result<Option<serde_json::Value>, JobError>> + Send>>;
 /// Checks a payload against a job type's payload type.
 type Validator = Arc<dyn Fn(&serde_json::Value) -> Result<(), String> + Send + Sync>;
 /// A job type's handler: reads the payload and starts the attempt.
@@ -126,11 +128,16 @@ impl Registry {
     }
 
     /// Registers an async handler for jobs named `name` with payload `P`.
-    pub fn register<P, F, Fut>(mut self, name: &str, handler: F) -> Self
+    /// What it returns on success (any `Serialize` type; `()` for nothing)
+    /// is stored with the job as JSON, and read back with
+    /// [`Jobs::result`](crate::Jobs::result), `GET /jobs/{id}` or
+    /// `fastlane jobs show`.
+    pub fn register<P, R, F, Fut>(mut self, name: &str, handler: F) -> Self
     where
         P: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
         F: Fn(P, JobContext) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), JobError>> + Send + 'static,
+        Fut: Future<Output = Result<R, JobError>> + Send + 'static,
     {
         let handler = Arc::new(handler);
         self.handlers.insert(
@@ -138,7 +145,8 @@ impl Registry {
             Arc::new(move |payload, ctx| {
                 let payload: P = serde_json::from_value(payload).map_err(|e| e.to_string())?;
                 let handler = handler.clone();
-                Ok(Box::pin(async move { handler(payload, ctx).await }) as BoxFuture)
+                Ok(Box::pin(async move { handler(payload, ctx).await.and_then(|r| to_result(&r)) })
+                    as BoxFuture)
             }),
         );
         self.validators.insert(
@@ -152,11 +160,13 @@ impl Registry {
         self
     }
 
-    /// Registers a blocking handler, run on fastlane's blocking lane.
-    pub fn register_blocking<P, F>(self, name: &str, handler: F) -> Self
+    /// Registers a blocking handler, run on fastlane's blocking lane; its
+    /// result is stored as [`register`](Self::register)'s.
+    pub fn register_blocking<P, R, F>(self, name: &str, handler: F) -> Self
     where
         P: DeserializeOwned + Send + 'static,
-        F: Fn(P, JobContext) -> Result<(), JobError> + Clone + Send + Sync + 'static,
+        R: Serialize + Send + 'static,
+        F: Fn(P, JobContext) -> Result<R, JobError> + Clone + Send + Sync + 'static,
     {
         self.register(name, move |payload: P, ctx: JobContext| {
             let handler = handler.clone();
@@ -164,11 +174,13 @@ impl Registry {
         })
     }
 
-    /// Registers a CPU-heavy handler, run on fastlane's CPU lane.
-    pub fn register_cpu<P, F>(self, name: &str, handler: F) -> Self
+    /// Registers a CPU-heavy handler, run on fastlane's CPU lane; its result
+    /// is stored as [`register`](Self::register)'s.
+    pub fn register_cpu<P, R, F>(self, name: &str, handler: F) -> Self
     where
         P: DeserializeOwned + Send + 'static,
-        F: Fn(P, JobContext) -> Result<(), JobError> + Clone + Send + Sync + 'static,
+        R: Serialize + Send + 'static,
+        F: Fn(P, JobContext) -> Result<R, JobError> + Clone + Send + Sync + 'static,
     {
         self.register(name, move |payload: P, ctx: JobContext| {
             let handler = handler.clone();
@@ -248,8 +260,19 @@ fn payload_error<P: DeserializeOwned>(payload: &serde_json::Value, err: serde_js
 }
 
 /// A lane that is full, shutting down, or whose work panicked: try again.
-fn lane_outcome(result: Result<Result<(), JobError>, fastlane::LaneError>) -> Result<(), JobError> {
+fn lane_outcome<R>(result: Result<Result<R, JobError>, fastlane::LaneError>) -> Result<R, JobError> {
     result.unwrap_or_else(|err| Err(JobError::Retry(err.to_string())))
+}
+
+/// A handler's return value as stored: JSON, `None` for nothing (`()`). A
+/// value JSON cannot hold (a map with non-string keys) fails the job for
+/// good, naming why: retrying would fail the same way.
+fn to_result<R: Serialize>(value: &R) -> Result<Option<serde_json::Value>, JobError> {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::Null) => Ok(None),
+        Ok(value) => Ok(Some(value)),
+        Err(err) => Err(JobError::Permanent(format!("its result cannot be stored as JSON: {err}"))),
+    }
 }
 
 /// Enqueues through a registry, so that unknown names and bad payloads are

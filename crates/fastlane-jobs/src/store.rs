@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::job::{Claimed, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
+use crate::job::{Claimed, Done, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
 use crate::{Error, Retention, Schedule, ScheduleInfo, ScheduleLook, TableSizes};
 
 /// A durable job store. Every operation is atomic; every write of a running
@@ -87,17 +87,17 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// The attempt succeeded.
     fn complete(&self, lease: Lease) -> impl Future<Output = Result<(), Error>> + Send {
         async move {
-            match self.complete_many(&[lease]).await?.as_slice() {
+            match self.complete_many(&[lease.into()]).await?.as_slice() {
                 [] => Ok(()),
                 _ => Err(Error::Fenced { job: lease.job, token: lease.token }),
             }
         }
     }
 
-    /// Many attempts succeeded: recorded in one transaction.
-    /// Returns the ones that were fenced (another attempt owns the job, or it
-    /// is no longer running); the others are recorded.
-    fn complete_many(&self, done: &[Lease]) -> impl Future<Output = Result<Vec<Lease>, Error>> + Send;
+    /// Many attempts succeeded: recorded in one transaction, each with its
+    /// handler's result. Returns the ones that were fenced (another attempt
+    /// owns the job, or it is no longer running); the others are recorded.
+    fn complete_many(&self, done: &[Done]) -> impl Future<Output = Result<Vec<Lease>, Error>> + Send;
 
     /// The attempt failed: `retrying` (with backoff) if `retryable` and
     /// attempts are left, else `dead`. Returns the new state.

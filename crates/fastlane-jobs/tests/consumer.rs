@@ -66,12 +66,17 @@ fn registry() -> Registry {
                 Ok(())
             }
         })
-        .register("panic", |_: serde_json::Value, _ctx: JobContext| async { panic!("job bug") })
+        .register("panic", |_: serde_json::Value, _ctx: JobContext| async {
+            // A handler that only panics names the result type it never returns.
+            panic!("job bug");
+            #[allow(unreachable_code)]
+            Ok(())
+        })
         .register("until_cancelled", |_: serde_json::Value, ctx: JobContext| async move {
             while !ctx.is_cancelled() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Err(JobError::Permanent("cancelled".into()))
+            Err::<(), _>(JobError::Permanent("cancelled".into()))
         })
         .register_blocking("blocking", |_: serde_json::Value, _ctx: JobContext| {
             match std::thread::current().name() {
@@ -372,4 +377,60 @@ async fn a_consumer_prunes_finished_jobs_past_their_retention() {
     assert_eq!((sizes.jobs, sizes.attempts), (0, 0), "{sizes:?}");
     assert!(stats.store_bytes.load(Ordering::Relaxed) > 0);
     assert!(slowest < Duration::from_secs(1), "an enqueue waited {slowest:?} while the pruner ran");
+}
+
+/// What handlers return is stored and awaited: an async handler's struct,
+/// a blocking one's number; a dead job says why it has no result; a wait
+/// that ends first says where the job is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_are_stored_and_awaited() {
+    #[derive(serde::Serialize, Deserialize, Debug, PartialEq)]
+    struct Thumb {
+        url: String,
+        bytes: u32,
+    }
+    let (store, _dir) = store().await;
+    let registry = registry()
+        .register("thumb", |n: u32, _ctx: JobContext| async move {
+            Ok(Thumb { url: format!("/thumbs/{n}.png"), bytes: n * 100 })
+        })
+        .register_blocking("square", |n: u64, _ctx: JobContext| Ok(n * n));
+    let jobs = fastlane_jobs::Jobs::new(store.clone(), registry.clone());
+    let (stop, shutdown) = watch::channel(false);
+    let consumer = tokio::spawn(run_consumer(
+        store.clone(),
+        registry,
+        ConsumerConfig::default(),
+        shutdown,
+        Duration::from_secs(5),
+    ));
+    let wait = Duration::from_secs(10);
+    let thumb = jobs.enqueue(NewJob::new("thumb", json!(7))).await.unwrap();
+    let square = jobs.enqueue(NewJob::new("square", json!(12))).await.unwrap();
+    let dead = jobs.enqueue(NewJob::new("fail", json!({"times": 5})).max_attempts(1)).await.unwrap();
+    let slow = jobs.enqueue(NewJob::new("sleep", json!({"ms": 3000}))).await.unwrap();
+    assert_eq!(
+        jobs.result::<Thumb>(thumb, wait).await.unwrap(),
+        Thumb { url: "/thumbs/7.png".into(), bytes: 700 }
+    );
+    assert_eq!(jobs.result::<u64>(square, wait).await.unwrap(), 144);
+    match jobs.result::<serde_json::Value>(dead, wait).await {
+        Err(Error::Unsuccessful { state: JobState::Dead, error: Some(error), .. }) => {
+            assert!(error.contains("failing attempt 1"), "{error}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let started = Instant::now();
+    match jobs.result::<()>(slow, Duration::from_millis(300)).await {
+        Err(err @ Error::NotFinished { .. }) => {
+            assert!(err.to_string().contains("had not finished after 0.3 s"), "{err}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // A result of the wrong type is an error naming the job.
+    let err = jobs.result::<Thumb>(square, wait).await.unwrap_err().to_string();
+    assert!(err.contains(&format!("the result of job {square} does not fit")), "{err}");
+    stop.send_replace(true);
+    consumer.await.unwrap();
 }

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use fastlane_jobs::{Error, JobState, Lease, NewJob, PgStore, Retention, SqliteStore, Store};
+use fastlane_jobs::{Done, Error, JobState, Lease, NewJob, PgStore, Retention, SqliteStore, Store};
 use serde_json::json;
 
 const LEASE: Duration = Duration::from_secs(15);
@@ -85,8 +85,12 @@ mod suite {
         );
         // A batch completion records the owners and names the fenced.
         let zombie = Lease { job: claimed[2].id, token: claimed[2].token + 7 };
-        let done: Vec<Lease> =
-            claimed.iter().filter(|j| j.id != zombie.job).map(|j| j.lease()).chain([zombie]).collect();
+        let done: Vec<Done> = claimed
+            .iter()
+            .filter(|j| j.id != zombie.job)
+            .map(|j| j.lease().into())
+            .chain([zombie.into()])
+            .collect();
         assert_eq!(store.complete_many(&done).await.unwrap(), [zombie]);
         assert_eq!(store.stats().await.unwrap()[&JobState::Succeeded], 99);
         let info = store.get(claimed[1].id).await.unwrap();
@@ -281,8 +285,8 @@ mod suite {
             if claimed.is_empty() {
                 return;
             }
-            let leases: Vec<Lease> = claimed.iter().map(|job| job.lease()).collect();
-            assert!(store.complete_many(&leases).await.unwrap().is_empty());
+            let done: Vec<Done> = claimed.iter().map(|job| job.lease().into()).collect();
+            assert!(store.complete_many(&done).await.unwrap().is_empty());
         }
     }
 
@@ -349,6 +353,38 @@ mod suite {
         assert_eq!(batches, [1000, 1000, 500, 0]);
         assert!(matches!(store.get(ids[0]).await, Err(Error::NotFound(_))));
         assert_eq!(store.table_sizes().await.unwrap().jobs, 3, "the three jobs enqueued between batches");
+    }
+
+    pub(crate) async fn a_success_is_stored_with_its_result<S: Store>(store: &S) {
+        let ids = store
+            .enqueue_many(vec![
+                NewJob::new("a", json!(null)),
+                NewJob::new("b", json!(null)),
+                NewJob::new("c", json!(null)),
+            ])
+            .await
+            .unwrap();
+        let claimed = store.claim_many("default", "w", LEASE, 3).await.unwrap();
+        let value =
+            json!({"url": "https://example.com/7.png", "sizes": [64, 128], "note": "quote \" and ünïcode"});
+        let done = [
+            Done { lease: claimed[0].lease(), result: Some(value.clone()) },
+            Done { lease: claimed[1].lease(), result: None },
+            // A zombie's result is fenced off with its success.
+            Done {
+                lease: Lease { job: claimed[2].id, token: claimed[2].token + 1 },
+                result: Some(json!("stale")),
+            },
+        ];
+        assert_eq!(store.complete_many(&done).await.unwrap().len(), 1);
+        assert_eq!(store.get(ids[0]).await.unwrap().result, Some(value));
+        assert_eq!(store.get(ids[1]).await.unwrap().result, None);
+        let zombie = store.get(ids[2]).await.unwrap();
+        assert_eq!((zombie.state, zombie.result), (JobState::Running, None));
+        // Read back the same across processes: `wait_for_result` polls the row.
+        let read: serde_json::Value =
+            fastlane_jobs::wait_for_result(store, ids[0], Duration::from_secs(1)).await.unwrap();
+        assert_eq!(read["sizes"], json!([64, 128]));
     }
 
     pub(crate) async fn stats_name_every_state<S: Store>(store: &S) {
@@ -453,7 +489,8 @@ conformance!(
     a_released_job_is_available_at_once_without_losing_an_attempt,
     stats_name_every_state,
     finished_jobs_are_pruned_after_their_retention_with_their_attempts,
-    pruning_goes_in_bounded_batches
+    pruning_goes_in_bounded_batches,
+    a_success_is_stored_with_its_result
 );
 
 /// A job enqueued in the application's own transaction exists if and only if

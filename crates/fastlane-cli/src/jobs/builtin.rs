@@ -18,8 +18,9 @@ struct FailPayload {
 }
 
 /// The built-in demo job types: `noop`; `sleep` (`{"ms": N}`, an async
-/// sleep in ten steps, reporting progress after each); `fail`
-/// (`{"times": N}`: fails N attempts, then succeeds).
+/// sleep in ten steps, reporting progress after each; its result is
+/// `{"slept_ms": N}`); `fail` (`{"times": N}`: fails N attempts, then
+/// succeeds with `{"succeeded_at_attempt": N + 1}`).
 pub fn demo_registry() -> Registry {
     Registry::new()
         .register("noop", |_: serde_json::Value, _ctx: JobContext| async { Ok(()) })
@@ -39,7 +40,8 @@ pub fn demo_registry() -> Registry {
                     );
                 }
             }
-            Ok(())
+            // The result stored with the job (`GET /jobs/{id}`, `jobs show`).
+            Ok(serde_json::json!({ "slept_ms": total.as_millis() as u64 }))
         })
         .register("fail", |p: FailPayload, ctx: JobContext| async move {
             if ctx.attempt <= p.times {
@@ -48,7 +50,7 @@ pub fn demo_registry() -> Registry {
                     ctx.attempt, p.times
                 )))
             } else {
-                Ok(())
+                Ok(serde_json::json!({ "succeeded_at_attempt": ctx.attempt }))
             }
         })
 }

@@ -18,8 +18,8 @@ use tokio::sync::Notify;
 use crate::common::{finish_method, record_attempts_sql, store_methods};
 use crate::job::{
     after_failure, batch_rows, claimed_in_order, done_rows, fenced_among, in_batch_order, ms_after, now_ms,
-    push_running_attempt, Attempt, Claimed, ClaimedRow, JobId, JobInfo, JobState, JobSummary, Lease, NewJob,
-    Stats,
+    push_running_attempt, Attempt, Claimed, ClaimedRow, Done, JobId, JobInfo, JobState, JobSummary, Lease,
+    NewJob, Stats,
 };
 use crate::retention::retention_methods;
 use crate::scheduler::schedule_methods;
@@ -231,7 +231,7 @@ impl Store for PgStore {
         Some(self.wake.notify.clone())
     }
 
-    async fn complete_many(&self, done: &[Lease]) -> Result<Vec<Lease>, Error> {
+    async fn complete_many(&self, done: &[Done]) -> Result<Vec<Lease>, Error> {
         if done.is_empty() {
             return Ok(Vec::new());
         }
@@ -240,8 +240,9 @@ impl Store for PgStore {
         // recorded; a zombie's late completion changes nothing. One
         // statement: the job rows and their attempt records change together.
         let recorded: Vec<i64> = sqlx::query_scalar(concat!(
-            "WITH done AS (UPDATE fastlane_jobs j SET state = 'succeeded', lease_until = NULL, finished_at = $1 \
-               FROM jsonb_to_recordset($2::jsonb) AS d(id BIGINT, token BIGINT) \
+            "WITH done AS (UPDATE fastlane_jobs j SET state = 'succeeded', lease_until = NULL, finished_at = $1, \
+               result = d.result \
+               FROM jsonb_to_recordset($2::jsonb) AS d(id BIGINT, token BIGINT, result TEXT) \
                WHERE j.id = d.id AND j.token = d.token AND j.state = 'running' \
                RETURNING j.id, j.attempt, j.worker, j.started_at) ",
             record_attempts_sql!(

@@ -19,8 +19,8 @@ use tokio::sync::Notify;
 use crate::common::{finish_method, record_attempts_sql, store_methods};
 use crate::job::{
     after_failure, batch_rows, claimed_in_order, done_rows, fenced_among, in_batch_order, ms_after, now_ms,
-    push_running_attempt, Attempt, Claimed, ClaimedRow, JobId, JobInfo, JobState, JobSummary, Lease, NewJob,
-    Stats,
+    push_running_attempt, Attempt, Claimed, ClaimedRow, Done, JobId, JobInfo, JobState, JobSummary, Lease,
+    NewJob, Stats,
 };
 use crate::retention::retention_methods;
 use crate::scheduler::schedule_methods;
@@ -286,7 +286,7 @@ impl Store for SqliteStore {
         Some(self.wake.clone())
     }
 
-    async fn complete_many(&self, done: &[Lease]) -> Result<Vec<Lease>, Error> {
+    async fn complete_many(&self, done: &[Done]) -> Result<Vec<Lease>, Error> {
         if done.is_empty() {
             return Ok(Vec::new());
         }
@@ -295,9 +295,11 @@ impl Store for SqliteStore {
         // The fencing check: only attempts holding the current token are
         // recorded; a zombie's late completion changes nothing.
         let recorded: Vec<i64> = sqlx::query_scalar(
-            "UPDATE fastlane_jobs SET state = 'succeeded', lease_until = NULL, finished_at = ?1 \
-             WHERE state = 'running' AND (id, token) IN \
-             (SELECT value ->> 'id', value ->> 'token' FROM json_each(?2)) RETURNING id",
+            "UPDATE fastlane_jobs SET state = 'succeeded', lease_until = NULL, finished_at = ?1, result = d.result \
+             FROM (SELECT value ->> 'id' AS id, value ->> 'token' AS token, value ->> 'result' AS result \
+             FROM json_each(?2)) AS d \
+             WHERE fastlane_jobs.id = d.id AND fastlane_jobs.token = d.token AND fastlane_jobs.state = 'running' \
+             RETURNING fastlane_jobs.id",
         )
         .bind(now)
         .bind(done_rows(done))

@@ -76,6 +76,8 @@ const MIGRATIONS: &[&str] = &[
     // index finds them without a scan of the jobs still to run.
     "CREATE INDEX fastlane_jobs_finished ON fastlane_jobs (finished_at)
         WHERE state IN ('succeeded', 'cancelled', 'dead');",
+    // 7: what a succeeded job's handler returned (JSON text).
+    "ALTER TABLE fastlane_jobs ADD COLUMN result TEXT;",
 ];
 
 /// Brings the schema to the latest version; refuses a database that holds
