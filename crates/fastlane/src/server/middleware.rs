@@ -354,16 +354,26 @@ fn answered(request: &RequestState, status: u16, elapsed: std::time::Duration, e
                 .to_owned()
         }
     };
-    tracing::info!(
-        target: "fastlane::request",
-        client = request.client.map(|ip| tracing::field::display(Client(ip))),
-        request_id = %request.request_id,
-        "{} {} {} {}ms{ending}",
-        request.method,
-        request.unmatched_path.as_deref().unwrap_or(&request.route.route),
-        status,
-        Millis(elapsed)
-    );
+    if !tracing::enabled!(target: "fastlane::request", tracing::Level::INFO) {
+        return;
+    }
+    let path = request.unmatched_path.as_deref().unwrap_or(&request.route.route);
+    let client = request.client.map(Client);
+    let line = crate::telemetry::access::AccessLine {
+        message: format_args!("{} {path} {status} {}ms{ending}", request.method, Millis(elapsed)),
+        client: client.as_ref().map(|c| c as &dyn std::fmt::Display),
+        request_id: &request.request_id,
+    };
+    // Straight into the log pipe under `init_logging`; an event otherwise.
+    if !crate::telemetry::access::write(&line) {
+        tracing::info!(
+            target: "fastlane::request",
+            client = client.as_ref().map(tracing::field::display),
+            request_id = %request.request_id,
+            "{}",
+            line.message
+        );
+    }
 }
 
 /// A client's address on the access line: IPv4 written digit by digit (std's

@@ -121,39 +121,9 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
-    use tracing_subscriber::fmt::MakeWriter;
-
+    use super::super::Written;
     use super::*;
     use crate::LogFields;
-
-    /// What a subscriber wrote, for the test to read.
-    #[derive(Clone, Default)]
-    struct Written(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Written {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Written {
-        type Writer = Written;
-        fn make_writer(&'a self) -> Written {
-            self.clone()
-        }
-    }
-
-    impl Written {
-        fn text(&self) -> String {
-            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-        }
-    }
 
     /// Logs the same events under `tracing-subscriber`'s `Full` format with
     /// the span on and under [`TextLine`] with it off; the lines without

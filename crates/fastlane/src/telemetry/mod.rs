@@ -8,6 +8,7 @@
 //! field (the message included) with control characters escaped and its
 //! length bounded.
 
+pub(crate) mod access;
 mod clock;
 mod line;
 mod pipe;
@@ -89,17 +90,24 @@ pub fn init_logging_with(config: &LogConfig) {
         false => filter.add_directive("fastlane::request=off".parse().expect("a valid directive")),
     };
     // Through the pipe: no request waits on a slow or stuck stderr.
-    let builder = tracing_subscriber::fmt().with_writer(pipe::stderr_pipe());
+    let pipe = pipe::stderr_pipe();
+    let builder = tracing_subscriber::fmt().with_writer(pipe);
     let _ = match config.format {
         LogFormat::Text => {
             // The request's span off: `TextLine` writes its id from the thread.
             let directive = format!("{REQUEST_SPAN_TARGET}=off").parse().expect("a valid directive");
-            builder
+            let ansi = std::io::stderr().is_terminal();
+            let installed = builder
                 .with_env_filter(filter.add_directive(directive))
                 .fmt_fields(LogFields::default())
-                .with_ansi(std::io::stderr().is_terminal())
+                .with_ansi(ansi)
                 .event_format(line::TextLine)
-                .try_init()
+                .try_init();
+            if installed.is_ok() {
+                // Ours is the subscriber: access lines can skip `tracing`.
+                access::write_directly(pipe, ansi);
+            }
+            installed
         }
         // Kept on here: log shippers read the id from the span's object.
         LogFormat::Json => builder
@@ -274,6 +282,38 @@ impl fmt::Display for Human {
                 write!(f, "{}m{:02}s", secs / 60, secs % 60)
             }
         }
+    }
+}
+
+/// What a subscriber wrote, kept in memory for the tests of the line
+/// formats (`line.rs`, `access.rs`).
+#[cfg(test)]
+#[derive(Clone, Default)]
+struct Written(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl Written {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+#[cfg(test)]
+impl std::io::Write for Written {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Written {
+    type Writer = Written;
+    fn make_writer(&'a self) -> Written {
+        self.clone()
     }
 }
 
