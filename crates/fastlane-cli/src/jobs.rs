@@ -45,6 +45,12 @@ pub enum JobsCommand {
         /// jobs run again within one lease.
         #[arg(long, default_value_t = 15.0, value_parser = parse_lease)]
         lease_secs: f64,
+        /// A periodic job of a built-in type, as `NAME=JOB@every 30s` (s, m, h, d) or
+        /// `NAME=JOB@cron 0 3 * * * Europe/Paris` (the zone is optional, UTC by default); repeat
+        /// for several. Every consumer given the same schedule enqueues each tick once between
+        /// them.
+        #[arg(long = "schedule", value_name = "NAME=JOB@WHEN", value_parser = parse_schedule)]
+        schedules: Vec<fastlane_jobs::Schedule>,
     },
     /// Enqueue jobs (the name and payload are checked against the built-in types).
     Enqueue {
@@ -167,7 +173,13 @@ fn utc(ms: i64) -> String {
 
 /// How far `ms` is from `now`: `in 2h05m`, `12s ago`.
 fn relative(ms: i64, now: i64) -> String {
-    let span = fastlane::HumanDuration(Duration::from_millis(ms.abs_diff(now)));
+    let gap = Duration::from_millis(ms.abs_diff(now));
+    let secs = gap.as_secs();
+    let span = match secs {
+        0..3600 => fastlane::HumanDuration(gap).to_string(),
+        3600..86_400 => format!("{}h{:02}m", secs / 3600, secs / 60 % 60),
+        _ => format!("{}d{:02}h", secs / 86_400, secs / 3600 % 24),
+    };
     match ms >= now {
         true => format!("in {span}"),
         false => format!("{span} ago"),
@@ -182,7 +194,12 @@ fn chain(err: impl std::error::Error + 'static) -> String {
 async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
     let connect = |url: String| async move { fastlane_jobs::connect(&url).await.map_err(chain) };
     match command {
-        JobsCommand::Work { url, concurrency, queues, grace_period, lease_secs } => {
+        JobsCommand::Work { url, concurrency, queues, grace_period, lease_secs, schedules } => {
+            let mut registry = demo_registry();
+            for schedule in schedules {
+                registry =
+                    registry.schedule(schedule).map_err(|err| format!("--schedule: {}", chain(err)))?;
+            }
             fastlane::init_logging();
             let store = connect(url).await?;
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -199,7 +216,7 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             tracing::info!(consumer = %config.name, "job consumer running (noop, sleep, fail)");
             let stats = fastlane_jobs::run_consumer(
                 store,
-                demo_registry(),
+                registry,
                 config,
                 stop_rx,
                 Duration::from_secs(grace_period),
@@ -378,6 +395,56 @@ fn parse_queue(s: &str) -> Result<(String, Option<usize>), String> {
         return Err("the queue name is empty".into());
     }
     Ok((name.to_owned(), limit))
+}
+
+/// `--schedule NAME=JOB@every 30s` or `NAME=JOB@cron <expression> [zone]`;
+/// the job's payload is `null` (the job type must take it).
+fn parse_schedule(s: &str) -> Result<fastlane_jobs::Schedule, String> {
+    let form = "expected NAME=JOB@every 30s or NAME=JOB@cron 0 3 * * * [Europe/Paris]";
+    let (name, rest) = s.split_once('=').ok_or_else(|| format!("`{s}`: {form}"))?;
+    let (job, when) = rest.split_once('@').ok_or_else(|| format!("`{s}`: {form}"))?;
+    let job = fastlane_jobs::NewJob::new(job.trim(), serde_json::Value::Null);
+    let chain = |err: fastlane_jobs::Error| chain(err);
+    match when.trim().split_once(char::is_whitespace) {
+        Some(("every", interval)) => {
+            let interval = parse_interval(interval.trim()).ok_or_else(|| {
+                format!(
+                    "`{s}`: `{}` is not an interval (a whole number with s, m, h or d: 30s, 5m)",
+                    interval.trim()
+                )
+            })?;
+            fastlane_jobs::Schedule::every(name.trim(), job, interval).map_err(chain)
+        }
+        Some(("cron", expression)) => {
+            let mut fields: Vec<&str> = expression.split_whitespace().collect();
+            // A last field naming a zone (`Europe/Paris`, `UTC`) is the zone.
+            let zone = match fields.last() {
+                Some(last) if last.contains('/') || *last == "UTC" => fields.pop(),
+                _ => None,
+            };
+            let schedule =
+                fastlane_jobs::Schedule::cron(name.trim(), job, &fields.join(" ")).map_err(chain)?;
+            match zone {
+                Some(zone) => schedule.time_zone(zone).map_err(chain),
+                None => Ok(schedule),
+            }
+        }
+        _ => Err(format!("`{s}`: {form}")),
+    }
+}
+
+/// `30s`, `5m`, `2h`, `1d`.
+fn parse_interval(s: &str) -> Option<Duration> {
+    let unit = s.trim_start_matches(|c: char| c.is_ascii_digit());
+    let n: u64 = s[..s.len() - unit.len()].parse().ok()?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    Some(Duration::from_secs(n.checked_mul(secs)?))
 }
 
 /// `--lease-secs`: at least 0.3 s (three heartbeats must fit), at most a day.

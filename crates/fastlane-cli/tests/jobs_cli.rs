@@ -199,3 +199,77 @@ fn schedules_are_listed_with_their_next_tick_and_last_job() {
     assert!(shown["unique_key"].as_str().unwrap().starts_with("schedule:cleanup:"), "{shown}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The jobs a schedule enqueued, by tick (from their unique keys).
+fn jobs_by_tick(url: &str, schedule: &str) -> std::collections::BTreeMap<i64, usize> {
+    use fastlane_jobs::Store as _;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let store = fastlane_jobs::connect(url).await.unwrap();
+        let mut by_tick = std::collections::BTreeMap::new();
+        for job in store.list(None, 10_000).await.unwrap() {
+            let key = store.get(job.id).await.unwrap().unique_key.unwrap_or_default();
+            if let Some(tick) = key.strip_prefix(&format!("schedule:{schedule}:")) {
+                *by_tick.entry(tick.parse::<i64>().unwrap()).or_insert(0) += 1;
+            }
+        }
+        by_tick
+    })
+}
+
+/// Three `jobs work` processes run one 1-second schedule on one store; one
+/// is SIGKILLed half-way. Every tick from the first to the last has exactly
+/// one job: none twice while three schedulers race, none lost when one
+/// dies (nothing to take over: the others go on).
+fn three_scheduler_processes_enqueue_each_tick_once(url: &str) {
+    let start = |_| {
+        Command::new(env!("CARGO_BIN_EXE_fastlane"))
+            .args(["jobs", "work", "--url", url, "--schedule", "pulse=noop@every 1s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start fastlane jobs work")
+    };
+    let mut workers: Vec<_> = (0..3).map(start).collect();
+    std::thread::sleep(Duration::from_secs(6));
+    workers[0].kill().unwrap();
+    workers[0].wait().unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    for worker in &mut workers[1..] {
+        support::send_signal(worker.id(), Signal::TERM);
+        assert!(worker.wait().unwrap().success());
+    }
+    let by_tick = jobs_by_tick(url, "pulse");
+    assert!(by_tick.len() >= 8, "{by_tick:?}");
+    assert!(by_tick.values().all(|n| *n == 1), "a tick enqueued twice: {by_tick:?}");
+    let ticks: Vec<i64> = by_tick.keys().copied().collect();
+    assert!(ticks.windows(2).all(|w| w[1] - w[0] == 1000), "a tick lost: {ticks:?}");
+}
+
+#[test]
+fn three_scheduler_processes_on_one_sqlite_file() {
+    let dir = std::env::temp_dir().join(format!("fastlane-jobs-cli-sched-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    three_scheduler_processes_enqueue_each_tick_once(&format!("sqlite://{}", dir.join("jobs.db").display()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn three_scheduler_processes_on_one_postgres_database() {
+    let Ok(url) = std::env::var("FASTLANE_TEST_PG_URL") else {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped three_scheduler_processes_on_one_postgres_database: FASTLANE_TEST_PG_URL is not set"
+        );
+        return;
+    };
+    // A database of its own, dropped after.
+    let name = format!("fastlane_sched_cli_{}", std::process::id());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let admin = rt.block_on(sqlx::PgPool::connect(&url)).expect("connect to FASTLANE_TEST_PG_URL");
+    rt.block_on(sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin)).unwrap();
+    let (base, _) = url.rsplit_once('/').expect("a database in the URL");
+    three_scheduler_processes_enqueue_each_tick_once(&format!("{base}/{name}"));
+    let _ = rt.block_on(sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)")).execute(&admin));
+}

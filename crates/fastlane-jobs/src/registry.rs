@@ -208,8 +208,13 @@ impl Registry {
     /// # Ok::<(), fastlane_jobs::Error>(())
     /// ```
     pub fn schedule(mut self, schedule: Schedule) -> Result<Self, Error> {
-        self.check(&schedule.job)
-            .map_err(|err| Error::Invalid(format!("schedule `{}`: {err}", schedule.name)))?;
+        self.check(&schedule.job).map_err(|err| {
+            let why = match err {
+                Error::Invalid(why) => why,
+                other => other.to_string(),
+            };
+            Error::Invalid(format!("schedule `{}`: {why}", schedule.name))
+        })?;
         if self.schedules.iter().any(|s| s.name == schedule.name) {
             return Err(Error::Invalid(format!("two schedules are named `{}`", schedule.name)));
         }
