@@ -428,6 +428,10 @@ def check_jobs(found):
             job = json_of(line, out)
             expect(job.get("id") == 1 and job.get("state") == "succeeded" and job.get("attempts"), line, out)
 
+        def retry_dead(line, out):
+            # The README's jobs all succeeded: none is dead.
+            expect(out == "0 dead job(s) of type fail made available again\n", line, out)
+
         def schedules(line, out):
             # The demo job types declare no schedule: the listing says so.
             expect(out.startswith("no schedules"), line, out)
@@ -441,6 +445,7 @@ def check_jobs(found):
             (r"jobs stats .*--json", show_stats),
             (r"jobs show .* 1\b", show),
             (r"jobs schedules ", schedules),
+            (r"jobs retry-dead ", retry_dead),
             (r"jobs bench .*--jobs 50000", bench),
         ]
         for line, check in by_rules(shell_lines(found, "jobs-cli"), rules, "jobs-cli"):

@@ -119,6 +119,15 @@ pub enum JobsCommand {
         /// The job's id.
         id: i64,
     },
+    /// Make every dead job (of one type, with --name) available again, with one more attempt each.
+    RetryDead {
+        /// The job store (the help text is STORE_URL_HELP).
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
+        url: String,
+        /// Only dead jobs of this type.
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Cancel a pending job, or ask a running one to stop.
     Cancel {
         /// The job store (the help text is STORE_URL_HELP).
@@ -340,6 +349,22 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             }
             let state = store.retry(id).await.map_err(chain)?;
             outln!("job {id}: {before} -> {state}");
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::RetryDead { url, name } => {
+            let store = connect(url).await?;
+            // In steps of a thousand, each its own transaction: a store with
+            // a million dead jobs is not locked for the whole of it.
+            let mut total = 0;
+            loop {
+                let n = store.retry_dead(name.as_deref(), 1000).await.map_err(chain)?;
+                total += n;
+                if n < 1000 {
+                    break;
+                }
+            }
+            let of = name.map(|n| format!(" of type {n}")).unwrap_or_default();
+            outln!("{total} dead job(s){of} made available again");
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Cancel { url, id } => {

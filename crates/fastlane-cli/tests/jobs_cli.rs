@@ -127,6 +127,15 @@ fn enqueue_work_and_stats_through_the_cli() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains(&format!("job {id} is available: nothing to retry"))
     );
+    // Every dead job of a type, at once: the one `fail` job that died.
+    let out = fastlane(&["jobs", "retry-dead", "--url", &url, "--name", "fail"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1 dead job(s) of type fail made available again"
+    );
+    assert_eq!(stats(&url)["dead"], 0);
+    let out = fastlane(&["jobs", "retry-dead", "--url", &url]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0 dead job(s) made available again");
     // A store in a directory that does not exist says so.
     let missing = format!("sqlite://{}", dir.join("no/such/dir/jobs.db").display());
     let out = fastlane(&["jobs", "stats", "--url", &missing]);

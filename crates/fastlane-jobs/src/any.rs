@@ -114,6 +114,10 @@ impl Store for AnyStore {
         delegate!(self, s => s.retry(id))
     }
 
+    async fn retry_dead(&self, name: Option<&str>, limit: u32) -> Result<u64, Error> {
+        delegate!(self, s => s.retry_dead(name, limit))
+    }
+
     async fn look_at_schedule(&self, schedule: &Schedule, now: i64) -> Result<ScheduleLook, Error> {
         delegate!(self, s => s.look_at_schedule(schedule, now))
     }

@@ -258,6 +258,26 @@ macro_rules! store_methods {
                 .collect()
         }
 
+        async fn retry_dead(&self, name: Option<&str>, limit: u32) -> Result<u64, Error> {
+            let mut tx = self.write_tx().await?;
+            let done = sqlx::query(
+                "UPDATE fastlane_jobs SET state = 'available', run_at = $1, finished_at = NULL, \
+                 cancel_requested = 0, \
+                 max_attempts = CASE WHEN attempt >= max_attempts THEN attempt + 1 ELSE max_attempts END \
+                 WHERE id IN (SELECT id FROM fastlane_jobs WHERE state = 'dead' \
+                 AND ($2 IS NULL OR name = $3) ORDER BY finished_at, id LIMIT $4)"
+            )
+            .bind(now_ms())
+            .bind(name)
+            .bind(name)
+            .bind(i64::from(limit.max(1)))
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+            tx.commit().await.map_err(classify)?;
+            Ok(done.rows_affected())
+        }
+
         async fn retry(&self, id: JobId) -> Result<JobState, Error> {
             let done = sqlx::query(
                 "UPDATE fastlane_jobs SET state = 'available', run_at = $1, finished_at = NULL, \

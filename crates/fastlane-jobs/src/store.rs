@@ -137,6 +137,12 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// after (a pending or succeeded job is left as it is).
     fn retry(&self, id: JobId) -> impl Future<Output = Result<JobState, Error>> + Send;
 
+    /// Makes up to `limit` dead jobs (of type `name`, or of any type)
+    /// available again now, oldest first, each with one more attempt, in one
+    /// transaction; returns how many. Call it again while it returns
+    /// `limit` to retry them all in bounded steps.
+    fn retry_dead(&self, name: Option<&str>, limit: u32) -> impl Future<Output = Result<u64, Error>> + Send;
+
     /// Looks at `schedule` at `now` (Unix ms), in one write transaction:
     /// registers it if the store does not know it yet (its first tick is
     /// then the first after `now`) or restarts it from `now` if it was

@@ -387,6 +387,34 @@ mod suite {
         assert_eq!(read["sizes"], json!([64, 128]));
     }
 
+    pub(crate) async fn dead_jobs_of_a_type_are_retried_in_bounded_steps<S: Store>(store: &S) {
+        let kill = |name: &'static str| async move {
+            let id = store.enqueue(NewJob::new(name, json!(null)).max_attempts(1)).await.unwrap();
+            let job = store.claim("default", "w", LEASE).await.unwrap().unwrap();
+            assert_eq!(store.fail(job.lease(), "boom", true).await.unwrap(), JobState::Dead);
+            id
+        };
+        let mut mails = Vec::new();
+        for _ in 0..3 {
+            mails.push(kill("mail").await);
+        }
+        let report = kill("report").await;
+        let ok = store.enqueue(NewJob::new("mail", json!(null))).await.unwrap();
+        // Two at a time: oldest first.
+        assert_eq!(store.retry_dead(Some("mail"), 2).await.unwrap(), 2);
+        assert_eq!(store.get(mails[0]).await.unwrap().state, JobState::Available);
+        assert_eq!(store.get(mails[2]).await.unwrap().state, JobState::Dead);
+        assert_eq!(store.retry_dead(Some("mail"), 2).await.unwrap(), 1);
+        assert_eq!(store.retry_dead(Some("mail"), 2).await.unwrap(), 0);
+        assert_eq!(store.get(report).await.unwrap().state, JobState::Dead);
+        // Any type; each gets one more attempt.
+        assert_eq!(store.retry_dead(None, 100).await.unwrap(), 1);
+        let again = store.get(report).await.unwrap();
+        assert_eq!((again.state, again.max_attempts), (JobState::Available, 2));
+        assert_eq!(store.get(ok).await.unwrap().state, JobState::Available);
+        assert_eq!(store.stats().await.unwrap()[&JobState::Dead], 0);
+    }
+
     pub(crate) async fn stats_name_every_state<S: Store>(store: &S) {
         store.enqueue(NewJob::new("a", json!(null))).await.unwrap();
         store.enqueue(NewJob::new("a", json!(null)).delay(Duration::from_secs(60))).await.unwrap();
@@ -490,7 +518,8 @@ conformance!(
     stats_name_every_state,
     finished_jobs_are_pruned_after_their_retention_with_their_attempts,
     pruning_goes_in_bounded_batches,
-    a_success_is_stored_with_its_result
+    a_success_is_stored_with_its_result,
+    dead_jobs_of_a_type_are_retried_in_bounded_steps
 );
 
 /// A job enqueued in the application's own transaction exists if and only if
