@@ -80,6 +80,9 @@ pub enum JobsCommand {
         /// One JSON object with a key per state, and `tables` (rows of each table, bytes).
         #[arg(long)]
         json: bool,
+        /// Also the jobs that ended in each minute of the last hour (JSON: `per_minute`).
+        #[arg(long)]
+        per_minute: bool,
     },
     /// The newest jobs.
     List {
@@ -260,14 +263,23 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        JobsCommand::Stats { url, json } => {
+        JobsCommand::Stats { url, json, per_minute } => {
             let store = connect(url).await?;
             let stats = store.stats().await.map_err(chain)?;
             let sizes = store.table_sizes().await.map_err(chain)?;
+            let minutes = match per_minute {
+                true => {
+                    Some(store.activity(now_ms() - 3_600_000, Duration::from_secs(60)).await.map_err(chain)?)
+                }
+                false => None,
+            };
             if json {
                 // The counts by state, as before, and the tables' sizes.
                 let mut object = serde_json::to_value(&stats).unwrap_or_default();
                 object["tables"] = serde_json::to_value(sizes).unwrap_or_default();
+                if let Some(minutes) = &minutes {
+                    object["per_minute"] = serde_json::to_value(minutes).unwrap_or_default();
+                }
                 outln!("{object}");
             } else {
                 for (state, count) in &stats {
@@ -280,6 +292,19 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
                     sizes.schedules,
                     sizes.bytes as f64 / 1_048_576.0
                 );
+                if let Some(minutes) = &minutes {
+                    outln!("ended in the last hour, per minute (UTC; minutes with none left out):");
+                    for m in minutes {
+                        let at = chrono::DateTime::from_timestamp_millis(m.start_ms)
+                            .map_or_else(String::new, |t| t.format("%H:%M").to_string());
+                        outln!(
+                            "  {at}  succeeded {}  dead {}  cancelled {}",
+                            m.succeeded,
+                            m.dead,
+                            m.cancelled
+                        );
+                    }
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

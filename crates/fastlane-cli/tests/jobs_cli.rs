@@ -127,6 +127,16 @@ fn enqueue_work_and_stats_through_the_cli() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains(&format!("job {id} is available: nothing to retry"))
     );
+    // What ended in the last hour, per minute: the 21 that succeeded and
+    // the one that died, all in this minute or the one before.
+    let out = fastlane(&["jobs", "stats", "--url", &url, "--json", "--per-minute"]);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let minutes = s["per_minute"].as_array().unwrap();
+    let sum = |key: &str| minutes.iter().map(|m| m[key].as_u64().unwrap()).sum::<u64>();
+    assert!((1..=2).contains(&minutes.len()) && (sum("succeeded"), sum("dead")) == (21, 1), "{s}");
+    let out = fastlane(&["jobs", "stats", "--url", &url, "--per-minute"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ended in the last hour, per minute") && text.contains("  succeeded "), "{text}");
     // Every dead job of a type, at once: the one `fail` job that died.
     let out = fastlane(&["jobs", "retry-dead", "--url", &url, "--name", "fail"]);
     assert_eq!(

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::job::{Claimed, Done, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
 use crate::{
-    Error, PgStore, Retention, Schedule, ScheduleInfo, ScheduleLook, SqliteStore, Store, TableSizes,
+    Activity, Error, PgStore, Retention, Schedule, ScheduleInfo, ScheduleLook, SqliteStore, Store, TableSizes,
 };
 
 /// A store of either backend, chosen by URL with [`connect`].
@@ -128,6 +128,10 @@ impl Store for AnyStore {
 
     async fn prune(&self, retention: &Retention, now: i64) -> Result<u64, Error> {
         delegate!(self, s => s.prune(retention, now))
+    }
+
+    async fn activity(&self, since: i64, bucket: Duration) -> Result<Vec<Activity>, Error> {
+        delegate!(self, s => s.activity(since, bucket))
     }
 
     async fn table_sizes(&self) -> Result<TableSizes, Error> {

@@ -29,7 +29,8 @@
 //!   consumers run it, and the store operations it uses.
 //!
 //! * `retention.rs`: [`Retention`], the pruning of finished jobs by every
-//!   consumer in small batches, and [`TableSizes`].
+//!   consumer in small batches; what the finished jobs say of the store
+//!   ([`TableSizes`], [`Activity`]).
 //!
 //! * `owner.rs`: which process holds a running job, so that a consumer on the
 //!   same host sees at once that it died instead of waiting for its lease.
@@ -68,7 +69,7 @@ pub use in_server::{wait_for_result, Consumer, Jobs};
 pub use job::{backoff, Attempt, Claimed, Done, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
 pub use postgres::{enqueue_in_tx, enqueue_many_in_tx, PgStore};
 pub use registry::{enqueue_checked, JobContext, JobError, Registry};
-pub use retention::{Retention, TableSizes};
+pub use retention::{Activity, Retention, TableSizes};
 pub use schedule::{Missed, Schedule, ScheduleInfo, ScheduleLook};
 pub use sqlite::SqliteStore;
 pub use store::Store;

@@ -78,6 +78,21 @@ pub struct TableSizes {
     pub bytes: u64,
 }
 
+/// How many jobs ended in one stretch of time ([`Store::activity`](crate::Store::activity)):
+/// what a dashboard's throughput chart draws.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Activity {
+    /// The stretch's start (Unix ms, a multiple of its length).
+    pub start_ms: i64,
+    /// Jobs that succeeded in it.
+    pub succeeded: u64,
+    /// Jobs that died in it (failed for good).
+    pub dead: u64,
+    /// Jobs cancelled in it.
+    pub cancelled: u64,
+}
+
 /// Between two batches: enough for the enqueues and claims that queued
 /// behind one to go.
 const BETWEEN_BATCHES: Duration = Duration::from_millis(20);
@@ -162,6 +177,35 @@ macro_rules! retention_methods {
             .map_err(classify)?;
             tx.commit().await.map_err(classify)?;
             Ok(done.rows_affected())
+        }
+
+        async fn activity(&self, since: i64, bucket: Duration) -> Result<Vec<crate::Activity>, Error> {
+            let size = i64::try_from(bucket.as_millis()).unwrap_or(i64::MAX).max(1);
+            // Read through the partial index on `finished_at` of finished
+            // jobs: the cost is the stretch's jobs, not the table's.
+            let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+                "SELECT (finished_at / $1) * $1 AS start_ms, \
+                 SUM(CASE WHEN state = 'succeeded' THEN 1 ELSE 0 END), \
+                 SUM(CASE WHEN state = 'dead' THEN 1 ELSE 0 END), \
+                 SUM(CASE WHEN state = 'cancelled' THEN 1 ELSE 0 END) \
+                 FROM fastlane_jobs WHERE state IN ('succeeded', 'cancelled', 'dead') AND finished_at >= $2 \
+                 GROUP BY start_ms ORDER BY start_ms",
+            )
+            .bind(size)
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+            let count = |n: i64| u64::try_from(n).unwrap_or(0);
+            Ok(rows
+                .into_iter()
+                .map(|(start_ms, succeeded, dead, cancelled)| crate::Activity {
+                    start_ms,
+                    succeeded: count(succeeded),
+                    dead: count(dead),
+                    cancelled: count(cancelled),
+                })
+                .collect())
         }
 
         async fn table_sizes(&self) -> Result<crate::TableSizes, Error> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::job::{Claimed, Done, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
-use crate::{Error, Retention, Schedule, ScheduleInfo, ScheduleLook, TableSizes};
+use crate::{Activity, Error, Retention, Schedule, ScheduleInfo, ScheduleLook, TableSizes};
 
 /// A durable job store. Every operation is atomic; every write of a running
 /// attempt carries its fencing token and is rejected with
@@ -167,6 +167,16 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// running jobs are never touched. Consumers call it in a loop (see
     /// `retention.rs`); tests, with a clock of their own.
     fn prune(&self, retention: &Retention, now: i64) -> impl Future<Output = Result<u64, Error>> + Send;
+
+    /// How many jobs ended (succeeded, died, were cancelled) in each
+    /// stretch of `bucket` since `since` (Unix ms), oldest first; stretches
+    /// in which none ended are left out. Finished jobs are counted while
+    /// retention keeps them.
+    fn activity(
+        &self,
+        since: i64,
+        bucket: Duration,
+    ) -> impl Future<Output = Result<Vec<Activity>, Error>> + Send;
 
     /// How big the store is: rows of each table, and bytes.
     fn table_sizes(&self) -> impl Future<Output = Result<TableSizes, Error>> + Send;

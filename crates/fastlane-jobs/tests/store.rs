@@ -415,6 +415,29 @@ mod suite {
         assert_eq!(store.stats().await.unwrap()[&JobState::Dead], 0);
     }
 
+    pub(crate) async fn activity_counts_the_jobs_that_ended_per_stretch<S: Store>(store: &S) {
+        let since = now();
+        store.enqueue_many((0..5).map(|_| NewJob::new("a", json!(null))).collect()).await.unwrap();
+        run_all(store).await;
+        store.enqueue(NewJob::new("d", json!(null)).max_attempts(1)).await.unwrap();
+        let job = store.claim("default", "w", LEASE).await.unwrap().unwrap();
+        store.fail(job.lease(), "boom", false).await.unwrap();
+        let cancelled = store.enqueue(NewJob::new("c", json!(null))).await.unwrap();
+        store.cancel(cancelled).await.unwrap();
+        store.enqueue(NewJob::new("still waiting", json!(null))).await.unwrap();
+        let minute = Duration::from_secs(60);
+        let stretches = store.activity(since - 3_600_000, minute).await.unwrap();
+        assert!(!stretches.is_empty() && stretches.len() <= 2, "{stretches:?}");
+        assert!(
+            stretches.iter().all(|s| s.start_ms % 60_000 == 0 && s.start_ms >= since - 60_000),
+            "{stretches:?}"
+        );
+        let total = |f: fn(&fastlane_jobs::Activity) -> u64| stretches.iter().map(f).sum::<u64>();
+        assert_eq!((total(|s| s.succeeded), total(|s| s.dead), total(|s| s.cancelled)), (5, 1, 1));
+        // Nothing ended after now.
+        assert!(store.activity(now() + 60_000, minute).await.unwrap().is_empty());
+    }
+
     pub(crate) async fn stats_name_every_state<S: Store>(store: &S) {
         store.enqueue(NewJob::new("a", json!(null))).await.unwrap();
         store.enqueue(NewJob::new("a", json!(null)).delay(Duration::from_secs(60))).await.unwrap();
@@ -519,7 +542,8 @@ conformance!(
     finished_jobs_are_pruned_after_their_retention_with_their_attempts,
     pruning_goes_in_bounded_batches,
     a_success_is_stored_with_its_result,
-    dead_jobs_of_a_type_are_retried_in_bounded_steps
+    dead_jobs_of_a_type_are_retried_in_bounded_steps,
+    activity_counts_the_jobs_that_ended_per_stretch
 );
 
 /// A job enqueued in the application's own transaction exists if and only if
