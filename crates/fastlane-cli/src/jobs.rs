@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Subcommand;
-use fastlane_jobs::Store as _;
+use fastlane_jobs::{now_ms, Store as _};
 
 use crate::outln;
 
@@ -168,13 +168,6 @@ pub async fn run_command(command: JobsCommand) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Unix milliseconds now.
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A Unix time in ms as `2026-11-27 03:00:00 UTC`.

@@ -197,8 +197,7 @@ fn schedules_are_listed_with_their_next_tick_and_last_job() {
         let hourly =
             Schedule::every("cleanup", NewJob::new("noop", serde_json::json!({})), Duration::from_secs(3600))
                 .unwrap();
-        let now =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        let now = fastlane_jobs::now_ms();
         let hour = 3_600_000;
         store.look_at_schedule(&hourly, now / hour * hour - hour + 10).await.unwrap();
         store.look_at_schedule(&hourly, now).await.unwrap().job.expect("the hour's tick")

@@ -470,8 +470,10 @@ pub(crate) fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Unix milliseconds now.
-pub(crate) fn now_ms() -> i64 {
+/// Unix milliseconds now: the clock of the store's times (`run_at_ms`,
+/// `ScheduleInfo`, [`Store::activity`](crate::Store::activity)) and of the
+/// `now` its clock-taking operations are given.
+pub fn now_ms() -> i64 {
     unix_ms(SystemTime::now())
 }
 

@@ -66,7 +66,9 @@ pub use consumer::{
 };
 pub use error::Error;
 pub use in_server::{wait_for_result, Consumer, Jobs};
-pub use job::{backoff, Attempt, Claimed, Done, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
+pub use job::{
+    backoff, now_ms, Attempt, Claimed, Done, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats,
+};
 pub use postgres::{enqueue_in_tx, enqueue_many_in_tx, PgStore};
 pub use registry::{enqueue_checked, JobContext, JobError, Registry};
 pub use retention::{Activity, Retention, TableSizes};

@@ -273,10 +273,7 @@ mod suite {
         assert!(store.release(Lease { job: id, token: job.token }).await.unwrap_err().is_fenced());
     }
 
-    /// Unix ms now.
-    fn now() -> i64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
-    }
+    use fastlane_jobs::now_ms as now;
 
     /// Claims and completes every available job of the default queue.
     async fn run_all<S: Store>(store: &S) {

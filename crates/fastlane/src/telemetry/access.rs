@@ -19,9 +19,8 @@ use std::fmt::{self, Write as _};
 use std::sync::OnceLock;
 
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::time::FormatTime;
 
-use super::clock::LineTime;
+use super::line::{write_start, write_target};
 use super::pipe::PipeWriter;
 use super::Escaped;
 
@@ -84,20 +83,9 @@ pub(crate) fn write(line: &AccessLine<'_>) -> bool {
 /// The line as `TextLine` writes the event `answered` logs:
 /// `<time>  INFO fastlane::request: <message> client=<ip> request_id=<id>`.
 fn format(out: &mut String, line: &AccessLine<'_>, ansi: bool) -> fmt::Result {
-    const DIMMED: &str = "\x1b[2m";
-    const GREEN: &str = "\x1b[32m";
-    const RESET: &str = "\x1b[0m";
     let mut writer = Writer::new(out);
-    if ansi {
-        writer.write_str(DIMMED)?;
-    }
-    LineTime.format_time(&mut writer)?;
-    match ansi {
-        true => {
-            write!(writer, "{RESET} {GREEN} INFO{RESET} {DIMMED}fastlane::request{RESET}{DIMMED}:{RESET} ")?
-        }
-        false => writer.write_str("  INFO fastlane::request: ")?,
-    }
+    write_start(&mut writer, tracing::Level::INFO, ansi)?;
+    write_target(&mut writer, "fastlane::request", ansi)?;
     let mut escaped = Escaped { out: &mut writer, left: super::LogFields::default().max_len, dropped: 0 };
     escaped.write_fmt(line.message)?;
     let dropped = escaped.dropped;

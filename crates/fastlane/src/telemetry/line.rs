@@ -40,12 +40,35 @@ const RESET: &str = "\x1b[0m";
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct TextLine;
 
-/// Writes `text` in `style` when the writer takes colours, plain otherwise.
-fn paint(writer: &mut Writer<'_>, style: &str, text: &str) -> fmt::Result {
-    match writer.has_ansi_escapes() {
+/// Writes `text` in `style` if `ansi` (the line takes colours), plain
+/// otherwise.
+fn paint(writer: &mut Writer<'_>, ansi: bool, style: &str, text: &str) -> fmt::Result {
+    match ansi {
         true => write!(writer, "{style}{text}{RESET}"),
         false => writer.write_str(text),
     }
+}
+
+/// The start of every line: `2026-11-27T10:00:00.123456Z  INFO `.
+pub(super) fn write_start(writer: &mut Writer<'_>, level: Level, ansi: bool) -> fmt::Result {
+    if ansi {
+        writer.write_str(DIMMED)?;
+    }
+    LineTime.format_time(writer)?;
+    if ansi {
+        writer.write_str(RESET)?;
+    }
+    writer.write_char(' ')?;
+    let (level, colour) = level_text(level);
+    paint(writer, ansi, colour, level)?;
+    writer.write_char(' ')
+}
+
+/// The target, before the fields: `fastlane::request: `.
+pub(super) fn write_target(writer: &mut Writer<'_>, target: &str, ansi: bool) -> fmt::Result {
+    paint(writer, ansi, DIMMED, target)?;
+    paint(writer, ansi, DIMMED, ":")?;
+    writer.write_char(' ')
 }
 
 fn level_text(level: Level) -> (&'static str, &'static str) {
@@ -72,48 +95,36 @@ where
     ) -> fmt::Result {
         let meta = event.metadata();
         let ansi = writer.has_ansi_escapes();
-        if ansi {
-            writer.write_str(DIMMED)?;
-        }
-        LineTime.format_time(&mut writer)?;
-        if ansi {
-            writer.write_str(RESET)?;
-        }
-        writer.write_char(' ')?;
-        let (level, colour) = level_text(*meta.level());
-        paint(&mut writer, colour, level)?;
-        writer.write_char(' ')?;
+        write_start(&mut writer, *meta.level(), ansi)?;
 
         // The request first: its span, when it was on, was the outermost.
         let mut spans = RequestId::with_current(|id| match id {
             Some(id) => {
-                paint(&mut writer, BOLD, "request{")?;
+                paint(&mut writer, ansi, BOLD, "request{")?;
                 write!(writer, "id={id}")?;
-                paint(&mut writer, BOLD, "}")?;
-                paint(&mut writer, DIMMED, ":")?;
+                paint(&mut writer, ansi, BOLD, "}")?;
+                paint(&mut writer, ansi, DIMMED, ":")?;
                 Ok(true)
             }
             None => Ok::<_, fmt::Error>(false),
         })?;
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
-                paint(&mut writer, BOLD, span.metadata().name())?;
+                paint(&mut writer, ansi, BOLD, span.metadata().name())?;
                 let extensions = span.extensions();
                 if let Some(fields) = extensions.get::<FormattedFields<N>>().filter(|f| !f.is_empty()) {
-                    paint(&mut writer, BOLD, "{")?;
+                    paint(&mut writer, ansi, BOLD, "{")?;
                     writer.write_str(fields)?;
-                    paint(&mut writer, BOLD, "}")?;
+                    paint(&mut writer, ansi, BOLD, "}")?;
                 }
-                paint(&mut writer, DIMMED, ":")?;
+                paint(&mut writer, ansi, DIMMED, ":")?;
                 spans = true;
             }
         }
         if spans {
             writer.write_char(' ')?;
         }
-        paint(&mut writer, DIMMED, meta.target())?;
-        paint(&mut writer, DIMMED, ":")?;
-        writer.write_char(' ')?;
+        write_target(&mut writer, meta.target(), ansi)?;
         ctx.format_fields(writer.by_ref(), event)?;
         writeln!(writer)
     }
