@@ -455,6 +455,51 @@ def check_jobs(found):
                 check(line, None)
             else:
                 check(line, run_line(typed, cli, base_env()).stdout)
+
+        # A workflow through the CLI, in a directory of its own (./flow.db).
+        flow = os.path.join(scratch.dir, "flow")
+        os.makedirs(flow)
+
+        def flow_state(job):
+            out = subprocess.run(["fastlane", "jobs", "show", "--url", "sqlite://flow.db", str(job)], cwd=flow,
+                                 env=base_env(), capture_output=True, text=True, timeout=60)
+            return json.loads(out.stdout).get("state") if out.returncode == 0 else None
+
+        def printed_id(expected):
+            def check(line, out):
+                expect(out == f"{expected}\n", line, out)
+            return check
+
+        def gathered_waits(line, out):
+            expect(out == "3\n" and flow_state(3) == "waiting", line, f"{out} (job 3 is {flow_state(3)})")
+
+        def flow_work(line, _out):
+            deadline = time.monotonic() + 120
+            while flow_state(3) != "succeeded":
+                if time.monotonic() > deadline:
+                    fail(f"`{line}` did not run the workflow within 120 s: job 3 is {flow_state(3)}")
+                time.sleep(0.2)
+            log = flow_worker.stop()
+            if "panicked" in log:
+                fail(f"`{line}` panicked:\n{log[-3000:]}")
+
+        def flow_result(line, out):
+            job = json_of(line, out)
+            expect(job.get("result") == ["a", "b"] and job.get("depends_on") == [1, 2], line, out)
+
+        rules = [
+            (r"jobs enqueue .*\"value\": \"a\"", printed_id(1)),
+            (r"jobs enqueue .*\"value\": \"b\"", printed_id(2)),
+            (r"jobs enqueue .* gather --after 1 --after 2", gathered_waits),
+            (r"jobs work ", flow_work),
+            (r"jobs show .* 3\b", flow_result),
+        ]
+        for line, check in by_rules(shell_lines(found, "jobs-workflow"), rules, "jobs-workflow"):
+            if check is flow_work:
+                flow_worker = scratch.start(line, flow, base_env())
+                check(line, None)
+            else:
+                check(line, run_line(line, flow, base_env()).stdout)
     print("jobs: ok")
 
 

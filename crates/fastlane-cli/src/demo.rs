@@ -43,7 +43,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET  /stream/blocking?chunks=N&secs=S", "streaming body whose producer blocks S s before each chunk"),
     ("POST /profile", r#"{"name": "..", "work_ms": 2000}: computes in the background, answers {} at once"#),
     ("GET  /?action=N&secs=15", "background task: 1 sync-blocking, 2 async-blocking, 3 async-sleeping"),
-    ("POST /jobs/{name}", r#"enqueue a durable job (noop, sleep, fail); body = payload, e.g. {"ms": 5000}"#),
+    (
+        "POST /jobs/{name}",
+        r#"enqueue a durable job (noop, sleep, fail, echo, gather); body = payload, e.g. {"ms": 5000}"#,
+    ),
     ("GET  /jobs/{id}", "a job's state, attempts and progress (JSON)"),
     (
         "GET  /debug/hang-runtime?secs=N",

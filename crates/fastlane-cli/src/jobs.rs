@@ -26,7 +26,8 @@ const STORE_URL_HELP: &str = "The job store: sqlite://jobs.db (a file, relative 
 /// The `jobs` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum JobsCommand {
-    /// Run a job consumer with the built-in job types (noop, sleep, fail) until SIGTERM/SIGINT.
+    /// Run a job consumer with the built-in job types (noop, sleep, fail, echo, gather) until
+    /// SIGTERM/SIGINT.
     Work {
         /// The job store (the help text is STORE_URL_HELP).
         #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
@@ -57,7 +58,7 @@ pub enum JobsCommand {
         /// The job store (the help text is STORE_URL_HELP).
         #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
         url: String,
-        /// Job type: noop, sleep or fail.
+        /// Job type: noop, sleep, fail, echo or gather.
         name: String,
         /// JSON payload, e.g. '{"ms": 100}'.
         #[arg(long, default_value = "null")]
@@ -71,6 +72,10 @@ pub enum JobsCommand {
         /// Attempts before a failing job is dead.
         #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u32).range(1..))]
         max_attempts: u32,
+        /// Run only after the job with this id has succeeded (repeat to wait for several; `gather`
+        /// returns their results). If it ends dead or cancelled, this job is cancelled.
+        #[arg(long = "after", value_name = "ID")]
+        after: Vec<i64>,
     },
     /// Counts per state, and the size of the store's tables.
     Stats {
@@ -153,6 +158,10 @@ pub enum JobsCommand {
         /// Jobs per enqueue call (one transaction each).
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         batch: u32,
+        /// Enqueue the jobs as chains of this many steps (each step waits for the one before and
+        /// is handed its result); 1: independent jobs.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        chain: u32,
         /// One JSON object.
         #[arg(long)]
         json: bool,
@@ -218,7 +227,7 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
                 lease: Duration::from_secs_f64(lease_secs),
                 ..fastlane_jobs::ConsumerConfig::default()
             };
-            tracing::info!(consumer = %config.name, "job consumer running (noop, sleep, fail)");
+            tracing::info!(consumer = %config.name, "job consumer running (noop, sleep, fail, echo, gather)");
             let stats = fastlane_jobs::run_consumer(
                 store,
                 registry,
@@ -237,7 +246,7 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        JobsCommand::Enqueue { url, name, payload, count, queue, max_attempts } => {
+        JobsCommand::Enqueue { url, name, payload, count, queue, max_attempts, after } => {
             let payload: serde_json::Value =
                 serde_json::from_str(&payload).map_err(|e| format!("--payload is not valid JSON: {e}"))?;
             let store = connect(url).await?;
@@ -245,6 +254,7 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             let job = fastlane_jobs::NewJob::new(name.clone(), payload.clone())
                 .queue(queue.clone())
                 .max_attempts(max_attempts);
+            let job = after.into_iter().fold(job, fastlane_jobs::NewJob::after);
             registry.check(&job).map_err(chain)?;
             // One transaction per thousand jobs.
             let last = enqueue_copies(&store, &job, count, 1000).await.map_err(chain)?;
@@ -401,14 +411,20 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             outln!("job {id}: {state}{note}");
             Ok(ExitCode::SUCCESS)
         }
-        JobsCommand::Bench { url, jobs: n, concurrency, batch, json } => {
+        JobsCommand::Bench { url, jobs: n, concurrency, batch, chain: steps, json } => {
             let store = connect(url).await?;
-            let result = bench(&store, n, batch as usize, concurrency as usize).await.map_err(chain)?;
+            let result = bench(&store, n, batch as usize, concurrency as usize, steps as usize)
+                .await
+                .map_err(chain)?;
             if json {
                 outln!("{}", serde_json::to_string(&result).unwrap_or_default());
             } else {
+                let chains = match result.chain {
+                    1 => String::new(),
+                    n => format!(" in chains of {n}"),
+                };
                 outln!(
-                    "{} jobs (batches of {}, concurrency {}): enqueue {:.0} jobs/s, end to end {:.0} jobs/s ({:.2} s)",
+                    "{} jobs{chains} (batches of {}, concurrency {}): enqueue {:.0} jobs/s, end to end {:.0} jobs/s ({:.2} s)",
                     result.jobs,
                     result.batch,
                     result.concurrency,

@@ -5,6 +5,9 @@
 //! fencing rejected every zombie write (counted by the frozen worker, checked
 //! against the attempts the store recorded as taken over from it).
 //!
+//! The same for a workflow: a chord of 100 members whose workers are
+//! SIGKILLed while it runs completes once, with all 100 results.
+//!
 //! On SQLite always; on PostgreSQL too when `FASTLANE_TEST_PG_URL` is set (in
 //! a database of its own), said to be skipped otherwise.
 
@@ -71,6 +74,17 @@ impl Worker {
     fn kill(mut self) {
         self.signal(Signal::KILL);
         let _ = self.child.wait();
+    }
+}
+
+/// A worker left running by a failing assertion is killed with the test,
+/// not left behind (`stop` and `kill` have already waited for it).
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -323,4 +337,96 @@ fn postgres_killed_workers_jobs_are_taken_over_before_the_lease() {
     let test = "postgres_killed_workers_jobs_are_taken_over_before_the_lease";
     let Some(db) = PgDatabase::create(test, "fastlane_takeover") else { return };
     killed_workers_jobs_are_taken_over_before_the_lease(&db.url);
+}
+
+/// Members in the chord of the crash test.
+const MEMBERS: i64 = 100;
+
+/// A chord of 100 `echo` members (each returns its number after 1 s) and
+/// a `gather` final step, run by three worker processes while workers are
+/// SIGKILLed and replaced: the final step succeeds once, with every
+/// member's result in order; every member succeeded once; no job's attempts
+/// overlap in time (none ran twice at once).
+fn chord_survives_killed_workers(url: &str, dir: &std::path::Path) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let ids = rt.block_on(async {
+        use fastlane_jobs::Store as _;
+        let store = fastlane_jobs::connect(url).await.unwrap();
+        let members = (0..MEMBERS)
+            .map(|i| fastlane_jobs::NewJob::new("echo", serde_json::json!({ "value": i, "ms": 1000 })));
+        let then = fastlane_jobs::NewJob::new("gather", serde_json::Value::Null);
+        store.enqueue_many(fastlane_jobs::chord(members, then)).await.unwrap()
+    });
+    let gather = *ids.last().unwrap();
+    let show = || -> serde_json::Value {
+        let out = fastlane(&["jobs", "show", "--url", url, &gather.to_string()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(show()["state"], "waiting");
+    // Three workers take about a third of the members each; two of them are
+    // killed while they run members (1 s each), and replaced.
+    let started = Instant::now();
+    let mut workers: Vec<Worker> = (10..13).map(|n| Worker::start(url, dir, n)).collect();
+    let mut killed = 0;
+    for n in 13..15 {
+        std::thread::sleep(Duration::from_millis(600 + random(300)));
+        workers.remove(0).kill();
+        killed += 1;
+        workers.push(Worker::start(url, dir, n));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let info = loop {
+        let info = show();
+        if info["state"] == "succeeded" {
+            break info;
+        }
+        assert_ne!(info["state"], "cancelled", "{info}");
+        assert!(Instant::now() < deadline, "the chord did not complete: {info}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let expected: Vec<i64> = (0..MEMBERS).collect();
+    assert_eq!(info["result"], serde_json::json!(expected), "every member's result, in order");
+    let successes =
+        info["attempts"].as_array().unwrap().iter().filter(|a| a["outcome"] == "succeeded").count();
+    assert_eq!(successes, 1, "the final step succeeded once: {info}");
+    let mut expired = 0;
+    for id in &ids[..ids.len() - 1] {
+        let out = fastlane(&["jobs", "show", "--url", url, &id.to_string()]);
+        let member: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let attempts = member["attempts"].as_array().unwrap();
+        assert_eq!(attempts.iter().filter(|a| a["outcome"] == "succeeded").count(), 1, "{member}");
+        expired += attempts.iter().filter(|a| a["outcome"] == "lease expired").count();
+        for pair in attempts.windows(2) {
+            let (ended, next) =
+                (pair[0]["finished_at_ms"].as_i64().unwrap(), pair[1]["started_at_ms"].as_i64());
+            assert!(next.unwrap() >= ended, "attempts overlap: {member}");
+        }
+    }
+    assert!(expired > 0, "the killed workers held members, which were taken over");
+    for worker in workers {
+        worker.stop();
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "chord on {url}: {MEMBERS} members and the final step in {:?}, {killed} workers killed, {expired} \
+         members taken over",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn sqlite_chord_of_100_completes_once_with_killed_workers() {
+    let dir = temp_dir("chord-sqlite");
+    chord_survives_killed_workers(&format!("sqlite://{}", dir.join("jobs.db").display()), &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn postgres_chord_of_100_completes_once_with_killed_workers() {
+    let test = "postgres_chord_of_100_completes_once_with_killed_workers";
+    let Some(db) = PgDatabase::create(test, "fastlane_chord") else { return };
+    let dir = temp_dir("chord-postgres");
+    chord_survives_killed_workers(&db.url, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -102,6 +102,10 @@ impl Store for AnyStore {
         delegate!(self, s => s.get(id))
     }
 
+    async fn results(&self, ids: &[JobId]) -> Result<Vec<(JobId, Option<serde_json::Value>)>, Error> {
+        delegate!(self, s => s.results(ids))
+    }
+
     async fn stats(&self) -> Result<Stats, Error> {
         delegate!(self, s => s.stats())
     }

@@ -28,8 +28,8 @@ macro_rules! record_attempts_sql {
     };
 }
 
-/// The one-job store operations, for the backend whose `classify` and
-/// `write_tx` are in scope.
+/// The one-job store operations, for the backend whose `classify`, `write_tx`
+/// and `id_among!` (`id` is one of a JSON array's ids) are in scope.
 macro_rules! store_methods {
     () => {
         /// Extends the lease of a running attempt; returns whether the job
@@ -138,13 +138,19 @@ macro_rules! store_methods {
                 .map_err(classify)?;
             let state: JobState = state.ok_or(Error::NotFound(id))?.parse()?;
             let after = match state {
-                JobState::Scheduled | JobState::Available | JobState::Retrying => {
-                    sqlx::query("UPDATE fastlane_jobs SET state = 'cancelled', finished_at = $1 WHERE id = $2")
-                        .bind(now_ms())
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(classify)?;
+                JobState::Waiting | JobState::Scheduled | JobState::Available | JobState::Retrying => {
+                    let now = now_ms();
+                    let dependents: Option<String> = sqlx::query_scalar(
+                        "UPDATE fastlane_jobs SET state = 'cancelled', finished_at = $1 WHERE id = $2 \
+                         RETURNING dependents"
+                    )
+                    .bind(now)
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+                    // Nothing waits for a job that cannot succeed.
+                    cancel_dependents(&mut tx, id, "cancelled", dependents, now).await?;
                     JobState::Cancelled
                 }
                 JobState::Running => {
@@ -165,8 +171,8 @@ macro_rules! store_methods {
         async fn get(&self, id: JobId) -> Result<JobInfo, Error> {
             let row = sqlx::query(
                 "SELECT id, name, queue, state, payload, priority, attempt, max_attempts, run_at, progress, \
-                 progress_message, last_error, worker, started_at, request_id, unique_key, result FROM fastlane_jobs \
-                 WHERE id = $1"
+                 progress_message, last_error, worker, started_at, request_id, unique_key, result, depends_on, \
+                 dependents, deps_left FROM fastlane_jobs WHERE id = $1"
             )
             .bind(id)
             .fetch_optional(&self.pool)
@@ -212,8 +218,30 @@ macro_rules! store_methods {
                 result: row
                     .get::<Option<String>, _>("result")
                     .map(|text| serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))),
+                depends_on: crate::job::id_list(row.get::<Option<String>, _>("depends_on").as_deref()),
+                waiting_for: u32::try_from(row.get::<i64, _>("deps_left")).unwrap_or(0),
+                dependents: crate::job::id_list(row.get::<Option<String>, _>("dependents").as_deref()),
                 attempts,
             })
+        }
+
+        async fn results(&self, ids: &[JobId]) -> Result<Vec<(JobId, Option<serde_json::Value>)>, Error> {
+            let rows: Vec<(i64, Option<String>)> = sqlx::query_as(concat!(
+                "SELECT id, result FROM fastlane_jobs WHERE id", id_among!("$1")
+            ))
+            .bind(crate::workflow::id_array(ids))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+            let mut found: std::collections::HashMap<i64, Option<String>> = rows.into_iter().collect();
+            Ok(ids
+                .iter()
+                .filter_map(|id| {
+                    let text = found.remove(id)?;
+                    let value = text.map(|t| serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t)));
+                    Some((*id, value))
+                })
+                .collect())
         }
 
         /// Job counts by state. `scheduled` and `retrying` jobs whose time
@@ -279,21 +307,55 @@ macro_rules! store_methods {
         }
 
         async fn retry(&self, id: JobId) -> Result<JobState, Error> {
-            let done = sqlx::query(
-                "UPDATE fastlane_jobs SET state = 'available', run_at = $1, finished_at = NULL, \
+            let mut tx = self.write_tx().await?;
+            let row: Option<(String, Option<String>)> =
+                sqlx::query_as("SELECT state, depends_on FROM fastlane_jobs WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+            let (state, depends_on) = row.ok_or(Error::NotFound(id))?;
+            let state: JobState = state.parse()?;
+            if !matches!(state, JobState::Dead | JobState::Cancelled | JobState::Retrying) {
+                return Ok(state);
+            }
+            // A job of a workflow cancelled before it ran waits again for
+            // what it waits for, if that can still succeed.
+            let deps = crate::job::id_list(depends_on.as_deref());
+            let states = dependency_states(&mut tx, &deps).await?;
+            let mut left = 0i64;
+            for dep in &deps {
+                match states.get(dep) {
+                    Some(JobState::Succeeded) => {}
+                    Some(failed @ (JobState::Dead | JobState::Cancelled)) => {
+                        return Err(Error::Invalid(format!(
+                            "job {id} waits for job {dep}, which ended {failed}: retry that one first"
+                        )))
+                    }
+                    Some(_) => left += 1,
+                    None => {
+                        return Err(Error::Invalid(format!(
+                            "job {id} waits for job {dep}, which no longer exists: enqueue it again"
+                        )))
+                    }
+                }
+            }
+            let after = if left > 0 { JobState::Waiting } else { JobState::Available };
+            sqlx::query(
+                "UPDATE fastlane_jobs SET state = $1, deps_left = $2, run_at = $3, finished_at = NULL, \
                  cancel_requested = 0, \
                  max_attempts = CASE WHEN attempt >= max_attempts THEN attempt + 1 ELSE max_attempts END \
-                 WHERE id = $2 AND state IN ('dead', 'cancelled', 'retrying')"
+                 WHERE id = $4"
             )
+            .bind(after.as_str())
+            .bind(left)
             .bind(now_ms())
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(classify)?;
-            if done.rows_affected() == 1 {
-                return Ok(JobState::Available);
-            }
-            Ok(self.get(id).await?.state)
+            tx.commit().await.map_err(classify)?;
+            Ok(after)
         }
 
         async fn expire_dead_owners(&self) -> Result<u64, Error> {
@@ -340,12 +402,12 @@ macro_rules! finish_method {
             let mut tx = self.write_tx().await?;
             // The fencing check: only the attempt holding the current token
             // may write; a zombie's late completion changes nothing.
-            let done = sqlx::query(
+            let ended: Option<Option<String>> = sqlx::query_scalar(
                 "UPDATE fastlane_jobs SET state = $1, lease_until = NULL, \
                  last_error = COALESCE(CAST($2 AS TEXT), last_error), \
                  run_at = COALESCE(CAST($3 AS BIGINT), run_at), \
                  finished_at = CASE WHEN $4 THEN NULL ELSE CAST($5 AS BIGINT) END \
-                 WHERE id = $6 AND token = $7 AND state = 'running'"
+                 WHERE id = $6 AND token = $7 AND state = 'running' RETURNING dependents"
             )
             .bind(state.as_str())
             .bind(error)
@@ -354,11 +416,15 @@ macro_rules! finish_method {
             .bind(now)
             .bind(id)
             .bind(token)
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await
             .map_err(classify)?;
-            if done.rows_affected() == 0 {
+            let Some(dependents) = ended else {
                 return Err(Error::Fenced { job: id, token });
+            };
+            if matches!(state, JobState::Dead | JobState::Cancelled) {
+                // Its waiters go with it, in this transaction.
+                cancel_dependents(&mut tx, id, state.as_str(), dependents, now).await?;
             }
             sqlx::query(crate::common::record_attempts_sql!(
                 "SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, $1), $2, $3, $4 FROM fastlane_jobs \

@@ -335,9 +335,11 @@ impl<S: Store> Fetcher<S> {
                 }
             };
             let drained = claimed.len() < wanted;
+            let mut known = prefetch_results(&self.store, &claimed).await;
             for job in claimed {
                 let permit = permits.split(1).expect("one permit per claimed job");
-                self.start(job, permit);
+                let results = take_results(&mut known, &job);
+                self.start(job, permit, results);
             }
             drop(permits);
             if drained {
@@ -363,7 +365,7 @@ impl<S: Store> Fetcher<S> {
     /// Starts an attempt as a task of its own: where the server runs its
     /// handlers when the worker runs inside one (isolated like a request),
     /// else on tokio. It holds its slot until it ends.
-    fn start(&self, job: Claimed, permit: tokio::sync::OwnedSemaphorePermit) {
+    fn start(&self, job: Claimed, permit: tokio::sync::OwnedSemaphorePermit, results: Option<DepResults>) {
         let (env, in_flight) = (self.env.clone(), self.in_flight.clone());
         let (id, token) = (job.id, job.token);
         let abandon = Arc::new(Notify::new());
@@ -382,7 +384,7 @@ impl<S: Store> Fetcher<S> {
         };
         let attempt = async move {
             tokio::select! {
-                () = run_one(&env, job, cancelled) => {}
+                () = run_one(&env, job, cancelled, results) => {}
                 // Out of grace at shutdown: the handler is dropped, and the
                 // job given back by the worker.
                 () = abandon.notified() => {}
@@ -442,15 +444,29 @@ async fn complete_in_batches<S: Store>(store: S, mut done: mpsc::Receiver<Done>,
 }
 
 /// One attempt: heartbeats while the handler runs, then the outcome.
-async fn run_one<S: Store>(env: &AttemptEnv<S>, mut job: Claimed, cancelled: Arc<AtomicBool>) {
+async fn run_one<S: Store>(
+    env: &AttemptEnv<S>,
+    mut job: Claimed,
+    cancelled: Arc<AtomicBool>,
+    results: Option<DepResults>,
+) {
     let AttemptEnv { store, registry, lease, stats, done, progress } = env;
     let lease = *lease;
     let cancelled_flag = cancelled.clone();
     let progress = progress.clone();
     let ctx = JobContext::new(job.id, job.attempt, job.token, cancelled.clone(), progress);
-    let outcome: Result<Option<serde_json::Value>, JobError> = match registry.handler(&job.name) {
-        None => Err(JobError::Permanent(format!("no handler for job `{}` on this consumer", job.name))),
-        Some(handler) => match handler(std::mem::take(&mut job.payload), ctx) {
+    let results = match results {
+        Some(results) => Ok(results),
+        None => dependency_results(store, &job).await,
+    };
+    let ctx = match results {
+        Ok(results) => Ok(ctx.with_results(results)),
+        Err(err) => Err(err),
+    };
+    let outcome: Result<Option<serde_json::Value>, JobError> = match (ctx, registry.handler(&job.name)) {
+        (Err(err), _) => Err(err),
+        (_, None) => Err(JobError::Permanent(format!("no handler for job `{}` on this consumer", job.name))),
+        (Ok(ctx), Some(handler)) => match handler(std::mem::take(&mut job.payload), ctx) {
             Err(bad_payload) => {
                 Err(JobError::Permanent(format!("payload does not fit `{}`: {bad_payload}", job.name)))
             }
@@ -489,6 +505,55 @@ async fn run_one<S: Store>(env: &AttemptEnv<S>, mut job: Claimed, cancelled: Arc
         }
         tracing::warn!("job {}: outcome not recorded: {}", job.id, fastlane::ErrorChain(&err));
     }
+}
+
+/// What the jobs a workflow step waited for returned, in its order.
+type DepResults = Vec<(JobId, Option<serde_json::Value>)>;
+
+/// The results every job of a claim waited for, read in one query (a
+/// chain's steps would otherwise cost a query each). Empty if none waited,
+/// or if the read failed: each job then reads its own.
+async fn prefetch_results<S: Store>(
+    store: &S,
+    claimed: &[Claimed],
+) -> HashMap<JobId, Option<serde_json::Value>> {
+    let mut ids: Vec<JobId> = claimed.iter().flat_map(|job| job.depends_on.iter().copied()).collect();
+    if ids.is_empty() {
+        return HashMap::new();
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    store.results(&ids).await.map(|found| found.into_iter().collect()).unwrap_or_default()
+}
+
+/// A job's share of [`prefetch_results`]; `None` if any is missing (its
+/// attempt then reads them itself, and says what is gone).
+fn take_results(known: &mut HashMap<JobId, Option<serde_json::Value>>, job: &Claimed) -> Option<DepResults> {
+    job.depends_on.iter().map(|id| Some((*id, known.get(id)?.clone()))).collect()
+}
+
+/// What the jobs a workflow step waited for returned, read before its
+/// handler starts (one query, only for a job that waited for some).
+async fn dependency_results<S: Store>(store: &S, job: &Claimed) -> Result<DepResults, JobError> {
+    if job.depends_on.is_empty() {
+        return Ok(Vec::new());
+    }
+    let results = store.results(&job.depends_on).await.map_err(|err| {
+        JobError::Retry(format!("reading the results it waits for failed: {}", fastlane::ErrorChain(&err)))
+    })?;
+    if results.len() < job.depends_on.len() {
+        let gone: Vec<String> = job
+            .depends_on
+            .iter()
+            .filter(|id| !results.iter().any(|(found, _)| found == *id))
+            .map(ToString::to_string)
+            .collect();
+        return Err(JobError::Permanent(format!(
+            "the jobs it waited for are gone (deleted): {}",
+            gone.join(", ")
+        )));
+    }
+    Ok(results)
 }
 
 /// A failed attempt, once recorded: a warning while the job will be tried

@@ -49,6 +49,10 @@ impl From<Lease> for Done {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
+    /// Waiting for the jobs it depends on to succeed (a workflow's later
+    /// step); then `available`, or `scheduled` if its `run_at` is still to
+    /// come.
+    Waiting,
     /// Waiting for its `run_at` time.
     Scheduled,
     /// Ready to be fetched by a worker.
@@ -67,7 +71,8 @@ pub enum JobState {
 
 impl JobState {
     /// Every state, in order.
-    pub const ALL: [JobState; 7] = [
+    pub const ALL: [JobState; 8] = [
+        JobState::Waiting,
         JobState::Scheduled,
         JobState::Available,
         JobState::Running,
@@ -80,6 +85,7 @@ impl JobState {
     /// The name stored and printed.
     pub fn as_str(self) -> &'static str {
         match self {
+            JobState::Waiting => "waiting",
             JobState::Scheduled => "scheduled",
             JobState::Available => "available",
             JobState::Running => "running",
@@ -92,7 +98,14 @@ impl JobState {
 
     /// Still to be done (counts for unique keys).
     pub fn is_pending(self) -> bool {
-        matches!(self, JobState::Scheduled | JobState::Available | JobState::Running | JobState::Retrying)
+        matches!(
+            self,
+            JobState::Waiting
+                | JobState::Scheduled
+                | JobState::Available
+                | JobState::Running
+                | JobState::Retrying
+        )
     }
 }
 
@@ -111,6 +124,27 @@ impl FromStr for JobState {
             .find(|state| state.as_str() == s)
             .ok_or_else(|| Error::NotAJobStore(format!("unknown job state `{s}` in the store")))
     }
+}
+
+/// What a job waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dependency {
+    /// A job already in the store.
+    Stored(JobId),
+    /// An earlier job of the same batch, by position.
+    InBatch(usize),
+}
+
+/// How a job of a workflow batch (`workflow.rs`) is stored: waiting (for how many), due,
+/// or cancelled at once because a job it waits for already failed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Plan {
+    /// `None`: as any job (available, or scheduled for later).
+    pub(crate) state: Option<JobState>,
+    /// How many of the jobs it waits for have yet to succeed.
+    pub(crate) deps_left: i64,
+    /// Why it is cancelled at once.
+    pub(crate) last_error: Option<String>,
 }
 
 /// A job to enqueue: a name, a JSON payload and options.
@@ -141,6 +175,8 @@ pub struct NewJob {
     pub(crate) timeout: Option<Duration>,
     pub(crate) unique_key: Option<String>,
     pub(crate) request_id: Option<String>,
+    /// The jobs it waits for, in the order their results are handed to it.
+    pub(crate) after: Vec<Dependency>,
 }
 
 impl NewJob {
@@ -156,6 +192,7 @@ impl NewJob {
             timeout: None,
             unique_key: None,
             request_id: None,
+            after: Vec::new(),
         }
     }
 
@@ -214,12 +251,32 @@ impl NewJob {
         self
     }
 
+    /// Runs only once job `id`, already stored, has succeeded; its result is
+    /// handed to the handler ([`JobContext::results`](crate::JobContext::results)).
+    /// Call it again for each job to wait for: the results come in that
+    /// order. If the job it waits for ends dead or cancelled, this one is
+    /// cancelled (and so are the jobs waiting for it), saying why.
+    pub fn after(mut self, id: JobId) -> Self {
+        self.after.push(Dependency::Stored(id));
+        self
+    }
+
+    /// Runs only once job number `index` (from 0) of the same
+    /// [`enqueue_many`](crate::Store::enqueue_many) batch, an earlier one,
+    /// has succeeded: a workflow enqueued in one transaction (see [`chain`](crate::chain)
+    /// and [`chord`](crate::chord)). Otherwise as [`after`](Self::after).
+    pub fn after_nth(mut self, index: usize) -> Self {
+        self.after.push(Dependency::InBatch(index));
+        self
+    }
+
     /// The job as one row of a batch insert, checked; `now` decides between
-    /// `scheduled` and `available`.
-    pub(crate) fn to_row(&self, now: i64) -> Result<NewRow<'_>, Error> {
+    /// `scheduled` and `available`, unless its dependencies decide (`plan`).
+    pub(crate) fn to_row(&self, now: i64, plan: Option<&Plan>) -> Result<NewRow<'_>, Error> {
         self.validate()?;
         let run_at = self.run_at.map_or(now, unix_ms);
         let state = if run_at > now { JobState::Scheduled } else { JobState::Available };
+        let state = plan.and_then(|p| p.state).unwrap_or(state);
         Ok(NewRow {
             name: &self.name,
             queue: &self.queue,
@@ -233,6 +290,9 @@ impl NewJob {
             unique_key: self.unique_key.as_deref(),
             request_id: self.request_id.as_deref(),
             created_at: now,
+            deps_left: plan.map_or(0, |p| p.deps_left),
+            last_error: plan.and_then(|p| p.last_error.clone()),
+            finished_at: plan.and_then(|p| p.state).filter(|s| *s == JobState::Cancelled).map(|_| now),
         })
     }
 
@@ -267,13 +327,33 @@ pub(crate) struct NewRow<'a> {
     pub(crate) unique_key: Option<&'a str>,
     pub(crate) request_id: Option<&'a str>,
     pub(crate) created_at: i64,
+    /// How many of the jobs it waits for have yet to succeed.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) deps_left: i64,
+    /// Why a job enqueued after a failed one is cancelled at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) finished_at: Option<i64>,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 /// Checks a batch and turns it into the JSON array of [`NewRow`]s, with the
 /// unique keys it holds; a key given twice in one batch is a
 /// [`Error::Duplicate`].
-pub(crate) fn batch_rows(jobs: &[NewJob], now: i64) -> Result<(String, Vec<&str>), Error> {
-    let rows = jobs.iter().map(|job| job.to_row(now)).collect::<Result<Vec<_>, _>>()?;
+pub(crate) fn batch_rows<'a>(
+    jobs: &'a [NewJob],
+    now: i64,
+    plans: Option<&[Plan]>,
+) -> Result<(String, Vec<&'a str>), Error> {
+    let rows = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, job)| job.to_row(now, plans.and_then(|p| p.get(i))))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut keys: Vec<&str> = rows.iter().filter_map(|r| r.unique_key).collect();
     keys.sort_unstable();
     if let Some(pair) = keys.windows(2).find(|pair| pair[0] == pair[1]) {
@@ -353,6 +433,8 @@ pub struct Claimed {
     pub timeout: Option<Duration>,
     /// The id of the request that enqueued it, if any.
     pub request_id: Option<String>,
+    /// The jobs it waited for (all succeeded), in order.
+    pub depends_on: Vec<JobId>,
 }
 
 impl Claimed {
@@ -364,25 +446,34 @@ impl Claimed {
 
 /// A claimed job as both stores return it: id, name, payload (JSON text),
 /// attempt, max attempts, token, timeout (ms), priority, run at (ms), the
-/// request id.
-pub(crate) type ClaimedRow = (JobId, String, String, i64, i64, i64, Option<i64>, i64, i64, Option<String>);
+/// request id, the jobs it waited for (JSON text).
+pub(crate) type ClaimedRow =
+    (JobId, String, String, i64, i64, i64, Option<i64>, i64, i64, Option<String>, Option<String>);
 
 /// The claimed jobs in the order they are due (RETURNING gives no order):
 /// highest priority first, then the earliest, then the oldest.
 pub(crate) fn claimed_in_order(mut rows: Vec<ClaimedRow>) -> Vec<Claimed> {
     rows.sort_by_key(|row| (std::cmp::Reverse(row.7), row.8, row.0));
     rows.into_iter()
-        .map(|(id, name, payload, attempt, max_attempts, token, timeout_ms, _, _, request_id)| Claimed {
-            id,
-            name,
-            payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
-            attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
-            max_attempts: u32::try_from(max_attempts).unwrap_or(u32::MAX),
-            token,
-            timeout: timeout_ms.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
-            request_id,
+        .map(|(id, name, payload, attempt, max_attempts, token, timeout_ms, _, _, request_id, depends_on)| {
+            Claimed {
+                id,
+                name,
+                payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
+                attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+                max_attempts: u32::try_from(max_attempts).unwrap_or(u32::MAX),
+                token,
+                timeout: timeout_ms.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+                request_id,
+                depends_on: id_list(depends_on.as_deref()),
+            }
         })
         .collect()
+}
+
+/// A list of job ids stored as JSON text (`depends_on`, `dependents`).
+pub(crate) fn id_list(text: Option<&str>) -> Vec<JobId> {
+    text.and_then(|t| serde_json::from_str(t).ok()).unwrap_or_default()
 }
 
 /// One attempt of a job, as recorded.
@@ -440,6 +531,13 @@ pub struct JobInfo {
     /// What its handler returned when it succeeded (JSON); `null` while it
     /// has not, or for a handler that returns nothing.
     pub result: Option<serde_json::Value>,
+    /// The jobs it waits for (or waited for), in the order their results
+    /// are handed to it.
+    pub depends_on: Vec<JobId>,
+    /// How many of those have yet to succeed (while it is `waiting`).
+    pub waiting_for: u32,
+    /// The jobs that wait for it.
+    pub dependents: Vec<JobId>,
     /// Every attempt.
     pub attempts: Vec<Attempt>,
 }

@@ -32,6 +32,10 @@
 //!   consumer in small batches; what the finished jobs say of the store
 //!   ([`TableSizes`], [`Activity`]).
 //!
+//! * `workflow.rs`: jobs that wait for others ([`NewJob::after`], [`chain`],
+//!   [`chord`]): how a waiting job is released once, and how a failure
+//!   cancels what waits for it.
+//!
 //! * `owner.rs`: which process holds a running job, so that a consumer on the
 //!   same host sees at once that it died instead of waiting for its lease.
 //!
@@ -59,6 +63,7 @@ mod schedule;
 mod scheduler;
 mod sqlite;
 mod store;
+mod workflow;
 
 pub use any::{connect, AnyStore};
 pub use consumer::{
@@ -75,3 +80,4 @@ pub use retention::{Activity, Retention, TableSizes};
 pub use schedule::{Missed, Schedule, ScheduleInfo, ScheduleLook};
 pub use sqlite::SqliteStore;
 pub use store::Store;
+pub use workflow::{chain, chord, concat};

@@ -46,6 +46,8 @@ pub struct JobContext {
     token: i64,
     cancelled: Arc<AtomicBool>,
     progress: Arc<dyn ProgressSink>,
+    /// What the jobs it waited for returned, in order.
+    results: Arc<[(JobId, Option<serde_json::Value>)]>,
 }
 
 /// Where a handler's progress reports go.
@@ -77,7 +79,49 @@ impl JobContext {
         cancelled: Arc<AtomicBool>,
         progress: Arc<dyn ProgressSink>,
     ) -> Self {
-        Self { id, attempt, token, cancelled, progress }
+        Self { id, attempt, token, cancelled, progress, results: Arc::new([]) }
+    }
+
+    /// With the results of the jobs it waited for.
+    pub(crate) fn with_results(mut self, results: Vec<(JobId, Option<serde_json::Value>)>) -> Self {
+        self.results = results.into();
+        self
+    }
+
+    /// The jobs it waited for ([`NewJob::after`], a workflow's earlier
+    /// steps), each with what it returned (`None` for nothing), in the
+    /// order they were given. Empty for a job that waited for none.
+    pub fn dependency_results(&self) -> &[(JobId, Option<serde_json::Value>)] {
+        &self.results
+    }
+
+    /// The results of the jobs it waited for, read as `T`, in order: a
+    /// chord's final step gets every member's. A result that does not fit
+    /// `T` fails the attempt for good, naming the job (a retry would read
+    /// the same).
+    pub fn results<T: DeserializeOwned>(&self) -> Result<Vec<T>, JobError> {
+        self.results
+            .iter()
+            .map(|(id, value)| {
+                serde_json::from_value(value.clone().unwrap_or(serde_json::Value::Null)).map_err(|e| {
+                    JobError::Permanent(format!(
+                        "the result of job {id}, which it waited for, does not fit: {e}"
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// The result of the one job it waited for, read as `T`: a chain's step
+    /// gets the step before's. Fails the attempt for good if it waited for
+    /// none or for several (use [`results`](Self::results)).
+    pub fn result<T: DeserializeOwned>(&self) -> Result<T, JobError> {
+        match self.results.len() {
+            1 => Ok(self.results::<T>()?.remove(0)),
+            n => Err(JobError::Permanent(format!(
+                "it waited for {n} jobs, not one: read their results with `results`"
+            ))),
+        }
     }
 
     /// True once the job has been cancelled (the worker looks every second,

@@ -153,17 +153,25 @@ pub(crate) async fn run<S: Store>(
 
 /// The store operations of retention, inside a backend's `impl Store`, with
 /// its `classify`, `write_tx`, `skip_locked!` (` FOR UPDATE SKIP LOCKED`, or
-/// nothing) and `STORE_BYTES` (a query of the store's size) in scope.
+/// nothing), `json_ids!` (the elements of a JSON array) and `STORE_BYTES` (a
+/// query of the store's size) in scope.
 macro_rules! retention_methods {
     () => {
         async fn prune(&self, retention: &crate::Retention, now: i64) -> Result<u64, Error> {
             let [succeeded, cancelled, dead] = retention.cutoffs(now);
             let mut tx = self.write_tx().await?;
             let done = sqlx::query(concat!(
-                "DELETE FROM fastlane_jobs WHERE id IN (SELECT id FROM fastlane_jobs \
+                "DELETE FROM fastlane_jobs WHERE id IN (SELECT id FROM fastlane_jobs j \
                  WHERE state IN ('succeeded', 'cancelled', 'dead') AND finished_at < $1 \
                  AND ((state = 'succeeded' AND finished_at < $2) OR (state = 'cancelled' AND finished_at < $3) \
-                 OR (state = 'dead' AND finished_at < $4)) ORDER BY finished_at LIMIT $5",
+                 OR (state = 'dead' AND finished_at < $4)) \
+                 AND (j.dependents IS NULL OR NOT EXISTS (SELECT 1 FROM ",
+                // A job's result stays while a job waiting for it may still
+                // run (and read it).
+                json_ids!("j.dependents"),
+                " AS e, fastlane_jobs w WHERE w.id = CAST(e.value AS BIGINT) \
+                 AND w.state IN ('waiting', 'scheduled', 'available', 'running', 'retrying'))) \
+                 ORDER BY finished_at LIMIT $5",
                 skip_locked!(),
                 ")"
             ))

@@ -122,6 +122,15 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// A job with its attempts.
     fn get(&self, id: JobId) -> impl Future<Output = Result<JobInfo, Error>> + Send;
 
+    /// The results of the jobs `ids` (JSON; `None` for a job that has not
+    /// succeeded or returned nothing), in the order asked; a job that does
+    /// not exist is left out. What a workflow step's handler is given of
+    /// the jobs it waited for.
+    fn results(
+        &self,
+        ids: &[JobId],
+    ) -> impl Future<Output = Result<Vec<(JobId, Option<serde_json::Value>)>, Error>> + Send;
+
     /// Job counts for every state.
     fn stats(&self) -> impl Future<Output = Result<Stats, Error>> + Send;
 

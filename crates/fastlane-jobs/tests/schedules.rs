@@ -6,73 +6,14 @@
 //! `FASTLANE_TEST_PG_URL` is set (said to be skipped otherwise).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::time::Duration;
 
-use fastlane_jobs::{
-    ConsumerConfig, JobContext, JobState, Missed, NewJob, PgStore, Registry, Schedule, SqliteStore, Store,
-};
+use fastlane_jobs::{ConsumerConfig, JobContext, JobState, Missed, NewJob, Registry, Schedule, Store};
 use serde_json::json;
 
-/// Three handles on one fresh database, each with connections of its own;
-/// and what to do to clean up.
-enum Db {
-    Sqlite(Vec<SqliteStore>, std::path::PathBuf),
-    Postgres(Vec<PgStore>, sqlx::PgPool, String),
-}
+mod support;
 
-fn unique_name(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    format!("{prefix}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
-}
-
-async fn sqlite() -> Db {
-    let dir = std::env::temp_dir().join(unique_name("fastlane_schedules_test"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let url = format!("sqlite://{}", dir.join("jobs.db").display());
-    let mut stores = Vec::new();
-    for _ in 0..3 {
-        stores.push(SqliteStore::open(&url).await.unwrap());
-    }
-    Db::Sqlite(stores, dir)
-}
-
-async fn postgres(test: &str) -> Option<Db> {
-    let Ok(url) = std::env::var("FASTLANE_TEST_PG_URL") else {
-        let _ = writeln!(std::io::stderr(), "skipped postgres::{test}: FASTLANE_TEST_PG_URL is not set");
-        return None;
-    };
-    let schema = unique_name("fastlane_sched");
-    let admin = sqlx::PgPool::connect(&url).await.expect("connect to FASTLANE_TEST_PG_URL");
-    sqlx::raw_sql(&format!("CREATE SCHEMA {schema}")).execute(&admin).await.unwrap();
-    let options = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&url)
-        .unwrap()
-        .options([("search_path", schema.as_str())]);
-    let mut stores = Vec::new();
-    for _ in 0..3 {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .connect_with(options.clone())
-            .await
-            .unwrap();
-        stores.push(PgStore::from_pool(pool).await.unwrap());
-    }
-    Some(Db::Postgres(stores, admin, schema))
-}
-
-impl Db {
-    async fn clean_up(self) {
-        match self {
-            Db::Sqlite(_, dir) => {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-            Db::Postgres(_, admin, schema) => {
-                let _ = sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE")).execute(&admin).await;
-            }
-        }
-    }
-}
+use support::{on_both_stores, sqlite, Db};
 
 fn noop() -> NewJob {
     NewJob::new("noop", json!({}))
@@ -209,37 +150,7 @@ mod suite {
     }
 }
 
-macro_rules! both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let db = sqlite().await;
-                    let Db::Sqlite(stores, _) = &db else { unreachable!() };
-                    suite::$name(stores).await;
-                    db.clean_up().await;
-                }
-            )*
-        }
-
-        mod postgres {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let Some(db) = postgres(stringify!($name)).await else { return };
-                    let Db::Postgres(stores, _, _) = &db else { unreachable!() };
-                    suite::$name(stores).await;
-                    db.clean_up().await;
-                }
-            )*
-        }
-    };
-}
-
-both_stores!(
+on_both_stores!(
     racing_schedulers_enqueue_each_tick_once,
     missed_ticks_run_once_or_are_skipped,
     schedules_are_listed_and_a_changed_one_restarts,
@@ -249,7 +160,7 @@ both_stores!(
 /// the jobs of its ticks are enqueued once each and run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_run_their_registrys_schedules() {
-    let db = sqlite().await;
+    let db = sqlite(3).await;
     let Db::Sqlite(stores, _) = &db else { unreachable!() };
     let registry = Registry::new()
         .register("noop", |_: serde_json::Value, _ctx: JobContext| async { Ok(()) })

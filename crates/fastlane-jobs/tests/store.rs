@@ -439,7 +439,8 @@ mod suite {
         store.enqueue(NewJob::new("a", json!(null))).await.unwrap();
         store.enqueue(NewJob::new("a", json!(null)).delay(Duration::from_secs(60))).await.unwrap();
         let stats = store.stats().await.unwrap();
-        assert_eq!(stats.len(), 7);
+        assert_eq!(stats.len(), 8);
+        assert_eq!(stats[&JobState::Waiting], 0);
         assert_eq!(stats[&JobState::Available], 1);
         assert_eq!(stats[&JobState::Scheduled], 1);
         assert_eq!(stats[&JobState::Dead], 0);

@@ -25,6 +25,31 @@ pub async fn enqueue_copies<S: Store>(
     Ok(last)
 }
 
+/// Enqueues `count` copies of `job` as chains of `steps` (the last one
+/// shorter if `steps` does not divide `count`), whole chains of about
+/// `batch` jobs per transaction.
+async fn enqueue_chains<S: Store>(
+    store: &S,
+    job: &NewJob,
+    count: u64,
+    batch: usize,
+    steps: usize,
+) -> Result<(), fastlane_jobs::Error> {
+    let mut left = count;
+    while left > 0 {
+        let mut chains = Vec::new();
+        let mut size = 0;
+        while left > 0 && size < batch.max(steps) {
+            let n = left.min(steps as u64) as usize;
+            chains.push(fastlane_jobs::chain(vec![job.clone(); n]));
+            size += n;
+            left -= n as u64;
+        }
+        store.enqueue_many(fastlane_jobs::concat(chains)).await?;
+    }
+    Ok(())
+}
+
 /// The result of `fastlane jobs bench`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchResult {
@@ -32,6 +57,8 @@ pub struct BenchResult {
     pub jobs: u64,
     /// Jobs per enqueue call (one transaction each).
     pub batch: usize,
+    /// Steps per chain (1: independent jobs).
+    pub chain: usize,
     /// Worker concurrency.
     pub concurrency: usize,
     /// Enqueue rate (jobs/s).
@@ -42,14 +69,16 @@ pub struct BenchResult {
     pub seconds: f64,
 }
 
-/// Enqueues `jobs` noop jobs in batches of `batch`, drains them with a worker
-/// of `concurrency` that runs from the start (as in production), and
-/// measures both.
+/// Enqueues `jobs` noop jobs in batches of `batch` (as chains of `chain`
+/// steps, if more than 1: each step waits for the one before), drains them
+/// with a worker of `concurrency` that runs from the start (as in
+/// production), and measures both.
 pub async fn bench<S: Store>(
     store: &S,
     jobs: u64,
     batch: usize,
     concurrency: usize,
+    chain: usize,
 ) -> Result<BenchResult, fastlane_jobs::Error> {
     let queue = format!("bench-{}", std::process::id());
     let done = std::sync::Arc::new(fastlane_jobs::ConsumerStats::default());
@@ -65,8 +94,12 @@ pub async fn bench<S: Store>(
         Duration::from_secs(30),
         done.clone(),
     ));
-    enqueue_copies(store, &NewJob::new("noop", serde_json::Value::Null).queue(queue.clone()), jobs, batch)
-        .await?;
+    let noop = NewJob::new("noop", serde_json::Value::Null).queue(queue.clone());
+    if chain > 1 {
+        enqueue_chains(store, &noop, jobs, batch, chain).await?;
+    } else {
+        enqueue_copies(store, &noop, jobs, batch).await?;
+    }
     let enqueued_in = started.elapsed();
     // The worker's own counter: no store query competing with the worker.
     let stats = loop {
@@ -82,6 +115,7 @@ pub async fn bench<S: Store>(
     Ok(BenchResult {
         jobs: stats,
         batch,
+        chain: chain.max(1),
         concurrency,
         enqueue_per_s: jobs as f64 / enqueued_in.as_secs_f64().max(1e-9),
         jobs_per_s: stats as f64 / seconds.max(1e-9),

@@ -17,10 +17,21 @@ struct FailPayload {
     times: u32,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EchoPayload {
+    value: serde_json::Value,
+    #[serde(default)]
+    ms: u64,
+}
+
 /// The built-in demo job types: `noop`; `sleep` (`{"ms": N}`, an async
 /// sleep in ten steps, reporting progress after each; its result is
 /// `{"slept_ms": N}`); `fail` (`{"times": N}`: fails N attempts, then
-/// succeeds with `{"succeeded_at_attempt": N + 1}`).
+/// succeeds with `{"succeeded_at_attempt": N + 1}`); `echo` (`{"value": V,
+/// "ms": N}`: sleeps N ms, 0 by default, and returns V); `gather` (any
+/// payload: returns the results of the jobs it waited for, in order, as an
+/// array: a workflow's final step).
 pub fn demo_registry() -> Registry {
     Registry::new()
         .register("noop", |_: serde_json::Value, _ctx: JobContext| async { Ok(()) })
@@ -52,5 +63,14 @@ pub fn demo_registry() -> Registry {
             } else {
                 Ok(serde_json::json!({ "succeeded_at_attempt": ctx.attempt }))
             }
+        })
+        .register("echo", |p: EchoPayload, _ctx: JobContext| async move {
+            tokio::time::sleep(Duration::from_millis(p.ms.min(3_600_000))).await;
+            Ok(p.value)
+        })
+        .register("gather", |_: serde_json::Value, ctx: JobContext| async move {
+            let results: Vec<serde_json::Value> =
+                ctx.dependency_results().iter().map(|(_, r)| r.clone().unwrap_or_default()).collect();
+            Ok(results)
         })
 }

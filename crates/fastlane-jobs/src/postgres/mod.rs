@@ -17,12 +17,13 @@ use tokio::sync::Notify;
 
 use crate::common::{finish_method, record_attempts_sql, store_methods};
 use crate::job::{
-    after_failure, batch_rows, claimed_in_order, done_rows, fenced_among, in_batch_order, ms_after, now_ms,
+    after_failure, batch_rows, claimed_in_order, done_rows, in_batch_order, ms_after, now_ms,
     push_running_attempt, Attempt, Claimed, ClaimedRow, Done, JobId, JobInfo, JobState, JobSummary, Lease,
     NewJob, Stats,
 };
 use crate::retention::retention_methods;
 use crate::scheduler::schedule_methods;
+use crate::workflow::workflow_fns;
 use crate::{Error, Store};
 
 /// A pruning batch skips rows another consumer's pruner holds, so that
@@ -45,6 +46,39 @@ macro_rules! lock_row {
         " FOR UPDATE"
     };
 }
+
+/// The elements of a JSON array (text), as a table with a `value` column.
+macro_rules! json_ids {
+    ($array:literal) => {
+        concat!("jsonb_array_elements_text(CAST(", $array, " AS JSONB))")
+    };
+}
+
+/// ` = ANY(...)`: the column before it is one of the ids of a JSON array (a
+/// bound parameter). An array, not an `IN (SELECT ...)`: PostgreSQL plans
+/// the semi-join from its guess of the table's size and scans the table
+/// once it has grown past the guess (seen in the chains benchmark); an
+/// array is looked up in the key's index, however big the table.
+macro_rules! id_among {
+    ($array:literal) => {
+        concat!(
+            " = ANY(ARRAY(SELECT CAST(value AS BIGINT) FROM jsonb_array_elements_text(CAST(",
+            $array,
+            " AS JSONB))))"
+        )
+    };
+}
+
+/// Each waiting job of a workflow batch gets its `depends_on` list.
+const SET_DEPENDS_ON: &str = "UPDATE fastlane_jobs j SET depends_on = CAST(x.ids AS TEXT) \
+     FROM jsonb_to_recordset(CAST($1 AS JSONB)) AS x(id BIGINT, ids JSONB) WHERE j.id = x.id";
+
+/// Each job waited for gets its new waiters added to `dependents`.
+const ADD_DEPENDENTS: &str = "UPDATE fastlane_jobs j \
+     SET dependents = CAST(COALESCE(CAST(j.dependents AS JSONB), CAST('[]' AS JSONB)) || x.ids AS TEXT) \
+     FROM jsonb_to_recordset(CAST($1 AS JSONB)) AS x(id BIGINT, ids JSONB) WHERE j.id = x.id";
+
+workflow_fns!(sqlx::PgConnection);
 
 /// A job store in a PostgreSQL database (`postgres://...`); its tables are
 /// created (and migrated) on first use, beside the application's own.
@@ -115,6 +149,39 @@ impl PgStore {
 
     finish_method!();
 
+    /// Ends the expired last attempts of jobs that others wait for: dead,
+    /// their waiters cancelled, in one transaction. (`claim_many`'s rescue
+    /// statement, which runs without a transaction, leaves them here, so
+    /// that a crash between two statements cannot leave a waiter behind a
+    /// dead job.)
+    async fn expire_last_attempts(&self, queue: &str, now: i64) -> Result<(), Error> {
+        let mut tx = self.write_tx().await?;
+        let ended: Vec<(JobId, Option<String>)> = sqlx::query_as(concat!(
+            "WITH expired AS (UPDATE fastlane_jobs SET lease_until = NULL, state = 'dead', finished_at = $1, \
+               last_error = 'lease expired on the last attempt' \
+             WHERE id IN (SELECT id FROM fastlane_jobs WHERE queue = $2 AND state = 'running' \
+               AND lease_until < $1 AND attempt >= max_attempts AND dependents IS NOT NULL \
+               FOR UPDATE SKIP LOCKED) \
+             RETURNING id, attempt, worker, started_at, dependents), \
+             recorded AS (",
+            record_attempts_sql!(
+                "SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, $1), $1, 'lease expired', NULL \
+                 FROM expired"
+            ),
+            ") SELECT id, dependents FROM expired"
+        ))
+        .bind(now)
+        .bind(queue)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        for (id, dependents) in ended {
+            cancel_dependents(&mut tx, id, "dead", dependents, now).await?;
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(())
+    }
+
     /// Jobs were committed: this process's idle workers wake at once
     /// (`enqueue_in`'s NOTIFY wakes every process's, a moment later).
     fn enqueued(&self) {
@@ -173,25 +240,32 @@ impl Store for PgStore {
         // again (or dead, if that was the last attempt). One statement, no
         // transaction: each statement is atomic, and SKIP LOCKED keeps
         // workers that rescue at the same time off each other's rows.
-        sqlx::query(concat!(
+        let last_with_waiters: bool = sqlx::query_scalar(concat!(
             "WITH expired AS (UPDATE fastlane_jobs SET lease_until = NULL, \
                state = CASE WHEN attempt >= max_attempts THEN 'dead' ELSE 'available' END, \
                finished_at = CASE WHEN attempt >= max_attempts THEN $1 ELSE finished_at END, \
                last_error = CASE WHEN attempt >= max_attempts THEN 'lease expired on the last attempt' \
                ELSE last_error END \
              WHERE id IN (SELECT id FROM fastlane_jobs WHERE queue = $2 AND state = 'running' \
-               AND lease_until < $1 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, attempt, worker, started_at) ",
+               AND lease_until < $1 AND NOT (attempt >= max_attempts AND dependents IS NOT NULL) \
+               FOR UPDATE SKIP LOCKED) \
+             RETURNING id, attempt, worker, started_at), \
+             recorded AS (",
             record_attempts_sql!(
                 "SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, $1), $1, 'lease expired', NULL \
                  FROM expired"
-            )
+            ),
+            ") SELECT EXISTS (SELECT 1 FROM fastlane_jobs WHERE queue = $2 AND state = 'running' \
+               AND lease_until < $1 AND attempt >= max_attempts AND dependents IS NOT NULL)"
         ))
         .bind(now)
         .bind(queue)
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await
         .map_err(classify)?;
+        if last_with_waiters {
+            self.expire_last_attempts(queue, now).await?;
+        }
         let rows: Vec<ClaimedRow> = sqlx::query_as(
             "WITH picked AS (SELECT id FROM fastlane_jobs WHERE queue = $4 \
                AND state IN ('scheduled','available','retrying') AND run_at <= $3 \
@@ -200,7 +274,7 @@ impl Store for PgStore {
              lease_until = $1, worker = $2, started_at = $3, owner = $6, progress = NULL, progress_message = NULL \
              FROM picked WHERE j.id = picked.id \
              RETURNING j.id, j.name, j.payload, j.attempt, j.max_attempts, j.token, j.timeout_ms, j.priority::BIGINT, j.run_at, \
-             j.request_id",
+             j.request_id, j.depends_on",
         )
         .bind(lease_until)
         .bind(consumer)
@@ -232,31 +306,73 @@ impl Store for PgStore {
     }
 
     async fn complete_many(&self, done: &[Done]) -> Result<Vec<Lease>, Error> {
-        if done.is_empty() {
-            return Ok(Vec::new());
+        // A success that a concurrent write to its row held up is left for
+        // the next pass (see `complete_pass`); what three passes leave is
+        // fenced. The first pass records all but a zombie's, almost always.
+        let mut left: Vec<Done> = done.to_vec();
+        for _ in 0..3 {
+            if left.is_empty() {
+                break;
+            }
+            let recorded = self.complete_pass(&left).await?;
+            left.retain(|d| !recorded.contains(&d.lease.job));
         }
+        Ok(left.into_iter().map(|d| d.lease).collect())
+    }
+}
+
+impl PgStore {
+    /// One statement that records the successes of `done` whose row no one
+    /// changed since the statement's snapshot; returns their ids.
+    ///
+    /// The fencing check: only attempts holding the current token are
+    /// recorded; a zombie's late completion changes nothing. The job rows
+    /// and their attempt records change together. A success also takes one
+    /// off each of the job's waiters (`dependents`) and makes due those left
+    /// with none (see workflow.rs). A job whose row was changed after the
+    /// snapshot (its `xmin` differs from the snapshot's: an enqueue added a
+    /// waiter, which the snapshot cannot see, or a retry made one wait
+    /// again) is not recorded in this statement; the next pass, with a new
+    /// snapshot, sees the waiter.
+    async fn complete_pass(&self, done: &[Done]) -> Result<std::collections::HashSet<i64>, Error> {
         let now = now_ms();
-        // The fencing check: only attempts holding the current token are
-        // recorded; a zombie's late completion changes nothing. One
-        // statement: the job rows and their attempt records change together.
-        let recorded: Vec<i64> = sqlx::query_scalar(concat!(
+        let rows: Vec<(Option<i64>, Option<String>)> = sqlx::query_as(concat!(
             "WITH done AS (UPDATE fastlane_jobs j SET state = 'succeeded', lease_until = NULL, finished_at = $1, \
                result = d.result \
-               FROM jsonb_to_recordset($2::jsonb) AS d(id BIGINT, token BIGINT, result TEXT) \
-               WHERE j.id = d.id AND j.token = d.token AND j.state = 'running' \
-               RETURNING j.id, j.attempt, j.worker, j.started_at) ",
+               FROM jsonb_to_recordset($2::jsonb) AS d(id BIGINT, token BIGINT, result TEXT), fastlane_jobs s \
+               WHERE j.id = d.id AND s.id = d.id AND j.token = d.token AND j.state = 'running' AND j.xmin = s.xmin \
+               RETURNING j.id, j.attempt, j.worker, j.started_at, j.dependents), \
+             recorded AS (",
             record_attempts_sql!(
                 "SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, $1), $1, 'succeeded', NULL \
                  FROM done"
             ),
-            " RETURNING job_id"
+            " RETURNING job_id), \
+             released AS (UPDATE fastlane_jobs w SET deps_left = w.deps_left - x.n, \
+               state = CASE WHEN w.deps_left - x.n > 0 THEN 'waiting' \
+               WHEN w.run_at > w.created_at AND w.run_at > $1 THEN 'scheduled' ELSE 'available' END, \
+               run_at = CASE WHEN w.deps_left - x.n > 0 OR (w.run_at > w.created_at AND w.run_at > $1) \
+               THEN w.run_at ELSE $1 END \
+               FROM (SELECT CAST(e.value AS BIGINT) AS id, COUNT(*) AS n FROM done, ",
+            json_ids!("done.dependents"),
+            " AS e WHERE done.dependents IS NOT NULL GROUP BY 1) AS x \
+               WHERE w.id = x.id AND w.state = 'waiting' RETURNING w.queue, w.state) \
+             SELECT job_id, CAST(NULL AS TEXT) FROM recorded \
+             UNION ALL SELECT NULL, queue FROM released WHERE state = 'available'"
         ))
         .bind(now)
         .bind(done_rows(done))
         .fetch_all(&self.pool)
         .await
         .map_err(classify)?;
-        Ok(fenced_among(done, recorded))
+        let mut due: Vec<&str> = rows.iter().filter_map(|(_, queue)| queue.as_deref()).collect();
+        if !due.is_empty() {
+            due.sort_unstable();
+            due.dedup();
+            self.enqueued();
+            notify_queues(&self.pool, &due).await?;
+        }
+        Ok(rows.iter().filter_map(|(id, _)| *id).collect())
     }
 }
 
@@ -295,11 +411,43 @@ pub(crate) async fn enqueue_in(tx: &mut sqlx::PgConnection, jobs: Vec<NewJob>) -
         return Ok(Vec::new());
     }
     let now = now_ms();
-    let (rows, keys) = batch_rows(&jobs, now)?;
+    let ids = if crate::workflow::has_dependencies(&jobs) {
+        enqueue_workflow(tx, &jobs, now).await?
+    } else {
+        insert_rows(tx, &jobs, now, None).await?
+    };
+    let mut queues: Vec<&str> = jobs.iter().map(|job| job.queue.as_str()).collect();
+    queues.sort_unstable();
+    queues.dedup();
+    notify_queues(&mut *tx, &queues).await?;
+    Ok(ids)
+}
+
+/// Wakes the idle workers of `queues` in every process (delivered when the
+/// transaction commits).
+async fn notify_queues<'e>(conn: impl sqlx::PgExecutor<'e>, queues: &[&str]) -> Result<(), Error> {
+    sqlx::query("SELECT pg_notify($1, q) FROM UNNEST($2::TEXT[]) AS q")
+        .bind(CHANNEL)
+        .bind(queues)
+        .execute(conn)
+        .await
+        .map_err(classify)?;
+    Ok(())
+}
+
+/// Inserts a checked batch (planned, if some of its jobs wait for others)
+/// in one statement; the ids in the batch's order.
+async fn insert_rows(
+    tx: &mut sqlx::PgConnection,
+    jobs: &[NewJob],
+    now: i64,
+    plans: Option<&[crate::job::Plan]>,
+) -> Result<Vec<JobId>, Error> {
+    let (rows, keys) = batch_rows(jobs, now, plans)?;
     if !keys.is_empty() {
         let taken: Option<String> = sqlx::query_scalar(
             "SELECT unique_key FROM fastlane_jobs WHERE unique_key = ANY($1) \
-             AND state IN ('scheduled','available','running','retrying') LIMIT 1",
+             AND state IN ('waiting','scheduled','available','running','retrying') LIMIT 1",
         )
         .bind(&keys)
         .fetch_optional(&mut *tx)
@@ -309,33 +457,38 @@ pub(crate) async fn enqueue_in(tx: &mut sqlx::PgConnection, jobs: Vec<NewJob>) -
             return Err(Error::Duplicate(key));
         }
     }
-    let ids: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO fastlane_jobs (name, queue, payload, state, priority, run_at, max_attempts, timeout_ms, \
-         unique_key, request_id, created_at) \
-         SELECT r ->> 'name', r ->> 'queue', r ->> 'payload', r ->> 'state', (r ->> 'priority')::INTEGER, \
-         (r ->> 'run_at')::BIGINT, (r ->> 'max_attempts')::BIGINT, (r ->> 'timeout_ms')::BIGINT, \
-         r ->> 'unique_key', r ->> 'request_id', (r ->> 'created_at')::BIGINT \
-         FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(r, n) ORDER BY n RETURNING id",
-    )
-    .bind(&rows)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(|err| match &err {
-        // Another transaction inserted the same key between our check and
-        // our insert: the partial unique index has the last word.
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
-            Error::Duplicate(keys.join(", "))
-        }
-        _ => classify(err),
-    })?;
-    let mut queues: Vec<&str> = jobs.iter().map(|job| job.queue.as_str()).collect();
-    queues.sort_unstable();
-    queues.dedup();
-    sqlx::query("SELECT pg_notify($1, q) FROM UNNEST($2::TEXT[]) AS q")
-        .bind(CHANNEL)
-        .bind(&queues)
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
+    // A workflow's rows carry how many jobs each waits for (and why one is
+    // cancelled at once); a plain batch leaves those columns to their
+    // defaults, a little less to parse per job on the hot path.
+    macro_rules! insert {
+        ($columns:literal, $values:literal) => {
+            concat!(
+                "INSERT INTO fastlane_jobs (name, queue, payload, state, priority, run_at, max_attempts, timeout_ms, \
+                 unique_key, request_id, created_at",
+                $columns,
+                ") SELECT r ->> 'name', r ->> 'queue', r ->> 'payload', r ->> 'state', (r ->> 'priority')::INTEGER, \
+                 (r ->> 'run_at')::BIGINT, (r ->> 'max_attempts')::BIGINT, (r ->> 'timeout_ms')::BIGINT, \
+                 r ->> 'unique_key', r ->> 'request_id', (r ->> 'created_at')::BIGINT",
+                $values,
+                " FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(r, n) ORDER BY n RETURNING id"
+            )
+        };
+    }
+    let sql = match plans {
+        Some(_) => insert!(
+            ", deps_left, last_error, finished_at",
+            ", COALESCE((r ->> 'deps_left')::BIGINT, 0), r ->> 'last_error', (r ->> 'finished_at')::BIGINT"
+        ),
+        None => insert!("", ""),
+    };
+    let ids: Vec<i64> =
+        sqlx::query_scalar(sql).bind(&rows).fetch_all(&mut *tx).await.map_err(|err| match &err {
+            // Another transaction inserted the same key between our check and
+            // our insert: the partial unique index has the last word.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
+                Error::Duplicate(keys.join(", "))
+            }
+            _ => classify(err),
+        })?;
     Ok(in_batch_order(ids))
 }

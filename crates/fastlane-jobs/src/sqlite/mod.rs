@@ -24,6 +24,7 @@ use crate::job::{
 };
 use crate::retention::retention_methods;
 use crate::scheduler::schedule_methods;
+use crate::workflow::workflow_fns;
 use crate::{Error, Store};
 
 /// A pruning batch needs no row locks: `BEGIN IMMEDIATE` holds the store's
@@ -43,6 +44,61 @@ macro_rules! lock_row {
     () => {
         ""
     };
+}
+
+/// The elements of a JSON array (text), as a table with a `value` column.
+macro_rules! json_ids {
+    ($array:literal) => {
+        concat!("json_each(", $array, ")")
+    };
+}
+
+/// ` IN (...)`: the column before it is one of the ids of a JSON array (a
+/// bound parameter); SQLite looks each up by its key.
+macro_rules! id_among {
+    ($array:literal) => {
+        concat!(" IN (SELECT value FROM json_each(", $array, "))")
+    };
+}
+
+/// Each waiting job of a workflow batch gets its `depends_on` list.
+const SET_DEPENDS_ON: &str = "UPDATE fastlane_jobs SET depends_on = x.ids \
+     FROM (SELECT value ->> 'id' AS id, value ->> 'ids' AS ids FROM json_each(?1)) AS x \
+     WHERE fastlane_jobs.id = x.id";
+
+/// Each job waited for gets its new waiters added to `dependents`.
+const ADD_DEPENDENTS: &str = "UPDATE fastlane_jobs SET dependents = (SELECT json_group_array(value) FROM \
+     (SELECT value FROM json_each(COALESCE(fastlane_jobs.dependents, '[]')) UNION ALL SELECT value FROM json_each(x.ids))) \
+     FROM (SELECT value ->> 'id' AS id, value ->> 'ids' AS ids FROM json_each(?1)) AS x \
+     WHERE fastlane_jobs.id = x.id";
+
+workflow_fns!(sqlx::SqliteConnection);
+
+/// Takes one job to wait for off each of `waiters` per time it is listed
+/// (once per success of a job it waits for), and makes those left with none
+/// due; returns how many became available. A released job is due from now,
+/// or at its own `run_at` if it was enqueued with one still to come (a
+/// job's `run_at` is its `created_at` unless given). (PostgreSQL does this in its
+/// completion statement.)
+async fn release_dependents(
+    conn: &mut sqlx::SqliteConnection,
+    waiters: &[JobId],
+    now: i64,
+) -> Result<u64, Error> {
+    let states: Vec<String> = sqlx::query_scalar(
+        "UPDATE fastlane_jobs SET deps_left = deps_left - x.n, \
+         state = CASE WHEN deps_left - x.n > 0 THEN 'waiting' \
+         WHEN run_at > created_at AND run_at > ?1 THEN 'scheduled' ELSE 'available' END, \
+         run_at = CASE WHEN deps_left - x.n > 0 OR (run_at > created_at AND run_at > ?1) THEN run_at ELSE ?1 END \
+         FROM (SELECT value AS id, COUNT(*) AS n FROM json_each(?2) GROUP BY value) AS x \
+         WHERE fastlane_jobs.id = x.id AND fastlane_jobs.state = 'waiting' RETURNING fastlane_jobs.state",
+    )
+    .bind(now)
+    .bind(crate::workflow::id_array(waiters))
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(classify)?;
+    Ok(states.iter().filter(|s| *s == "available").count() as u64)
 }
 
 /// A job store in a SQLite file (`sqlite://path/to/jobs.db`), created on
@@ -133,12 +189,26 @@ impl SqliteStore {
 /// batch's order.
 async fn enqueue_in(tx: &mut sqlx::SqliteConnection, jobs: Vec<NewJob>) -> Result<Vec<JobId>, Error> {
     let now = now_ms();
-    let (rows, keys) = batch_rows(&jobs, now)?;
+    if crate::workflow::has_dependencies(&jobs) {
+        return enqueue_workflow(tx, &jobs, now).await;
+    }
+    insert_rows(tx, &jobs, now, None).await
+}
+
+/// Inserts a checked batch (planned, if some of its jobs wait for others)
+/// in one statement; the ids in the batch's order.
+async fn insert_rows(
+    tx: &mut sqlx::SqliteConnection,
+    jobs: &[NewJob],
+    now: i64,
+    plans: Option<&[crate::job::Plan]>,
+) -> Result<Vec<JobId>, Error> {
+    let (rows, keys) = batch_rows(jobs, now, plans)?;
     if !keys.is_empty() {
         let keys = serde_json::to_string(&keys).map_err(|e| Error::Invalid(e.to_string()))?;
         let taken: Option<String> = sqlx::query_scalar(
             "SELECT unique_key FROM fastlane_jobs WHERE unique_key IN (SELECT value FROM json_each(?)) \
-             AND state IN ('scheduled','available','running','retrying') LIMIT 1",
+             AND state IN ('waiting','scheduled','available','running','retrying') LIMIT 1",
         )
         .bind(keys)
         .fetch_optional(&mut *tx)
@@ -148,18 +218,31 @@ async fn enqueue_in(tx: &mut sqlx::SqliteConnection, jobs: Vec<NewJob>) -> Resul
             return Err(Error::Duplicate(key));
         }
     }
-    let ids: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO fastlane_jobs (name, queue, payload, state, priority, run_at, max_attempts, timeout_ms, \
-         unique_key, request_id, created_at) \
-         SELECT value ->> 'name', value ->> 'queue', value ->> 'payload', value ->> 'state', \
-         value ->> 'priority', value ->> 'run_at', value ->> 'max_attempts', value ->> 'timeout_ms', \
-         value ->> 'unique_key', value ->> 'request_id', value ->> 'created_at' FROM json_each(?) ORDER BY key \
-         RETURNING id",
-    )
-    .bind(rows)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(classify)?;
+    // A workflow's rows carry how many jobs each waits for (and why one is
+    // cancelled at once); a plain batch leaves those columns to their
+    // defaults, a little less to parse per job on the hot path.
+    macro_rules! insert {
+        ($columns:literal, $values:literal) => {
+            concat!(
+                "INSERT INTO fastlane_jobs (name, queue, payload, state, priority, run_at, max_attempts, timeout_ms, \
+                 unique_key, request_id, created_at",
+                $columns,
+                ") SELECT value ->> 'name', value ->> 'queue', value ->> 'payload', value ->> 'state', \
+                 value ->> 'priority', value ->> 'run_at', value ->> 'max_attempts', value ->> 'timeout_ms', \
+                 value ->> 'unique_key', value ->> 'request_id', value ->> 'created_at'",
+                $values,
+                " FROM json_each(?) ORDER BY key RETURNING id"
+            )
+        };
+    }
+    let sql = match plans {
+        Some(_) => insert!(
+            ", deps_left, last_error, finished_at",
+            ", COALESCE(value ->> 'deps_left', 0), value ->> 'last_error', value ->> 'finished_at'"
+        ),
+        None => insert!("", ""),
+    };
+    let ids: Vec<i64> = sqlx::query_scalar(sql).bind(rows).fetch_all(&mut *tx).await.map_err(classify)?;
     Ok(in_batch_order(ids))
 }
 
@@ -235,19 +318,25 @@ impl Store for SqliteStore {
         .map_err(classify)?;
         if !expired.is_empty() {
             record_attempts(&mut tx, &expired, now, "lease expired", None).await?;
-            sqlx::query(
+            let ended: Vec<(JobId, String, Option<String>)> = sqlx::query_as(
                 "UPDATE fastlane_jobs SET lease_until = NULL, \
                  state = CASE WHEN attempt >= max_attempts THEN 'dead' ELSE 'available' END, \
                  finished_at = CASE WHEN attempt >= max_attempts THEN ?1 ELSE finished_at END, \
                  last_error = CASE WHEN attempt >= max_attempts THEN 'lease expired on the last attempt' \
                  ELSE last_error END \
-                 WHERE queue = ?2 AND state = 'running' AND lease_until < ?1",
+                 WHERE queue = ?2 AND state = 'running' AND lease_until < ?1 RETURNING id, state, dependents",
             )
             .bind(now)
             .bind(queue)
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await
             .map_err(classify)?;
+            // A job that died with its lease takes its waiters with it.
+            for (id, state, dependents) in ended {
+                if state == "dead" && dependents.is_some() {
+                    cancel_dependents(&mut tx, id, &state, dependents, now).await?;
+                }
+            }
         }
         let rows: Vec<ClaimedRow> = sqlx::query_as(
             "UPDATE fastlane_jobs SET state = 'running', attempt = attempt + 1, token = token + 1, \
@@ -255,7 +344,8 @@ impl Store for SqliteStore {
              WHERE id IN (SELECT id FROM fastlane_jobs WHERE queue = ?4 \
                AND state IN ('scheduled','available','retrying') AND run_at <= ?3 \
                ORDER BY priority DESC, run_at, id LIMIT ?5) \
-             RETURNING id, name, payload, attempt, max_attempts, token, timeout_ms, priority, run_at, request_id",
+             RETURNING id, name, payload, attempt, max_attempts, token, timeout_ms, priority, run_at, request_id, \
+             depends_on",
         )
         .bind(lease_until)
         .bind(consumer)
@@ -294,20 +384,28 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
         // The fencing check: only attempts holding the current token are
         // recorded; a zombie's late completion changes nothing.
-        let recorded: Vec<i64> = sqlx::query_scalar(
+        let rows: Vec<(i64, Option<String>)> = sqlx::query_as(
             "UPDATE fastlane_jobs SET state = 'succeeded', lease_until = NULL, finished_at = ?1, result = d.result \
              FROM (SELECT value ->> 'id' AS id, value ->> 'token' AS token, value ->> 'result' AS result \
              FROM json_each(?2)) AS d \
              WHERE fastlane_jobs.id = d.id AND fastlane_jobs.token = d.token AND fastlane_jobs.state = 'running' \
-             RETURNING fastlane_jobs.id",
+             RETURNING fastlane_jobs.id, fastlane_jobs.dependents",
         )
         .bind(now)
         .bind(done_rows(done))
         .fetch_all(&mut *tx)
         .await
         .map_err(classify)?;
+        let recorded: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
         record_attempts(&mut tx, &recorded, now, "succeeded", None).await?;
+        // The waiters of these jobs: each loses one job to wait for per
+        // success, in this transaction (see workflow.rs).
+        let waiters = crate::workflow::all_ids(rows.iter().filter_map(|(_, d)| d.as_deref()));
+        let due = if waiters.is_empty() { 0 } else { release_dependents(&mut tx, &waiters, now).await? };
         tx.commit().await.map_err(classify)?;
+        if due > 0 {
+            self.enqueued();
+        }
         Ok(fenced_among(done, recorded))
     }
 }

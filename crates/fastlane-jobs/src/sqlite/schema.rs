@@ -78,6 +78,16 @@ const MIGRATIONS: &[&str] = &[
         WHERE state IN ('succeeded', 'cancelled', 'dead');",
     // 7: what a succeeded job's handler returned (JSON text).
     "ALTER TABLE fastlane_jobs ADD COLUMN result TEXT;",
+    // 8: workflows (workflow.rs). A job that waits for others is `waiting`
+    // with `deps_left` of them still to succeed and their ids in
+    // `depends_on`; a job waited for lists its waiters in `dependents` (JSON
+    // arrays of ids). A waiting job holds its unique key as a pending one.
+    "ALTER TABLE fastlane_jobs ADD COLUMN depends_on TEXT;
+    ALTER TABLE fastlane_jobs ADD COLUMN dependents TEXT;
+    ALTER TABLE fastlane_jobs ADD COLUMN deps_left INTEGER NOT NULL DEFAULT 0;
+    DROP INDEX fastlane_jobs_unique_pending;
+    CREATE UNIQUE INDEX fastlane_jobs_unique_pending ON fastlane_jobs (unique_key)
+        WHERE unique_key IS NOT NULL AND state IN ('waiting', 'scheduled', 'available', 'running', 'retrying');",
 ];
 
 /// Brings the schema to the latest version; refuses a database that holds
