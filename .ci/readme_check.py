@@ -439,6 +439,10 @@ def check_jobs(found):
         def bench(line, out):
             expect(out.startswith("50000 jobs") and "end to end" in out and "jobs/s" in out, line, out)
 
+        def limit(line, out):
+            # The queue's limits, listed back after they are set.
+            expect(re.match(r"mail\s+rate 50/s\s+concurrency 4\n$", out) is not None, line, out)
+
         rules = [
             (r"jobs enqueue .*--count 10", enqueue),
             (r"jobs work ", work),
@@ -446,6 +450,7 @@ def check_jobs(found):
             (r"jobs show .* 1\b", show),
             (r"jobs schedules ", schedules),
             (r"jobs retry-dead ", retry_dead),
+            (r"jobs limit ", limit),
             (r"jobs bench .*--jobs 50000", bench),
         ]
         for line, check in by_rules(shell_lines(found, "jobs-cli"), rules, "jobs-cli"):

@@ -52,6 +52,9 @@ REDIS_URL = "redis://127.0.0.1:6379/15"
 BEGIN, END = "<!-- jobs:begin -->", "<!-- jobs:end -->"
 # Steps per chain in the workflow rows.
 CHAIN = 10
+# The rate limit of the limited rows: far above what a queue reaches, so
+# that the rows show what checking a limit costs.
+RATE = "1000000/s"
 
 
 def log(msg):
@@ -107,10 +110,11 @@ def fresh_pg():
     return f"{PG_BASE}/{PG_DB}"
 
 
-def fastlane_bench(url, jobs, chain=1):
-    out = run([str(FASTLANE), "jobs", "bench", "--url", url, "--jobs", str(jobs), "--chain", str(chain), "--json"],
-              capture_output=True, text=True).stdout
-    return json.loads(out)
+def fastlane_bench(url, jobs, chain=1, rate=None):
+    cmd = [str(FASTLANE), "jobs", "bench", "--url", url, "--jobs", str(jobs), "--chain", str(chain), "--json"]
+    if rate:
+        cmd += ["--rate", rate]
+    return json.loads(run(cmd, capture_output=True, text=True).stdout)
 
 
 # --- Celery -----------------------------------------------------------------
@@ -295,7 +299,10 @@ def report(command, args, rounds, recovery):
         f"{CHAIN}*: the same jobs as chains of {CHAIN} steps, each step waiting for the one before "
         f"(fastlane: `--chain {CHAIN}`, whole chains enqueued about 1,000 jobs per transaction; each step is "
         "released by the success of the one before, in its transaction, and handed its result; Celery: "
-        f"`chain(noop.si(), ...)` of {CHAIN}, the worker sending each next step).",
+        f"`chain(noop.si(), ...)` of {CHAIN}, the worker sending each next step). Rows *limit {RATE}*: the "
+        f"plain jobs on a queue with a rate limit of {RATE} (`--rate`), which they never reach: what checking a "
+        "limit costs (each claim of a limited queue locks the queue's row, counts, claims and spends tokens "
+        "in one transaction).",
         "",
         "| system | end to end (jobs/s, median) | enqueue (jobs/s, median) | rounds (end to end) | ÷ Celery |",
         "| --- | --- | --- | --- | --- |",
@@ -305,6 +312,10 @@ def report(command, args, rounds, recovery):
         peer = f"Celery + Redis, chains of {CHAIN}" if "chains" in name else "Celery + Redis"
         lines.append(f"| {name} | {med[name]:,.0f} | {enq[name]:,.0f} | {each} | "
                      f"{med[name] / med[peer]:.1f} × |")
+    lines += ["", "| a limit not reached | limited ÷ unlimited (medians, same run) |", "| --- | --- |"]
+    for store in ("SQLite", "PostgreSQL"):
+        plain, limited = med[f"fastlane-jobs {store}"], med[f"fastlane-jobs {store}, limit {RATE}"]
+        lines.append(f"| fastlane-jobs {store} | {limited / plain:.2f} × ({limited:,.0f} against {plain:,.0f} jobs/s) |")
     # The targets of issue 15, for independent no-op jobs.
     lines += ["", "| target | holds |", "| --- | --- |"]
     for name, target in (("fastlane-jobs SQLite", 30_000), ("fastlane-jobs PostgreSQL", 25_000)):
@@ -366,16 +377,19 @@ def main():
         tmp = Path(tempfile.mkdtemp(prefix="fastlane-jobs-bench-"))
         systems = ["fastlane-jobs SQLite", "fastlane-jobs PostgreSQL", "Celery + Redis",
                    f"fastlane-jobs SQLite, chains of {CHAIN}", f"fastlane-jobs PostgreSQL, chains of {CHAIN}",
-                   f"Celery + Redis, chains of {CHAIN}"]
+                   f"Celery + Redis, chains of {CHAIN}",
+                   f"fastlane-jobs SQLite, limit {RATE}", f"fastlane-jobs PostgreSQL, limit {RATE}"]
         rounds = {name: [] for name in systems}
         for round_ in range(args.rounds):
             order = systems if round_ % 2 == 0 else list(reversed(systems))
             for name in order:
                 chain = CHAIN if "chains" in name else 1
+                rate = RATE if "limit" in name else None
                 if name.startswith("fastlane-jobs SQLite"):
-                    result = fastlane_bench(f"sqlite://{tmp}/bench-{round_}-{chain}.db", args.jobs, chain)
+                    db = f"sqlite://{tmp}/bench-{round_}-{chain}-{bool(rate)}.db"
+                    result = fastlane_bench(db, args.jobs, chain, rate)
                 elif name.startswith("fastlane-jobs PostgreSQL"):
-                    result = fastlane_bench(fresh_pg(), args.jobs, chain)
+                    result = fastlane_bench(fresh_pg(), args.jobs, chain, rate)
                 else:
                     result = celery_bench(args.jobs, chain)
                 rounds[name].append(result)

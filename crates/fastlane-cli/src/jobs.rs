@@ -119,6 +119,25 @@ pub enum JobsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Set a queue's limits for every consumer of the store (at most N jobs started per period, at
+    /// most N running at once), or, with no --queue, list the limited queues.
+    Limit {
+        /// The job store (the help text is STORE_URL_HELP).
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
+        url: String,
+        /// The queue to limit.
+        #[arg(long)]
+        queue: Option<String>,
+        /// At most this many jobs started per period: 50/s, 600/m, 1000/h, 5/250ms.
+        #[arg(long, value_parser = parse_rate, requires = "queue")]
+        rate: Option<fastlane_jobs::Rate>,
+        /// At most this many of its jobs running at once, across all consumers.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..), requires = "queue")]
+        concurrency: Option<u32>,
+        /// Remove the queue's limits.
+        #[arg(long, requires = "queue", conflicts_with_all = ["rate", "concurrency"])]
+        none: bool,
+    },
     /// Make a dead or cancelled job available again.
     Retry {
         /// The job store (the help text is STORE_URL_HELP).
@@ -158,6 +177,10 @@ pub enum JobsCommand {
         /// Jobs per enqueue call (one transaction each).
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         batch: u32,
+        /// A rate limit set on the benchmark's queue (e.g. 1000000/s: one it does not reach, to
+        /// measure what a limit costs).
+        #[arg(long, value_parser = parse_rate)]
+        rate: Option<fastlane_jobs::Rate>,
         /// Enqueue the jobs as chains of this many steps (each step waits for the one before and
         /// is handed its result); 1: independent jobs.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -379,6 +402,30 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             outln!("job {id}: {before} -> {state}");
             Ok(ExitCode::SUCCESS)
         }
+        JobsCommand::Limit { url, queue, rate, concurrency, none } => {
+            let store = connect(url).await?;
+            if let Some(queue) = queue {
+                if rate.is_none() && concurrency.is_none() && !none {
+                    return Err("give --rate, --concurrency or --none with --queue".into());
+                }
+                let mut limits = fastlane_jobs::QueueLimits::default();
+                limits.rate = rate;
+                if let Some(n) = concurrency {
+                    limits = limits.concurrency(n).map_err(chain)?;
+                }
+                store.set_queue_limits(&queue, limits).await.map_err(chain)?;
+            }
+            let limited = store.queue_limits().await.map_err(chain)?;
+            if limited.is_empty() {
+                outln!("no queue has limits");
+            }
+            for (queue, limits) in limited {
+                let rate = limits.rate.map_or_else(|| "-".to_owned(), |r| r.to_string());
+                let cap = limits.concurrency.map_or_else(|| "-".to_owned(), |n| n.to_string());
+                outln!("{queue:<20} rate {rate:<10} concurrency {cap}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         JobsCommand::RetryDead { url, name } => {
             let store = connect(url).await?;
             // In steps of a thousand, each its own transaction: a store with
@@ -411,18 +458,25 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             outln!("job {id}: {state}{note}");
             Ok(ExitCode::SUCCESS)
         }
-        JobsCommand::Bench { url, jobs: n, concurrency, batch, chain: steps, json } => {
+        JobsCommand::Bench { url, jobs: n, concurrency, batch, rate, chain: steps, json } => {
             let store = connect(url).await?;
-            let result = bench(&store, n, batch as usize, concurrency as usize, steps as usize)
-                .await
-                .map_err(chain)?;
+            let shape = bench::Shape {
+                batch: batch as usize,
+                concurrency: concurrency as usize,
+                chain: steps as usize,
+                rate,
+            };
+            let result = bench(&store, n, shape).await.map_err(chain)?;
             if json {
                 outln!("{}", serde_json::to_string(&result).unwrap_or_default());
             } else {
-                let chains = match result.chain {
+                let mut chains = match result.chain {
                     1 => String::new(),
                     n => format!(" in chains of {n}"),
                 };
+                if let Some(rate) = &result.rate {
+                    chains += &format!(" on a queue limited to {rate}");
+                }
                 outln!(
                     "{} jobs{chains} (batches of {}, concurrency {}): enqueue {:.0} jobs/s, end to end {:.0} jobs/s ({:.2} s)",
                     result.jobs,
@@ -436,6 +490,14 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `--rate 50/s`.
+fn parse_rate(s: &str) -> Result<fastlane_jobs::Rate, String> {
+    fastlane_jobs::Rate::parse(s).map_err(|e| match e {
+        fastlane_jobs::Error::Invalid(why) => why,
+        other => other.to_string(),
+    })
 }
 
 /// `--queue NAME` or `--queue NAME=N`.

@@ -138,6 +138,21 @@ impl Store for AnyStore {
         delegate!(self, s => s.activity(since, bucket))
     }
 
+    async fn set_queue_limits(&self, queue: &str, limits: crate::QueueLimits) -> Result<(), Error> {
+        delegate!(self, s => s.set_queue_limits(queue, limits))
+    }
+
+    async fn queue_limits(&self) -> Result<Vec<(String, crate::QueueLimits)>, Error> {
+        delegate!(self, s => s.queue_limits())
+    }
+
+    fn claim_wait(&self, queue: &str) -> Option<Duration> {
+        match self {
+            AnyStore::Sqlite(s) => s.claim_wait(queue),
+            AnyStore::Postgres(s) => s.claim_wait(queue),
+        }
+    }
+
     async fn table_sizes(&self) -> Result<TableSizes, Error> {
         delegate!(self, s => s.table_sizes())
     }

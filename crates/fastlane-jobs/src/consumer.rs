@@ -344,7 +344,13 @@ impl<S: Store> Fetcher<S> {
             drop(permits);
             if drained {
                 // The queue had fewer jobs than free slots: wait for an
-                // enqueue, a job coming due, or the poll interval.
+                // enqueue, a job coming due, or the poll interval; or, if
+                // the queue's limits held the claim back, until they allow
+                // more (the next token of its rate, a slot of its cap).
+                let wait = match self.store.claim_wait(&self.queue) {
+                    Some(limited) => limited.min(self.config.poll_interval),
+                    None => self.config.poll_interval,
+                };
                 let woken = async {
                     match woken {
                         Some(woken) => woken.await,
@@ -353,7 +359,7 @@ impl<S: Store> Fetcher<S> {
                 };
                 tokio::select! {
                     () = woken => {}
-                    () = tokio::time::sleep(self.config.poll_interval) => {}
+                    () = tokio::time::sleep(wait) => {}
                     _ = stop.wait_for(|s| *s) => break,
                 }
             }

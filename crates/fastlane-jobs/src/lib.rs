@@ -36,6 +36,9 @@
 //!   [`chord`]): how a waiting job is released once, and how a failure
 //!   cancels what waits for it.
 //!
+//! * `limits.rs`: [`QueueLimits`], a queue's rate and concurrency cap,
+//!   kept by every claim of every consumer.
+//!
 //! * `owner.rs`: which process holds a running job, so that a consumer on the
 //!   same host sees at once that it died instead of waiting for its lease.
 //!
@@ -55,6 +58,7 @@ mod consumer;
 mod error;
 mod in_server;
 mod job;
+mod limits;
 mod owner;
 mod postgres;
 mod registry;
@@ -74,6 +78,7 @@ pub use in_server::{wait_for_result, Consumer, Jobs};
 pub use job::{
     backoff, now_ms, Attempt, Claimed, Done, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats,
 };
+pub use limits::{QueueLimits, Rate};
 pub use postgres::{enqueue_in_tx, enqueue_many_in_tx, PgStore};
 pub use registry::{enqueue_checked, JobContext, JobError, Registry};
 pub use retention::{Activity, Retention, TableSizes};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::job::{Claimed, Done, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats};
-use crate::{Activity, Error, Retention, Schedule, ScheduleInfo, ScheduleLook, TableSizes};
+use crate::{Activity, Error, QueueLimits, Retention, Schedule, ScheduleInfo, ScheduleLook, TableSizes};
 
 /// A durable job store. Every operation is atomic; every write of a running
 /// attempt carries its fencing token and is rejected with
@@ -186,6 +186,28 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
         since: i64,
         bucket: Duration,
     ) -> impl Future<Output = Result<Vec<Activity>, Error>> + Send;
+
+    /// Sets `queue`'s limits, for every consumer of the store: at most
+    /// `rate` jobs started per period and `concurrency` running at once
+    /// (see `limits.rs`). No limits removes them. A new rate starts with a
+    /// full bucket (one period's jobs). Consumers of other processes see a
+    /// change within a second.
+    fn set_queue_limits(
+        &self,
+        queue: &str,
+        limits: QueueLimits,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Every limited queue with its limits, by name.
+    fn queue_limits(&self) -> impl Future<Output = Result<Vec<(String, QueueLimits)>, Error>> + Send;
+
+    /// If the last claim of `queue` through this handle was held back by
+    /// the queue's limits: how long until it may get more. A consumer waits
+    /// that long (or until woken) rather than its poll interval.
+    fn claim_wait(&self, queue: &str) -> Option<Duration> {
+        let _ = queue;
+        None
+    }
 
     /// How big the store is: rows of each table, and bytes.
     fn table_sizes(&self) -> impl Future<Output = Result<TableSizes, Error>> + Send;

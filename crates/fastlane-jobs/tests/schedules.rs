@@ -8,12 +8,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fastlane_jobs::{ConsumerConfig, JobContext, JobState, Missed, NewJob, Registry, Schedule, Store};
+use fastlane_jobs::{JobContext, JobState, Missed, NewJob, Registry, Schedule, Store};
 use serde_json::json;
 
 mod support;
 
-use support::{on_both_stores, sqlite, Db};
+use support::{consumers, on_both_stores, sqlite, Db};
 
 fn noop() -> NewJob {
     NewJob::new("noop", json!({}))
@@ -166,21 +166,7 @@ async fn consumers_run_their_registrys_schedules() {
         .register("noop", |_: serde_json::Value, _ctx: JobContext| async { Ok(()) })
         .schedule(Schedule::every("pulse", noop(), Duration::from_secs(1)).unwrap())
         .unwrap();
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let consumers: Vec<_> = stores
-        .iter()
-        .enumerate()
-        .map(|(i, store)| {
-            let config = ConsumerConfig { name: format!("c{i}"), ..ConsumerConfig::default() };
-            tokio::spawn(fastlane_jobs::run_consumer(
-                store.clone(),
-                registry.clone(),
-                config,
-                shutdown.clone(),
-                Duration::from_secs(5),
-            ))
-        })
-        .collect();
+    let (stop, consumers) = consumers(stores, &registry, &[("default", 16)]);
     tokio::time::sleep(Duration::from_millis(4_300)).await;
     stop.send_replace(true);
     for consumer in consumers {

@@ -59,6 +59,8 @@ pub struct BenchResult {
     pub batch: usize,
     /// Steps per chain (1: independent jobs).
     pub chain: usize,
+    /// The rate limit set on the benchmark's queue, if any.
+    pub rate: Option<String>,
     /// Worker concurrency.
     pub concurrency: usize,
     /// Enqueue rate (jobs/s).
@@ -69,18 +71,34 @@ pub struct BenchResult {
     pub seconds: f64,
 }
 
-/// Enqueues `jobs` noop jobs in batches of `batch` (as chains of `chain`
-/// steps, if more than 1: each step waits for the one before), drains them
-/// with a worker of `concurrency` that runs from the start (as in
-/// production), and measures both.
+/// How `fastlane jobs bench` enqueues and runs its jobs.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Jobs per enqueue call (one transaction each).
+    pub batch: usize,
+    /// The worker's concurrency.
+    pub concurrency: usize,
+    /// Steps per chain (each waits for the one before); 1: independent jobs.
+    pub chain: usize,
+    /// A rate limit set on the benchmark's queue.
+    pub rate: Option<fastlane_jobs::Rate>,
+}
+
+/// Enqueues `jobs` noop jobs in batches (as chains, if `shape.chain` is more
+/// than 1: each step waits for the one before), on a queue of their own (with
+/// `shape.rate` as its limit, if set), drains them with a worker that runs
+/// from the start (as in production), and measures both.
 pub async fn bench<S: Store>(
     store: &S,
     jobs: u64,
-    batch: usize,
-    concurrency: usize,
-    chain: usize,
+    shape: Shape,
 ) -> Result<BenchResult, fastlane_jobs::Error> {
+    let Shape { batch, concurrency, chain, rate } = shape;
     let queue = format!("bench-{}", std::process::id());
+    if let Some(rate) = rate {
+        let limits = fastlane_jobs::QueueLimits::default().rate(rate.jobs, rate.per)?;
+        store.set_queue_limits(&queue, limits).await?;
+    }
     let done = std::sync::Arc::new(fastlane_jobs::ConsumerStats::default());
     let started = Instant::now();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -112,10 +130,14 @@ pub async fn bench<S: Store>(
     let seconds = started.elapsed().as_secs_f64();
     stop_tx.send_replace(true);
     let _ = worker.await;
+    if rate.is_some() {
+        store.set_queue_limits(&queue, fastlane_jobs::QueueLimits::default()).await?;
+    }
     Ok(BenchResult {
         jobs: stats,
         batch,
         chain: chain.max(1),
+        rate: rate.map(|r| r.to_string()),
         concurrency,
         enqueue_per_s: jobs as f64 / enqueued_in.as_secs_f64().max(1e-9),
         jobs_per_s: stats as f64 / seconds.max(1e-9),

@@ -21,6 +21,7 @@ use crate::job::{
     push_running_attempt, Attempt, Claimed, ClaimedRow, Done, JobId, JobInfo, JobState, JobSummary, Lease,
     NewJob, Stats,
 };
+use crate::limits::{limit_fns, limit_methods};
 use crate::retention::retention_methods;
 use crate::scheduler::schedule_methods;
 use crate::workflow::workflow_fns;
@@ -34,10 +35,10 @@ macro_rules! skip_locked {
     };
 }
 
-/// The store's size: its three tables with their indexes and TOAST.
+/// The store's size: its tables with their indexes and TOAST.
 const STORE_BYTES: &str =
     "SELECT CAST(pg_total_relation_size('fastlane_jobs') + pg_total_relation_size('fastlane_attempts') \
-     + pg_total_relation_size('fastlane_schedules') AS BIGINT)";
+     + pg_total_relation_size('fastlane_schedules') + pg_total_relation_size('fastlane_queues') AS BIGINT)";
 
 /// A schedule's row is locked while a scheduler looks at it, so that a
 /// second one waits and then sees the tick taken.
@@ -79,6 +80,7 @@ const ADD_DEPENDENTS: &str = "UPDATE fastlane_jobs j \
      FROM jsonb_to_recordset(CAST($1 AS JSONB)) AS x(id BIGINT, ids JSONB) WHERE j.id = x.id";
 
 workflow_fns!(sqlx::PgConnection);
+limit_fns!(sqlx::PgConnection);
 
 /// A job store in a PostgreSQL database (`postgres://...`); its tables are
 /// created (and migrated) on first use, beside the application's own.
@@ -86,6 +88,8 @@ workflow_fns!(sqlx::PgConnection);
 pub struct PgStore {
     pool: PgPool,
     wake: Arc<Wakeups>,
+    /// Which queues have limits (limits.rs).
+    limits: Arc<crate::limits::LimitCache>,
 }
 
 /// Idle workers' wake-up: one LISTEN connection per store, started by the
@@ -201,7 +205,7 @@ impl PgStore {
     /// `search_path`); creates or migrates the job tables there.
     pub async fn from_pool(pool: PgPool) -> Result<Self, Error> {
         schema::migrate(&pool).await?;
-        Ok(Self { pool, wake: Arc::default() })
+        Ok(Self { pool, wake: Arc::default(), limits: Arc::default() })
     }
 
     /// The connection pool, for the application's own queries and
@@ -215,6 +219,7 @@ impl Store for PgStore {
     store_methods!();
     schedule_methods!();
     retention_methods!();
+    limit_methods!();
 
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, Error> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
@@ -266,25 +271,21 @@ impl Store for PgStore {
         if last_with_waiters {
             self.expire_last_attempts(queue, now).await?;
         }
-        let rows: Vec<ClaimedRow> = sqlx::query_as(
-            "WITH picked AS (SELECT id FROM fastlane_jobs WHERE queue = $4 \
-               AND state IN ('scheduled','available','retrying') AND run_at <= $3 \
-               ORDER BY priority DESC, run_at, id LIMIT $5 FOR UPDATE SKIP LOCKED) \
-             UPDATE fastlane_jobs j SET state = 'running', attempt = attempt + 1, token = token + 1, \
-             lease_until = $1, worker = $2, started_at = $3, owner = $6, progress = NULL, progress_message = NULL \
-             FROM picked WHERE j.id = picked.id \
-             RETURNING j.id, j.name, j.payload, j.attempt, j.max_attempts, j.token, j.timeout_ms, j.priority::BIGINT, j.run_at, \
-             j.request_id, j.depends_on",
-        )
-        .bind(lease_until)
-        .bind(consumer)
-        .bind(now)
-        .bind(queue)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .bind(crate::owner::me())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?;
+        if !is_limited(&self.pool, &self.limits, queue).await? {
+            let rows = claim_rows(&self.pool, queue, consumer, now, lease_until, limit).await?;
+            return Ok(claimed_in_order(rows));
+        }
+        // A limited queue: its row locked, what its rate and cap allow, the
+        // claim, and the tokens spent, in one transaction (see limits.rs).
+        let mut tx = self.write_tx().await?;
+        let budget = claim_budget(&mut tx, queue, now, limit).await?;
+        let rows = match budget.take {
+            0 => Vec::new(),
+            take => claim_rows(&mut *tx, queue, consumer, now, lease_until, take).await?,
+        };
+        spend(&mut tx, queue, budget.tokens, rows.len(), now).await?;
+        tx.commit().await.map_err(classify)?;
+        self.limits.held_back(queue, budget.retry_in.filter(|_| rows.len() == budget.take));
         Ok(claimed_in_order(rows))
     }
 
@@ -374,6 +375,37 @@ impl PgStore {
         }
         Ok(rows.iter().filter_map(|(id, _)| *id).collect())
     }
+}
+
+/// Claims up to `limit` due jobs of `queue` for `consumer` (one statement,
+/// `FOR UPDATE SKIP LOCKED`), on the pool or in a transaction.
+async fn claim_rows<'e>(
+    conn: impl sqlx::PgExecutor<'e>,
+    queue: &str,
+    consumer: &str,
+    now: i64,
+    lease_until: i64,
+    limit: usize,
+) -> Result<Vec<ClaimedRow>, Error> {
+    sqlx::query_as(
+        "WITH picked AS (SELECT id FROM fastlane_jobs WHERE queue = $4 \
+               AND state IN ('scheduled','available','retrying') AND run_at <= $3 \
+               ORDER BY priority DESC, run_at, id LIMIT $5 FOR UPDATE SKIP LOCKED) \
+             UPDATE fastlane_jobs j SET state = 'running', attempt = attempt + 1, token = token + 1, \
+             lease_until = $1, worker = $2, started_at = $3, owner = $6, progress = NULL, progress_message = NULL \
+             FROM picked WHERE j.id = picked.id \
+             RETURNING j.id, j.name, j.payload, j.attempt, j.max_attempts, j.token, j.timeout_ms, j.priority::BIGINT, j.run_at, \
+             j.request_id, j.depends_on",
+    )
+    .bind(lease_until)
+    .bind(consumer)
+    .bind(now)
+    .bind(queue)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .bind(crate::owner::me())
+    .fetch_all(conn)
+    .await
+    .map_err(classify)
 }
 
 /// Enqueues a job inside the application's own PostgreSQL transaction: the

@@ -93,6 +93,16 @@ const MIGRATIONS: &[&str] = &[
     DROP INDEX fastlane_jobs_unique_pending;
     CREATE UNIQUE INDEX fastlane_jobs_unique_pending ON fastlane_jobs (unique_key)
         WHERE unique_key IS NOT NULL AND state IN ('waiting', 'scheduled', 'available', 'running', 'retrying');",
+    // 9: per-queue limits (limits.rs): a rate as a token bucket, and a cap
+    // on running jobs; a claim of a limited queue locks its row.
+    "CREATE TABLE fastlane_queues (
+        queue TEXT PRIMARY KEY,
+        rate_limit BIGINT,
+        rate_period_ms BIGINT,
+        concurrency BIGINT,
+        tokens DOUBLE PRECISION NOT NULL DEFAULT 0,
+        refilled_at BIGINT NOT NULL DEFAULT 0
+    );",
 ];
 
 /// Brings the schema to the latest version; refuses a newer one.

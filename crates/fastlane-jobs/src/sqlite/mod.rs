@@ -22,6 +22,7 @@ use crate::job::{
     push_running_attempt, Attempt, Claimed, ClaimedRow, Done, JobId, JobInfo, JobState, JobSummary, Lease,
     NewJob, Stats,
 };
+use crate::limits::{limit_fns, limit_methods};
 use crate::retention::retention_methods;
 use crate::scheduler::schedule_methods;
 use crate::workflow::workflow_fns;
@@ -73,6 +74,7 @@ const ADD_DEPENDENTS: &str = "UPDATE fastlane_jobs SET dependents = (SELECT json
      WHERE fastlane_jobs.id = x.id";
 
 workflow_fns!(sqlx::SqliteConnection);
+limit_fns!(sqlx::SqliteConnection);
 
 /// Takes one job to wait for off each of `waiters` per time it is listed
 /// (once per success of a job it waits for), and makes those left with none
@@ -109,6 +111,8 @@ pub struct SqliteStore {
     /// Wakes this process's idle workers on enqueue. SQLite has no way to
     /// tell other processes; their workers poll.
     wake: Arc<Notify>,
+    /// Which queues have limits (limits.rs).
+    limits: Arc<crate::limits::LimitCache>,
 }
 
 /// Maps SQLite's "busy"/"locked" errors to [`Error::Locked`].
@@ -181,7 +185,7 @@ impl SqliteStore {
             }
         })?;
         schema::migrate(&pool).await?;
-        Ok(Self { pool, wake: Arc::default() })
+        Ok(Self { pool, wake: Arc::default(), limits: Arc::default() })
     }
 }
 
@@ -280,6 +284,7 @@ impl Store for SqliteStore {
 
     schedule_methods!();
     retention_methods!();
+    limit_methods!();
 
     async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, Error> {
         if jobs.is_empty() {
@@ -303,6 +308,8 @@ impl Store for SqliteStore {
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<Claimed>, Error> {
+        // Looked up before the transaction, which holds the one connection.
+        let limited = is_limited(&self.pool, &self.limits, queue).await?;
         let now = now_ms();
         let lease_until = ms_after(now, lease);
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
@@ -338,6 +345,12 @@ impl Store for SqliteStore {
                 }
             }
         }
+        // A limited queue: what its rate and cap allow (see limits.rs).
+        let budget = match limited {
+            true => Some(claim_budget(&mut tx, queue, now, limit).await?),
+            false => None,
+        };
+        let limit = budget.map_or(limit, |b| b.take);
         let rows: Vec<ClaimedRow> = sqlx::query_as(
             "UPDATE fastlane_jobs SET state = 'running', attempt = attempt + 1, token = token + 1, \
              lease_until = ?1, worker = ?2, started_at = ?3, owner = ?6, progress = NULL, progress_message = NULL \
@@ -356,7 +369,13 @@ impl Store for SqliteStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(classify)?;
+        if let Some(budget) = budget {
+            spend(&mut tx, queue, budget.tokens, rows.len(), now).await?;
+        }
         tx.commit().await.map_err(classify)?;
+        if let Some(budget) = budget {
+            self.limits.held_back(queue, budget.retry_in.filter(|_| rows.len() == budget.take));
+        }
         Ok(claimed_in_order(rows))
     }
 

@@ -6,7 +6,10 @@
 
 use std::io::Write;
 
-use fastlane_jobs::{PgStore, SqliteStore};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fastlane_jobs::{ConsumerConfig, ConsumerStats, PgStore, Registry, SqliteStore, Store};
 
 /// `n` handles on one fresh database, each with connections of its own (as
 /// `n` processes would have); and what to do to clean up.
@@ -66,6 +69,33 @@ impl Db {
             }
         }
     }
+}
+
+/// A consumer of `registry` on each store (named `c0`, `c1`, ...), on
+/// `queues` (name, slots), until the returned sender is told to stop.
+pub(crate) fn consumers<S: Store>(
+    stores: &[S],
+    registry: &Registry,
+    queues: &[(&str, usize)],
+) -> (tokio::sync::watch::Sender<bool>, Vec<tokio::task::JoinHandle<Arc<ConsumerStats>>>) {
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let queues: Vec<(String, usize)> = queues.iter().map(|(q, n)| ((*q).to_owned(), *n)).collect();
+    let handles = stores
+        .iter()
+        .enumerate()
+        .map(|(i, store)| {
+            let config =
+                ConsumerConfig { name: format!("c{i}"), queues: queues.clone(), ..ConsumerConfig::default() };
+            tokio::spawn(fastlane_jobs::run_consumer(
+                store.clone(),
+                registry.clone(),
+                config,
+                shutdown.clone(),
+                Duration::from_secs(5),
+            ))
+        })
+        .collect();
+    (stop, handles)
 }
 
 /// Each named `suite::NAME(stores)` as a test on SQLite and one on
