@@ -488,6 +488,7 @@ pub async fn run_command(command: DemoCommand) -> ExitCode {
     outln!("  {:<40} Prometheus metrics", "GET  /metrics");
     outln!("  {:<40} routes that stalled (JSON)", "GET  /_fastlane/stalls");
     outln!("  {:<40} which worker process answered (JSON)", "GET  /_fastlane/worker");
+    outln!("  {:<40} the job store's dashboard (a web page)", "GET  /_fastlane/jobs/");
     outln!("\njobs: {jobs_url} (worker inside the server, {job_concurrency} at once)");
     outln!("      the store is kept across restarts (ids go on from the last run); --jobs-url for another");
     // The hint names this very binary, which need not be on the PATH.

@@ -119,6 +119,24 @@ pub enum JobsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the store's dashboard (queues, the last hour, running, failing and dead jobs, schedules;
+    /// retry and cancel) until SIGTERM/SIGINT.
+    Ui {
+        /// The job store (the help text is STORE_URL_HELP).
+        #[arg(long, env = "FASTLANE_JOBS_URL", value_name = "URL", help = STORE_URL_HELP)]
+        url: String,
+        /// Address to listen on: this machine only unless told otherwise (the page can retry and
+        /// cancel jobs).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port to listen on (0: any free one, printed).
+        #[arg(long, default_value_t = 8089)]
+        port: u16,
+        /// Require this token: open the page once as /?token=TOKEN (a cookie keeps it), or send
+        /// `Authorization: Bearer TOKEN`.
+        #[arg(long, env = "FASTLANE_JOBS_UI_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// Set a queue's limits for every consumer of the store (at most N jobs started per period, at
     /// most N running at once), or, with no --queue, list the limited queues.
     Limit {
@@ -401,6 +419,25 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
             let state = store.retry(id).await.map_err(chain)?;
             outln!("job {id}: {before} -> {state}");
             Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Ui { url, host, port, token } => {
+            let store = connect(url.clone()).await?;
+            fastlane::init_logging();
+            let open = token.is_some();
+            let router = fastlane_jobs::Dashboard::new().token(token).router(store);
+            let config = fastlane::Config { host, port, ..fastlane::Config::default() };
+            let server = fastlane::Server::new(router)
+                .config(config)
+                .bind()
+                .await
+                .map_err(|e| format!("--host/--port: {}", fastlane::ErrorChain(&e)))?;
+            let addr = server.local_addr();
+            let hint = if open { "/?token=<the token>" } else { "/" };
+            outln!("fastlane jobs ui on http://{addr}{hint}  (store {url})");
+            match server.serve().await {
+                Ok(_) => Ok(ExitCode::SUCCESS),
+                Err(err) => Err(fastlane::ErrorChain(&err).to_string()),
+            }
         }
         JobsCommand::Limit { url, queue, rate, concurrency, none } => {
             let store = connect(url).await?;

@@ -110,6 +110,14 @@ impl Store for AnyStore {
         delegate!(self, s => s.stats())
     }
 
+    async fn queue_stats(&self) -> Result<Vec<(String, Stats)>, Error> {
+        delegate!(self, s => s.queue_stats())
+    }
+
+    async fn dead_by_name(&self) -> Result<Vec<(String, u64)>, Error> {
+        delegate!(self, s => s.dead_by_name())
+    }
+
     async fn list(&self, state: Option<JobState>, limit: u32) -> Result<Vec<JobSummary>, Error> {
         delegate!(self, s => s.list(state, limit))
     }

@@ -262,7 +262,8 @@ macro_rules! store_methods {
 
         async fn list(&self, state: Option<JobState>, limit: u32) -> Result<Vec<JobSummary>, Error> {
             let rows = sqlx::query(
-                "SELECT id, name, queue, state, attempt, last_error FROM fastlane_jobs \
+                "SELECT id, name, queue, state, attempt, last_error, progress, progress_message, finished_at \
+                 FROM fastlane_jobs \
                  WHERE (CAST($1 AS TEXT) IS NULL OR state = $2) ORDER BY id DESC LIMIT $3"
             )
             .bind(state.map(JobState::as_str))
@@ -281,9 +282,40 @@ macro_rules! store_methods {
                         state: state.parse()?,
                         attempt: u32::try_from(row.get::<i64, _>("attempt")).unwrap_or(0),
                         last_error: row.get("last_error"),
+                        progress: row.get::<Option<i64>, _>("progress").map(|p| p.clamp(0, 100) as u8),
+                        progress_message: row.get("progress_message"),
+                        finished_at_ms: row.get("finished_at"),
                     })
                 })
                 .collect()
+        }
+
+        async fn queue_stats(&self) -> Result<Vec<(String, Stats)>, Error> {
+            let rows: Vec<(String, String, i64)> =
+                sqlx::query_as("SELECT queue, state, COUNT(*) FROM fastlane_jobs GROUP BY queue, state ORDER BY queue")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(classify)?;
+            let mut queues: Vec<(String, Stats)> = Vec::new();
+            for (queue, state, count) in rows {
+                if queues.last().is_none_or(|(q, _)| *q != queue) {
+                    queues.push((queue.clone(), JobState::ALL.into_iter().map(|s| (s, 0)).collect()));
+                }
+                if let Some((_, stats)) = queues.last_mut() {
+                    stats.insert(state.parse()?, u64::try_from(count).unwrap_or(0));
+                }
+            }
+            Ok(queues)
+        }
+
+        async fn dead_by_name(&self) -> Result<Vec<(String, u64)>, Error> {
+            let rows: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT name, COUNT(*) FROM fastlane_jobs WHERE state = 'dead' GROUP BY name ORDER BY name"
+            )
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+            Ok(rows.into_iter().map(|(name, n)| (name, u64::try_from(n).unwrap_or(0))).collect())
         }
 
         async fn retry_dead(&self, name: Option<&str>, limit: u32) -> Result<u64, Error> {

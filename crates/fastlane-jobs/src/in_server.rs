@@ -44,13 +44,30 @@ pub struct Consumer<S: Store> {
     registry: Registry,
     config: ConsumerConfig,
     stats: Arc<ConsumerStats>,
+    dashboard: Option<crate::Dashboard>,
 }
+
+/// Where a server shows its job store's dashboard, when internal endpoints
+/// are on.
+pub const DASHBOARD_PATH: &str = "/_fastlane/jobs";
 
 impl<S: Store> Consumer<S> {
     /// A worker for the job types of `registry`, with the default
     /// [`ConsumerConfig`].
     pub fn new(store: S, registry: Registry) -> Self {
-        Self { store, registry, config: ConsumerConfig::default(), stats: Arc::default() }
+        let dashboard = Some(crate::Dashboard::new().at(DASHBOARD_PATH));
+        Self { store, registry, config: ConsumerConfig::default(), stats: Arc::default(), dashboard }
+    }
+
+    /// The store's dashboard, served at [`DASHBOARD_PATH`]`/` by the server
+    /// when its internal endpoints are on (`Config::expose_internal`; off by
+    /// default): by default with no token, since it is only there when the
+    /// server's own endpoints are exposed; give one
+    /// ([`Dashboard::token`](crate::Dashboard::token)), or `None` for no
+    /// dashboard.
+    pub fn dashboard(mut self, dashboard: Option<crate::Dashboard>) -> Self {
+        self.dashboard = dashboard.map(|d| d.at(DASHBOARD_PATH));
+        self
     }
 
     /// Replaces the configuration.
@@ -69,6 +86,10 @@ impl<S: Store> fastlane::Companion for Consumer<S> {
     fn name(&self) -> String {
         let queues: Vec<String> = self.config.queues.iter().map(|(q, n)| format!("{q} x{n}")).collect();
         format!("job consumer {} ({})", self.config.name, queues.join(", "))
+    }
+
+    fn routes(&self) -> Option<axum::Router> {
+        Some(self.dashboard.clone()?.router(self.store.clone()))
     }
 
     fn metrics(&self) -> Option<fastlane::MetricsSource> {
@@ -142,7 +163,7 @@ impl<S: Store> fastlane::Companion for Consumer<S> {
     }
 
     fn run(self: Box<Self>, stop: watch::Receiver<bool>, grace: Duration) -> fastlane::CompanionFuture {
-        let Consumer { store, registry, config, stats } = *self;
+        let Consumer { store, registry, config, stats, .. } = *self;
         Box::pin(async move {
             let stats = run_with_stats(store, registry, config, stop, grace, stats).await;
             tracing::info!(

@@ -558,6 +558,12 @@ pub struct JobSummary {
     pub attempt: u32,
     /// The last error, if any.
     pub last_error: Option<String>,
+    /// Progress of the running attempt, percent.
+    pub progress: Option<u8>,
+    /// Progress message of the running attempt.
+    pub progress_message: Option<String>,
+    /// When it ended, unix milliseconds (succeeded, dead, cancelled).
+    pub finished_at_ms: Option<i64>,
 }
 
 /// Job counts by state; every state is present, zero or not.

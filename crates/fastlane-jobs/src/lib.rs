@@ -39,6 +39,10 @@
 //! * `limits.rs`: [`QueueLimits`], a queue's rate and concurrency cap,
 //!   kept by every claim of every consumer.
 //!
+//! * `dashboard/`: [`Dashboard`], the store's web page (queues, the last
+//!   hour, running, failed and dead jobs, schedules, actions), served by a
+//!   fastlane server at `/_fastlane/jobs/` or by `fastlane jobs ui`.
+//!
 //! * `owner.rs`: which process holds a running job, so that a consumer on the
 //!   same host sees at once that it died instead of waiting for its lease.
 //!
@@ -55,6 +59,7 @@
 mod any;
 mod common;
 mod consumer;
+mod dashboard;
 mod error;
 mod in_server;
 mod job;
@@ -73,8 +78,9 @@ pub use any::{connect, AnyStore};
 pub use consumer::{
     run as run_consumer, run_with_stats as run_consumer_with_stats, ConsumerConfig, ConsumerStats,
 };
+pub use dashboard::Dashboard;
 pub use error::Error;
-pub use in_server::{wait_for_result, Consumer, Jobs};
+pub use in_server::{wait_for_result, Consumer, Jobs, DASHBOARD_PATH};
 pub use job::{
     backoff, now_ms, Attempt, Claimed, Done, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats,
 };

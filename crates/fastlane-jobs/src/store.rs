@@ -134,6 +134,13 @@ pub trait Store: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// Job counts for every state.
     fn stats(&self) -> impl Future<Output = Result<Stats, Error>> + Send;
 
+    /// Job counts for every state, per queue (the queues that hold jobs),
+    /// by queue name.
+    fn queue_stats(&self) -> impl Future<Output = Result<Vec<(String, Stats)>, Error>> + Send;
+
+    /// How many dead jobs each job type has, by name (the types with any).
+    fn dead_by_name(&self) -> impl Future<Output = Result<Vec<(String, u64)>, Error>> + Send;
+
     /// The newest jobs (of one state, if given), newest first.
     fn list(
         &self,

@@ -44,6 +44,15 @@ pub trait Companion: Send + 'static {
         None
     }
 
+    /// Routes it serves on the app's own address when internal endpoints
+    /// are on ([`Config::expose_internal`](crate::Config::expose_internal)),
+    /// merged into the app's router (so under its middleware: request ids,
+    /// access log, timeouts); under `/_fastlane/` by convention (a job
+    /// consumer's dashboard is `/_fastlane/jobs/`). None by default.
+    fn routes(&self) -> Option<axum::Router> {
+        None
+    }
+
     /// Runs until `stop` turns true, then finishes within `grace`.
     fn run(self: Box<Self>, stop: watch::Receiver<bool>, grace: Duration) -> CompanionFuture;
 }

@@ -216,12 +216,20 @@ impl Server {
             stall_sources,
             tls,
         });
+        // Companions' own pages (a job dashboard), only where internal
+        // endpoints are: they show and change what the app's users do not.
+        let mut router = self.router;
+        if state.config.expose_internal {
+            for routes in self.companions.iter().filter_map(|c| c.routes()) {
+                router = router.merge(routes);
+            }
+        }
         // axum's extractors already refuse bodies over 2 MiB; a layer (one
         // more boxed service per request) is only worth it for another limit.
         let router = if state.config.body_limit == AXUM_DEFAULT_BODY_LIMIT {
-            self.router
+            router
         } else {
-            self.router.layer(DefaultBodyLimit::max(state.config.body_limit))
+            router.layer(DefaultBodyLimit::max(state.config.body_limit))
         };
         // `with_state` turns every route's boxed handler into a service once,
         // here; a router called without it does that on every request (as
