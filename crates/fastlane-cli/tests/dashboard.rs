@@ -2,8 +2,9 @@
 //! 127.0.0.1 by default, with a token) refuses requests without the token and
 //! actions without the page's anti-forgery header or from another site, and
 //! its actions change the store; the demo serves the same page under
-//! `/_fastlane/jobs/` (internal endpoints on). The page in a real browser is
-//! `.ci/dashboard_browser.py`.
+//! `/_fastlane/jobs/` (internal endpoints on). On SQLite always, on
+//! PostgreSQL too when `FASTLANE_TEST_PG_URL` is set (said to be skipped
+//! otherwise). The page in a real browser is `.ci/dashboard_browser.py`.
 
 mod support;
 
@@ -12,7 +13,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::{stop_child, temp_jobs_db, Demo};
+use support::{stop_child, temp_jobs_db, Demo, PgDatabase};
 
 const TOKEN: &str = "s3cret-token";
 
@@ -72,10 +73,9 @@ impl Drop for Ui {
     }
 }
 
-#[test]
-fn the_standalone_dashboard_guards_its_actions_and_they_change_the_store() {
-    let db = temp_jobs_db();
-    let url = format!("sqlite://{}", db.display());
+/// The guards and actions of `fastlane jobs ui` on the store at `url`.
+fn the_standalone_dashboard_guards_its_actions_and_they_change_the_store(url: &str) {
+    let url = url.to_owned();
     let pending = fastlane(&["jobs", "enqueue", "--url", &url, "noop"]);
     let ui = Ui::start(&url);
     assert!(ui.addr.starts_with("127.0.0.1:"), "binds this machine only by default: {}", ui.addr);
@@ -135,10 +135,26 @@ fn the_standalone_dashboard_guards_its_actions_and_they_change_the_store() {
     assert_eq!((status, body.contains("\"retried\":0")), (200, true), "{body}");
     let (status, _, body) = http(&ui.addr, "POST", "/api/jobs/999999/retry", &headers);
     assert_eq!(status, 404, "{body}");
-    drop(ui);
+}
+
+#[test]
+fn the_standalone_dashboard_on_sqlite() {
+    let db = temp_jobs_db();
+    the_standalone_dashboard_guards_its_actions_and_they_change_the_store(&format!(
+        "sqlite://{}",
+        db.display()
+    ));
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
     }
+}
+
+#[test]
+fn the_standalone_dashboard_on_postgres() {
+    let Some(db) = PgDatabase::create("the_standalone_dashboard_on_postgres", "fastlane_dashboard") else {
+        return;
+    };
+    the_standalone_dashboard_guards_its_actions_and_they_change_the_store(&db.url);
 }
 
 #[test]

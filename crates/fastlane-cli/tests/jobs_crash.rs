@@ -13,6 +13,8 @@
 
 mod support;
 
+use support::PgDatabase;
+
 use rustix::process::Signal;
 
 use std::io::Write as _;
@@ -195,41 +197,6 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("fastlane-crash-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// A fresh PostgreSQL database for one test, dropped with it; `None` (and a
-/// line on stderr naming the skipped test) without `FASTLANE_TEST_PG_URL`.
-struct PgDatabase {
-    url: String,
-    name: String,
-    admin: sqlx::PgPool,
-    rt: tokio::runtime::Runtime,
-}
-
-impl PgDatabase {
-    fn create(test: &str, prefix: &str) -> Option<PgDatabase> {
-        let Ok(admin_url) = std::env::var("FASTLANE_TEST_PG_URL") else {
-            let _ = writeln!(std::io::stderr(), "skipped {test}: FASTLANE_TEST_PG_URL is not set");
-            return None;
-        };
-        let name = format!("{prefix}_{}", std::process::id());
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let admin = rt.block_on(async {
-            let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
-            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name}")).execute(&admin).await.unwrap();
-            sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&admin).await.unwrap();
-            admin
-        });
-        let (base, _) = admin_url.rsplit_once('/').expect("a database in FASTLANE_TEST_PG_URL");
-        Some(PgDatabase { url: format!("{base}/{name}"), name, admin, rt })
-    }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        let _ = self.rt.block_on(sqlx::raw_sql(&sql).execute(&self.admin));
-    }
 }
 
 #[test]

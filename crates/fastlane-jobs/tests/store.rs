@@ -435,6 +435,38 @@ mod suite {
         assert!(store.activity(now() + 60_000, minute).await.unwrap().is_empty());
     }
 
+    /// What the dashboard reads: counts per queue, dead jobs per type, and
+    /// a running job's progress in the listing.
+    pub(crate) async fn counts_per_queue_dead_per_type_and_progress_in_listings<S: Store>(store: &S) {
+        store
+            .enqueue_many(vec![NewJob::new("a", json!(null)), NewJob::new("a", json!(null)).queue("mail")])
+            .await
+            .unwrap();
+        for name in ["mail", "mail", "report"] {
+            store.enqueue(NewJob::new(name, json!(null)).queue("slow").max_attempts(1)).await.unwrap();
+        }
+        for _ in 0..3 {
+            let job = store.claim("slow", "w", LEASE).await.unwrap().unwrap();
+            store.fail(job.lease(), "boom", false).await.unwrap();
+        }
+        let running = store.claim("mail", "w", LEASE).await.unwrap().unwrap();
+        store.progress(running.lease(), 40, "page 4 of 10").await.unwrap();
+        let queues = store.queue_stats().await.unwrap();
+        let names: Vec<&str> = queues.iter().map(|(q, _)| q.as_str()).collect();
+        assert_eq!(names, ["default", "mail", "slow"]);
+        assert_eq!(queues[0].1[&JobState::Available], 1);
+        assert_eq!((queues[1].1[&JobState::Running], queues[1].1.len()), (1, JobState::ALL.len()));
+        assert_eq!(queues[2].1[&JobState::Dead], 3);
+        assert_eq!(store.dead_by_name().await.unwrap(), [("mail".to_owned(), 2), ("report".to_owned(), 1)]);
+        let listed = store.list(Some(JobState::Running), 10).await.unwrap();
+        assert_eq!(
+            (listed[0].progress, listed[0].progress_message.as_deref()),
+            (Some(40), Some("page 4 of 10"))
+        );
+        let dead = store.list(Some(JobState::Dead), 10).await.unwrap();
+        assert!(dead.iter().all(|j| j.finished_at_ms.is_some() && j.last_error.as_deref() == Some("boom")));
+    }
+
     pub(crate) async fn stats_name_every_state<S: Store>(store: &S) {
         store.enqueue(NewJob::new("a", json!(null))).await.unwrap();
         store.enqueue(NewJob::new("a", json!(null)).delay(Duration::from_secs(60))).await.unwrap();
@@ -537,6 +569,7 @@ conformance!(
     cancellation_of_pending_and_running_jobs,
     a_released_job_is_available_at_once_without_losing_an_attempt,
     stats_name_every_state,
+    counts_per_queue_dead_per_type_and_progress_in_listings,
     finished_jobs_are_pruned_after_their_retention_with_their_attempts,
     pruning_goes_in_bounded_batches,
     a_success_is_stored_with_its_result,

@@ -2,7 +2,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write as _};
 
 use rustix::process::Signal;
 use std::process::{Child, Command, Stdio};
@@ -211,4 +211,39 @@ pub fn test_python(test: &str) -> Option<std::path::PathBuf> {
         );
     }
     python
+}
+
+/// A fresh PostgreSQL database for one test, dropped with it; `None` (and a
+/// line on stderr naming the skipped test) without `FASTLANE_TEST_PG_URL`.
+pub struct PgDatabase {
+    pub url: String,
+    name: String,
+    admin: sqlx::PgPool,
+    pub rt: tokio::runtime::Runtime,
+}
+
+impl PgDatabase {
+    pub fn create(test: &str, prefix: &str) -> Option<PgDatabase> {
+        let Ok(admin_url) = std::env::var("FASTLANE_TEST_PG_URL") else {
+            let _ = writeln!(std::io::stderr(), "skipped {test}: FASTLANE_TEST_PG_URL is not set");
+            return None;
+        };
+        let name = format!("{prefix}_{}", std::process::id());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let admin = rt.block_on(async {
+            let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
+            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name}")).execute(&admin).await.unwrap();
+            sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&admin).await.unwrap();
+            admin
+        });
+        let (base, _) = admin_url.rsplit_once('/').expect("a database in FASTLANE_TEST_PG_URL");
+        Some(PgDatabase { url: format!("{base}/{name}"), name, admin, rt })
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let _ = self.rt.block_on(sqlx::raw_sql(&sql).execute(&self.admin));
+    }
 }
