@@ -14,9 +14,10 @@
 /// The statement that writes attempt records, around the `SELECT` of their
 /// values (job id, attempt, worker, start, end, outcome, error), in the SQL
 /// both backends speak. An attempt record is written once, when the attempt
-/// ends: a running attempt is read off its job row, so that claiming a job
-/// is one write, not two. The upsert also closes the records that schema
-/// version 1 wrote when an attempt started.
+/// ends other than in success: a running attempt, and the one that
+/// succeeded, are read off the job's row (`RowAttempt`), so that claiming a
+/// job is one write and completing it is one more. The upsert also closes
+/// the records that schema version 1 wrote when an attempt started.
 macro_rules! record_attempts_sql {
     ($select:literal) => {
         concat!(
@@ -171,8 +172,8 @@ macro_rules! store_methods {
         async fn get(&self, id: JobId) -> Result<JobInfo, Error> {
             let row = sqlx::query(
                 "SELECT id, name, queue, state, payload, priority, attempt, max_attempts, run_at, progress, \
-                 progress_message, last_error, worker, started_at, request_id, unique_key, result, depends_on, \
-                 dependents, deps_left FROM fastlane_jobs WHERE id = $1"
+                 progress_message, last_error, worker, started_at, finished_at, request_id, unique_key, result, \
+                 depends_on, dependents, deps_left FROM fastlane_jobs WHERE id = $1"
             )
             .bind(id)
             .fetch_optional(&self.pool)
@@ -198,7 +199,14 @@ macro_rules! store_methods {
             })
             .collect();
             let state: JobState = row.get::<String, _>("state").parse()?;
-            push_running_attempt(&mut attempts, state, row.get("attempt"), row.get("worker"), row.get("started_at"));
+            crate::job::RowAttempt {
+                state,
+                attempt: row.get("attempt"),
+                consumer: row.get("worker"),
+                started_at_ms: row.get("started_at"),
+                finished_at_ms: row.get("finished_at"),
+            }
+            .add_to(&mut attempts);
             let payload: String = row.get("payload");
             Ok(JobInfo {
                 id: row.get("id"),

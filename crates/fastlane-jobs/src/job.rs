@@ -390,25 +390,40 @@ pub(crate) fn fenced_among(done: &[Done], recorded: Vec<JobId>) -> Vec<Lease> {
     done.iter().map(|d| d.lease).filter(|lease| !recorded.contains(&lease.job)).collect()
 }
 
-/// Adds the running attempt, which is recorded only when it ends, to a
-/// job's attempt history.
-pub(crate) fn push_running_attempt(
-    attempts: &mut Vec<Attempt>,
-    state: JobState,
-    attempt: i64,
-    consumer: Option<String>,
-    started_at_ms: Option<i64>,
-) {
-    let attempt = u32::try_from(attempt).unwrap_or(0);
-    if state == JobState::Running && !attempts.iter().any(|a| a.attempt == attempt) {
-        attempts.push(Attempt {
-            attempt,
-            consumer: consumer.unwrap_or_default(),
-            started_at_ms: started_at_ms.unwrap_or_default(),
-            finished_at_ms: None,
-            outcome: None,
+/// The attempt a job's own row stands for, added to its recorded history:
+/// the running attempt (recorded only when it ends in failure, expiry or
+/// cancellation), or the attempt that succeeded (never recorded: a success
+/// is one write, of the job's row). A succeeded attempt that schema version
+/// 1 recorded when it started, and left open, is closed here.
+pub(crate) struct RowAttempt {
+    pub(crate) state: JobState,
+    pub(crate) attempt: i64,
+    pub(crate) consumer: Option<String>,
+    pub(crate) started_at_ms: Option<i64>,
+    pub(crate) finished_at_ms: Option<i64>,
+}
+
+impl RowAttempt {
+    pub(crate) fn add_to(self, attempts: &mut Vec<Attempt>) {
+        let outcome = match self.state {
+            JobState::Running => None,
+            JobState::Succeeded => Some("succeeded".to_owned()),
+            _ => return,
+        };
+        let number = u32::try_from(self.attempt).unwrap_or(0);
+        let row = Attempt {
+            attempt: number,
+            consumer: self.consumer.unwrap_or_default(),
+            started_at_ms: self.started_at_ms.unwrap_or_default(),
+            finished_at_ms: if outcome.is_some() { self.finished_at_ms } else { None },
+            outcome,
             error: None,
-        });
+        };
+        match attempts.iter_mut().find(|a| a.attempt == number) {
+            Some(open) if open.finished_at_ms.is_none() && row.outcome.is_some() => *open = row,
+            Some(_) => {}
+            None => attempts.push(row),
+        }
     }
 }
 

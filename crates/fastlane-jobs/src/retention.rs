@@ -69,7 +69,8 @@ impl Retention {
 pub struct TableSizes {
     /// Rows of `fastlane_jobs`.
     pub jobs: u64,
-    /// Rows of `fastlane_attempts` (finished attempts).
+    /// Rows of `fastlane_attempts`: attempts that ended other than in
+    /// success (a succeeded attempt is read off its job's row).
     pub attempts: u64,
     /// Rows of `fastlane_schedules`.
     pub schedules: u64,

@@ -291,8 +291,15 @@ mod suite {
         store: &S,
     ) {
         const HOUR: i64 = 3_600_000;
+        // Succeeds at its second attempt: its failed first one is a record
+        // of its own (a success is read off the job's row).
         let ok = store.enqueue(NewJob::new("ok", json!(null))).await.unwrap();
+        let first = store.claim("default", "w", LEASE).await.unwrap().unwrap();
+        assert_eq!(store.fail(first.lease(), "flaky", true).await.unwrap(), JobState::Retrying);
+        assert_eq!(store.retry(ok).await.unwrap(), JobState::Available);
         run_all(store).await;
+        let outcomes: Vec<_> = store.get(ok).await.unwrap().attempts.into_iter().map(|a| a.outcome).collect();
+        assert_eq!(outcomes, [Some("failed".to_owned()), Some("succeeded".to_owned())]);
         let cancelled = store.enqueue(NewJob::new("c", json!(null))).await.unwrap();
         assert_eq!(store.cancel(cancelled).await.unwrap(), JobState::Cancelled);
         let dead = store.enqueue(NewJob::new("d", json!(null)).max_attempts(1)).await.unwrap();
@@ -311,7 +318,7 @@ mod suite {
         let t = now();
         assert_eq!(store.prune(&retention, t + HOUR).await.unwrap(), 0);
         // A day later: the succeeded and the cancelled job go, with the
-        // succeeded one's attempt; the dead one stays a week.
+        // succeeded one's failed attempt; the dead one stays a week.
         assert_eq!(store.prune(&retention, t + 25 * HOUR).await.unwrap(), 2);
         for gone in [ok, cancelled] {
             assert!(matches!(store.get(gone).await, Err(Error::NotFound(_))), "{gone}");

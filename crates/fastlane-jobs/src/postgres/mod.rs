@@ -17,9 +17,8 @@ use tokio::sync::Notify;
 
 use crate::common::{finish_method, record_attempts_sql, store_methods};
 use crate::job::{
-    after_failure, batch_rows, claimed_in_order, done_rows, in_batch_order, ms_after, now_ms,
-    push_running_attempt, Attempt, Claimed, ClaimedRow, Done, JobId, JobInfo, JobState, JobSummary, Lease,
-    NewJob, Stats,
+    after_failure, batch_rows, claimed_in_order, done_rows, in_batch_order, ms_after, now_ms, Attempt,
+    Claimed, ClaimedRow, Done, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats,
 };
 use crate::limits::{limit_fns, limit_methods};
 use crate::retention::retention_methods;
@@ -327,8 +326,9 @@ impl PgStore {
     /// changed since the statement's snapshot; returns their ids.
     ///
     /// The fencing check: only attempts holding the current token are
-    /// recorded; a zombie's late completion changes nothing. The job rows
-    /// and their attempt records change together. A success also takes one
+    /// recorded; a zombie's late completion changes nothing. The succeeded
+    /// attempt is read off the job's row: no attempt record is written. A
+    /// success also takes one
     /// off each of the job's waiters (`dependents`) and makes due those left
     /// with none (see workflow.rs). A job whose row was changed after the
     /// snapshot (its `xmin` differs from the snapshot's: an enqueue added a
@@ -342,13 +342,7 @@ impl PgStore {
                result = d.result \
                FROM jsonb_to_recordset($2::jsonb) AS d(id BIGINT, token BIGINT, result TEXT), fastlane_jobs s \
                WHERE j.id = d.id AND s.id = d.id AND j.token = d.token AND j.state = 'running' AND j.xmin = s.xmin \
-               RETURNING j.id, j.attempt, j.worker, j.started_at, j.dependents), \
-             recorded AS (",
-            record_attempts_sql!(
-                "SELECT id, attempt, COALESCE(worker, ''), COALESCE(started_at, $1), $1, 'succeeded', NULL \
-                 FROM done"
-            ),
-            " RETURNING job_id), \
+               RETURNING j.id, j.dependents), \
              released AS (UPDATE fastlane_jobs w SET deps_left = w.deps_left - x.n, \
                state = CASE WHEN w.deps_left - x.n > 0 THEN 'waiting' \
                WHEN w.run_at > w.created_at AND w.run_at > $1 THEN 'scheduled' ELSE 'available' END, \
@@ -358,7 +352,7 @@ impl PgStore {
             json_ids!("done.dependents"),
             " AS e WHERE done.dependents IS NOT NULL GROUP BY 1) AS x \
                WHERE w.id = x.id AND w.state = 'waiting' RETURNING w.queue, w.state) \
-             SELECT job_id, CAST(NULL AS TEXT) FROM recorded \
+             SELECT id, CAST(NULL AS TEXT) FROM done \
              UNION ALL SELECT NULL, queue FROM released WHERE state = 'available'"
         ))
         .bind(now)

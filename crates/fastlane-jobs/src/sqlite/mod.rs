@@ -19,8 +19,7 @@ use tokio::sync::Notify;
 use crate::common::{finish_method, record_attempts_sql, store_methods};
 use crate::job::{
     after_failure, batch_rows, claimed_in_order, done_rows, fenced_among, in_batch_order, ms_after, now_ms,
-    push_running_attempt, Attempt, Claimed, ClaimedRow, Done, JobId, JobInfo, JobState, JobSummary, Lease,
-    NewJob, Stats,
+    Attempt, Claimed, ClaimedRow, Done, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats,
 };
 use crate::limits::{limit_fns, limit_methods};
 use crate::retention::retention_methods;
@@ -415,8 +414,8 @@ impl Store for SqliteStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(classify)?;
+        // No attempt record: the succeeded attempt is read off the row.
         let recorded: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
-        record_attempts(&mut tx, &recorded, now, "succeeded", None).await?;
         // The waiters of these jobs: each loses one job to wait for per
         // success, in this transaction (see workflow.rs).
         let waiters = crate::workflow::all_ids(rows.iter().filter_map(|(_, d)| d.as_deref()));
