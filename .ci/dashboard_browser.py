@@ -86,7 +86,12 @@ def drive(page, base, dead):
     # The token becomes a cookie and leaves the address.
     page.wait_for("the page at / without the token", "location.pathname === '/' && !location.search")
     page.wait_for("the dead jobs", f"document.querySelectorAll('#dead tr[data-job]').length === {len(dead)}")
-    page.wait_for("the running job's progress bar", "!!document.querySelector('#running tr[data-job] .bar')")
+    # The sleep job reports its progress every 3 s: the bar fills with it.
+    progress = page.wait_for(
+        "the running job's progress",
+        "(() => { const bar = document.querySelector('#running tr[data-job] .bar em');"
+        " return bar && bar.innerText.endsWith('%') && bar.innerText; })()",
+    )
     page.wait_for("40 succeeded jobs", "document.querySelector('[data-state=succeeded] b').innerText === '40'")
     page.wait_for("the waiting job", "document.querySelector('[data-state=waiting] b').innerText === '1'")
     page.wait_for("the chart's bars", "document.querySelectorAll('#chart rect').length > 0")
@@ -97,7 +102,7 @@ def drive(page, base, dead):
     error = page.js(f"document.querySelector('#dead tr[data-job=\"{dead[0]}\"] td.error').innerText")
     if "failing on purpose" not in error:
         fail(f"the dead job's error is not shown: {error!r}")
-    print(f"dashboard_browser: the page shows the seeded store: dead jobs {dead}, the running job's progress, "
+    print(f"dashboard_browser: the page shows the seeded store: dead jobs {dead}, the running job at {progress}, "
           f"the chart, the schedule; queue row {queue.split()[0]!r} with its cap")
 
     # A dead job's attempts, as a person opens them.
