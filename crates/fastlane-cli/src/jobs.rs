@@ -423,17 +423,17 @@ async fn jobs_command(command: JobsCommand) -> Result<ExitCode, String> {
         JobsCommand::Ui { url, host, port, token } => {
             let store = connect(url.clone()).await?;
             fastlane::init_logging();
-            let open = token.is_some();
-            let router = fastlane_jobs::Dashboard::new().token(token).router(store);
+            let dashboard = fastlane_jobs::Dashboard::new().token(token);
+            let open = dashboard.open_path();
+            let router = dashboard.router(store);
             let config = fastlane::Config { host, port, ..fastlane::Config::default() };
             let server = fastlane::Server::new(router)
                 .config(config)
                 .bind()
                 .await
                 .map_err(|e| format!("--host/--port: {}", fastlane::ErrorChain(&e)))?;
-            let addr = server.local_addr();
-            let hint = if open { "/?token=<the token>" } else { "/" };
-            outln!("fastlane jobs ui on http://{addr}{hint}  (store {url})");
+            // With its token, as Jupyter prints its address: the one to open.
+            outln!("fastlane jobs ui on http://{}{open}  (store {url})", server.local_addr());
             match server.serve().await {
                 Ok(_) => Ok(ExitCode::SUCCESS),
                 Err(err) => Err(fastlane::ErrorChain(&err).to_string()),

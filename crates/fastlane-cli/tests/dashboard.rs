@@ -58,6 +58,7 @@ impl Ui {
             .unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.contains(&format!("/?token={TOKEN} ")), "the address to open, with its token: {line}");
         let addr = line
             .strip_prefix("fastlane jobs ui on http://")
             .and_then(|rest| rest.split('/').next())

@@ -72,6 +72,16 @@ impl Dashboard {
         self
     }
 
+    /// The path to open the page at: with the token as `?token=...` when one
+    /// is needed (what `fastlane jobs ui` prints, as Jupyter prints its
+    /// address with its token).
+    pub fn open_path(&self) -> String {
+        match &self.token {
+            Some(token) => format!("{}/?token={}", self.base, percent_encoded(token)),
+            None => format!("{}/", self.base),
+        }
+    }
+
     /// The dashboard's routes on `store`.
     pub fn router<S: Store>(self, store: S) -> Router {
         let base = self.base.clone();
@@ -120,9 +130,9 @@ async fn guard<S: Store>(
 ) -> Response {
     let headers = request.headers();
     if let Some(token) = &shared.config.token {
-        let query_token = request.uri().query().and_then(|q| {
-            q.split('&').find_map(|pair| pair.strip_prefix("token=")).map(|t| t.replace("%2B", "+"))
-        });
+        let query_token =
+            request.uri().query().and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("token=")));
+        let query_token = query_token.map(percent_decoded);
         if request.method() == Method::GET && query_token.as_deref().is_some_and(|t| same(t, token)) {
             // Opened with `?token=...`: remember it, and drop it from the
             // address bar (and from the history).
@@ -161,6 +171,41 @@ async fn guard<S: Store>(
         }
     }
     next.run(request).await
+}
+
+/// `text` with every byte but letters, digits and `-._~` as `%XX`.
+fn percent_encoded(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A query value with its `%XX` escapes (and `+`, a space) read back.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
+        match (bytes[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The request carries `token`, as a bearer token or the cookie.
@@ -334,6 +379,12 @@ mod tests {
         assert!(same("abc", "abc"));
         assert!(!same("abc", "abd"));
         assert!(!same("abc", "abcd"));
+        let odd = "a b+c/d%é";
+        assert_eq!(percent_decoded(&percent_encoded(odd)), odd);
+        assert_eq!(
+            Dashboard::new().at("/_fastlane/jobs").token(Some("t 1".into())).open_path(),
+            "/_fastlane/jobs/?token=t%201"
+        );
         let (a, b) = (random_token(), random_token());
         assert_eq!(a.len(), 32);
         assert_ne!(a, b);
