@@ -29,6 +29,39 @@ macro_rules! record_attempts_sql {
     };
 }
 
+/// The insert of a batch of jobs (the JSON array of `NewRow`s, bound as `$1`)
+/// in one statement, returning their ids, with the backend's `field!(NAME,
+/// TYPE)` (one key of a row) and `job_rows!()` (the rows, in the batch's
+/// order) in scope. `planned`: a workflow's batch, whose rows also carry how
+/// many jobs each waits for and why one is cancelled at once; `plain`: any
+/// other, which leaves those columns to their defaults (a little less to
+/// parse per job on the hot path).
+macro_rules! insert_jobs_sql {
+    (plain) => {
+        insert_jobs_sql!(@ ""; "")
+    };
+    (planned) => {
+        insert_jobs_sql!(@ ", deps_left, last_error, finished_at";
+            ", COALESCE(", field!("deps_left", "BIGINT"), ", 0), ", field!("last_error", "TEXT"), ", ",
+            field!("finished_at", "BIGINT"))
+    };
+    (@ $columns:literal; $($values:tt)*) => {
+        concat!(
+            "INSERT INTO fastlane_jobs (name, queue, payload, state, priority, run_at, max_attempts, timeout_ms, \
+             unique_key, request_id, created_at",
+            $columns,
+            ") SELECT ",
+            field!("name", "TEXT"), ", ", field!("queue", "TEXT"), ", ", field!("payload", "TEXT"), ", ",
+            field!("state", "TEXT"), ", ", field!("priority", "INTEGER"), ", ", field!("run_at", "BIGINT"), ", ",
+            field!("max_attempts", "BIGINT"), ", ", field!("timeout_ms", "BIGINT"), ", ",
+            field!("unique_key", "TEXT"), ", ", field!("request_id", "TEXT"), ", ", field!("created_at", "BIGINT"),
+            $($values)*,
+            job_rows!(),
+            " RETURNING id"
+        )
+    };
+}
+
 /// The one-job store operations, for the backend whose `classify`, `write_tx`
 /// and `id_among!` (`id` is one of a JSON array's ids) are in scope.
 macro_rules! store_methods {
@@ -484,4 +517,4 @@ macro_rules! finish_method {
     };
 }
 
-pub(crate) use {finish_method, record_attempts_sql, store_methods};
+pub(crate) use {finish_method, insert_jobs_sql, record_attempts_sql, store_methods};

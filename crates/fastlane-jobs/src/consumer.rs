@@ -514,7 +514,7 @@ async fn run_one<S: Store>(
 }
 
 /// What the jobs a workflow step waited for returned, in its order.
-type DepResults = Vec<(JobId, Option<serde_json::Value>)>;
+type DepResults = Vec<crate::registry::DependencyResult>;
 
 /// The results every job of a claim waited for, read in one query (a
 /// chain's steps would otherwise cost a query each). Empty if none waited,

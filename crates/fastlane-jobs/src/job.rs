@@ -622,7 +622,9 @@ pub fn backoff(attempt: u32) -> Duration {
     base + Duration::from_millis(jitter_ms)
 }
 
-fn random_u64() -> u64 {
+/// 64 random bits, from the OS-seeded keys of std's hasher (each
+/// `RandomState` a new pair) over the time.
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));

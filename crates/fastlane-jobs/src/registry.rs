@@ -36,6 +36,9 @@ impl std::fmt::Display for JobError {
 
 impl std::error::Error for JobError {}
 
+/// A job waited for, with what it returned (`None`: nothing).
+pub(crate) type DependencyResult = (JobId, Option<serde_json::Value>);
+
 /// What a running handler can see and do.
 #[derive(Debug, Clone)]
 pub struct JobContext {
@@ -46,8 +49,9 @@ pub struct JobContext {
     token: i64,
     cancelled: Arc<AtomicBool>,
     progress: Arc<dyn ProgressSink>,
-    /// What the jobs it waited for returned, in order.
-    results: Arc<[(JobId, Option<serde_json::Value>)]>,
+    /// What the jobs it waited for returned, in order; `None` for a job
+    /// that waited for none (no allocation per job on the hot path).
+    results: Option<Arc<[DependencyResult]>>,
 }
 
 /// Where a handler's progress reports go.
@@ -79,12 +83,12 @@ impl JobContext {
         cancelled: Arc<AtomicBool>,
         progress: Arc<dyn ProgressSink>,
     ) -> Self {
-        Self { id, attempt, token, cancelled, progress, results: Arc::new([]) }
+        Self { id, attempt, token, cancelled, progress, results: None }
     }
 
     /// With the results of the jobs it waited for.
-    pub(crate) fn with_results(mut self, results: Vec<(JobId, Option<serde_json::Value>)>) -> Self {
-        self.results = results.into();
+    pub(crate) fn with_results(mut self, results: Vec<DependencyResult>) -> Self {
+        self.results = (!results.is_empty()).then(|| results.into());
         self
     }
 
@@ -92,7 +96,7 @@ impl JobContext {
     /// steps), each with what it returned (`None` for nothing), in the
     /// order they were given. Empty for a job that waited for none.
     pub fn dependency_results(&self) -> &[(JobId, Option<serde_json::Value>)] {
-        &self.results
+        self.results.as_deref().unwrap_or_default()
     }
 
     /// The results of the jobs it waited for, read as `T`, in order: a
@@ -100,7 +104,7 @@ impl JobContext {
     /// `T` fails the attempt for good, naming the job (a retry would read
     /// the same).
     pub fn results<T: DeserializeOwned>(&self) -> Result<Vec<T>, JobError> {
-        self.results
+        self.dependency_results()
             .iter()
             .map(|(id, value)| {
                 serde_json::from_value(value.clone().unwrap_or(serde_json::Value::Null)).map_err(|e| {
@@ -116,7 +120,7 @@ impl JobContext {
     /// gets the step before's. Fails the attempt for good if it waited for
     /// none or for several (use [`results`](Self::results)).
     pub fn result<T: DeserializeOwned>(&self) -> Result<T, JobError> {
-        match self.results.len() {
+        match self.dependency_results().len() {
             1 => Ok(self.results::<T>()?.remove(0)),
             n => Err(JobError::Permanent(format!(
                 "it waited for {n} jobs, not one: read their results with `results`"

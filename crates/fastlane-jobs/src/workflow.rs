@@ -318,7 +318,21 @@ macro_rules! workflow_fns {
     };
 }
 
-pub(crate) use workflow_fns;
+/// The `SET` of the update that takes `x.n` successes off each waiter's
+/// `deps_left` and makes due those left with none (`$1`: now): due from
+/// now, or at their own `run_at` if they were enqueued with one still to
+/// come (a job's `run_at` is its `created_at` unless given). One text for
+/// SQLite's `release_dependents` and PostgreSQL's completion statement.
+macro_rules! release_waiters {
+    () => {
+        "deps_left = deps_left - x.n, \
+         state = CASE WHEN deps_left - x.n > 0 THEN 'waiting' \
+         WHEN run_at > created_at AND run_at > $1 THEN 'scheduled' ELSE 'available' END, \
+         run_at = CASE WHEN deps_left - x.n > 0 OR (run_at > created_at AND run_at > $1) THEN run_at ELSE $1 END"
+    };
+}
+
+pub(crate) use {release_waiters, workflow_fns};
 
 #[cfg(test)]
 mod tests {

@@ -2,13 +2,15 @@
 //! temporary files always; PostgreSQL when `FASTLANE_TEST_PG_URL` is set
 //! (each test in a schema of its own), and said to be skipped otherwise.
 
-use std::io::Write;
 use std::time::Duration;
 
 use fastlane_jobs::{Done, Error, JobState, Lease, NewJob, PgStore, Retention, SqliteStore, Store};
 use serde_json::json;
+use support::{postgres, unique_name, Db};
 
 const LEASE: Duration = Duration::from_secs(15);
+
+mod support;
 
 /// The behaviour every store must have.
 mod suite {
@@ -500,12 +502,6 @@ impl Drop for TempSqlite {
     }
 }
 
-fn unique_name(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    format!("{prefix}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
-}
-
 async fn temp_sqlite() -> TempSqlite {
     let dir = std::env::temp_dir().join(unique_name("fastlane_jobs_test"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -513,26 +509,13 @@ async fn temp_sqlite() -> TempSqlite {
     TempSqlite { store: SqliteStore::open(&url).await.unwrap(), dir }
 }
 
-/// A PostgreSQL store in a schema of its own, or `None` (and a line on
-/// stderr naming the skipped test) without `FASTLANE_TEST_PG_URL`.
-async fn temp_pg(test: &str) -> Option<(PgStore, sqlx::PgPool, String)> {
-    let Ok(url) = std::env::var("FASTLANE_TEST_PG_URL") else {
-        // Straight to stderr: the test harness would swallow eprintln!.
-        let _ = writeln!(std::io::stderr(), "skipped postgres::{test}: FASTLANE_TEST_PG_URL is not set");
-        return None;
-    };
-    let schema = unique_name("fastlane_test");
-    let admin = sqlx::PgPool::connect(&url).await.expect("connect to FASTLANE_TEST_PG_URL");
-    sqlx::raw_sql(&format!("CREATE SCHEMA {schema}")).execute(&admin).await.unwrap();
-    let options = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&url)
-        .unwrap()
-        .options([("search_path", schema.as_str())]);
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect_with(options).await.unwrap();
-    Some((PgStore::from_pool(pool).await.unwrap(), admin, schema))
-}
-
-async fn drop_pg_schema(admin: sqlx::PgPool, schema: String) {
-    let _ = sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE")).execute(&admin).await;
+/// A PostgreSQL store in a schema of its own, and the schema to drop after;
+/// `None` (and a line on stderr naming the skipped test) without
+/// `FASTLANE_TEST_PG_URL`.
+async fn temp_pg(test: &str) -> Option<(PgStore, Db)> {
+    let db = postgres(test, 1).await?;
+    let Db::Postgres(stores, _, _) = &db else { unreachable!() };
+    Some((stores[0].clone(), db))
 }
 
 macro_rules! conformance {
@@ -553,9 +536,9 @@ macro_rules! conformance {
             $(
                 #[tokio::test]
                 async fn $name() {
-                    let Some((store, admin, schema)) = temp_pg(stringify!($name)).await else { return };
+                    let Some((store, db)) = temp_pg(stringify!($name)).await else { return };
                     suite::$name(&store).await;
-                    drop_pg_schema(admin, schema).await;
+                    db.clean_up().await;
                 }
             )*
         }
@@ -588,7 +571,7 @@ conformance!(
 /// the transaction commits, and wakes workers only then.
 #[tokio::test]
 async fn postgres_enqueue_in_tx_commits_or_rolls_back_with_the_application() {
-    let Some((store, admin, schema)) = temp_pg("enqueue_in_tx").await else { return };
+    let Some((store, db)) = temp_pg("enqueue_in_tx").await else { return };
     let pool = store.pool().clone();
     sqlx::raw_sql("CREATE TABLE users (email TEXT PRIMARY KEY)").execute(&pool).await.unwrap();
 
@@ -615,7 +598,7 @@ async fn postgres_enqueue_in_tx_commits_or_rolls_back_with_the_application() {
         assert_eq!(store.get(id).await.unwrap().state, JobState::Available);
     }
     tokio::time::timeout(Duration::from_secs(5), woken).await.expect("the commit wakes idle workers");
-    drop_pg_schema(admin, schema).await;
+    db.clean_up().await;
 }
 
 #[test]

@@ -229,18 +229,9 @@ fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// 128 random bits as hex, from the OS-seeded keys of std's hasher.
+/// 128 random bits as hex (the retry backoff's source of randomness).
 fn random_token() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let part = |salt: u64| {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(salt);
-        h.write_u128(
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
-        );
-        h.finish()
-    };
-    format!("{:016x}{:016x}", part(1), part(2))
+    format!("{:016x}{:016x}", crate::job::random_u64(), crate::job::random_u64())
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {

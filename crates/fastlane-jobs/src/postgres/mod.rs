@@ -15,7 +15,7 @@ use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{PgPool, Row};
 use tokio::sync::Notify;
 
-use crate::common::{finish_method, record_attempts_sql, store_methods};
+use crate::common::{finish_method, insert_jobs_sql, record_attempts_sql, store_methods};
 use crate::job::{
     after_failure, batch_rows, claimed_in_order, done_rows, in_batch_order, ms_after, now_ms, Attempt,
     Claimed, ClaimedRow, Done, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats,
@@ -44,6 +44,20 @@ const STORE_BYTES: &str =
 macro_rules! lock_row {
     () => {
         " FOR UPDATE"
+    };
+}
+
+/// One key of a batch's JSON row, as the column's type.
+macro_rules! field {
+    ($name:literal, $type:literal) => {
+        concat!("CAST(r ->> '", $name, "' AS ", $type, ")")
+    };
+}
+
+/// The JSON rows of a batch (`$1`), in the batch's order.
+macro_rules! job_rows {
+    () => {
+        " FROM jsonb_array_elements(CAST($1 AS JSONB)) WITH ORDINALITY AS e(r, n) ORDER BY n"
     };
 }
 
@@ -343,11 +357,9 @@ impl PgStore {
                FROM jsonb_to_recordset($2::jsonb) AS d(id BIGINT, token BIGINT, result TEXT), fastlane_jobs s \
                WHERE j.id = d.id AND s.id = d.id AND j.token = d.token AND j.state = 'running' AND j.xmin = s.xmin \
                RETURNING j.id, j.dependents), \
-             released AS (UPDATE fastlane_jobs w SET deps_left = w.deps_left - x.n, \
-               state = CASE WHEN w.deps_left - x.n > 0 THEN 'waiting' \
-               WHEN w.run_at > w.created_at AND w.run_at > $1 THEN 'scheduled' ELSE 'available' END, \
-               run_at = CASE WHEN w.deps_left - x.n > 0 OR (w.run_at > w.created_at AND w.run_at > $1) \
-               THEN w.run_at ELSE $1 END \
+             released AS (UPDATE fastlane_jobs w SET ",
+            crate::workflow::release_waiters!(),
+            " \
                FROM (SELECT CAST(e.value AS BIGINT) AS id, COUNT(*) AS n FROM done, ",
             json_ids!("done.dependents"),
             " AS e WHERE done.dependents IS NOT NULL GROUP BY 1) AS x \
@@ -483,29 +495,9 @@ async fn insert_rows(
             return Err(Error::Duplicate(key));
         }
     }
-    // A workflow's rows carry how many jobs each waits for (and why one is
-    // cancelled at once); a plain batch leaves those columns to their
-    // defaults, a little less to parse per job on the hot path.
-    macro_rules! insert {
-        ($columns:literal, $values:literal) => {
-            concat!(
-                "INSERT INTO fastlane_jobs (name, queue, payload, state, priority, run_at, max_attempts, timeout_ms, \
-                 unique_key, request_id, created_at",
-                $columns,
-                ") SELECT r ->> 'name', r ->> 'queue', r ->> 'payload', r ->> 'state', (r ->> 'priority')::INTEGER, \
-                 (r ->> 'run_at')::BIGINT, (r ->> 'max_attempts')::BIGINT, (r ->> 'timeout_ms')::BIGINT, \
-                 r ->> 'unique_key', r ->> 'request_id', (r ->> 'created_at')::BIGINT",
-                $values,
-                " FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(r, n) ORDER BY n RETURNING id"
-            )
-        };
-    }
     let sql = match plans {
-        Some(_) => insert!(
-            ", deps_left, last_error, finished_at",
-            ", COALESCE((r ->> 'deps_left')::BIGINT, 0), r ->> 'last_error', (r ->> 'finished_at')::BIGINT"
-        ),
-        None => insert!("", ""),
+        Some(_) => insert_jobs_sql!(planned),
+        None => insert_jobs_sql!(plain),
     };
     let ids: Vec<i64> =
         sqlx::query_scalar(sql).bind(&rows).fetch_all(&mut *tx).await.map_err(|err| match &err {

@@ -16,7 +16,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 use tokio::sync::Notify;
 
-use crate::common::{finish_method, record_attempts_sql, store_methods};
+use crate::common::{finish_method, insert_jobs_sql, record_attempts_sql, store_methods};
 use crate::job::{
     after_failure, batch_rows, claimed_in_order, done_rows, fenced_among, in_batch_order, ms_after, now_ms,
     Attempt, Claimed, ClaimedRow, Done, JobId, JobInfo, JobState, JobSummary, Lease, NewJob, Stats,
@@ -43,6 +43,20 @@ const STORE_BYTES: &str = "SELECT page_count * page_size FROM pragma_page_count(
 macro_rules! lock_row {
     () => {
         ""
+    };
+}
+
+/// One key of a batch's JSON row; SQLite keeps its JSON type.
+macro_rules! field {
+    ($name:literal, $type:literal) => {
+        concat!("value ->> '", $name, "'")
+    };
+}
+
+/// The JSON rows of a batch (`$1`), in the batch's order.
+macro_rules! job_rows {
+    () => {
+        " FROM json_each($1) ORDER BY key"
     };
 }
 
@@ -86,14 +100,12 @@ async fn release_dependents(
     waiters: &[JobId],
     now: i64,
 ) -> Result<u64, Error> {
-    let states: Vec<String> = sqlx::query_scalar(
-        "UPDATE fastlane_jobs SET deps_left = deps_left - x.n, \
-         state = CASE WHEN deps_left - x.n > 0 THEN 'waiting' \
-         WHEN run_at > created_at AND run_at > ?1 THEN 'scheduled' ELSE 'available' END, \
-         run_at = CASE WHEN deps_left - x.n > 0 OR (run_at > created_at AND run_at > ?1) THEN run_at ELSE ?1 END \
-         FROM (SELECT value AS id, COUNT(*) AS n FROM json_each(?2) GROUP BY value) AS x \
-         WHERE fastlane_jobs.id = x.id AND fastlane_jobs.state = 'waiting' RETURNING fastlane_jobs.state",
-    )
+    let states: Vec<String> = sqlx::query_scalar(concat!(
+        "UPDATE fastlane_jobs SET ",
+        crate::workflow::release_waiters!(),
+        " FROM (SELECT value AS id, COUNT(*) AS n FROM json_each($2) GROUP BY value) AS x \
+             WHERE fastlane_jobs.id = x.id AND fastlane_jobs.state = 'waiting' RETURNING fastlane_jobs.state"
+    ))
     .bind(now)
     .bind(crate::workflow::id_array(waiters))
     .fetch_all(&mut *conn)
@@ -221,38 +233,17 @@ async fn insert_rows(
             return Err(Error::Duplicate(key));
         }
     }
-    // A workflow's rows carry how many jobs each waits for (and why one is
-    // cancelled at once); a plain batch leaves those columns to their
-    // defaults, a little less to parse per job on the hot path.
-    macro_rules! insert {
-        ($columns:literal, $values:literal) => {
-            concat!(
-                "INSERT INTO fastlane_jobs (name, queue, payload, state, priority, run_at, max_attempts, timeout_ms, \
-                 unique_key, request_id, created_at",
-                $columns,
-                ") SELECT value ->> 'name', value ->> 'queue', value ->> 'payload', value ->> 'state', \
-                 value ->> 'priority', value ->> 'run_at', value ->> 'max_attempts', value ->> 'timeout_ms', \
-                 value ->> 'unique_key', value ->> 'request_id', value ->> 'created_at'",
-                $values,
-                " FROM json_each(?) ORDER BY key RETURNING id"
-            )
-        };
-    }
     let sql = match plans {
-        Some(_) => insert!(
-            ", deps_left, last_error, finished_at",
-            ", COALESCE(value ->> 'deps_left', 0), value ->> 'last_error', value ->> 'finished_at'"
-        ),
-        None => insert!("", ""),
+        Some(_) => insert_jobs_sql!(planned),
+        None => insert_jobs_sql!(plain),
     };
     let ids: Vec<i64> = sqlx::query_scalar(sql).bind(rows).fetch_all(&mut *tx).await.map_err(classify)?;
     Ok(in_batch_order(ids))
 }
 
-/// Writes the attempt records of jobs whose attempt has just ended, from
-/// their rows (attempt number, worker, start). An attempt record is written
-/// once, when the attempt ends: a running attempt is read off its job row, so
-/// that claiming a job is one write, not two.
+/// Writes the attempt records of jobs whose attempt has just ended other
+/// than in success, from their rows (attempt number, worker, start): see
+/// `record_attempts_sql`.
 async fn record_attempts(
     tx: &mut sqlx::SqliteConnection,
     ids: &[JobId],

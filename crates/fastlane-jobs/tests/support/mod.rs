@@ -2,7 +2,7 @@
 //! SQLite file or PostgreSQL schema (when `FASTLANE_TEST_PG_URL` is set;
 //! said to be skipped otherwise).
 
-#![allow(dead_code)] // Each test file uses what it needs.
+#![allow(dead_code, unused_macros, unused_imports)] // Each test file uses what it needs.
 
 use std::io::Write;
 
@@ -49,7 +49,7 @@ pub(crate) async fn postgres(test: &str, n: usize) -> Option<Db> {
     let mut stores = Vec::new();
     for _ in 0..n {
         let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
+            .max_connections(4)
             .connect_with(options.clone())
             .await
             .unwrap();
