@@ -90,7 +90,7 @@ pub(crate) async fn dispatch(
 /// else the one the server made (replacing a malformed one), so that the
 /// app's logs can name the request as the server's do.
 pub(crate) fn pass_request_id(parts: &mut http::request::Parts) -> Option<fastlane::RequestId> {
-    let id = parts.extensions.get::<fastlane::RequestId>()?.clone();
+    let id = fastlane::RequestId::from_extensions(&parts.extensions)?.clone();
     if let Ok(value) = http::HeaderValue::from_str(id.as_str()) {
         parts.headers.insert(http::HeaderName::from_static("x-request-id"), value);
     }

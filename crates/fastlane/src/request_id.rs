@@ -6,13 +6,11 @@
 //! `x-request-id`, is a field of the request's access log line, and names the
 //! `request` span every log event of the handler is written under.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use axum::extract::FromRequestParts;
-use http::request::Parts;
 use http::HeaderMap;
 
 /// The response header (and the request header read first).
@@ -37,8 +35,22 @@ const MAX_LEN: usize = 128;
 /// let app: axum::Router = axum::Router::new().route("/", axum::routing::get(handler));
 /// # let _ = app;
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct RequestId(Arc<str>);
+#[derive(Clone)]
+pub struct RequestId(Repr);
+
+/// A made (or trace) id is kept inline: it is made for nearly every
+/// request, and cloned at each poll of its handler (see [`RequestId::enter`]),
+/// so it should cost neither an allocation nor a shared count.
+#[derive(Clone)]
+enum Repr {
+    /// 32 lowercase hex digits.
+    Hex([u8; 32]),
+    /// A client's `X-Request-Id`.
+    Given(Arc<str>),
+}
+
+/// The `traceparent` header of W3C Trace Context.
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
 thread_local! {
     /// The request whose handler this thread is polling.
@@ -48,7 +60,11 @@ thread_local! {
 impl RequestId {
     /// The id as text.
     pub fn as_str(&self) -> &str {
-        &self.0
+        match &self.0 {
+            // Hex digits only (see `new` and `trace_id`): always UTF-8.
+            Repr::Hex(hex) => std::str::from_utf8(hex).unwrap_or_default(),
+            Repr::Given(id) => id,
+        }
     }
 
     /// The id of the request whose handler (or background task) this
@@ -96,20 +112,28 @@ impl RequestId {
     /// trace id of a valid W3C `traceparent`, else a new one.
     pub(crate) fn for_headers(headers: &HeaderMap) -> Self {
         if let Some(id) = headers.get(HEADER).and_then(|v| v.to_str().ok()).filter(|v| acceptable(v)) {
-            return Self(id.into());
+            return Self(Repr::Given(id.into()));
         }
-        if let Some(trace) = headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(trace_id) {
-            return Self(trace.into());
+        let trace = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(trace_id);
+        if let Some(hex) = trace.and_then(|t| <[u8; 32]>::try_from(t.as_bytes()).ok()) {
+            return Self(Repr::Hex(hex));
         }
         Self::new()
     }
 
     /// A new id: 128 bits, as 32 hex digits (the shape of a W3C trace id),
-    /// from a random per-process key and a counter, mixed so that ids made
+    /// from a random per-process key and a count, mixed so that ids made
     /// one after another do not look alike.
+    ///
+    /// The count is each thread's own (its high bits the thread's number):
+    /// one counter shared by every runner would have its cache line go back
+    /// and forth between cores on every request.
     pub(crate) fn new() -> Self {
         static KEY: OnceLock<(u64, u64)> = OnceLock::new();
-        static NEXT: AtomicU64 = AtomicU64::new(0);
+        static THREADS: AtomicU64 = AtomicU64::new(0);
+        thread_local! {
+            static NEXT: Cell<u64> = const { Cell::new(u64::MAX) };
+        }
         let (hi, lo) = *KEY.get_or_init(|| {
             // The std hasher's keys are random per process; nothing to add.
             use std::hash::{BuildHasher, Hasher};
@@ -120,16 +144,23 @@ impl RequestId {
             };
             (random(1), random(2))
         });
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        // Written on the stack and copied once into the `Arc` (a `format!`
-        // would allocate a `String` first): this runs for every request.
+        let n = NEXT.with(|next| {
+            let mut n = next.get();
+            // A thread's first id (the count starts at all ones), or 2^40
+            // ids later: a new block of counts.
+            if n & COUNT_MASK == COUNT_MASK {
+                n = THREADS.fetch_add(1, Ordering::Relaxed) << 40;
+            }
+            next.set(n + 1);
+            n
+        });
         let mut hex = [0u8; 32];
         for (i, half) in [mix(hi ^ n), mix(lo.wrapping_add(n))].into_iter().enumerate() {
             for (j, digit) in hex[i * 16..(i + 1) * 16].iter_mut().enumerate() {
                 *digit = b"0123456789abcdef"[((half >> (60 - 4 * j)) & 0xf) as usize];
             }
         }
-        Self(std::str::from_utf8(&hex).expect("hex digits are ASCII").into())
+        Self(Repr::Hex(hex))
     }
 }
 
@@ -142,6 +173,9 @@ impl Drop for CurrentGuard {
         CURRENT.with(|c| *c.borrow_mut() = previous);
     }
 }
+
+/// The low bits of a made id's count: a thread's own count, below its block.
+const COUNT_MASK: u64 = (1 << 40) - 1;
 
 /// SplitMix64's finaliser: a bijection on u64 that spreads every input bit.
 fn mix(mut z: u64) -> u64 {
@@ -176,28 +210,29 @@ fn trace_id(value: &str) -> Option<&str> {
     valid.then_some(trace)
 }
 
+impl PartialEq for RequestId {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for RequestId {}
+
+impl std::hash::Hash for RequestId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
 impl fmt::Display for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Debug for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
-    }
-}
-
-/// The id fastlane gave the request; outside a fastlane server (a router
-/// called directly in a test), one made from the request's headers.
-impl<S: Send + Sync> FromRequestParts<S> for RequestId {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        if let Some(id) = parts.extensions.get::<RequestId>() {
-            return Ok(id.clone());
-        }
-        Ok(Self::for_headers(&parts.headers))
+        fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
@@ -251,8 +286,14 @@ mod tests {
 
     #[test]
     fn made_ids_differ() {
-        let ids: std::collections::HashSet<_> = (0..1000).map(|_| RequestId::new()).collect();
-        assert_eq!(ids.len(), 1000);
+        let threads: Vec<_> = (0..4)
+            .map(|_| std::thread::spawn(|| (0..1000).map(|_| RequestId::new()).collect::<Vec<_>>()))
+            .collect();
+        let mut ids: std::collections::HashSet<_> = (0..1000).map(|_| RequestId::new()).collect();
+        for thread in threads {
+            ids.extend(thread.join().unwrap());
+        }
+        assert_eq!(ids.len(), 5000);
         assert!(ids
             .iter()
             .all(|id| id.as_str().len() == 32 && id.as_str().bytes().all(|b| b.is_ascii_hexdigit())));

@@ -141,8 +141,8 @@ where
             }
         }
 
+        // The request's id goes with it (`RequestId::from_extensions`).
         req.extensions_mut().insert(request.clone());
-        req.extensions_mut().insert(request.request_id.clone());
         let _route = enter_route(request.route.id, Phase::Handler);
         let _current = request.request_id.enter();
         let inner = span.in_scope(|| match catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
@@ -338,88 +338,38 @@ enum Ending<'a> {
 }
 
 /// Counts the request in its route's metrics and writes its access log
-/// line: one human-readable line per request, as the seed article's
-/// `log_requests` middleware prints it (`GET /users/{id} 200 1.3ms`), with
-/// the time to the headers when the body was streamed after them, and why a
-/// stream did not end.
+/// line (see `telemetry::access`), with the time to the headers when the
+/// body was streamed after them, and why a stream did not end.
 fn answered(request: &RequestState, status: u16, elapsed: std::time::Duration, ending: Ending<'_>) {
     request.route.answered(status, elapsed);
-    let ending = match ending {
-        Ending::Whole => String::new(),
-        Ending::Streamed { headers, note } => {
-            format!(" (headers {}ms{note})", Millis(headers))
-        }
-        Ending::Abandoned => {
-            " (the client went away or the connection closed before the response; the handler was dropped)"
-                .to_owned()
-        }
-    };
     if !tracing::enabled!(target: "fastlane::request", tracing::Level::INFO) {
         return;
     }
-    let path = request.unmatched_path.as_deref().unwrap_or(&request.route.route);
-    let client = request.client.map(Client);
-    let line = crate::telemetry::access::AccessLine {
-        message: format_args!("{} {path} {status} {}ms{ending}", request.method, Millis(elapsed)),
-        client: client.as_ref().map(|c| c as &dyn std::fmt::Display),
-        request_id: &request.request_id,
-    };
-    // Straight into the log pipe under `init_logging`; an event otherwise.
-    if !crate::telemetry::access::write(&line) {
-        tracing::info!(
-            target: "fastlane::request",
-            client = client.as_ref().map(tracing::field::display),
-            request_id = %request.request_id,
-            "{}",
-            line.message
-        );
-    }
-}
-
-/// A client's address on the access line: IPv4 written digit by digit (std's
-/// `Display` of an `Ipv4Addr` pads through a buffer, a visible share of an
-/// access line's cost), IPv6 as std writes it.
-struct Client(std::net::IpAddr);
-
-impl std::fmt::Display for Client {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let std::net::IpAddr::V4(v4) = self.0 else {
-            return self.0.fmt(f);
-        };
-        let mut text = [0u8; 15];
-        let mut len = 0;
-        for (i, octet) in v4.octets().into_iter().enumerate() {
-            if i > 0 {
-                text[len] = b'.';
-                len += 1;
-            }
-            let digits = [octet / 100, octet / 10 % 10, octet % 10];
-            let skip = if octet >= 100 {
-                0
-            } else if octet >= 10 {
-                1
-            } else {
-                2
-            };
-            for digit in &digits[skip..] {
-                text[len] = b'0' + digit;
-                len += 1;
-            }
+    let streamed;
+    let ending = match ending {
+        Ending::Whole => "",
+        Ending::Streamed { headers, note } => {
+            let mut text = String::from(" (headers ");
+            crate::telemetry::access::push_millis(&mut text, headers);
+            text.push_str("ms");
+            text.push_str(note);
+            text.push(')');
+            streamed = text;
+            &streamed
         }
-        f.write_str(std::str::from_utf8(&text[..len]).map_err(|_| std::fmt::Error)?)
-    }
-}
-
-/// Milliseconds to one decimal (`1.3`, rounded half up), as `{:.1}` of the
-/// float writes them but with integers: float formatting was a visible
-/// share of an access line's cost.
-struct Millis(std::time::Duration);
-
-impl std::fmt::Display for Millis {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let tenths = (self.0.as_nanos() + 50_000) / 100_000;
-        write!(f, "{}.{}", tenths / 10, tenths % 10)
-    }
+        Ending::Abandoned => {
+            " (the client went away or the connection closed before the response; the handler was dropped)"
+        }
+    };
+    crate::telemetry::access::log(&crate::telemetry::access::AccessLine {
+        method: request.method.as_str(),
+        path: request.unmatched_path.as_deref().unwrap_or(&request.route.route),
+        status,
+        elapsed,
+        ending,
+        client: request.client,
+        request_id: &request.request_id,
+    });
 }
 
 /// The access log line of a streamed response, written when the stream
@@ -509,36 +459,5 @@ impl http_body::Body for TrackedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{Client, Millis};
-    use std::time::Duration;
-
-    #[test]
-    fn client_addresses_read_as_std_writes_them() {
-        for ip in [
-            "0.0.0.0",
-            "127.0.0.1",
-            "10.20.30.40",
-            "203.0.113.7",
-            "255.255.255.255",
-            "9.99.100.1",
-            "::1",
-            "2001:db8::7",
-        ] {
-            let ip: std::net::IpAddr = ip.parse().unwrap();
-            assert_eq!(Client(ip).to_string(), ip.to_string());
-        }
-    }
-
-    #[test]
-    fn access_line_durations_are_milliseconds_to_a_tenth() {
-        for (micros, expected) in [(0, "0.0"), (12, "0.0"), (50, "0.1"), (1_250, "1.3"), (999_960, "1000.0")]
-        {
-            assert_eq!(Millis(Duration::from_micros(micros)).to_string(), expected, "{micros} µs");
-        }
     }
 }

@@ -13,7 +13,7 @@ use std::str::FromStr;
 
 use axum::extract::FromRequestParts;
 use http::request::Parts;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 use crate::ApiError;
 
@@ -174,19 +174,19 @@ impl ClientInfo {
         let direct = Self { addr: peer, https, peer };
         let Some(trusted) = trusted.filter(|t| t.trusts(peer.ip())) else { return direct };
         let mut client = direct;
-        if let Some(proto) = last_value(headers, "x-forwarded-proto") {
+        if let Some(proto) = last_value(headers, X_FORWARDED_PROTO) {
             client.https = is_https(proto);
         }
         // The X-Forwarded-* pair is what proxies send most; RFC 7239's
         // `Forwarded` is read when there is no X-Forwarded-For.
-        let xff: Vec<&str> = list(headers, "x-forwarded-for").collect();
+        let xff: Vec<&str> = list(headers, X_FORWARDED_FOR).collect();
         if !xff.is_empty() {
             if let Some(ip) = walk(&xff, trusted) {
                 client.addr = SocketAddr::new(ip, 0);
             }
             return client;
         }
-        let elements: Vec<Vec<(&str, &str)>> = list(headers, "forwarded").map(forwarded_pairs).collect();
+        let elements: Vec<Vec<(&str, &str)>> = list(headers, FORWARDED).map(forwarded_pairs).collect();
         if elements.is_empty() {
             return client;
         }
@@ -236,7 +236,13 @@ fn is_https(proto: &str) -> bool {
 }
 
 /// Every comma-separated item of every line of a header, in order.
-fn list<'a>(headers: &'a HeaderMap, name: &'static str) -> impl Iterator<Item = &'a str> {
+/// The headers a trusted proxy speaks through, as `HeaderName`s: looked up
+/// by a `&str` they would be parsed again for every request.
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+fn list(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
     headers
         .get_all(name)
         .iter()
@@ -246,7 +252,7 @@ fn list<'a>(headers: &'a HeaderMap, name: &'static str) -> impl Iterator<Item = 
         .filter(|item| !item.is_empty())
 }
 
-fn last_value<'a>(headers: &'a HeaderMap, name: &'static str) -> Option<&'a str> {
+fn last_value(headers: &HeaderMap, name: HeaderName) -> Option<&str> {
     list(headers, name).last()
 }
 

@@ -218,3 +218,32 @@ impl Drop for RequestState {
         self.finish();
     }
 }
+
+// The request id's ways in, here rather than in `request_id.rs`: the id
+// travels in the request's extensions as part of its `RequestState`, which
+// is the server's (a second extension would cost every request an
+// allocation and a hash insert).
+impl RequestId {
+    /// The id of the request whose extensions these are, as the extractor
+    /// gives it to handlers: for a middleware of the app's that sees the
+    /// request (under fastlane's own layer) rather than its handler.
+    pub fn from_extensions(extensions: &http::Extensions) -> Option<&RequestId> {
+        extensions.get::<Arc<RequestState>>().map(|request| &request.request_id)
+    }
+}
+
+/// The id fastlane gave the request; outside a fastlane server (a router
+/// called directly in a test), one made from the request's headers.
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RequestId {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        if let Some(id) = RequestId::from_extensions(&parts.extensions) {
+            return Ok(id.clone());
+        }
+        Ok(Self::for_headers(&parts.headers))
+    }
+}

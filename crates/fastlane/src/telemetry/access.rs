@@ -1,4 +1,6 @@
-//! The access log line, written straight into the log pipe when
+//! The access log line: one human-readable line per request, as the seed
+//! article's `log_requests` middleware prints it (`GET /users/{id} 200
+//! 1.3ms`), written straight into the log pipe when
 //! [`init_logging`](super::init_logging) writes text lines.
 //!
 //! A line per request is the busiest thing a server logs. As a `tracing`
@@ -8,21 +10,24 @@
 //! log added to a hello-world request. The line's shape is fixed and its
 //! fields are known, so when our own text subscriber is installed it is
 //! written here instead: the same bytes (a test compares them with the
-//! event's), formatted into a buffer of the thread's own and copied into the
-//! pipe. `tracing`'s filter still decides whether it is written
+//! event's), put together byte by byte (no `fmt` machinery: at a line per
+//! request its dynamic calls and padding checks were most of a line's cost)
+//! in buffers of the thread's own, and copied into the pipe. `tracing`'s
+//! filter still decides whether it is written
 //! (`RUST_LOG=fastlane::request=off`, `--no-access-log`). With any other
 //! subscriber (an app's own, or `--log-format json`) the line stays a
 //! `tracing` event, target `fastlane::request`.
 
 use std::cell::RefCell;
-use std::fmt::{self, Write as _};
+use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::sync::OnceLock;
+use std::time::Duration;
 
-use tracing_subscriber::fmt::format::Writer;
-
-use super::line::{write_start, write_target};
+use super::clock::push_now;
 use super::pipe::PipeWriter;
 use super::Escaped;
+use crate::request_id::RequestId;
 
 /// Where access lines go when they bypass `tracing`; set by `init_logging`
 /// (text lines) alone.
@@ -38,64 +43,165 @@ pub(super) fn write_directly(pipe: PipeWriter, ansi: bool) {
     let _ = DIRECT.set(Direct { pipe, ansi });
 }
 
+/// What comes between the timestamp and the message, as `TextLine` writes
+/// an `INFO` event of target `fastlane::request`: plain, and with ANSI
+/// colours (the timestamp's dimming ends the first).
+const HEAD: &str = "  INFO fastlane::request: ";
+const HEAD_ANSI: &str = "\x1b[0m \x1b[32m INFO\x1b[0m \x1b[2mfastlane::request\x1b[0m\x1b[2m:\x1b[0m ";
+
 thread_local! {
-    /// The line being formatted: kept, so that no line allocates.
-    static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+    /// The message and the line being put together: kept, so that no line
+    /// allocates.
+    static BUFFERS: RefCell<(String, String)> = const { RefCell::new((String::new(), String::new())) };
 }
 
 /// The parts of an access line.
 pub(crate) struct AccessLine<'a> {
-    /// `GET /users/{id} 200 1.3ms (...)`: escaped and cut at 1 KiB as a
-    /// message field is.
-    pub(crate) message: fmt::Arguments<'a>,
+    /// The request's method.
+    pub(crate) method: &'a str,
+    /// Its route (`/users/{id}`), or its path when it matched none.
+    pub(crate) path: &'a str,
+    /// The status answered (499 when the client went away first).
+    pub(crate) status: u16,
+    /// From the request to the end of its response.
+    pub(crate) elapsed: Duration,
+    /// After the duration: empty, or why and how a stream ended
+    /// (` (headers 1.0ms)`).
+    pub(crate) ending: &'a str,
     /// The client's address, if known.
-    pub(crate) client: Option<&'a dyn fmt::Display>,
+    pub(crate) client: Option<IpAddr>,
     /// The request's id.
-    pub(crate) request_id: &'a dyn fmt::Display,
+    pub(crate) request_id: &'a RequestId,
 }
 
-/// Writes `line` straight into the log pipe, if `init_logging` set that up;
-/// `false` if the caller must log it as a `tracing` event instead. The
-/// caller has checked that `fastlane::request` lines are enabled.
-pub(crate) fn write(line: &AccessLine<'_>) -> bool {
-    let Some(direct) = DIRECT.get() else {
-        return false;
-    };
-    LINE.with(|buffer| {
-        let Ok(mut buffer) = buffer.try_borrow_mut() else {
-            // Re-entered (a `Display` that logs): the slow way is safe.
-            return false;
+/// Writes the access line: straight into the log pipe if `init_logging` set
+/// that up, as a `tracing` event (`fastlane::request`) otherwise. The caller
+/// has checked that `fastlane::request` lines are enabled.
+pub(crate) fn log(line: &AccessLine<'_>) {
+    BUFFERS.with(|buffers| {
+        let mut fresh = (String::new(), String::new());
+        // Re-entered (a subscriber that logs an access line of its own):
+        // fresh buffers are as good.
+        let mut kept = buffers.try_borrow_mut();
+        let (message, out) = match kept.as_deref_mut() {
+            Ok(buffers) => buffers,
+            Err(_) => &mut fresh,
         };
-        buffer.clear();
-        if format(&mut buffer, line, direct.ansi).is_err() {
-            return false;
+        message.clear();
+        write_message(message, line);
+        match DIRECT.get() {
+            Some(direct) => {
+                out.clear();
+                format(out, message, line, direct.ansi);
+                let mut pipe = direct.pipe;
+                let _ = std::io::Write::write(&mut pipe, out.as_bytes());
+            }
+            None => event(line, message),
         }
-        let mut pipe = direct.pipe;
-        let _ = std::io::Write::write(&mut pipe, buffer.as_bytes());
         // A line that grew large once is not kept.
-        if buffer.capacity() > 4096 {
-            *buffer = String::new();
+        for buffer in [message, out] {
+            if buffer.capacity() > 4096 {
+                *buffer = String::new();
+            }
         }
-        true
-    })
+    });
 }
 
-/// The line as `TextLine` writes the event `answered` logs:
-/// `<time>  INFO fastlane::request: <message> client=<ip> request_id=<id>`.
-fn format(out: &mut String, line: &AccessLine<'_>, ansi: bool) -> fmt::Result {
-    let mut writer = Writer::new(out);
-    write_start(&mut writer, tracing::Level::INFO, ansi)?;
-    write_target(&mut writer, "fastlane::request", ansi)?;
-    let mut escaped = Escaped { out: &mut writer, left: super::LogFields::default().max_len, dropped: 0 };
-    escaped.write_fmt(line.message)?;
-    let dropped = escaped.dropped;
-    if dropped > 0 {
-        write!(writer, "…[{dropped} more bytes]")?;
+/// The line as a `tracing` event, for any subscriber but `init_logging`'s.
+fn event(line: &AccessLine<'_>, message: &str) {
+    tracing::info!(
+        target: "fastlane::request",
+        client = line.client.map(tracing::field::display),
+        request_id = %line.request_id,
+        "{}",
+        message
+    );
+}
+
+/// `GET /users/{id} 200 1.3ms` and the ending.
+fn write_message(out: &mut String, line: &AccessLine<'_>) {
+    out.push_str(line.method);
+    out.push(' ');
+    out.push_str(line.path);
+    out.push(' ');
+    push_decimal(out, u64::from(line.status));
+    out.push(' ');
+    push_millis(out, line.elapsed);
+    out.push_str("ms");
+    out.push_str(line.ending);
+}
+
+/// The line as `TextLine` writes the event [`log`] would log:
+/// `<time>  INFO fastlane::request: <message> client=<ip> request_id=<id>`,
+/// the message escaped and cut at 1 KiB as a message field is.
+fn format(out: &mut String, message: &str, line: &AccessLine<'_>, ansi: bool) {
+    if ansi {
+        out.push_str("\x1b[2m");
+    }
+    push_now(out);
+    out.push_str(if ansi { HEAD_ANSI } else { HEAD });
+    let max_len = super::LogFields::default().max_len;
+    if message.len() <= max_len && message.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        // The usual line: nothing to escape or cut.
+        out.push_str(message);
+    } else {
+        let mut escaped = Escaped { out: &mut *out, left: max_len, dropped: 0 };
+        let _ = escaped.write_str(message);
+        let dropped = escaped.dropped;
+        if dropped > 0 {
+            let _ = write!(out, "…[{dropped} more bytes]");
+        }
     }
     if let Some(client) = line.client {
-        write!(writer, " client={client}")?;
+        out.push_str(" client=");
+        push_ip(out, client);
     }
-    writeln!(writer, " request_id={}", line.request_id)
+    out.push_str(" request_id=");
+    out.push_str(line.request_id.as_str());
+    out.push('\n');
+}
+
+/// `n` in decimal.
+pub(crate) fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &digit in &digits[at..] {
+        out.push(char::from(digit));
+    }
+}
+
+/// Milliseconds to one decimal (`1.3`, rounded half up), as `{:.1}` of the
+/// float writes them, with integers.
+pub(crate) fn push_millis(out: &mut String, d: Duration) {
+    // Whole seconds are whole tenths of a millisecond: only the fraction
+    // is rounded.
+    let tenths = d.as_secs() * 10_000 + (u64::from(d.subsec_nanos()) + 50_000) / 100_000;
+    push_decimal(out, tenths / 10);
+    out.push('.');
+    out.push(char::from(b'0' + (tenths % 10) as u8));
+}
+
+/// A client's address as std writes it: IPv4 digit by digit (std's
+/// `Display` pads through a buffer), IPv6 through std.
+fn push_ip(out: &mut String, ip: IpAddr) {
+    let IpAddr::V4(v4) = ip else {
+        let _ = write!(out, "{ip}");
+        return;
+    };
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        push_decimal(out, u64::from(octet));
+    }
 }
 
 #[cfg(test)]
@@ -104,8 +210,9 @@ mod tests {
     use super::*;
     use crate::LogFields;
 
-    /// The event `answered` would log, through the text subscriber.
-    fn as_event(message: fmt::Arguments<'_>, client: Option<&str>, request_id: &str, ansi: bool) -> String {
+    /// The event [`log`] logs when there is no direct pipe, through the
+    /// text subscriber.
+    fn as_event(line: &AccessLine<'_>, ansi: bool) -> String {
         let written = Written::default();
         let subscriber = tracing_subscriber::fmt()
             .fmt_fields(LogFields::default())
@@ -113,45 +220,92 @@ mod tests {
             .event_format(super::super::line::TextLine)
             .with_writer(written.clone())
             .finish();
-        tracing::subscriber::with_default(subscriber, || {
-            tracing::info!(
-                target: "fastlane::request",
-                client = client.map(tracing::field::display),
-                request_id = %request_id,
-                "{}",
-                message
-            );
-        });
+        let mut message = String::new();
+        write_message(&mut message, line);
+        tracing::subscriber::with_default(subscriber, || event(line, &message));
         written.text()
     }
 
-    fn direct(message: fmt::Arguments<'_>, client: Option<&str>, request_id: &str, ansi: bool) -> String {
-        let client = client.as_ref().map(|c| c as &dyn fmt::Display);
-        let mut out = String::new();
-        format(&mut out, &AccessLine { message, client, request_id: &request_id }, ansi).unwrap();
+    fn direct(line: &AccessLine<'_>, ansi: bool) -> String {
+        let (mut message, mut out) = (String::new(), String::new());
+        write_message(&mut message, line);
+        format(&mut out, &message, line, ansi);
         out
     }
 
     #[test]
     fn the_direct_line_is_the_events_line_byte_for_byte() {
-        let long = "x".repeat(3000);
+        let id = RequestId::new();
+        let long = format!("/{}", "x".repeat(3000));
         let forged = "/a\n2026-11-26T00:00:00.000000Z ERROR fastlane::server: FAKE\u{1b}[2K";
-        let cases: Vec<(String, Option<&str>)> = vec![
-            ("GET /users/{id} 200 1.3ms".into(), Some("203.0.113.7")),
-            ("POST /jobs/{name} 201 0.0ms".into(), None),
-            (format!("GET {forged} 404 0.1ms"), Some("::1")),
-            (format!("GET /{long} 404 0.0ms"), Some("10.0.0.1")),
-            ("GET /stream 200 12.0ms (headers 1.0ms; the body was cut short)".into(), Some("127.0.0.1")),
+        let line = |method, path, status, micros, ending, client: Option<&str>| AccessLine {
+            method,
+            path,
+            status,
+            elapsed: Duration::from_micros(micros),
+            ending,
+            client: client.map(|c| c.parse().unwrap()),
+            request_id: &id,
+        };
+        let lines = [
+            line("GET", "/users/{id}", 200, 1_250, "", Some("203.0.113.7")),
+            line("POST", "/jobs/{name}", 201, 12, "", None),
+            line("GET", forged, 404, 80, "", Some("::1")),
+            line("GET", &long, 404, 0, "", Some("10.0.0.1")),
+            line("GET", "/café ✓", 200, 999_960, "", Some("255.255.255.255")),
+            line(
+                "GET",
+                "/stream",
+                200,
+                12_000,
+                " (headers 1.0ms; the body was cut short)",
+                Some("9.99.100.1"),
+            ),
         ];
         for ansi in [false, true] {
-            for (message, client) in &cases {
-                let ours = direct(format_args!("{message}"), *client, "4bf92f3577b34da6", ansi);
-                let theirs = as_event(format_args!("{message}"), *client, "4bf92f3577b34da6", ansi);
+            for line in &lines {
+                let ours = direct(line, ansi);
+                let theirs = as_event(line, ansi);
                 // The timestamps are taken a moment apart: compare after them.
                 let skip = |s: &str| s.split_once('Z').map(|(_, rest)| rest.to_owned()).unwrap();
                 assert_eq!(skip(&ours), skip(&theirs), "ansi {ansi}");
+                assert_eq!(ours[..ours.find('Z').unwrap()].len(), theirs[..theirs.find('Z').unwrap()].len());
             }
         }
-        assert!(!direct(format_args!("GET {forged} 404 0.1ms"), None, "id", false).contains("\nFAKE"));
+        let forged_line = direct(&lines[2], false);
+        assert!(!forged_line.contains("\nFAKE") && forged_line.ends_with(&format!("request_id={id}\n")));
+        assert!(direct(&lines[3], false).contains("…[1991 more bytes] client=10.0.0.1"));
+    }
+
+    #[test]
+    fn numbers_read_as_std_writes_them() {
+        for ip in
+            ["0.0.0.0", "127.0.0.1", "10.20.30.40", "255.255.255.255", "9.99.100.1", "::1", "2001:db8::7"]
+        {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut out = String::new();
+            push_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string());
+        }
+        for n in [0, 7, 10, 499, 65_535, u64::MAX] {
+            let mut out = String::new();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string());
+        }
+        for (nanos, expected) in [
+            (0, "0.0"),
+            (12_000, "0.0"),
+            (49_999, "0.0"),
+            (50_000, "0.1"),
+            (1_250_000, "1.3"),
+            (999_960_000, "1000.0"),
+            (3_600_000_049_999, "3600000.0"),
+            (3_600_000_050_000, "3600000.1"),
+        ] {
+            let mut out = String::new();
+            push_millis(&mut out, Duration::from_nanos(nanos));
+            assert_eq!(out, expected, "{nanos} ns");
+            assert_eq!(out, format!("{:.1}", (nanos as f64 / 1e5).round() / 10.0), "{nanos} ns");
+        }
     }
 }

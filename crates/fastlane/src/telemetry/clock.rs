@@ -24,19 +24,42 @@ thread_local! {
 
 impl FormatTime for LineTime {
     fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        let secs = now.as_secs();
-        SECOND.with(|cached| {
-            let mut cached = cached.borrow_mut();
-            if cached.0 != secs {
-                cached.1.clear();
-                write_second(&mut cached.1, secs)?;
-                cached.0 = secs;
-            }
-            w.write_str(&cached.1)
-        })?;
-        write!(w, ".{:06}Z", now.subsec_micros())
+        with_now(|second, fraction| {
+            w.write_str(second)?;
+            w.write_str(fraction)
+        })
     }
+}
+
+/// Appends the timestamp of now to `out` (the access log's lines).
+pub(super) fn push_now(out: &mut String) {
+    with_now(|second, fraction| {
+        out.push_str(second);
+        out.push_str(fraction);
+    });
+}
+
+/// Calls `f` with now's `YYYY-MM-DDTHH:MM:SS` and its `.uuuuuuZ`.
+fn with_now<R>(f: impl FnOnce(&str, &str) -> R) -> R {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = now.as_secs();
+    let mut fraction = *b".000000Z";
+    let mut micros = now.subsec_micros();
+    for digit in fraction[1..7].iter_mut().rev() {
+        *digit = b'0' + (micros % 10) as u8;
+        micros /= 10;
+    }
+    let fraction = std::str::from_utf8(&fraction).unwrap_or(".000000Z");
+    SECOND.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != secs {
+            cached.1.clear();
+            // Writing into a `String` does not fail.
+            let _ = write_second(&mut cached.1, secs);
+            cached.0 = secs;
+        }
+        f(&cached.1, fraction)
+    })
 }
 
 /// `YYYY-MM-DDTHH:MM:SS` of a Unix time, in UTC.
