@@ -108,7 +108,7 @@ pub(crate) fn request_head<'a>(
     more_body: bool,
     body: &'a [u8],
 ) -> RequestHead<'a> {
-    let info = parts.extensions.get::<fastlane::ClientInfo>();
+    let info = fastlane::ClientInfo::from_extensions(&parts.extensions);
     let client = info.map(|c| (c.addr.ip().to_string(), c.addr.port()));
     let scheme = match (websocket, info.is_some_and(|c| c.https)) {
         (false, false) => "http",

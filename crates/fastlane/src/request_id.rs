@@ -97,7 +97,11 @@ impl RequestId {
     pub(crate) fn set_header(&self, headers: &mut HeaderMap) {
         // The id is of characters a header value can hold (see `acceptable`
         // and `new`), so this does not fail.
-        if let Ok(value) = http::HeaderValue::from_str(self.as_str()) {
+        let bytes = match &self.0 {
+            Repr::Hex(hex) => &hex[..],
+            Repr::Given(id) => id.as_bytes(),
+        };
+        if let Ok(value) = http::HeaderValue::from_bytes(bytes) {
             headers.insert(HEADER, value);
         }
     }
@@ -111,6 +115,11 @@ impl RequestId {
     /// is 1 to 128 characters of `A-Z a-z 0-9 - _ . : + = / @`, else the
     /// trace id of a valid W3C `traceparent`, else a new one.
     pub(crate) fn for_headers(headers: &HeaderMap) -> Self {
+        // Most requests carry neither: one look along the (few) names costs
+        // less than a hashed lookup of each.
+        if !headers.keys().any(|name| *name == HEADER || *name == TRACEPARENT) {
+            return Self::new();
+        }
         if let Some(id) = headers.get(HEADER).and_then(|v| v.to_str().ok()).filter(|v| acceptable(v)) {
             return Self(Repr::Given(id.into()));
         }

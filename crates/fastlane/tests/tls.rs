@@ -52,10 +52,7 @@ async fn start_https(test: &str) -> (PathBuf, fastlane::SpawnedServer, Certifica
 }
 
 fn app() -> Router {
-    Router::new().route(
-        "/scheme",
-        get(|axum::Extension(client): axum::Extension<ClientInfo>| async move { client.scheme() }),
-    )
+    Router::new().route("/scheme", get(|client: ClientInfo| async move { client.scheme() }))
 }
 
 /// A client that trusts `trusted` only, offering the `alpn` protocols.

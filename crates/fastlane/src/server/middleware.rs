@@ -14,6 +14,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -21,13 +22,14 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body::{Body as _, Frame};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use super::proxy::{ClientInfo, OverTls};
 use super::state::{RequestState, ServerState};
 use super::timer::CoarseTimer;
 use crate::executor::budget::Gate;
@@ -106,7 +108,11 @@ where
         let route = self.shared.route(req.method(), path);
         let state = &self.shared.state;
         let unmatched = (path == UNMATCHED).then(|| req.uri().path().into());
-        let client = req.extensions().get::<crate::ClientInfo>().map(|c| c.addr.ip());
+        let client = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|peer| {
+            let https = req.extensions().get::<OverTls>().is_some();
+            let trusted = state.config.proxy_headers.then_some(&state.config.forwarded_allow_ips);
+            ClientInfo::resolve(peer.0, https, req.headers(), trusted)
+        });
         let request_id = RequestId::for_headers(req.headers());
         let span = request_id.span();
         let request =
@@ -153,8 +159,10 @@ where
     }
 }
 
+/// The body's declared length: hyper has read `Content-Length` already and
+/// says it as the body's exact size (no header lookup again).
 fn declared_length(req: &Request) -> Option<u64> {
-    req.headers().get(http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+    req.body().size_hint().exact()
 }
 
 fn panicked(request: &RequestState, payload: &(dyn std::any::Any + Send)) -> Response {
@@ -367,7 +375,7 @@ fn answered(request: &RequestState, status: u16, elapsed: std::time::Duration, e
         status,
         elapsed,
         ending,
-        client: request.client,
+        client: request.client.map(|c| c.addr.ip()),
         request_id: &request.request_id,
     });
 }

@@ -124,9 +124,10 @@ impl fmt::Display for ForwardedAllowIps {
 /// when that peer is a trusted proxy (see [`ForwardedAllowIps`]) and says so
 /// in `X-Forwarded-For` / `X-Forwarded-Proto` or `Forwarded`, the client it
 /// forwarded for. Every request served by [`Server`](crate::Server) has one
-/// (an extractor, and a request extension); the access log and an ASGI
-/// app's `client` and `scheme` show it. axum's `ConnectInfo<SocketAddr>`
-/// stays the socket's peer.
+/// (an extractor; a middleware of the app's finds it with
+/// [`ClientInfo::from_extensions`]); the access log and an ASGI app's
+/// `client` and `scheme` show it. axum's `ConnectInfo<SocketAddr>` stays the
+/// socket's peer.
 ///
 /// # Examples
 ///
@@ -173,6 +174,13 @@ impl ClientInfo {
     ) -> Self {
         let direct = Self { addr: peer, https, peer };
         let Some(trusted) = trusted.filter(|t| t.trusts(peer.ip())) else { return direct };
+        // Most requests, even from a trusted proxy, carry none of these: one
+        // look along the (few) names costs less than a hashed lookup of each.
+        let forwarded =
+            |name: &HeaderName| *name == X_FORWARDED_FOR || *name == X_FORWARDED_PROTO || *name == FORWARDED;
+        if !headers.keys().any(forwarded) {
+            return direct;
+        }
         let mut client = direct;
         if let Some(proto) = last_value(headers, X_FORWARDED_PROTO) {
             client.https = is_https(proto);
@@ -269,11 +277,17 @@ fn pair<'a>(pairs: &[(&'a str, &'a str)], name: &str) -> Option<&'a str> {
     pairs.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|&(_, v)| v)
 }
 
+/// The mark of a request that came over TLS (from the connection's service
+/// to the route layer, which works out the [`ClientInfo`]); plain-text
+/// requests carry none, so they pay no extension for it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OverTls;
+
 impl<S: Send + Sync> FromRequestParts<S> for ClientInfo {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        parts.extensions.get::<ClientInfo>().copied().ok_or_else(|| {
+        ClientInfo::from_extensions(&parts.extensions).ok_or_else(|| {
             ApiError::internal(
                 "fastlane::ClientInfo is set by fastlane::Server; this request did not come through it",
             )

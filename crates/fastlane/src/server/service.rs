@@ -19,7 +19,8 @@ use hyper::body::Incoming;
 use tower::Service;
 
 use super::internal::internal_endpoint;
-use super::{ClientInfo, ServerState};
+use super::proxy::OverTls;
+use super::ServerState;
 use crate::executor::reactor::IdleWatch;
 
 /// What hyper calls for each request of a connection: fastlane's own
@@ -40,7 +41,7 @@ pub(super) struct ConnectionService {
     watch_http1: bool,
     /// The socket's peer, given to each request as axum's
     /// `ConnectInfo<SocketAddr>`, and with the proxy headers as
-    /// [`ClientInfo`] (an ASGI app's `client`).
+    /// [`ClientInfo`](crate::ClientInfo) (an ASGI app's `client`).
     peer: SocketAddr,
     /// The connection is HTTPS (the scheme unless a trusted proxy says).
     https: bool,
@@ -70,10 +71,10 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
     type Future = Served;
 
     fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
-        let config = &self.state.config;
-        let trusted = config.proxy_headers.then_some(&config.forwarded_allow_ips);
-        let client = ClientInfo::resolve(self.peer, self.https, req.headers(), trusted);
-        req.extensions_mut().insert(client);
+        // The route layer (`middleware.rs`) works out the `ClientInfo` from these.
+        if self.https {
+            req.extensions_mut().insert(OverTls);
+        }
         req.extensions_mut().insert(axum::extract::ConnectInfo(self.peer));
         let watched = self.watch_http1 || req.version() == http::Version::HTTP_2;
         let busy = watched.then(|| Busy::new(&self.watch, req.method() == http::Method::CONNECT));

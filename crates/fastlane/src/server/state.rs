@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::config::Config;
+use super::proxy::ClientInfo;
 use super::tracker::Tracker;
 use crate::executor::Executor;
 use crate::metrics::Metrics;
@@ -86,9 +87,10 @@ pub(crate) struct RequestState {
     /// ASGI app behind fastlane): the access log shows it instead of the
     /// route, which is `<unmatched>` for all of them.
     pub(crate) unmatched_path: Option<Box<str>>,
-    /// The client's address for the access log ([`crate::ClientInfo`]:
-    /// the forwarded one behind a trusted proxy).
-    pub(crate) client: Option<std::net::IpAddr>,
+    /// Who sent it ([`ClientInfo`]: the forwarded client behind a trusted
+    /// proxy); `None` when the router is called without a server's
+    /// connection (a test calling it directly).
+    pub(crate) client: Option<ClientInfo>,
     /// The id its logs and its response carry ([`RequestId`]).
     pub(crate) request_id: RequestId,
     /// A per-route timeout set by [`RouteTimeout`](crate::RouteTimeout), in
@@ -115,7 +117,7 @@ impl RequestState {
         route: Arc<RouteInfo>,
         started: Instant,
         unmatched_path: Option<Box<str>>,
-        client: Option<std::net::IpAddr>,
+        client: Option<ClientInfo>,
         request_id: RequestId,
     ) -> Self {
         let method = route.method.clone();
@@ -219,16 +221,25 @@ impl Drop for RequestState {
     }
 }
 
-// The request id's ways in, here rather than in `request_id.rs`: the id
-// travels in the request's extensions as part of its `RequestState`, which
-// is the server's (a second extension would cost every request an
-// allocation and a hash insert).
+// The request id's and the client's ways in, here rather than in
+// `request_id.rs` and `proxy.rs`: both travel in the request's extensions
+// as parts of its `RequestState` (an extension each would cost every
+// request an allocation and a hash insert more).
 impl RequestId {
     /// The id of the request whose extensions these are, as the extractor
     /// gives it to handlers: for a middleware of the app's that sees the
     /// request (under fastlane's own layer) rather than its handler.
     pub fn from_extensions(extensions: &http::Extensions) -> Option<&RequestId> {
         extensions.get::<Arc<RequestState>>().map(|request| &request.request_id)
+    }
+}
+
+impl ClientInfo {
+    /// The client of the request whose extensions these are, as the
+    /// extractor gives it to handlers: for a middleware of the app's that
+    /// sees the request (under fastlane's own layer) rather than its handler.
+    pub fn from_extensions(extensions: &http::Extensions) -> Option<ClientInfo> {
+        extensions.get::<Arc<RequestState>>().and_then(|request| request.client)
     }
 }
 

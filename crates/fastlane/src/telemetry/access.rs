@@ -53,6 +53,9 @@ thread_local! {
     /// The message and the line being put together: kept, so that no line
     /// allocates.
     static BUFFERS: RefCell<(String, String)> = const { RefCell::new((String::new(), String::new())) };
+    /// The client address last written on this thread, and its text: most
+    /// lines in a row come from the same few clients (or the one proxy).
+    static LAST_CLIENT: RefCell<Option<(IpAddr, String)>> = const { RefCell::new(None) };
 }
 
 /// The parts of an access line.
@@ -154,7 +157,18 @@ fn format(out: &mut String, message: &str, line: &AccessLine<'_>, ansi: bool) {
     }
     if let Some(client) = line.client {
         out.push_str(" client=");
-        push_ip(out, client);
+        LAST_CLIENT.with(|last| {
+            let mut last = last.borrow_mut();
+            match &*last {
+                Some((ip, text)) if *ip == client => out.push_str(text),
+                _ => {
+                    let mut text = String::new();
+                    push_ip(&mut text, client);
+                    out.push_str(&text);
+                    *last = Some((client, text));
+                }
+            }
+        });
     }
     out.push_str(" request_id=");
     out.push_str(line.request_id.as_str());
@@ -173,9 +187,8 @@ pub(crate) fn push_decimal(out: &mut String, mut n: u64) {
             break;
         }
     }
-    for &digit in &digits[at..] {
-        out.push(char::from(digit));
-    }
+    // Decimal digits: always UTF-8.
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
 }
 
 /// Milliseconds to one decimal (`1.3`, rounded half up), as `{:.1}` of the

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Instructions per request on GET /fast under callgrind: fastlane against axum,
+exact and repeatable where timings on this shared machine are not.
+
+    python3 bench/instructions.py                   # fastlane (access log on) and axum
+    python3 bench/instructions.py --seconds 10 \\
+        --variant "old=/tmp/fastlane-old demo"      # another build, the same way
+
+Each server runs under `valgrind --tool=callgrind` with instrumentation off
+while it starts and warms up (3 s of wrk), on for `--seconds` of
+`wrk -t1 -c8`, then dumped. The count covers every thread of the server (its
+log writer and monitor included) and is divided by the requests wrk
+completed. fastlane runs as bench/run.py's throughput rows do (log level
+`info`, its access log written to a file), with a stall threshold of a
+second: under valgrind every thread runs about 50 times slower, one at a
+time, and ordinary polls would cross the 10 ms default.
+
+Builds nothing: run bench/run.py once first. Servers bind 127.0.0.1 only and
+each is stopped by its own PID.
+"""
+
+import argparse
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "target" / "bench"
+PORT = 18082
+
+
+def wrk(seconds):
+    out = subprocess.run(["wrk", "-t1", "-c8", f"-d{seconds}s", f"http://127.0.0.1:{PORT}/fast"],
+                         capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+    return int(re.search(r"(\d+) requests in", out).group(1))
+
+
+def measure(name, cmd, env, seconds):
+    dump = OUT / f"callgrind.{name.replace(' ', '-')}.out"
+    for old in OUT.glob(dump.name + "*"):
+        old.unlink()
+    log = open(OUT / f"callgrind.{name.replace(' ', '-')}.log", "wb")
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={dump}"] + cmd,
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    log.close()
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/fast", timeout=5):
+                    break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"{name} did not start under valgrind (see {log.name})")
+                time.sleep(0.5)
+        wrk(3)  # warm-up, not counted
+        control = lambda *args: subprocess.run(["callgrind_control", *args, str(proc.pid)],
+                                               capture_output=True, check=True, timeout=60)
+        control("--zero")
+        control("--instr=on")
+        done = wrk(seconds)
+        control("--instr=off")
+        control("--dump=measured")
+        time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        time.sleep(0.3)
+    # The dump asked for (the one whose description says so); its `totals:`
+    # or `summary:` line holds the instructions executed (Ir).
+    total = None
+    for path in OUT.glob(dump.name + "*"):
+        text = path.read_text(errors="replace")
+        if "desc: Trigger: dump measured" not in text:
+            continue
+        found = re.search(r"^totals: (\d+)", text, re.M) or re.search(r"^summary: (\d+)", text, re.M)
+        if found:
+            total = (total or 0) + int(found.group(1))
+    if total is None:
+        raise RuntimeError(f"no dump of the measured window for {name} in {OUT}")
+    return total / done, done
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=COMMAND",
+                        help="another server to measure (its command gets --port appended)")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["which", "valgrind"], capture_output=True).returncode != 0:
+        sys.exit("valgrind is not installed (apt-get install valgrind)")
+    port = ["--port", str(PORT)]
+    fastlane_args = ["demo", "--stall-threshold-ms", "1000"]
+    servers = {
+        "fastlane (access log on)": [str(ROOT / "target/release/fastlane")] + fastlane_args + port,
+        "axum": [str(ROOT / "target/bench/release/axum-peer"), str(PORT)],
+    }
+    for variant in args.variant:
+        name, _, cmd = variant.partition("=")
+        if not cmd:
+            sys.exit(f"--variant wants NAME=COMMAND, got {variant!r}")
+        servers[name] = shlex.split(cmd) + ["--stall-threshold-ms", "1000"] + port
+    env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
+    env["FASTLANE_JOBS_URL"] = "sqlite:///tmp/fastlane-bench-instructions.db"
+    results = {}
+    for name, cmd in servers.items():
+        per_request, done = measure(name, cmd, env, args.seconds)
+        results[name] = per_request
+        print(f"[instructions] {name}: {per_request:,.0f} per request over {done:,} requests",
+              file=sys.stderr, flush=True)
+    base = results["axum"]
+    print("command: python3 bench/instructions.py --seconds " + str(args.seconds)
+          + "".join(f" --variant {shlex.quote(v)}" for v in args.variant))
+    print("| server | instructions per request | × axum |")
+    print("| --- | ---: | ---: |")
+    for name, per_request in results.items():
+        print(f"| {name} | {per_request:,.0f} | {per_request / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
