@@ -2,9 +2,10 @@
 """Instructions per request on GET /fast under callgrind: fastlane against axum,
 exact and repeatable where timings on this shared machine are not.
 
-    python3 bench/instructions.py                   # fastlane (access log on) and axum
+    python3 bench/instructions.py                   # fastlane (access log on, off) and axum
     python3 bench/instructions.py --seconds 10 \\
-        --variant "old=/tmp/fastlane-old demo"      # another build, the same way
+        --variant "old=/tmp/fastlane-old demo --stall-threshold-ms 1000"   # another build
+    python3 bench/instructions.py --variant "actix-web=target/bench/release/actix-peer {port}"
 
 Each server runs under `valgrind --tool=callgrind` with instrumentation off
 while it starts and warms up (3 s of wrk), on for `--seconds` of
@@ -27,8 +28,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from common import answers
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "target" / "bench"
@@ -51,15 +53,9 @@ def measure(name, cmd, env, seconds):
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     log.close()
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/fast", timeout=5):
-                    break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"{name} did not start under valgrind (see {log.name})")
-                time.sleep(0.5)
+        # Slow to start under valgrind: up to two minutes.
+        if not answers(f"http://127.0.0.1:{PORT}/fast", 120):
+            raise RuntimeError(f"{name} did not start under valgrind (see {log.name})")
         wrk(3)  # warm-up, not counted
         control = lambda *args: subprocess.run(["callgrind_control", *args, str(proc.pid)],
                                                capture_output=True, check=True, timeout=60)
@@ -92,7 +88,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=COMMAND",
-                        help="another server to measure (its command gets --port appended)")
+                        help="another server to measure: `{port}` in its command is the port, "
+                             "else it gets --port PORT appended")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if subprocess.run(["which", "valgrind"], capture_output=True).returncode != 0:
@@ -101,13 +98,17 @@ def main():
     fastlane_args = ["demo", "--stall-threshold-ms", "1000"]
     servers = {
         "fastlane (access log on)": [str(ROOT / "target/release/fastlane")] + fastlane_args + port,
+        "fastlane (access log off)":
+            [str(ROOT / "target/release/fastlane")] + fastlane_args + ["--no-access-log"] + port,
         "axum": [str(ROOT / "target/bench/release/axum-peer"), str(PORT)],
     }
     for variant in args.variant:
         name, _, cmd = variant.partition("=")
         if not cmd:
             sys.exit(f"--variant wants NAME=COMMAND, got {variant!r}")
-        servers[name] = shlex.split(cmd) + ["--stall-threshold-ms", "1000"] + port
+        # `{port}` where the port goes, else `--port PORT` at the end.
+        parts = shlex.split(cmd)
+        servers[name] = [p.replace("{port}", str(PORT)) for p in parts] if "{port}" in cmd else parts + port
     env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
     env["FASTLANE_JOBS_URL"] = "sqlite:///tmp/fastlane-bench-instructions.db"
     results = {}

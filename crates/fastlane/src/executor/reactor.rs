@@ -30,7 +30,7 @@
 //! and applies the same timeout to a preface, frame header or header block
 //! that is not whole, and to a connection with no stream open (GOAWAY).
 
-use std::io::{self, Write};
+use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::pin::Pin;
@@ -635,9 +635,7 @@ impl hyper::rt::Read for Connection {
 
 impl hyper::rt::Write for Connection {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let stream = &this.stream;
-        this.state.wrote(this.state.write.poll_io(cx, || (&*stream).write(buf).map(|n| (n, n < buf.len()))))
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
@@ -646,10 +644,10 @@ impl hyper::rt::Write for Connection {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let stream = &this.stream;
+        let fd = this.stream.as_fd();
         let len: usize = bufs.iter().map(|b| b.len()).sum();
         this.state
-            .wrote(this.state.write.poll_io(cx, || (&*stream).write_vectored(bufs).map(|n| (n, n < len))))
+            .wrote(this.state.write.poll_io(cx, || crate::sys::send_vectored(fd, bufs).map(|n| (n, n < len))))
     }
 
     fn is_write_vectored(&self) -> bool {
