@@ -183,27 +183,31 @@ pub(crate) fn read_into(
 /// returns how many bytes it took.
 ///
 /// A response's head and a short body (most answers) are copied into one
-/// buffer on the stack and sent with one `send`: `writev` goes through the
-/// file layer and copies in the array of pieces first, which costs more
-/// than the copy. Longer ones go with `sendmsg`. `MSG_NOSIGNAL`: a peer
-/// that went away is an error (`EPIPE`), never a signal.
+/// buffer of the thread's own and sent with one `send`: `writev` goes
+/// through the file layer and copies in the array of pieces first, which
+/// costs more than the copy. Longer ones go with `sendmsg`. `MSG_NOSIGNAL`:
+/// a peer that went away is an error (`EPIPE`), never a signal.
 pub(crate) fn send_vectored(fd: BorrowedFd<'_>, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
     /// The most copied into one `send`.
     const FLAT: usize = 4096;
+    thread_local! {
+        // Kept (not a zeroed array on the stack each time: zeroing 4 KiB
+        // cost more than the copy).
+        static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     let flags = rustix::net::SendFlags::NOSIGNAL;
     let len: usize = bufs.iter().map(|b| b.len()).sum();
     match bufs {
         [] => Ok(0),
         [one] => Ok(rustix::net::send(fd, one, flags)?),
-        _ if len <= FLAT => {
-            let mut flat = [0u8; FLAT];
-            let mut at = 0;
+        _ if len <= FLAT => BUFFER.with(|buffer| {
+            let mut buffer = buffer.borrow_mut();
+            buffer.clear();
             for buf in bufs {
-                flat[at..at + buf.len()].copy_from_slice(buf);
-                at += buf.len();
+                buffer.extend_from_slice(buf);
             }
-            Ok(rustix::net::send(fd, &flat[..at], flags)?)
-        }
+            Ok(rustix::net::send(fd, &buffer, flags)?)
+        }),
         _ => {
             let mut control = rustix::net::SendAncillaryBuffer::default();
             Ok(rustix::net::sendmsg(fd, bufs, &mut control, flags)?)
