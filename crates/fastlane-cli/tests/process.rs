@@ -98,6 +98,7 @@ fn a_streamed_response_is_logged_when_its_body_ends() {
     // Three chunks, 300 ms apart: the headers come at once, the body ends
     // after about 0.9 s; the line and the latency histogram measure to the end.
     let response = get(&demo.url("/stream/blocking?chunks=3&secs=0.3"));
+    let id = response.headers["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(response.text(), "chunk 0\nchunk 1\nchunk 2\n");
     let needle = "fastlane::request: GET /stream/blocking 200 ";
     assert!(demo.wait_for_log(needle, Duration::from_secs(5)).is_some(), "no access log line");
@@ -106,6 +107,13 @@ fn a_streamed_response_is_logged_when_its_body_ends() {
         line.split("200 ").nth(1).and_then(|rest| rest.split("ms").next()).unwrap().parse().unwrap();
     assert!(ms >= 850.0, "{line}");
     assert!(line.contains("(headers "), "{line}");
+    // Its body's producer blocks 300 ms per chunk: those stalls name the
+    // request as the handler's would.
+    let stalls = demo.lines_with("GET /stream/blocking blocked its thread for");
+    assert!(!stalls.is_empty(), "no stall line for the body");
+    for stall in &stalls {
+        assert!(stall.contains(&format!("request_id={id}")), "{stall}");
+    }
 }
 
 #[test]

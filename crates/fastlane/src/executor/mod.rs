@@ -74,7 +74,7 @@ use budget::{Budget, Gate};
 use queue::{Queue, Role};
 use reactor::Reactor;
 use slot::Slot;
-pub(crate) use slot::{enter_request, enter_route, request_deadline_changed};
+pub(crate) use slot::{enter_body, enter_request, enter_route, request_deadline_changed};
 
 /// How the isolation of async handlers is set up.
 ///

@@ -169,6 +169,12 @@ pub(crate) fn enter_request(
     enter(route, Phase::Handler, deadline_ms, timeout_ms, Some(request))
 }
 
+/// Marks the current runner thread as polling the streaming body of a
+/// request of `route`: a stall names the request, as one of its handler does.
+pub(crate) fn enter_body(route: u32, request: &RequestId) -> RouteGuard {
+    enter(route, Phase::Body, 0, 0, Some(request))
+}
+
 /// The request being polled on this runner changed its timeout (a route's
 /// own, set while its handler is polled).
 pub(crate) fn request_deadline_changed(deadline_ms: u64, timeout_ms: u64) {

@@ -33,7 +33,7 @@ use super::proxy::{ClientInfo, OverTls};
 use super::state::{RequestState, ServerState};
 use super::timer::CoarseTimer;
 use crate::executor::budget::Gate;
-use crate::executor::{enter_request, enter_route};
+use crate::executor::{enter_body, enter_request, enter_route};
 use crate::lane::panic_message;
 use crate::request_id::RequestId;
 use crate::routes::{Phase, RouteInfo};
@@ -431,7 +431,7 @@ impl http_body::Body for TrackedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = self.project();
-        let _route = this.request.as_ref().map(|r| enter_route(r.route.id, Phase::Body));
+        let _route = this.request.as_ref().map(|r| enter_body(r.route.id, &r.request_id));
         let mut inner = this.inner;
         let budget = this.request.as_ref().and_then(|r| Some((r.server.executor.as_ref()?, r)));
         let polled = match budget {
