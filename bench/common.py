@@ -1,7 +1,9 @@
 """What the benchmark runners (run.py, jobs.py, asgi.py) share: the memory of a server's process
 tree, and writing one runner's section of docs/BENCHMARKS.md without touching the others'."""
 
+import shlex
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -56,3 +58,19 @@ def write_section(out, begin, end, section):
     else:
         text = text.rstrip("\n") + "\n\n" + section
     out.write_text(text)
+
+
+VARIANT_HELP = ("another server to measure, as NAME=COMMAND: `{port}` in the command is the port, "
+                "else it gets --port PORT appended")
+
+
+def variant_command(variant, port):
+    """A `--variant NAME=COMMAND` of bench/cpu.py or bench/instructions.py as (name, argv), with
+    `{port}` in the command replaced by `port`, or `--port PORT` appended when it has none."""
+    name, _, cmd = variant.partition("=")
+    if not cmd:
+        sys.exit(f"--variant wants NAME=COMMAND, got {variant!r}")
+    parts = shlex.split(cmd)
+    if "{port}" in cmd:
+        return name, [p.replace("{port}", str(port)) for p in parts]
+    return name, parts + ["--port", str(port)]

@@ -3,7 +3,8 @@
 
     python3 bench/cpu.py                      # 6 rounds of 4 s each
     python3 bench/cpu.py --rounds 8 --seconds 4 \\
-        --variant "no isolation=target/release/fastlane demo --no-isolation"
+        --variant "no isolation=target/release/fastlane demo --no-isolation" \\
+        --variant "actix-web=target/bench/release/actix-peer {port}"
     python3 bench/cpu.py --access-log         # fastlane as run in production
 
 By default fastlane runs with RUST_LOG=warn (no access log). With
@@ -33,6 +34,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from common import VARIANT_HELP, variant_command
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT = 18081
@@ -84,7 +87,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=COMMAND",
-                        help="another server to measure (its command gets --port appended)")
+                        help=VARIANT_HELP)
     parser.add_argument("--access-log", action="store_true",
                         help="log at info (a line per request) to target/bench/cpu-access.log")
     args = parser.parse_args()
@@ -95,10 +98,8 @@ def main():
         "axum": [str(ROOT / "target/bench/release/axum-peer"), str(PORT)],
     }
     for variant in args.variant:
-        name, _, cmd = variant.partition("=")
-        if not cmd:
-            sys.exit(f"--variant wants NAME=COMMAND, got {variant!r}")
-        servers[name] = shlex.split(cmd) + port
+        name, argv = variant_command(variant, PORT)
+        servers[name] = argv
     env = dict(os.environ, RUST_LOG="info" if log else "warn",
                FASTLANE_JOBS_URL="sqlite:///tmp/fastlane-bench-cpu.db")
     rps = {name: [] for name in servers}

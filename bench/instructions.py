@@ -33,7 +33,7 @@ from pathlib import Path
 
 import datetime
 
-from common import answers, write_section
+from common import VARIANT_HELP, answers, variant_command, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "target" / "bench"
@@ -92,8 +92,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=COMMAND",
-                        help="another server to measure: `{port}` in its command is the port, "
-                             "else it gets --port PORT appended")
+                        help=VARIANT_HELP)
     parser.add_argument("--write", action="store_true",
                         help="write the table into docs/BENCHMARKS.md (its own section)")
     args = parser.parse_args()
@@ -109,12 +108,8 @@ def main():
         "axum": [str(ROOT / "target/bench/release/axum-peer"), str(PORT)],
     }
     for variant in args.variant:
-        name, _, cmd = variant.partition("=")
-        if not cmd:
-            sys.exit(f"--variant wants NAME=COMMAND, got {variant!r}")
-        # `{port}` where the port goes, else `--port PORT` at the end.
-        parts = shlex.split(cmd)
-        servers[name] = [p.replace("{port}", str(PORT)) for p in parts] if "{port}" in cmd else parts + port
+        name, argv = variant_command(variant, PORT)
+        servers[name] = argv
     env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
     env["FASTLANE_JOBS_URL"] = "sqlite:///tmp/fastlane-bench-instructions.db"
     results = {}

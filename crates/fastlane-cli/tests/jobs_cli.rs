@@ -18,9 +18,8 @@ fn stats(url: &str) -> serde_json::Value {
 
 #[test]
 fn enqueue_work_and_stats_through_the_cli() {
-    let dir = std::env::temp_dir().join(format!("fastlane-jobs-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let url = format!("sqlite://{}", dir.join("jobs.db").display());
+    let dir = support::TempDir::new("jobs-cli");
+    let url = dir.sqlite_url();
 
     let out = fastlane(&["jobs", "enqueue", "--url", &url, "noop", "--count", "20"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -147,7 +146,7 @@ fn enqueue_work_and_stats_through_the_cli() {
     let out = fastlane(&["jobs", "retry-dead", "--url", &url]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0 dead job(s) made available again");
     // A store in a directory that does not exist says so.
-    let missing = format!("sqlite://{}", dir.join("no/such/dir/jobs.db").display());
+    let missing = format!("sqlite://{}", dir.path.join("no/such/dir/jobs.db").display());
     let out = fastlane(&["jobs", "stats", "--url", &missing]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("no/such/dir does not exist"), "{stderr}");
@@ -175,7 +174,6 @@ fn enqueue_work_and_stats_through_the_cli() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && !stderr.contains("panicked"), "{:?}: {stderr}", out.status);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `jobs schedules` lists what consumers registered: the spec, the next tick,
@@ -183,9 +181,8 @@ fn enqueue_work_and_stats_through_the_cli() {
 #[test]
 fn schedules_are_listed_with_their_next_tick_and_last_job() {
     use fastlane_jobs::{NewJob, Schedule, Store as _};
-    let dir = std::env::temp_dir().join(format!("fastlane-jobs-cli-schedules-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let url = format!("sqlite://{}", dir.join("jobs.db").display());
+    let dir = support::TempDir::new("jobs-cli-schedules");
+    let url = dir.sqlite_url();
     let out = fastlane(&["jobs", "schedules", "--url", &url]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("no schedules"));
@@ -215,7 +212,6 @@ fn schedules_are_listed_with_their_next_tick_and_last_job() {
     let out = fastlane(&["jobs", "show", "--url", &url, &job.to_string()]);
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(shown["unique_key"].as_str().unwrap().starts_with("schedule:cleanup:"), "{shown}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The jobs a schedule enqueued, by tick (from their unique keys).
@@ -266,10 +262,8 @@ fn three_scheduler_processes_enqueue_each_tick_once(url: &str) {
 
 #[test]
 fn three_scheduler_processes_on_one_sqlite_file() {
-    let dir = std::env::temp_dir().join(format!("fastlane-jobs-cli-sched-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    three_scheduler_processes_enqueue_each_tick_once(&format!("sqlite://{}", dir.join("jobs.db").display()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = support::TempDir::new("jobs-cli-sched");
+    three_scheduler_processes_enqueue_each_tick_once(&dir.sqlite_url());
 }
 
 #[test]
@@ -322,10 +316,8 @@ fn two_worker_processes_keep_a_rate_limit(url: &str) {
 
 #[test]
 fn two_worker_processes_keep_a_rate_limit_on_sqlite() {
-    let dir = std::env::temp_dir().join(format!("fastlane-jobs-cli-rate-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    two_worker_processes_keep_a_rate_limit(&format!("sqlite://{}", dir.join("jobs.db").display()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = support::TempDir::new("jobs-cli-rate");
+    two_worker_processes_keep_a_rate_limit(&dir.sqlite_url());
 }
 
 #[test]

@@ -35,6 +35,31 @@ pub fn temp_jobs_db() -> std::path::PathBuf {
     ))
 }
 
+/// A directory of a test's own under the system's temporary one, removed
+/// when dropped (a failing test's too).
+pub struct TempDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("fastlane-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir { path }
+    }
+
+    /// The URL of a SQLite job store in it.
+    pub fn sqlite_url(&self) -> String {
+        format!("sqlite://{}", self.path.join("jobs.db").display())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 impl Demo {
     pub fn start(extra: &[&str]) -> Demo {
         Self::start_with_env(extra, &[])

@@ -243,13 +243,13 @@ fn is_https(proto: &str) -> bool {
     matches!(proto.trim().trim_matches('"').to_ascii_lowercase().as_str(), "https" | "wss")
 }
 
-/// Every comma-separated item of every line of a header, in order.
-/// The headers a trusted proxy speaks through, as `HeaderName`s: looked up
-/// by a `&str` they would be parsed again for every request.
+// The headers a trusted proxy speaks through, as `HeaderName`s: looked up
+// by a `&str` they would be parsed again for every request.
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
+/// Every comma-separated item of every line of a header, in order.
 fn list(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
     headers
         .get_all(name)
