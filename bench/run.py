@@ -497,9 +497,10 @@ def write_report(out, command, args, names, results, throughput_lines, memory, w
     ]
     lines += [f"| {n} | {kib / 1024:.1f} | {kib / 2048:.1f} |" for n, kib in worker_memory.items()]
     lines.append("")
-    # The durable jobs and ASGI sections are bench/jobs.py's and bench/asgi.py's: keep them.
+    # The durable jobs, ASGI and instructions sections are bench/jobs.py's, bench/asgi.py's and
+    # bench/instructions.py's, the CPU one a bench/cpu.py run's: keep them.
     old = out.read_text() if out.exists() else ""
-    for part in ("jobs", "asgi"):
+    for part in ("jobs", "asgi", "cpu", "instructions"):
         begin, end = f"<!-- {part}:begin -->", f"<!-- {part}:end -->"
         if begin in old and end in old:
             lines.append(begin + old.split(begin, 1)[1].split(end, 1)[0] + end)

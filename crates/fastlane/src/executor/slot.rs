@@ -48,6 +48,10 @@ pub(crate) struct Slot {
     /// route by [`enter_request`]); and its copy taken when the poll was
     /// judged stuck, for the stall's two log lines.
     request: Mutex<Option<RequestId>>,
+    /// Whether `request` holds the request being polled: cleared without
+    /// the lock when a request's poll ends (the runner is the only writer),
+    /// so that a poll costs one lock, not two.
+    request_set: AtomicBool,
     pub(crate) stuck_request: Mutex<Option<RequestId>>,
     /// The monitor lowered this thread's priority; it retires after the poll.
     pub(crate) demoted: AtomicBool,
@@ -93,7 +97,10 @@ impl Slot {
 
     /// Copies the request being polled now (if any) into `stuck_request`.
     pub(crate) fn note_stuck_request(&self) -> Option<RequestId> {
-        let request = lock(&self.request).clone();
+        let request = match self.request_set.load(Ordering::Acquire) {
+            true => lock(&self.request).clone(),
+            false => None,
+        };
         lock(&self.stuck_request).clone_from(&request);
         request
     }
@@ -198,15 +205,27 @@ fn enter(
         let Some(slot) = current.as_ref() else {
             return RouteGuard { previous: None, previous_request: None };
         };
+        // Loads and stores, not swaps: this runner is the only writer of
+        // these fields (the monitor only reads them), and a swap is a locked
+        // instruction, paid on every poll of every request.
         let previous = (
-            slot.route.swap(route, Ordering::Relaxed),
-            slot.phase.swap(phase as u8, Ordering::Relaxed),
-            slot.deadline_ms.swap(deadline_ms, Ordering::Relaxed),
-            slot.timeout_ms.swap(timeout_ms, Ordering::Relaxed),
+            slot.route.load(Ordering::Relaxed),
+            slot.phase.load(Ordering::Relaxed),
+            slot.deadline_ms.load(Ordering::Relaxed),
+            slot.timeout_ms.load(Ordering::Relaxed),
         );
+        slot.route.store(route, Ordering::Relaxed);
+        slot.phase.store(phase as u8, Ordering::Relaxed);
+        slot.deadline_ms.store(deadline_ms, Ordering::Relaxed);
+        slot.timeout_ms.store(timeout_ms, Ordering::Relaxed);
         // An uncontended lock per poll of a handler: the monitor takes it
         // only when it judges a poll stuck.
-        let previous_request = request.map(|request| lock(&slot.request).replace(request.clone()));
+        let previous_request = request.map(|request| {
+            let stored = lock(&slot.request).replace(request.clone());
+            let was_set = slot.request_set.load(Ordering::Relaxed);
+            slot.request_set.store(true, Ordering::Release);
+            stored.filter(|_| was_set)
+        });
         RouteGuard { previous: Some(previous), previous_request }
     })
 }
@@ -221,8 +240,10 @@ impl Drop for RouteGuard {
                     slot.phase.store(phase, Ordering::Relaxed);
                     slot.deadline_ms.store(deadline_ms, Ordering::Relaxed);
                     slot.timeout_ms.store(timeout_ms, Ordering::Relaxed);
-                    if let Some(request) = previous_request {
-                        *lock(&slot.request) = request;
+                    match previous_request {
+                        Some(Some(request)) => *lock(&slot.request) = Some(request),
+                        Some(None) => slot.request_set.store(false, Ordering::Release),
+                        None => {}
                     }
                 }
             });

@@ -515,6 +515,11 @@ struct Builders {
 fn http_builder(state: &Arc<ServerState>, header_timer: bool) -> auto::Builder<StreamExecutor> {
     let mut builder = auto::Builder::new(StreamExecutor { state: state.clone() });
     builder.http1().keep_alive(true);
+    if !header_timer {
+        // The runners' sockets: hyper copies a response's head and body
+        // into one buffer, which is then sent as it is.
+        builder.http1().writev(false);
+    }
     if header_timer {
         // A coarse timer of our own: hyper arms this timeout on every
         // request, and tokio's timer made that cost more than the routing.

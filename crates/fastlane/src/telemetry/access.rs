@@ -91,7 +91,6 @@ pub(crate) fn log(line: &AccessLine<'_>) {
             Err(_) => &mut fresh,
         };
         message.clear();
-        write_message(message, line);
         match DIRECT.get() {
             Some(direct) => {
                 out.clear();
@@ -99,7 +98,10 @@ pub(crate) fn log(line: &AccessLine<'_>) {
                 let mut pipe = direct.pipe;
                 let _ = std::io::Write::write(&mut pipe, out.as_bytes());
             }
-            None => event(line, message),
+            None => {
+                write_message(message, line);
+                event(line, message);
+            }
         }
         // A line that grew large once is not kept.
         for buffer in [message, out] {
@@ -136,18 +138,29 @@ fn write_message(out: &mut String, line: &AccessLine<'_>) {
 
 /// The line as `TextLine` writes the event [`log`] would log:
 /// `<time>  INFO fastlane::request: <message> client=<ip> request_id=<id>`,
-/// the message escaped and cut at 1 KiB as a message field is.
-fn format(out: &mut String, message: &str, line: &AccessLine<'_>, ansi: bool) {
+/// the message escaped and cut at 1 KiB as a message field is. `message`
+/// is scratch space, for a line that needs escaping or cutting.
+fn format(out: &mut String, message: &mut String, line: &AccessLine<'_>, ansi: bool) {
     if ansi {
         out.push_str("\x1b[2m");
     }
     push_now(out);
     out.push_str(if ansi { HEAD_ANSI } else { HEAD });
     let max_len = super::LogFields::default().max_len;
-    if message.len() <= max_len && message.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        // The usual line: nothing to escape or cut.
-        out.push_str(message);
+    // The usual line: the message written in place. Only the path and the
+    // ending can hold anything to escape (the method is an HTTP token, the
+    // rest digits), and a message is far from the cut unless its path is
+    // long.
+    let plain = |text: &str| text.bytes().all(|b| (0x20..0x7f).contains(&b));
+    // The status, the duration (at most 20 digits and `.Xms`) and the
+    // spaces take under 40 bytes.
+    let short = line.method.len() + line.path.len() + line.ending.len() + 40 <= max_len;
+    if short && plain(line.path) && plain(line.ending) {
+        write_message(out, line);
     } else {
+        message.clear();
+        write_message(message, line);
+        let message = message.as_str();
         let mut escaped = Escaped { out: &mut *out, left: max_len, dropped: 0 };
         let _ = escaped.write_str(message);
         let dropped = escaped.dropped;
@@ -241,8 +254,7 @@ mod tests {
 
     fn direct(line: &AccessLine<'_>, ansi: bool) -> String {
         let (mut message, mut out) = (String::new(), String::new());
-        write_message(&mut message, line);
-        format(&mut out, &message, line, ansi);
+        format(&mut out, &mut message, line, ansi);
         out
     }
 
