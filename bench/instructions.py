@@ -48,10 +48,12 @@ def wrk(seconds):
 
 
 def measure(name, cmd, env, seconds):
-    dump = OUT / f"callgrind.{name.replace(' ', '-')}.out"
+    # A file name from the variant's name (which may hold `/` or spaces).
+    stem = re.sub(r"[^A-Za-z0-9._()-]+", "-", name)
+    dump = OUT / f"callgrind.{stem}.out"
     for old in OUT.glob(dump.name + "*"):
         old.unlink()
-    log = open(OUT / f"callgrind.{name.replace(' ', '-')}.log", "wb")
+    log = open(OUT / f"callgrind.{stem}.log", "wb")
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={dump}"] + cmd,
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)

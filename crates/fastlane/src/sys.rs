@@ -179,6 +179,30 @@ pub(crate) fn read_into(
     Ok(n)
 }
 
+/// Reads from the socket `fd` into the spare capacity of `buf` (grown by
+/// `grow` bytes first if it has none), without zeroing it, and appends what
+/// was read to `buf`. `look` sees the bytes read. Returns how many were
+/// read and how many could have been.
+pub(crate) fn recv_appending(
+    fd: BorrowedFd<'_>,
+    buf: &mut bytes::BytesMut,
+    grow: usize,
+    look: impl FnOnce(&[u8]),
+) -> io::Result<(usize, usize)> {
+    if buf.capacity() == buf.len() {
+        buf.reserve(grow.max(1));
+    }
+    let spare = buf.spare_capacity_mut();
+    let asked = spare.len();
+    let ((read, _), _) = rustix::net::recv(fd, spare, rustix::net::RecvFlags::empty())?;
+    let n = read.len();
+    look(read);
+    // SAFETY: the first `n` bytes of the spare capacity were just
+    // initialized by the read.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok((n, asked))
+}
+
 /// Writes `bufs` to the socket `fd`, in order, as far as it takes them;
 /// returns how many bytes it took.
 ///

@@ -27,7 +27,16 @@ const SHARE_AFTER_NS: u64 = 1_000_000;
 /// how much of that time it must have been on a CPU to count as computing
 /// (rather than asleep, or waiting in a syscall, or merely preempted).
 const CPU_CHECK_EVERY_NS: u64 = 5_000_000;
-const CPU_BOUND_SHARE: f64 = 0.5;
+pub(super) const CPU_BOUND_SHARE: f64 = 0.5;
+
+/// Looks in a row that must find the thread on a CPU before it is demoted.
+/// One is not enough: a handler that sleeps for seconds and returns is
+/// followed, in the same poll, by the work of answering (the response
+/// written, the access line; in a debug build several milliseconds of it),
+/// which can fill a look. A hog fills every look, and is still found within
+/// 10 ms. (Whether the stall's report says "computing" is judged over the
+/// whole stall instead: see `Shared::stall_ended`.)
+const CPU_BOUND_LOOKS: u8 = 2;
 
 /// The nice value a CPU-hogging stuck thread gets: the lowest priority, so
 /// that the scheduler runs every healthy thread first.
@@ -146,8 +155,12 @@ fn mark_stuck(shared: &Shared, slot: &Slot, started: u64, now: u64) {
     slot.note_stuck_deadline();
     let request = slot.note_stuck_request();
     slot.cpu_bound.store(false, Ordering::Relaxed);
-    slot.cpu_mark.store(thread_cpu_ns(slot).unwrap_or(0), Ordering::Relaxed);
+    slot.cpu_looks.store(0, Ordering::Relaxed);
+    let cpu = thread_cpu_ns(slot).unwrap_or(0);
+    slot.cpu_mark.store(cpu, Ordering::Relaxed);
     slot.wall_mark.store(now, Ordering::Relaxed);
+    slot.stall_cpu_ns.store(cpu, Ordering::Relaxed);
+    slot.stall_wall_ns.store(now, Ordering::Relaxed);
     // A poll stuck under a permit is counted in the stall budget already;
     // one stuck outside (a route nobody knew to stall) takes a place there
     // until it returns, so the budget keeps the healthy threads free. The
@@ -201,6 +214,13 @@ fn check_cpu(shared: &Shared, slot: &Slot, started: u64, now: u64) {
     slot.cpu_mark.store(cpu, Ordering::Relaxed);
     slot.wall_mark.store(now, Ordering::Relaxed);
     if (used as f64) < CPU_BOUND_SHARE * wall as f64 {
+        slot.cpu_looks.store(0, Ordering::Relaxed);
+        return;
+    }
+    // Only the monitor writes the count: a load and a store.
+    let looks = slot.cpu_looks.load(Ordering::Relaxed).saturating_add(1);
+    slot.cpu_looks.store(looks, Ordering::Relaxed);
+    if looks < CPU_BOUND_LOOKS {
         return;
     }
     slot.cpu_bound.store(true, Ordering::Relaxed);
@@ -223,7 +243,7 @@ pub(super) fn publish_thread_ids(slot: &Slot) {
 }
 
 /// The CPU time a runner thread has used, in nanoseconds.
-fn thread_cpu_ns(slot: &Slot) -> Option<u64> {
+pub(super) fn thread_cpu_ns(slot: &Slot) -> Option<u64> {
     crate::sys::CpuClock::from_raw(slot.cpu_clock.load(Ordering::Relaxed))?.now_ns()
 }
 

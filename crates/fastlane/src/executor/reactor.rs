@@ -601,6 +601,25 @@ impl Connection {
     pub(crate) fn idle_watch(&self) -> IdleWatch {
         IdleWatch { state: self.state.clone() }
     }
+
+    /// Reads what the socket has, as far as `buf`'s spare room goes (grown
+    /// by `grow` bytes if it has none), onto the end of `buf`; `Ok(0)` is
+    /// the end of the peer's data. For fastlane's own HTTP/1
+    /// (`server::http1`), which keeps its bytes in a `BytesMut` rather than
+    /// hyper's buffer.
+    pub(crate) fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut bytes::BytesMut,
+        grow: usize,
+    ) -> Poll<io::Result<usize>> {
+        let fd = self.stream.as_fd();
+        let (state, scanner) = (&self.state, &mut self.scanner);
+        state.read.poll_io(cx, || {
+            let (n, asked) = crate::sys::recv_appending(fd, buf, grow, |bytes| state.follow(scanner, bytes))?;
+            Ok((n, n < asked))
+        })
+    }
 }
 
 impl Drop for Connection {

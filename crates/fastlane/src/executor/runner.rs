@@ -188,7 +188,18 @@ impl Shared {
         let route = self.routes.by_id(slot.stuck_route.load(Ordering::Relaxed));
         let Some(route) = route else { return };
         route.stall_ended(took);
-        let cpu = slot.cpu_bound.swap(false, Ordering::Relaxed);
+        // Computing if the thread was on a CPU for over half the stall
+        // (since it was judged stuck), not if one of the monitor's looks
+        // found it there: a sleep followed by the work of answering is a
+        // blocking stall.
+        let looked = slot.cpu_bound.swap(false, Ordering::Relaxed);
+        let cpu = match (monitor::thread_cpu_ns(slot), slot.stall_cpu_ns.load(Ordering::Relaxed)) {
+            (Some(now), start) if start != 0 => {
+                let wall = self.now_ns().saturating_sub(slot.stall_wall_ns.load(Ordering::Relaxed));
+                now.saturating_sub(start) as f64 >= monitor::CPU_BOUND_SHARE * wall as f64
+            }
+            _ => looked,
+        };
         let panicked = slot.panicking.load(Ordering::Relaxed);
         let mut message = stall_message(&route, slot.stuck_phase(), took, Some(cpu), true, panicked);
         let deadline = slot.stuck_deadline_ms.swap(0, Ordering::Relaxed);

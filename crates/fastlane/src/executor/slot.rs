@@ -65,6 +65,13 @@ pub(crate) struct Slot {
     /// time (ns) when last looked at.
     pub(crate) cpu_mark: AtomicU64,
     pub(crate) wall_mark: AtomicU64,
+    /// The monitor's looks in a row that found the stuck poll on a CPU.
+    pub(crate) cpu_looks: AtomicU8,
+    /// The thread's CPU time and the wall time (ns) when its poll was judged
+    /// stuck: the stall's report says "computing" when the thread was on a
+    /// CPU for over half the stall from there.
+    pub(crate) stall_cpu_ns: AtomicU64,
+    pub(crate) stall_wall_ns: AtomicU64,
     /// The kernel's id of the thread (for setpriority) and its CPU-time
     /// clock (for clock_gettime); both 0 until the runner has started.
     pub(crate) tid: AtomicI32,

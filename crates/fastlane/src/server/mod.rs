@@ -25,6 +25,7 @@
 pub(crate) mod companion;
 mod config;
 mod heartbeat;
+mod http1;
 mod internal;
 mod middleware;
 mod proxy;
@@ -578,9 +579,8 @@ fn start_connection(
             Ok(io) => {
                 let watch = io.idle_watch();
                 let service = ConnectionService::new(router, state, watch.clone(), true, peer);
-                let watch = Watch::Reactor(watch);
                 let serve =
-                    serve_connection(io, builders.watched.clone(), service, state.clone(), stop, watch);
+                    serve_on_runners(io, service, builders.watched.clone(), state.clone(), stop, watch);
                 state.start_task(Box::pin(serve));
             }
             // The descriptor could not be moved (out of memory for the epoll
@@ -613,7 +613,31 @@ async fn serve_on_tokio<S>(
     let service = if https { service.over_tls() } else { service };
     let deadlines = Deadlines::new(watch.clone(), state.config.header_read_timeout);
     let io = Sniffing::new(stream, watch);
-    serve_connection(io, builder, service, state, stop, Watch::Task(deadlines)).await;
+    state.tracker.connection_opened();
+    let accepted = tokio::time::Instant::now();
+    serve_connection(io, builder, service, stop, Watch::Task(deadlines), accepted).await;
+    state.tracker.connection_closed();
+}
+
+/// Serves a connection on the runners' reactor: fastlane's own HTTP/1
+/// (`http1.rs`) while its requests are of the usual kind, then hyper, which
+/// reads on from the bytes already read.
+async fn serve_on_runners(
+    io: crate::executor::reactor::Connection,
+    service: ConnectionService,
+    builder: Arc<auto::Builder<StreamExecutor>>,
+    state: Arc<ServerState>,
+    mut stop: watch::Receiver<bool>,
+    watch: IdleWatch,
+) {
+    state.tracker.connection_opened();
+    let accepted = tokio::time::Instant::now();
+    let ended = http1::serve(io, service, &mut stop, accepted, state.config.body_limit).await;
+    if let http1::Ended::ToHyper(io, read, service) = ended {
+        let io = http1::Replay::new(io, read);
+        serve_connection(io, builder, service, stop, Watch::Reactor(watch), accepted).await;
+    }
+    state.tracker.connection_closed();
 }
 
 /// The TLS handshake of an HTTPS connection, within the header-read
@@ -640,18 +664,18 @@ async fn handshake(
     }
 }
 
+/// Serves a connection with hyper until it ends or shutdown closes it;
+/// `accepted` is when the connection was accepted.
 async fn serve_connection<I>(
     io: I,
     builder: Arc<auto::Builder<StreamExecutor>>,
     service: ConnectionService,
-    state: Arc<ServerState>,
     mut stop: watch::Receiver<bool>,
     mut deadlines: Watch,
+    accepted: tokio::time::Instant,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    state.tracker.connection_opened();
-    let accepted = tokio::time::Instant::now();
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     // Serve until the connection ends or shutdown begins. The shutdown
@@ -723,7 +747,6 @@ async fn serve_connection<I>(
         // Clients that go away mid-request are normal; not worth a warning.
         tracing::debug!(error = %err, "connection ended with an error");
     }
-    state.tracker.connection_closed();
 }
 
 /// Who enforces a connection's deadlines beyond hyper's own.

@@ -70,7 +70,19 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnectionService {
     type Error = Infallible;
     type Future = Served;
 
-    fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
+    fn call(&self, req: http::Request<Incoming>) -> Self::Future {
+        self.serve(req)
+    }
+}
+
+impl ConnectionService {
+    /// A request of this connection, read by hyper or by fastlane's own
+    /// HTTP/1 (`http1.rs`).
+    pub(super) fn serve<B>(&self, mut req: http::Request<B>) -> Served
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
         // The route layer (`middleware.rs`) works out the `ClientInfo` from these.
         if self.https {
             req.extensions_mut().insert(OverTls);

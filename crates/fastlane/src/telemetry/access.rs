@@ -189,19 +189,22 @@ fn format(out: &mut String, message: &mut String, line: &AccessLine<'_>, ansi: b
 }
 
 /// `n` in decimal.
-pub(crate) fn push_decimal(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
+pub(crate) fn push_decimal(out: &mut String, n: u64) {
+    // Decimal digits: always UTF-8.
+    out.push_str(std::str::from_utf8(decimal(&mut [0; 20], n)).unwrap_or_default());
+}
+
+/// `n` in decimal, written at the end of `digits`.
+pub(crate) fn decimal(digits: &mut [u8; 20], mut n: u64) -> &[u8] {
     let mut at = digits.len();
     loop {
         at -= 1;
         digits[at] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
-            break;
+            return &digits[at..];
         }
     }
-    // Decimal digits: always UTF-8.
-    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
 }
 
 /// Milliseconds to one decimal (`1.3`, rounded half up), as `{:.1}` of the
