@@ -1,20 +1,21 @@
 //! fastlane's own HTTP/1 for the connections the runners serve: the common
 //! request is read, answered and written here; anything else goes to hyper.
 //!
-//! Why not hyper for all of it? Per hello-world request hyper's dispatcher
-//! (its state machine, buffers and body channel around httparse) ran some
-//! 6,000 instructions, a third of a request's user-space work, where the
-//! parse and the head's encoding themselves are about a third of that.
-//! This loop does the same parse with the same parser (httparse, as hyper
-//! does), builds the same `http::Request`, and writes the answer the way
-//! hyper would (status line, headers, `content-length` or chunked framing,
-//! `date`, the same keep-alive rules for HTTP/1.0 and 1.1).
+//! Why not hyper for all of it? Its dispatcher (a state machine, buffers
+//! and a body channel around httparse) was the largest cost of a
+//! hello-world request that could go without giving anything up: this loop
+//! does the same parse with the same parser (httparse), builds the same
+//! `http::Request`, and writes the answer as hyper would (status line,
+//! headers, `content-length` or chunked framing, `date`, the same
+//! keep-alive rules for HTTP/1.0 and 1.1), for 1,230 fewer instructions
+//! and about a sixth less CPU a request (docs/DESIGN.md has the figures).
 //!
 //! What is answered here is deliberately narrow: a whole, well-formed head
 //! of HTTP/1.0 or 1.1, no `Transfer-Encoding`, `Upgrade` or `Expect`, not
-//! `CONNECT`, at most one `Content-Length`, and a body (if any) small
-//! enough to wait for. Anything else (an HTTP/2 preface, a malformed or
-//! oversized head, a chunked or large body, an upgrade, `100-continue`) is
+//! `CONNECT`, at most one `Content-Length`, and a body (if any) of at most
+//! 64 KiB that has arrived with the head. Anything else (an HTTP/2 preface,
+//! a malformed or oversized head, a chunked, large or late body, an
+//! upgrade, `100-continue`) is
 //! handed to hyper with every byte read so far ([`Ended::ToHyper`]), and
 //! hyper serves the rest of the connection: its answers there (400, 431,
 //! `100 Continue`, upgrades, request smuggling checks) stay hyper's, on the
