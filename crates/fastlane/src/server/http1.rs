@@ -285,27 +285,18 @@ impl Conn {
 
     /// The request whose head is the first `head_len` bytes of `read` (its
     /// body, if any, behind it), as `fields` found it; `None` if it is
-    /// hyper's after all (a target `http::Uri` refuses, which httparse
-    /// lets through), with `read` as it was.
+    /// hyper's after all (a target `http::Uri` refuses, which httparse lets
+    /// through), with `read` as it was.
     fn take_request(&mut self, head_len: usize) -> Option<Request> {
-        let fields = &*self.fields;
         let head = self.read.split_to(head_len).freeze();
-        let Ok(uri) = Uri::from_maybe_shared(head.slice(fields.path.0..fields.path.1)) else {
+        let Some((uri, headers)) = self.parts_of(&head) else {
             let mut restored = BytesMut::with_capacity(head.len() + self.read.len());
             restored.extend_from_slice(&head);
             restored.extend_from_slice(&self.read);
             self.read = restored;
             return None;
         };
-        let mut headers = std::mem::take(&mut self.spare_headers);
-        headers.reserve(fields.count);
-        for &(name, value) in &fields.lines[..fields.count] {
-            // httparse has checked the name's and value's bytes already, by
-            // the rules `http` applies: these do not fail.
-            let Ok(name) = HeaderName::from_bytes(&head[name.0..name.1]) else { continue };
-            let Ok(value) = HeaderValue::from_maybe_shared(head.slice(value.0..value.1)) else { continue };
-            headers.append(name, value);
-        }
+        let fields = &*self.fields;
         let body = match fields.length {
             0 => Body::empty(),
             n => Body::from(self.read.split_to(n as usize).freeze()),
@@ -321,6 +312,27 @@ impl Conn {
             method: fields.method.clone(),
             version: fields.version,
         })
+    }
+
+    /// The target and headers of the request whose head is `head`; `None`
+    /// if `http` refuses any of them. (httparse has checked the headers'
+    /// bytes by the rules `http` applies, so only a target can be refused.)
+    fn parts_of(&mut self, head: &Bytes) -> Option<(Uri, HeaderMap)> {
+        let fields = &*self.fields;
+        let uri = Uri::from_maybe_shared(head.slice(fields.path.0..fields.path.1)).ok()?;
+        let mut headers = std::mem::take(&mut self.spare_headers);
+        headers.clear();
+        headers.reserve(fields.count);
+        for &(name, value) in &fields.lines[..fields.count] {
+            let name = HeaderName::from_bytes(&head[name.0..name.1]).ok();
+            let value = HeaderValue::from_maybe_shared(head.slice(value.0..value.1)).ok();
+            let (Some(name), Some(value)) = (name, value) else {
+                self.spare_headers = headers;
+                return None;
+            };
+            headers.append(name, value);
+        }
+        Some((uri, headers))
     }
 
     /// Writes `response`; `Ok(true)` if the connection goes on.
@@ -531,14 +543,12 @@ fn encode_head(
     // The app's own `content-length` counts where the body's size is not
     // known otherwise (a stream, or the emptied body of a `HEAD` answer); a
     // `transfer-encoding` of its own never does: the framing is this
-    // writer's.
-    let declared = match may_have_length {
-        true => parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .filter(|&n| !body || exact.is_none_or(|exact| exact == n)),
+    // writer's. With the size known, the app's header is kept where it is
+    // if it says the same (axum sets one), which the loop below sees
+    // without looking it up first.
+    let length_known = body && exact.is_some();
+    let declared = match may_have_length && !length_known {
+        true => parts.headers.get(header::CONTENT_LENGTH).and_then(|v| parse_length(v.as_bytes())),
         false => None,
     };
     let mut framing =
@@ -562,18 +572,21 @@ fn encode_head(
     } else if framing.length == Some(0) {
         framing.ended = true;
     }
-    if status.is_informational()
-        || parts.headers.get_all(header::CONNECTION).iter().any(|v| has_token(v.as_bytes(), b"close"))
-    {
+    let (says_close, says_keep_alive) =
+        parts.headers.get_all(header::CONNECTION).iter().fold((false, false), |(close, keep), value| {
+            (
+                close || has_token(value.as_bytes(), b"close"),
+                keep || has_token(value.as_bytes(), b"keep-alive"),
+            )
+        });
+    if status.is_informational() || says_close {
         framing.keep_alive = false;
     }
     // The connection's fate, said as hyper says it: an HTTP/1.0 client that
     // asked to keep it is told it is kept; an HTTP/1.1 one, that it closes.
-    let connection = parts.headers.get_all(header::CONNECTION);
-    if http10 && framing.keep_alive && !connection.iter().any(|v| has_token(v.as_bytes(), b"keep-alive")) {
+    if http10 && framing.keep_alive && !says_keep_alive {
         parts.headers.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-    } else if !http10 && !framing.keep_alive && !connection.iter().any(|v| has_token(v.as_bytes(), b"close"))
-    {
+    } else if !http10 && !framing.keep_alive && !says_close {
         parts.headers.append(header::CONNECTION, HeaderValue::from_static("close"));
     }
     let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
@@ -597,7 +610,11 @@ fn encode_head(
             continue;
         }
         if name == header::CONTENT_LENGTH {
-            if declared.is_none() || wrote_length {
+            let agrees = match length_known {
+                true => parse_length(value.as_bytes()) == exact,
+                false => declared.is_some(),
+            };
+            if !agrees || wrote_length {
                 continue;
             }
             wrote_length = true;
@@ -608,7 +625,7 @@ fn encode_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if let Some(length) = length_line {
+    if let Some(length) = length_line.filter(|_| !wrote_length) {
         out.extend_from_slice(b"content-length: ");
         out.extend_from_slice(crate::telemetry::access::decimal(&mut [0; 20], length));
         out.extend_from_slice(b"\r\n");
@@ -623,6 +640,15 @@ fn encode_head(
     }
     out.extend_from_slice(b"\r\n");
     framing
+}
+
+/// A `content-length` value: digits only (no sign, no list), as hyper
+/// reads one.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(value.iter().fold(0, |n, digit| n * 10 + u64::from(digit - b'0')))
 }
 
 /// A chunk's size line (`1a2\r\n`), in `buf`.
@@ -737,15 +763,10 @@ fn parse(buf: &[u8], body_limit: u64, fields: &mut Fields) -> Parsed {
         if name.eq_ignore_ascii_case(b"content-length") {
             // Digits only, once: anything else (a sign, a list, two
             // lengths) is hyper's to refuse.
-            let digits = line.value.trim_ascii();
-            if length.is_some()
-                || digits.is_empty()
-                || digits.len() > 18
-                || !digits.iter().all(u8::is_ascii_digit)
-            {
-                return Parsed::ToHyper;
+            match parse_length(line.value.trim_ascii()) {
+                Some(n) if length.is_none() => length = Some(n),
+                _ => return Parsed::ToHyper,
             }
-            length = Some(digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
         } else if name.eq_ignore_ascii_case(b"transfer-encoding")
             || name.eq_ignore_ascii_case(b"upgrade")
             || name.eq_ignore_ascii_case(b"expect")
@@ -825,5 +846,83 @@ impl hyper::rt::Write for Replay {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(head: &str) -> Parsed {
+        parse(head.as_bytes(), MAX_BODY, &mut Fields::default())
+    }
+
+    #[test]
+    fn only_plain_requests_are_read_here() {
+        assert!(matches!(parsed("GET / HTTP/1.1\r\n\r\n"), Parsed::Whole { head_len: 18 }));
+        assert!(matches!(parsed("GET / HTTP/1.1\r\nHost: a"), Parsed::Partial));
+        assert!(matches!(
+            parsed("POST / HTTP/1.1\r\nContent-Length:  3 \r\n\r\nab"),
+            Parsed::Body { needed: 43 }
+        ));
+        for other in [
+            "POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\nabc",
+            "POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\nabc",
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            "CONNECT a:1 HTTP/1.1\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET / HTTP/1.1\r\nNo colon\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 65537\r\n\r\n",
+        ] {
+            assert!(matches!(parsed(other), Parsed::ToHyper), "{other:?}");
+        }
+    }
+
+    fn head_of(response: Response, method: Method, version: Version) -> (String, Framing) {
+        let (mut parts, body) = response.into_parts();
+        let mut out = Vec::new();
+        let framing = encode_head(&mut out, &mut parts, body.size_hint().exact(), &method, version, true);
+        let text = String::from_utf8(out).unwrap();
+        let text = text.lines().filter(|l| !l.starts_with("date: ")).collect::<Vec<_>>().join("\n");
+        (text, framing)
+    }
+
+    #[test]
+    fn heads_are_written_as_hyper_writes_them() {
+        let (head, framing) = head_of(Response::new(Body::from("hello")), Method::GET, Version::HTTP_11);
+        assert_eq!(head, "HTTP/1.1 200 OK\ncontent-length: 5\n");
+        assert_eq!((framing.body, framing.length, framing.keep_alive), (true, Some(5), true));
+        // An app's length that disagrees with the body is not sent.
+        let mut wrong = Response::new(Body::from("hello"));
+        wrong.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("9"));
+        assert_eq!(head_of(wrong, Method::GET, Version::HTTP_11).0, "HTTP/1.1 200 OK\ncontent-length: 5\n");
+        // HEAD keeps the app's length (axum's, of the body it emptied).
+        let mut head = Response::new(Body::empty());
+        head.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        let (text, framing) = head_of(head, Method::HEAD, Version::HTTP_11);
+        assert_eq!(text, "HTTP/1.1 200 OK\ncontent-length: 5\n");
+        assert!(!framing.body);
+        // 204: no length at all.
+        let mut empty = Response::new(Body::empty());
+        *empty.status_mut() = StatusCode::NO_CONTENT;
+        assert_eq!(head_of(empty, Method::GET, Version::HTTP_11).0, "HTTP/1.1 204 No Content\n");
+        // A stream: chunked on HTTP/1.1, until the close on HTTP/1.0.
+        let stream =
+            || Body::from_stream(futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from("a"))]));
+        let (text, framing) = head_of(Response::new(stream()), Method::GET, Version::HTTP_11);
+        assert_eq!(text, "HTTP/1.1 200 OK\ntransfer-encoding: chunked\n");
+        assert!(framing.chunked && framing.keep_alive);
+        let (text, framing) = head_of(Response::new(stream()), Method::GET, Version::HTTP_10);
+        assert_eq!(text, "HTTP/1.0 200 OK\n");
+        assert!(!framing.chunked && !framing.keep_alive);
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex() {
+        assert_eq!(chunk_size(&mut [0; 18], 0), b"0\r\n");
+        assert_eq!(chunk_size(&mut [0; 18], 0x1a2), b"1a2\r\n");
     }
 }
