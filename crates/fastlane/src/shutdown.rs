@@ -74,3 +74,25 @@ pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     // holding it would make the connection future `!Send`.
     let _ = stop.wait_for(|stopped| *stopped).await;
 }
+
+/// Whether shutdown has begun, for a connection's task, which is polled at
+/// every request: `shutdown` ([`stopped`] on the same channel) is polled
+/// once, to register the task's waker, and after that only when `changed`
+/// (a clone of the receiver) says the channel has changed, an atomic load.
+/// Polling `shutdown` takes the channel's lock, which every connection
+/// shares. `registered` is the caller's memory of that first poll; once
+/// this has said `true`, the caller must not ask again (`shutdown` has
+/// completed).
+pub(crate) fn poll_stopped<F: std::future::Future<Output = ()>>(
+    cx: &mut std::task::Context<'_>,
+    shutdown: std::pin::Pin<&mut F>,
+    changed: &mut tokio::sync::watch::Receiver<bool>,
+    registered: &mut bool,
+) -> bool {
+    if *registered && !changed.has_changed().unwrap_or(true) {
+        return false;
+    }
+    *registered = true;
+    changed.borrow_and_update();
+    shutdown.poll(cx).is_ready()
+}

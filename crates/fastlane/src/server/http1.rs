@@ -37,7 +37,7 @@ use tokio::sync::watch;
 
 use super::service::ConnectionService;
 use crate::executor::reactor::Connection;
-use crate::shutdown::stopped;
+use crate::shutdown::{poll_stopped, stopped};
 
 /// The most header lines a request may have here (hyper's default limit,
 /// which answers 431 past it).
@@ -96,22 +96,13 @@ pub(super) async fn serve(
         stopping: false,
         body_limit: MAX_BODY.min(body_limit as u64),
     };
-    // The shutdown signal: polled once to register, then only when the
-    // channel changed (an atomic load; see `serve_connection`).
     let mut changed = stop.clone();
     let mut shutdown = pin!(stopped(stop));
     let mut registered = false;
     let mut check_stop = |cx: &mut Context<'_>, conn: &mut Conn| {
         // Once it has completed, the future is not polled again.
-        if conn.stopping {
-            return;
-        }
-        if !registered || changed.has_changed().unwrap_or(true) {
-            registered = true;
-            changed.borrow_and_update();
-            if shutdown.as_mut().poll(cx).is_ready() {
-                conn.stopping = true;
-            }
+        if !conn.stopping {
+            conn.stopping = poll_stopped(cx, shutdown.as_mut(), &mut changed, &mut registered);
         }
     };
     loop {
@@ -320,13 +311,14 @@ impl Conn {
     fn parts_of(&mut self, head: &Bytes) -> Option<(Uri, HeaderMap)> {
         let fields = &*self.fields;
         let uri = Uri::from_maybe_shared(head.slice(fields.path.0..fields.path.1)).ok()?;
+        // Emptied when the last answer's head was written.
         let mut headers = std::mem::take(&mut self.spare_headers);
-        headers.clear();
         headers.reserve(fields.count);
         for &(name, value) in &fields.lines[..fields.count] {
             let name = HeaderName::from_bytes(&head[name.0..name.1]).ok();
             let value = HeaderValue::from_maybe_shared(head.slice(value.0..value.1)).ok();
             let (Some(name), Some(value)) = (name, value) else {
+                headers.clear();
                 self.spare_headers = headers;
                 return None;
             };

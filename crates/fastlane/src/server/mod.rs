@@ -60,7 +60,7 @@ use crate::executor::reactor::IdleWatch;
 use crate::executor::Executor;
 use crate::metrics::Metrics;
 use crate::routes::RouteTable;
-use crate::shutdown::{stopped, ShutdownReport};
+use crate::shutdown::{poll_stopped, stopped, ShutdownReport};
 use crate::supervisor::worker::WorkerEnv;
 use crate::supervisor::SupervisorConfig;
 use crate::{Error, Lanes};
@@ -689,12 +689,8 @@ async fn serve_connection<I>(
     let mut registered = false;
     let mut closing = false;
     let ended = std::future::poll_fn(|cx| {
-        if !registered || changed.has_changed().unwrap_or(true) {
-            registered = true;
-            changed.borrow_and_update();
-            if shutdown.as_mut().poll(cx).is_ready() {
-                return std::task::Poll::Ready(Ended::Shutdown);
-            }
+        if poll_stopped(cx, shutdown.as_mut(), &mut changed, &mut registered) {
+            return std::task::Poll::Ready(Ended::Shutdown);
         }
         if let std::task::Poll::Ready(result) = conn.as_mut().poll(cx) {
             return std::task::Poll::Ready(Ended::Served(result));
