@@ -90,7 +90,7 @@ pub(crate) async fn dispatch(
 /// else the one the server made (replacing a malformed one), so that the
 /// app's logs can name the request as the server's do.
 pub(crate) fn pass_request_id(parts: &mut http::request::Parts) -> Option<fastlane::RequestId> {
-    let id = fastlane::RequestId::from_extensions(&parts.extensions)?.clone();
+    let id = fastlane::RequestId::current()?;
     if let Ok(value) = http::HeaderValue::from_str(id.as_str()) {
         parts.headers.insert(http::HeaderName::from_static("x-request-id"), value);
     }
@@ -108,7 +108,7 @@ pub(crate) fn request_head<'a>(
     more_body: bool,
     body: &'a [u8],
 ) -> RequestHead<'a> {
-    let info = fastlane::ClientInfo::from_extensions(&parts.extensions);
+    let info = fastlane::ClientInfo::current();
     let client = info.map(|c| (c.addr.ip().to_string(), c.addr.port()));
     let scheme = match (websocket, info.is_some_and(|c| c.https)) {
         (false, false) => "http",

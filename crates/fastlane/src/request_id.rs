@@ -55,6 +55,49 @@ const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent
 thread_local! {
     /// The request whose handler this thread is polling.
     static CURRENT: RefCell<Option<RequestId>> = const { RefCell::new(None) };
+    /// Set while fastlane's own HTTP/1 loop polls a request's answer for
+    /// the first time (see [`offer_head`]).
+    static HEAD_OFFERED: Cell<bool> = const { Cell::new(false) };
+    /// The id the answer just finished leaves for the loop to write, and
+    /// where: after how many of the map's names it would have been inserted.
+    static HEAD_ID: RefCell<Option<(RequestId, usize)>> = const { RefCell::new(None) };
+}
+
+/// Polls (with `poll`) the answer to a request read by fastlane's own HTTP/1
+/// loop for the first time, offering to write its `x-request-id` into the
+/// answer's head: the route layer that takes the request up in this poll
+/// ([`claim_head`]; the outermost, since it is called before anything it
+/// wraps) then leaves the id out of the answer's header map
+/// ([`leave_for_head`]), and the loop writes it ([`take_for_head`]). A
+/// header value and a map entry a request (an allocation, a hash insert,
+/// their drop) for bytes the loop can copy. Requests that hyper reads never
+/// see the offer: their ids go in the map.
+pub(crate) fn offer_head<R>(poll: impl FnOnce() -> R) -> R {
+    HEAD_OFFERED.set(true);
+    let polled = poll();
+    HEAD_OFFERED.set(false);
+    polled
+}
+
+/// Takes up the offer of [`offer_head`], if one is open on this thread:
+/// whether this request's id goes into the head rather than the map.
+pub(crate) fn claim_head() -> bool {
+    HEAD_OFFERED.replace(false)
+}
+
+/// Leaves a claimed request's id for the loop, when its answer (whose
+/// headers these are) is ready. Where it would have been inserted is kept,
+/// so that the head is written in the same order as before (axum's routes
+/// add a `content-length` after the route layer's answer).
+pub(crate) fn leave_for_head(id: &RequestId, headers: &HeaderMap) {
+    HEAD_ID.with(|slot| *slot.borrow_mut() = Some((id.clone(), headers.keys_len())));
+}
+
+/// The id left by [`leave_for_head`] in the poll that made the answer
+/// ready, and after how many header names it goes, if any (none left over:
+/// the slot is emptied).
+pub(crate) fn take_for_head() -> Option<(RequestId, usize)> {
+    HEAD_ID.with(|slot| slot.borrow_mut().take())
 }
 
 impl RequestId {
@@ -97,12 +140,17 @@ impl RequestId {
     pub(crate) fn set_header(&self, headers: &mut HeaderMap) {
         // The id is of characters a header value can hold (see `acceptable`
         // and `new`), so this does not fail.
-        let bytes = match &self.0 {
+        if let Ok(value) = http::HeaderValue::from_bytes(self.as_bytes()) {
+            headers.insert(HEADER, value);
+        }
+    }
+
+    /// The id's bytes (ASCII: see `acceptable` and `new`), as a head
+    /// writes them.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
             Repr::Hex(hex) => &hex[..],
             Repr::Given(id) => id.as_bytes(),
-        };
-        if let Ok(value) = http::HeaderValue::from_bytes(bytes) {
-            headers.insert(HEADER, value);
         }
     }
 
@@ -164,10 +212,11 @@ impl RequestId {
             n
         });
         let mut hex = [0u8; 32];
-        for (i, half) in [mix(hi ^ n), mix(lo.wrapping_add(n))].into_iter().enumerate() {
-            for (j, digit) in hex[i * 16..(i + 1) * 16].iter_mut().enumerate() {
-                *digit = b"0123456789abcdef"[((half >> (60 - 4 * j)) & 0xf) as usize];
-            }
+        let bytes = [mix(hi ^ n).to_be_bytes(), mix(lo.wrapping_add(n)).to_be_bytes()];
+        // A byte's two digits at a time, from a table: a digit at a time
+        // was most of the cost of making an id.
+        for (pair, byte) in hex.chunks_exact_mut(2).zip(bytes.as_flattened()) {
+            pair.copy_from_slice(&HEX_PAIRS[usize::from(*byte)]);
         }
         Self(Repr::Hex(hex))
     }
@@ -182,6 +231,18 @@ impl Drop for CurrentGuard {
         CURRENT.with(|c| *c.borrow_mut() = previous);
     }
 }
+
+/// The two lowercase hex digits of each byte.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    let digits = b"0123456789abcdef";
+    let mut pairs = [[0; 2]; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        pairs[byte] = [digits[byte >> 4], digits[byte & 0xf]];
+        byte += 1;
+    }
+    pairs
+};
 
 /// The low bits of a made id's count: a thread's own count, below its block.
 const COUNT_MASK: u64 = (1 << 40) - 1;
@@ -303,8 +364,10 @@ mod tests {
             ids.extend(thread.join().unwrap());
         }
         assert_eq!(ids.len(), 5000);
-        assert!(ids
-            .iter()
-            .all(|id| id.as_str().len() == 32 && id.as_str().bytes().all(|b| b.is_ascii_hexdigit())));
+        assert!(ids.iter().all(|id| id.as_str().len() == 32
+            && id.as_str().bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))));
+        for (byte, pair) in HEX_PAIRS.iter().enumerate() {
+            assert_eq!(pair, format!("{byte:02x}").as_bytes());
+        }
     }
 }

@@ -221,9 +221,9 @@ fn outcome_of(result: Result<(), String>, method: &http::Method, route: &str) ->
 impl<S: Send + Sync> FromRequestParts<S> for Background {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        match parts.extensions.get::<Arc<RequestState>>() {
-            Some(request) => Ok(Background { request: request.clone() }),
+    async fn from_request_parts(_parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        match RequestState::current() {
+            Some(request) => Ok(Background { request }),
             None => Err(ApiError::internal(
                 "the Background extractor needs the app to be served by fastlane::Server",
             )),

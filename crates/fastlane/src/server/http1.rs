@@ -37,6 +37,7 @@ use tokio::sync::watch;
 
 use super::service::ConnectionService;
 use crate::executor::reactor::Connection;
+use crate::request_id::{self, RequestId};
 use crate::shutdown::{poll_stopped, stopped};
 
 /// The most header lines a request may have here (hyper's default limit,
@@ -139,9 +140,16 @@ pub(super) async fn serve(
         // Answered while the socket is watched: the client going away drops
         // the handler (its request is logged as 499), as with hyper.
         let mut answer = pin!(service.serve(head));
+        let mut first = true;
+        let mut id = None;
         let response = poll_fn(|cx| {
             check_stop(cx, &mut conn);
-            if let Poll::Ready(Ok(response)) = answer.as_mut().poll(cx) {
+            let polled = match std::mem::take(&mut first) {
+                true => request_id::offer_head(|| answer.as_mut().poll(cx)),
+                false => answer.as_mut().poll(cx),
+            };
+            if let Poll::Ready(Ok(response)) = polled {
+                id = request_id::take_for_head();
                 return Poll::Ready(Some(response));
             }
             match conn.watch_peer(cx) {
@@ -152,7 +160,7 @@ pub(super) async fn serve(
         .await;
         let Some(response) = response else { return Ended::Closed };
         let keep_alive = keep_alive && !conn.stopping;
-        match conn.respond(response, &method, version, keep_alive).await {
+        match conn.respond(response, id.as_ref(), &method, version, keep_alive).await {
             Ok(true) => {}
             Ok(false) | Err(_) => {
                 conn.close().await;
@@ -331,13 +339,16 @@ impl Conn {
     async fn respond(
         &mut self,
         response: Response,
+        request_id: Option<&(RequestId, usize)>,
         method: &Method,
         version: Version,
         keep_alive: bool,
     ) -> io::Result<bool> {
         let (mut parts, body) = response.into_parts();
+        let exact = body.size_hint().exact();
+        let request_id = request_id.map(|(id, at)| (id.as_bytes(), *at));
         let mut framing =
-            encode_head(&mut self.write, &mut parts, body.size_hint().exact(), method, version, keep_alive);
+            encode_head(&mut self.write, &mut parts, exact, request_id, method, version, keep_alive);
         self.spare_headers = std::mem::take(&mut parts.headers);
         self.spare_headers.clear();
         let mut body = pin!(body);
@@ -521,6 +532,7 @@ fn encode_head(
     out: &mut Vec<u8>,
     parts: &mut http::response::Parts,
     exact: Option<u64>,
+    request_id: Option<(&[u8], usize)>,
     method: &Method,
     version: Version,
     keep_alive: bool,
@@ -576,10 +588,22 @@ fn encode_head(
     }
     // The connection's fate, said as hyper says it: an HTTP/1.0 client that
     // asked to keep it is told it is kept; an HTTP/1.1 one, that it closes.
-    if http10 && framing.keep_alive && !says_keep_alive {
-        parts.headers.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+    let fate = if http10 && framing.keep_alive && !says_keep_alive {
+        Some("keep-alive")
     } else if !http10 && !framing.keep_alive && !says_close {
-        parts.headers.append(header::CONNECTION, HeaderValue::from_static("close"));
+        Some("close")
+    } else {
+        None
+    };
+    // hyper appends it to the map, after the request id the route layer
+    // inserted last: written below, after the map and the id, unless the app
+    // has a `connection` of its own, beside which it goes.
+    let mut fate_line = None;
+    if let Some(fate) = fate {
+        match parts.headers.contains_key(header::CONNECTION) {
+            true => drop(parts.headers.append(header::CONNECTION, HeaderValue::from_static(fate))),
+            false => fate_line = Some(fate),
+        }
     }
     let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
     if !http10 && status == StatusCode::OK && reason.is_none() {
@@ -597,7 +621,21 @@ fn encode_head(
     }
     let mut wrote_date = false;
     let mut wrote_length = false;
+    // The request id goes where the route layer would have inserted it:
+    // after the first `at` names of the map.
+    let mut id = request_id;
+    let mut names = 0;
+    let mut last: Option<&HeaderName> = None;
     for (name, value) in parts.headers.iter() {
+        // A name's values come together: a new name starts here.
+        if last != Some(name) {
+            if let Some((bytes, _)) = id.filter(|&(_, at)| at == names) {
+                push_request_id(out, bytes);
+                id = None;
+            }
+            names += 1;
+            last = Some(name);
+        }
         if name == header::TRANSFER_ENCODING {
             continue;
         }
@@ -617,6 +655,14 @@ fn encode_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    if let Some((bytes, _)) = id {
+        push_request_id(out, bytes);
+    }
+    if let Some(fate) = fate_line {
+        out.extend_from_slice(b"connection: ");
+        out.extend_from_slice(fate.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     if let Some(length) = length_line.filter(|_| !wrote_length) {
         out.extend_from_slice(b"content-length: ");
         out.extend_from_slice(crate::telemetry::access::decimal(&mut [0; 20], length));
@@ -632,6 +678,12 @@ fn encode_head(
     }
     out.extend_from_slice(b"\r\n");
     framing
+}
+
+fn push_request_id(out: &mut Vec<u8>, id: &[u8]) {
+    out.extend_from_slice(b"x-request-id: ");
+    out.extend_from_slice(id);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// A `content-length` value: digits only (no sign, no list), as hyper
@@ -876,7 +928,8 @@ mod tests {
     fn head_of(response: Response, method: Method, version: Version) -> (String, Framing) {
         let (mut parts, body) = response.into_parts();
         let mut out = Vec::new();
-        let framing = encode_head(&mut out, &mut parts, body.size_hint().exact(), &method, version, true);
+        let framing =
+            encode_head(&mut out, &mut parts, body.size_hint().exact(), None, &method, version, true);
         let text = String::from_utf8(out).unwrap();
         let text = text.lines().filter(|l| !l.starts_with("date: ")).collect::<Vec<_>>().join("\n");
         (text, framing)
@@ -910,6 +963,50 @@ mod tests {
         let (text, framing) = head_of(Response::new(stream()), Method::GET, Version::HTTP_10);
         assert_eq!(text, "HTTP/1.0 200 OK\n");
         assert!(!framing.chunked && !framing.keep_alive);
+    }
+
+    #[test]
+    fn the_request_id_goes_where_the_route_layer_would_have_inserted_it() {
+        let head = |names: &[&'static str], at: usize, keep_alive: bool| {
+            let mut response = Response::new(Body::from("ok"));
+            for name in names {
+                response.headers_mut().append(*name, HeaderValue::from_static("v"));
+            }
+            let (mut parts, body) = response.into_parts();
+            let mut out = Vec::new();
+            let exact = body.size_hint().exact();
+            encode_head(
+                &mut out,
+                &mut parts,
+                exact,
+                Some((b"abc", at)),
+                &Method::GET,
+                Version::HTTP_11,
+                keep_alive,
+            );
+            let text = String::from_utf8(out).unwrap();
+            text.lines().filter(|l| !l.starts_with("date: ") && !l.is_empty()).collect::<Vec<_>>().join(",")
+        };
+        // After the handler's headers, before the length axum adds later.
+        assert_eq!(
+            head(&["content-type", "content-length"], 1, true),
+            "HTTP/1.1 200 OK,content-type: v,x-request-id: abc,content-length: 2"
+        );
+        // A name's values stay together; the id after the last name, then
+        // the connection's end as hyper appends it (and the length it adds
+        // when the map has none).
+        assert_eq!(
+            head(&["a", "a", "b"], 2, false),
+            "HTTP/1.1 200 OK,a: v,a: v,b: v,x-request-id: abc,connection: close,content-length: 2"
+        );
+        assert_eq!(head(&[], 0, true), "HTTP/1.1 200 OK,x-request-id: abc,content-length: 2");
+        // An app's own `connection` gets the end beside it, before the id.
+        assert_eq!(
+            head(&["connection"], 1, false),
+            "HTTP/1.1 200 OK,connection: v,connection: close,x-request-id: abc,content-length: 2"
+        );
+        // Names removed since: after the last.
+        assert_eq!(head(&["a"], 5, true), "HTTP/1.1 200 OK,a: v,x-request-id: abc,content-length: 2");
     }
 
     #[test]

@@ -102,7 +102,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request) -> Self::Future {
+    fn call(&mut self, req: Request) -> Self::Future {
         let started = Instant::now();
         let path = req.extensions().get::<MatchedPath>().map_or(UNMATCHED, MatchedPath::as_str);
         let route = self.shared.route(req.method(), path);
@@ -115,8 +115,16 @@ where
         });
         let request_id = RequestId::for_headers(req.headers());
         let span = request_id.span();
-        let request =
-            Arc::new(RequestState::new(state.clone(), route, started, unmatched, client, request_id));
+        let id_in_head = crate::request_id::claim_head();
+        let request = Arc::new(RequestState::new(
+            state.clone(),
+            route,
+            started,
+            unmatched,
+            client,
+            request_id,
+            id_in_head,
+        ));
 
         if let Some(executor) = &state.executor {
             // This route has been stalling and the threads set aside for
@@ -147,10 +155,11 @@ where
             }
         }
 
-        // The request's id goes with it (`RequestId::from_extensions`).
-        req.extensions_mut().insert(request.clone());
+        // Extractors and the app's middleware find the request as the
+        // thread's current one (`RequestState::enter`), not in an extension.
         let _route = enter_route(request.route.id, Phase::Handler);
         let _current = request.request_id.enter();
+        let _request = RequestState::enter(&request);
         let inner = span.in_scope(|| match catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
             Ok(future) => State::Running { future },
             Err(payload) => State::Done { response: Some(panicked(&request, &*payload)) },
@@ -244,6 +253,7 @@ where
                     enter_request(this.request.route.id, deadline_ms, timeout_ms, &this.request.request_id);
                 let _span = this.span.enter();
                 let _current = this.request.request_id.enter();
+                let _request = RequestState::enter(this.request);
                 let poll = |cx: &mut Context<'_>| match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
                     Ok(Poll::Pending) => Poll::Pending,
                     Ok(Poll::Ready(result)) => Poll::Ready(Ok(result)),
@@ -312,7 +322,13 @@ where
 /// headers beside it).
 fn finish(request: &Arc<RequestState>, mut response: Response) -> Response {
     let elapsed = request.started.elapsed();
-    request.request_id.set_header(response.headers_mut());
+    // An id the app set itself is replaced where it stands. (A look along
+    // the answer's few names costs less than hashing this one.)
+    let app_set_id = || response.headers().keys().any(|name| *name == crate::request_id::HEADER);
+    match request.id_in_head && !app_set_id() {
+        true => crate::request_id::leave_for_head(&request.request_id, response.headers()),
+        false => request.request_id.set_header(response.headers_mut()),
+    }
     let status = response.status().as_u16();
     let exact = response.body().size_hint().exact().is_some();
     let log = match exact {

@@ -124,8 +124,8 @@ impl fmt::Display for ForwardedAllowIps {
 /// when that peer is a trusted proxy (see [`ForwardedAllowIps`]) and says so
 /// in `X-Forwarded-For` / `X-Forwarded-Proto` or `Forwarded`, the client it
 /// forwarded for. Every request served by [`Server`](crate::Server) has one
-/// (an extractor; a middleware of the app's finds it with
-/// [`ClientInfo::from_extensions`]); the access log and an ASGI app's
+/// (an extractor; a middleware of the app's, under fastlane's own layer,
+/// finds it with [`ClientInfo::current`]); the access log and an ASGI app's
 /// `client` and `scheme` show it. axum's `ConnectInfo<SocketAddr>` stays the
 /// socket's peer.
 ///
@@ -286,8 +286,8 @@ pub(crate) struct OverTls;
 impl<S: Send + Sync> FromRequestParts<S> for ClientInfo {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        ClientInfo::from_extensions(&parts.extensions).ok_or_else(|| {
+    async fn from_request_parts(_parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        ClientInfo::current().ok_or_else(|| {
             ApiError::internal(
                 "fastlane::ClientInfo is set by fastlane::Server; this request did not come through it",
             )

@@ -1,6 +1,7 @@
 //! State shared by a server's connections, requests and background tasks.
 
 use crate::RequestId;
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -93,6 +94,10 @@ pub(crate) struct RequestState {
     pub(crate) client: Option<ClientInfo>,
     /// The id its logs and its response carry ([`RequestId`]).
     pub(crate) request_id: RequestId,
+    /// Its id goes into the answer's head, written by fastlane's own HTTP/1
+    /// loop, rather than into its header map
+    /// ([`offer_head`](crate::request_id::offer_head)).
+    pub(crate) id_in_head: bool,
     /// A per-route timeout set by [`RouteTimeout`](crate::RouteTimeout), in
     /// milliseconds; [`TIMEOUT_UNSET`] means "use the server's".
     timeout: AtomicU64,
@@ -119,6 +124,7 @@ impl RequestState {
         unmatched_path: Option<Box<str>>,
         client: Option<ClientInfo>,
         request_id: RequestId,
+        id_in_head: bool,
     ) -> Self {
         let method = route.method.clone();
         let id = server.tracker.add_request(&route, started);
@@ -132,6 +138,7 @@ impl RequestState {
             unmatched_path,
             client,
             request_id,
+            id_in_head,
             timeout: AtomicU64::new(TIMEOUT_UNSET),
             pending: Mutex::new(Some(Vec::new())),
         }
@@ -221,25 +228,51 @@ impl Drop for RequestState {
     }
 }
 
-// The request id's and the client's ways in, here rather than in
-// `request_id.rs` and `proxy.rs`: both travel in the request's extensions
-// as parts of its `RequestState` (an extension each would cost every
-// request an allocation and a hash insert more).
-impl RequestId {
-    /// The id of the request whose extensions these are, as the extractor
-    /// gives it to handlers: for a middleware of the app's that sees the
-    /// request (under fastlane's own layer) rather than its handler.
-    pub fn from_extensions(extensions: &http::Extensions) -> Option<&RequestId> {
-        extensions.get::<Arc<RequestState>>().map(|request| &request.request_id)
+thread_local! {
+    /// The request whose route this thread is calling or whose handler it
+    /// is polling (see [`RequestState::enter`]).
+    static CURRENT: RefCell<Option<Arc<RequestState>>> = const { RefCell::new(None) };
+}
+
+// How handlers and the app's middleware find their request: the thread's
+// current one, not an extension. Each extension is a boxed value and a hash
+// insert, and a fourth one (axum inserts two, `ConnectInfo` is the third)
+// grows the map: about 600 instructions of a hello-world request's 17,000.
+impl RequestState {
+    /// Makes `this` the thread's current request until the guard drops. The
+    /// route layer does so while it calls the route and while it polls the
+    /// handler: where extractors, the app's middleware and the route's
+    /// timeout layer run.
+    pub(crate) fn enter(this: &Arc<Self>) -> CurrentRequest {
+        CurrentRequest(CURRENT.with(|c| c.replace(Some(this.clone()))))
+    }
+
+    /// The thread's current request (see [`enter`](Self::enter)).
+    pub(crate) fn current() -> Option<Arc<RequestState>> {
+        // Fails only while the thread is being torn down: no request then.
+        CURRENT.try_with(|c| c.borrow().clone()).ok().flatten()
+    }
+}
+
+/// Restores the thread's previous current request when dropped.
+pub(crate) struct CurrentRequest(Option<Arc<RequestState>>);
+
+impl Drop for CurrentRequest {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        // The request dropped here (if this was its last handle) may drop
+        // tasks that enter requests of their own: take it out first.
+        let replaced = CURRENT.try_with(|c| c.replace(previous)).ok().flatten();
+        drop(replaced);
     }
 }
 
 impl ClientInfo {
-    /// The client of the request whose extensions these are, as the
-    /// extractor gives it to handlers: for a middleware of the app's that
-    /// sees the request (under fastlane's own layer) rather than its handler.
-    pub fn from_extensions(extensions: &http::Extensions) -> Option<ClientInfo> {
-        extensions.get::<Arc<RequestState>>().and_then(|request| request.client)
+    /// The client of the request whose handler (or middleware of the app's,
+    /// under fastlane's own layer) this thread is running, as the extractor
+    /// gives it to handlers; `None` elsewhere.
+    pub fn current() -> Option<ClientInfo> {
+        CURRENT.try_with(|c| c.borrow().as_ref().and_then(|request| request.client)).ok().flatten()
     }
 }
 
@@ -252,9 +285,6 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RequestId {
         parts: &mut http::request::Parts,
         _state: &S,
     ) -> Result<Self, Self::Rejection> {
-        if let Some(id) = RequestId::from_extensions(&parts.extensions) {
-            return Ok(id.clone());
-        }
-        Ok(Self::for_headers(&parts.headers))
+        Ok(RequestId::current().unwrap_or_else(|| Self::for_headers(&parts.headers)))
     }
 }

@@ -1,6 +1,5 @@
 //! Per-route timeouts.
 
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -75,7 +74,8 @@ where
 
     fn call(&mut self, req: Request) -> Self::Future {
         // Outside a fastlane server there is no deadline to change.
-        if let Some(request) = req.extensions().get::<Arc<RequestState>>() {
+        // The route layer calls the route with its request current.
+        if let Some(request) = RequestState::current() {
             request.set_timeout(self.timeout);
         }
         self.inner.call(req)

@@ -26,7 +26,8 @@ impl FormatTime for LineTime {
     fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
         with_now(|second, fraction| {
             w.write_str(second)?;
-            w.write_str(fraction)
+            // Digits, a dot and a `Z`: always UTF-8.
+            w.write_str(std::str::from_utf8(fraction).unwrap_or(".000000Z"))
         })
     }
 }
@@ -35,12 +36,13 @@ impl FormatTime for LineTime {
 pub(super) fn push_now(out: &mut String) {
     with_now(|second, fraction| {
         out.push_str(second);
-        out.push_str(fraction);
+        // ASCII digits, pushed as characters (no UTF-8 check of the bytes).
+        out.extend(fraction.iter().map(|&b| char::from(b)));
     });
 }
 
-/// Calls `f` with now's `YYYY-MM-DDTHH:MM:SS` and its `.uuuuuuZ`.
-fn with_now<R>(f: impl FnOnce(&str, &str) -> R) -> R {
+/// Calls `f` with now's `YYYY-MM-DDTHH:MM:SS` and its `.uuuuuuZ` (ASCII).
+fn with_now<R>(f: impl FnOnce(&str, &[u8; 8]) -> R) -> R {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = now.as_secs();
     let mut fraction = *b".000000Z";
@@ -49,7 +51,6 @@ fn with_now<R>(f: impl FnOnce(&str, &str) -> R) -> R {
         *digit = b'0' + (micros % 10) as u8;
         micros /= 10;
     }
-    let fraction = std::str::from_utf8(&fraction).unwrap_or(".000000Z");
     SECOND.with(|cached| {
         let mut cached = cached.borrow_mut();
         if cached.0 != secs {
@@ -58,7 +59,7 @@ fn with_now<R>(f: impl FnOnce(&str, &str) -> R) -> R {
             let _ = write_second(&mut cached.1, secs);
             cached.0 = secs;
         }
-        f(&cached.1, fraction)
+        f(&cached.1, &fraction)
     })
 }
 
