@@ -322,6 +322,7 @@ where
 /// headers beside it).
 fn finish(request: &Arc<RequestState>, mut response: Response) -> Response {
     let elapsed = request.started.elapsed();
+    set_content_length(request, &mut response);
     // An id the app set itself is replaced where it stands. (A look along
     // the answer's few names costs less than hashing this one.)
     let app_set_id = || response.headers().keys().any(|name| *name == crate::request_id::HEADER);
@@ -349,6 +350,47 @@ fn finish(request: &Arc<RequestState>, mut response: Response) -> Response {
     Response::from_parts(parts, Body::new(body))
 }
 
+/// Sets the `content-length` of an answer whose size is known and short, as
+/// the router (axum's top-level route future) would after this layer, from
+/// a static table: the router's own value is written for each answer (an
+/// allocation, and a free when the answer is done). Longer answers, and
+/// answers to `CONNECT` (which have none), are left to the router.
+fn set_content_length(request: &RequestState, response: &mut Response) {
+    let Some(digits) = response.body().size_hint().exact().and_then(static_length) else { return };
+    if request.method == http::Method::CONNECT {
+        return;
+    }
+    let value = http::HeaderValue::from_maybe_shared(Bytes::from_static(digits));
+    let headers = response.headers_mut();
+    if let (Ok(value), false) = (value, headers.contains_key(http::header::CONTENT_LENGTH)) {
+        headers.insert(http::header::CONTENT_LENGTH, value);
+    }
+}
+
+/// `length` in decimal, from [`STATIC_LENGTHS`], if it is there.
+fn static_length(length: u64) -> Option<&'static [u8]> {
+    let digits = STATIC_LENGTHS.get(usize::try_from(length).ok()?)?;
+    // Leading zeros are skipped, the last digit never.
+    let start = digits[..3].iter().take_while(|&&d| d == b'0').count();
+    Some(&digits[start..])
+}
+
+/// The decimal digits of 0 to 9,999, four each with leading zeros.
+static STATIC_LENGTHS: [[u8; 4]; 10_000] = {
+    let mut table = [[0; 4]; 10_000];
+    let mut n = 0;
+    while n < table.len() {
+        table[n] = [
+            b'0' + (n / 1000) as u8,
+            b'0' + (n / 100 % 10) as u8,
+            b'0' + (n / 10 % 10) as u8,
+            b'0' + (n % 10) as u8,
+        ];
+        n += 1;
+    }
+    table
+};
+
 /// How a request's response went, for the end of its access log line.
 enum Ending<'a> {
     /// The whole response was ready with its headers.
@@ -366,7 +408,7 @@ enum Ending<'a> {
 /// body was streamed after them, and why a stream did not end.
 fn answered(request: &RequestState, status: u16, elapsed: std::time::Duration, ending: Ending<'_>) {
     request.route.answered(status, elapsed);
-    if !tracing::enabled!(target: "fastlane::request", tracing::Level::INFO) {
+    if !crate::telemetry::access::enabled() {
         return;
     }
     let streamed;
@@ -483,5 +525,19 @@ impl http_body::Body for TrackedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_lengths_read_as_decimals() {
+        for n in [0u64, 7, 10, 99, 100, 999, 1000, 4096, 9999] {
+            assert_eq!(static_length(n), Some(n.to_string().as_bytes()), "{n}");
+        }
+        assert_eq!(static_length(10_000), None);
+        assert_eq!(static_length(u64::MAX), None);
     }
 }

@@ -36,11 +36,26 @@ static DIRECT: OnceLock<Direct> = OnceLock::new();
 struct Direct {
     pipe: PipeWriter,
     ansi: bool,
+    /// Whether the filter lets `fastlane::request` lines through: asked once,
+    /// when `init_logging` installed its subscriber (the filter is fixed
+    /// from then on), instead of asking the dispatcher on every request.
+    enabled: bool,
 }
 
-/// Sends access lines straight to `pipe` from now on.
+/// Sends access lines straight to `pipe` from now on. Called once the
+/// subscriber is installed, whose filter decides if they are written.
 pub(super) fn write_directly(pipe: PipeWriter, ansi: bool) {
-    let _ = DIRECT.set(Direct { pipe, ansi });
+    let enabled = tracing::enabled!(target: "fastlane::request", tracing::Level::INFO);
+    let _ = DIRECT.set(Direct { pipe, ansi, enabled });
+}
+
+/// Whether access lines are written (`RUST_LOG=fastlane::request=off` and
+/// `--no-access-log` turn them off): `tracing`'s filter decides.
+pub(crate) fn enabled() -> bool {
+    match DIRECT.get() {
+        Some(direct) => direct.enabled,
+        None => tracing::enabled!(target: "fastlane::request", tracing::Level::INFO),
+    }
 }
 
 /// What comes between the timestamp and the message, as `TextLine` writes
@@ -79,7 +94,7 @@ pub(crate) struct AccessLine<'a> {
 
 /// Writes the access line: straight into the log pipe if `init_logging` set
 /// that up, as a `tracing` event (`fastlane::request`) otherwise. The caller
-/// has checked that `fastlane::request` lines are enabled.
+/// has checked that `fastlane::request` lines are [`enabled`].
 pub(crate) fn log(line: &AccessLine<'_>) {
     BUFFERS.with(|buffers| {
         let mut fresh = (String::new(), String::new());
