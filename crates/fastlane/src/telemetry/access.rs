@@ -11,8 +11,9 @@
 //! fields are known, so when our own text subscriber is installed it is
 //! written here instead: the same bytes (a test compares them with the
 //! event's), put together byte by byte (no `fmt` machinery: at a line per
-//! request its dynamic calls and padding checks were most of a line's cost)
-//! in buffers of the thread's own, and copied into the pipe. `tracing`'s
+//! request its dynamic calls and padding checks were most of a line's cost;
+//! bytes, not a `String`, so that nothing is checked to be UTF-8 again) in
+//! buffers of the thread's own, and copied into the pipe. `tracing`'s
 //! filter still decides whether it is written
 //! (`RUST_LOG=fastlane::request=off`, `--no-access-log`). With any other
 //! subscriber (an app's own, or `--log-format json`) the line stays a
@@ -67,7 +68,7 @@ const HEAD_ANSI: &str = "\x1b[0m \x1b[32m INFO\x1b[0m \x1b[2mfastlane::request\x
 thread_local! {
     /// The message and the line being put together: kept, so that no line
     /// allocates.
-    static BUFFERS: RefCell<(String, String)> = const { RefCell::new((String::new(), String::new())) };
+    static BUFFERS: RefCell<(String, Vec<u8>)> = const { RefCell::new((String::new(), Vec::new())) };
     /// The client address last written on this thread, and its text: most
     /// lines in a row come from the same few clients (or the one proxy).
     static LAST_CLIENT: RefCell<Option<(IpAddr, String)>> = const { RefCell::new(None) };
@@ -97,7 +98,7 @@ pub(crate) struct AccessLine<'a> {
 /// has checked that `fastlane::request` lines are [`enabled`].
 pub(crate) fn log(line: &AccessLine<'_>) {
     BUFFERS.with(|buffers| {
-        let mut fresh = (String::new(), String::new());
+        let mut fresh = (String::new(), Vec::new());
         // Re-entered (a subscriber that logs an access line of its own):
         // fresh buffers are as good.
         let mut kept = buffers.try_borrow_mut();
@@ -111,7 +112,7 @@ pub(crate) fn log(line: &AccessLine<'_>) {
                 out.clear();
                 format(out, message, line, direct.ansi);
                 let mut pipe = direct.pipe;
-                let _ = std::io::Write::write(&mut pipe, out.as_bytes());
+                let _ = std::io::Write::write(&mut pipe, out);
             }
             None => {
                 write_message(message, line);
@@ -119,10 +120,11 @@ pub(crate) fn log(line: &AccessLine<'_>) {
             }
         }
         // A line that grew large once is not kept.
-        for buffer in [message, out] {
-            if buffer.capacity() > 4096 {
-                *buffer = String::new();
-            }
+        if message.capacity() > 4096 {
+            *message = String::new();
+        }
+        if out.capacity() > 4096 {
+            *out = Vec::new();
         }
     });
 }
@@ -138,29 +140,68 @@ fn event(line: &AccessLine<'_>, message: &str) {
     );
 }
 
+/// What a line is written into: the direct line's bytes, or a `String` (an
+/// event's message, a stream's ending).
+pub(crate) trait Text {
+    /// Appends `s`.
+    fn text(&mut self, s: &str);
+    /// Appends an ASCII character.
+    fn ascii(&mut self, b: u8);
+}
+
+impl Text for String {
+    fn text(&mut self, s: &str) {
+        self.push_str(s);
+    }
+
+    fn ascii(&mut self, b: u8) {
+        self.push(char::from(b));
+    }
+}
+
+impl Text for Vec<u8> {
+    fn text(&mut self, s: &str) {
+        self.extend_from_slice(s.as_bytes());
+    }
+
+    fn ascii(&mut self, b: u8) {
+        self.push(b);
+    }
+}
+
+/// `fmt` into bytes (the rare parts of a line: escaping, a cut).
+struct Bytes<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for Bytes<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
 /// `GET /users/{id} 200 1.3ms` and the ending.
-fn write_message(out: &mut String, line: &AccessLine<'_>) {
-    out.push_str(line.method);
-    out.push(' ');
-    out.push_str(line.path);
-    out.push(' ');
+fn write_message(out: &mut impl Text, line: &AccessLine<'_>) {
+    out.text(line.method);
+    out.ascii(b' ');
+    out.text(line.path);
+    out.ascii(b' ');
     push_decimal(out, u64::from(line.status));
-    out.push(' ');
+    out.ascii(b' ');
     push_millis(out, line.elapsed);
-    out.push_str("ms");
-    out.push_str(line.ending);
+    out.text("ms");
+    out.text(line.ending);
 }
 
 /// The line as `TextLine` writes the event [`log`] would log:
 /// `<time>  INFO fastlane::request: <message> client=<ip> request_id=<id>`,
 /// the message escaped and cut at 1 KiB as a message field is. `message`
 /// is scratch space, for a line that needs escaping or cutting.
-fn format(out: &mut String, message: &mut String, line: &AccessLine<'_>, ansi: bool) {
+fn format(out: &mut Vec<u8>, message: &mut String, line: &AccessLine<'_>, ansi: bool) {
     if ansi {
-        out.push_str("\x1b[2m");
+        out.text("\x1b[2m");
     }
     push_now(out);
-    out.push_str(if ansi { HEAD_ANSI } else { HEAD });
+    out.text(if ansi { HEAD_ANSI } else { HEAD });
     let max_len = super::LogFields::default().max_len;
     // The usual line: the message written in place. Only the path and the
     // ending can hold anything to escape (the method is an HTTP token, the
@@ -176,39 +217,39 @@ fn format(out: &mut String, message: &mut String, line: &AccessLine<'_>, ansi: b
         message.clear();
         write_message(message, line);
         let message = message.as_str();
-        let mut escaped = Escaped { out: &mut *out, left: max_len, dropped: 0 };
+        let mut bytes = Bytes(out);
+        let mut escaped = Escaped { out: &mut bytes, left: max_len, dropped: 0 };
         let _ = escaped.write_str(message);
         let dropped = escaped.dropped;
         if dropped > 0 {
-            let _ = write!(out, "…[{dropped} more bytes]");
+            let _ = write!(bytes, "…[{dropped} more bytes]");
         }
     }
     if let Some(client) = line.client {
-        out.push_str(" client=");
+        out.text(" client=");
         LAST_CLIENT.with(|last| {
             let mut last = last.borrow_mut();
             match &*last {
-                Some((ip, text)) if *ip == client => out.push_str(text),
+                Some((ip, text)) if *ip == client => out.text(text),
                 _ => {
                     let mut text = String::new();
                     push_ip(&mut text, client);
-                    out.push_str(&text);
+                    out.text(&text);
                     *last = Some((client, text));
                 }
             }
         });
     }
-    out.push_str(" request_id=");
-    out.push_str(line.request_id.as_str());
-    out.push('\n');
+    out.text(" request_id=");
+    out.extend_from_slice(line.request_id.as_bytes());
+    out.push(b'\n');
 }
 
 /// `n` in decimal.
-pub(crate) fn push_decimal(out: &mut String, n: u64) {
-    // Pushed as characters: cheaper than checking the digits are UTF-8,
-    // which a line per request did for each number.
+pub(crate) fn push_decimal(out: &mut impl Text, n: u64) {
+    // ASCII digits, appended as such: no UTF-8 check.
     for &digit in decimal(&mut [0; 20], n) {
-        out.push(char::from(digit));
+        out.ascii(digit);
     }
 }
 
@@ -227,13 +268,13 @@ pub(crate) fn decimal(digits: &mut [u8; 20], mut n: u64) -> &[u8] {
 
 /// Milliseconds to one decimal (`1.3`, rounded half up), as `{:.1}` of the
 /// float writes them, with integers.
-pub(crate) fn push_millis(out: &mut String, d: Duration) {
+pub(crate) fn push_millis(out: &mut impl Text, d: Duration) {
     // Whole seconds are whole tenths of a millisecond: only the fraction
     // is rounded.
     let tenths = d.as_secs() * 10_000 + (u64::from(d.subsec_nanos()) + 50_000) / 100_000;
     push_decimal(out, tenths / 10);
-    out.push('.');
-    out.push(char::from(b'0' + (tenths % 10) as u8));
+    out.ascii(b'.');
+    out.ascii(b'0' + (tenths % 10) as u8);
 }
 
 /// A client's address as std writes it: IPv4 digit by digit (std's
@@ -274,9 +315,9 @@ mod tests {
     }
 
     fn direct(line: &AccessLine<'_>, ansi: bool) -> String {
-        let (mut message, mut out) = (String::new(), String::new());
+        let (mut message, mut out) = (String::new(), Vec::new());
         format(&mut out, &mut message, line, ansi);
-        out
+        String::from_utf8(out).unwrap()
     }
 
     #[test]

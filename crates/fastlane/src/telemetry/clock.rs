@@ -33,11 +33,10 @@ impl FormatTime for LineTime {
 }
 
 /// Appends the timestamp of now to `out` (the access log's lines).
-pub(super) fn push_now(out: &mut String) {
+pub(super) fn push_now(out: &mut Vec<u8>) {
     with_now(|second, fraction| {
-        out.push_str(second);
-        // ASCII digits, pushed as characters (no UTF-8 check of the bytes).
-        out.extend(fraction.iter().map(|&b| char::from(b)));
+        out.extend_from_slice(second.as_bytes());
+        out.extend_from_slice(fraction);
     });
 }
 
