@@ -40,6 +40,10 @@ async fn fetch(addr: std::net::SocketAddr, path: &str, encoding: &str) -> (Optio
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The request id, once, whether the route layer is the outermost (the
+    // runners' HTTP/1 writes it into the head) or compression is outside it.
+    let ids = head.lines().filter(|l| l.to_ascii_lowercase().starts_with("x-request-id: ")).count();
+    assert_eq!(ids, 1, "{head}");
     let header = |name: &str| {
         head.lines()
             .find_map(|l| l.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case(name)))

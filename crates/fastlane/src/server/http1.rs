@@ -140,7 +140,9 @@ pub(super) async fn serve(
         // Answered while the socket is watched: the client going away drops
         // the handler (its request is logged as 499), as with hyper.
         let mut answer = pin!(service.serve(head));
-        let mut first = true;
+        // Its id goes into the head unless a layer outside the route layer
+        // could change the headers around it.
+        let mut first = service.route_layer_outermost();
         let mut id = None;
         let response = poll_fn(|cx| {
             check_stop(cx, &mut conn);

@@ -58,6 +58,14 @@ impl ConnectionService {
         Self { router: RefCell::new(router), state: state.clone(), watch, watch_http1, peer, https: false }
     }
 
+    /// Whether the route layer is the outermost layer of the router, so that
+    /// nothing changes an answer's headers after it (see
+    /// [`offer_head`](crate::request_id::offer_head)): compression, when on,
+    /// is outside it (it times the handler's answer, not the compression).
+    pub(super) fn route_layer_outermost(&self) -> bool {
+        !self.state.config.compression
+    }
+
     /// The same service for a connection over TLS.
     pub(super) fn over_tls(mut self) -> Self {
         self.https = true;
