@@ -593,22 +593,12 @@ fn encode_head(
     }
     // The connection's fate, said as hyper says it: an HTTP/1.0 client that
     // asked to keep it is told it is kept; an HTTP/1.1 one, that it closes.
-    let fate = if http10 && framing.keep_alive && !says_keep_alive {
-        Some("keep-alive")
+    // (Appended after the names the request id is placed among, as hyper
+    // appends it after the id the route layer inserted.)
+    if http10 && framing.keep_alive && !says_keep_alive {
+        parts.headers.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
     } else if !http10 && !framing.keep_alive && !says_close {
-        Some("close")
-    } else {
-        None
-    };
-    // hyper appends it to the map, after the request id the route layer
-    // inserted last: written below, after the map and the id, unless the app
-    // has a `connection` of its own, beside which it goes.
-    let mut fate_line = None;
-    if let Some(fate) = fate {
-        match parts.headers.contains_key(header::CONNECTION) {
-            true => drop(parts.headers.append(header::CONNECTION, HeaderValue::from_static(fate))),
-            false => fate_line = Some(fate),
-        }
+        parts.headers.append(header::CONNECTION, HeaderValue::from_static("close"));
     }
     let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
     if !http10 && status == StatusCode::OK && reason.is_none() {
@@ -662,11 +652,6 @@ fn encode_head(
     }
     if let Some((bytes, _)) = id {
         push_request_id(out, bytes);
-    }
-    if let Some(fate) = fate_line {
-        out.extend_from_slice(b"connection: ");
-        out.extend_from_slice(fate.as_bytes());
-        out.extend_from_slice(b"\r\n");
     }
     if let Some(length) = length_line.filter(|_| !wrote_length) {
         out.extend_from_slice(b"content-length: ");

@@ -322,7 +322,8 @@ where
 /// headers beside it).
 fn finish(request: &Arc<RequestState>, mut response: Response) -> Response {
     let elapsed = request.started.elapsed();
-    set_content_length(request, &mut response);
+    let size = response.body().size_hint().exact();
+    set_content_length(request, size, &mut response);
     // An id the app set itself is replaced where it stands. (A look along
     // the answer's few names costs less than hashing this one.)
     let app_set_id = || response.headers().keys().any(|name| *name == crate::request_id::HEADER);
@@ -331,7 +332,7 @@ fn finish(request: &Arc<RequestState>, mut response: Response) -> Response {
         false => request.request_id.set_header(response.headers_mut()),
     }
     let status = response.status().as_u16();
-    let exact = response.body().size_hint().exact().is_some();
+    let exact = size.is_some();
     let log = match exact {
         true => {
             answered(request, status, elapsed, Ending::Whole);
@@ -350,13 +351,13 @@ fn finish(request: &Arc<RequestState>, mut response: Response) -> Response {
     Response::from_parts(parts, Body::new(body))
 }
 
-/// Sets the `content-length` of an answer whose size is known and short, as
+/// Sets the `content-length` of an answer whose `size` is known and short, as
 /// the router (axum's top-level route future) would after this layer, from
 /// a static table: the router's own value is written for each answer (an
 /// allocation, and a free when the answer is done). Longer answers, and
 /// answers to `CONNECT` (which have none), are left to the router.
-fn set_content_length(request: &RequestState, response: &mut Response) {
-    let Some(digits) = response.body().size_hint().exact().and_then(static_length) else { return };
+fn set_content_length(request: &RequestState, size: Option<u64>, response: &mut Response) {
+    let Some(digits) = size.and_then(static_length) else { return };
     if request.method == http::Method::CONNECT {
         return;
     }
