@@ -24,6 +24,8 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::response::{IntoResponse, Response};
+use axum::routing::future::RouteFuture;
+use axum::routing::Route;
 use bytes::Bytes;
 use http_body::{Body as _, Frame};
 use pin_project_lite::pin_project;
@@ -33,10 +35,10 @@ use super::proxy::{ClientInfo, OverTls};
 use super::state::{RequestState, ServerState};
 use super::timer::CoarseTimer;
 use crate::executor::budget::Gate;
-use crate::executor::{enter_body, enter_request, enter_route};
+use crate::executor::{enter_body, enter_request};
 use crate::lane::panic_message;
 use crate::request_id::RequestId;
-use crate::routes::{Phase, RouteInfo};
+use crate::routes::RouteInfo;
 use crate::ApiError;
 
 /// The route label of requests that matched no route.
@@ -51,10 +53,11 @@ pub(crate) struct TrackLayer {
     pub(crate) state: Arc<ServerState>,
 }
 
-impl<S> Layer<S> for TrackLayer {
-    type Service = Track<S>;
+// Only around axum's `Route`: `Track::call` relies on what its `call` does.
+impl Layer<Route> for TrackLayer {
+    type Service = Track;
 
-    fn layer(&self, inner: S) -> Self::Service {
+    fn layer(&self, inner: Route) -> Self::Service {
         let shared = Arc::new(TrackShared { state: self.state.clone(), route: OnceLock::new() });
         Track { inner, shared }
     }
@@ -84,22 +87,18 @@ impl TrackShared {
 }
 
 #[derive(Debug, Clone)]
-pub(crate) struct Track<S> {
-    inner: S,
+pub(crate) struct Track {
+    inner: Route,
     shared: Arc<TrackShared>,
 }
 
-impl<S> Service<Request> for Track<S>
-where
-    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
+impl Service<Request> for Track {
     type Response = Response;
     type Error = Infallible;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<RouteFuture<Infallible>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        Service::<Request>::poll_ready(&mut self.inner, cx)
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
@@ -155,16 +154,14 @@ where
             }
         }
 
-        // Extractors and the app's middleware find the request as the
-        // thread's current one (`RequestState::enter`), not in an extension.
-        let _route = enter_route(request.route.id, Phase::Handler);
-        let _current = request.request_id.enter();
-        let _request = RequestState::enter(&request);
-        let inner = span.in_scope(|| match catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
-            Ok(future) => State::Running { future },
-            Err(payload) => State::Done { response: Some(panicked(&request, &*payload)) },
-        });
-        ResponseFuture { state: inner, request, sleep: None, gate: Gate::default(), span }
+        // No code of the app's runs here: this layer is only ever around
+        // axum's `Route` (see `Layer`), whose `call` only stores the request
+        // in its future (the handler and the app's middleware run when that
+        // future is first polled, in `ResponseFuture::poll`, with the
+        // request entered as the thread's current one and its panics
+        // caught). So nothing is entered for this call.
+        let future = self.inner.call(req);
+        ResponseFuture { state: State::Running { future }, request, sleep: None, gate: Gate::default(), span }
     }
 }
 
@@ -323,11 +320,18 @@ where
 fn finish(request: &Arc<RequestState>, mut response: Response) -> Response {
     let elapsed = request.started.elapsed();
     let size = response.body().size_hint().exact();
-    set_content_length(request, size, &mut response);
-    // An id the app set itself is replaced where it stands. (A look along
-    // the answer's few names costs less than hashing this one.)
-    let app_set_id = || response.headers().keys().any(|name| *name == crate::request_id::HEADER);
-    match request.id_in_head && !app_set_id() {
+    // One look along the answer's few names for the two this needs: less
+    // than hashing each.
+    let (mut has_length, mut app_set_id) = (false, false);
+    for name in response.headers().keys() {
+        has_length |= *name == http::header::CONTENT_LENGTH;
+        app_set_id |= *name == crate::request_id::HEADER;
+    }
+    if !has_length {
+        set_content_length(request, size, &mut response);
+    }
+    // An id the app set itself is replaced where it stands.
+    match request.id_in_head && !app_set_id {
         true => crate::request_id::leave_for_head(&request.request_id, response.headers()),
         false => request.request_id.set_header(response.headers_mut()),
     }
@@ -351,20 +355,19 @@ fn finish(request: &Arc<RequestState>, mut response: Response) -> Response {
     Response::from_parts(parts, Body::new(body))
 }
 
-/// Sets the `content-length` of an answer whose `size` is known and short, as
-/// the router (axum's top-level route future) would after this layer, from
-/// a static table: the router's own value is written for each answer (an
-/// allocation, and a free when the answer is done). Longer answers, and
-/// answers to `CONNECT` (which have none), are left to the router.
+/// Sets the `content-length` of an answer that has none and whose `size` is
+/// known and short, as the router (axum's top-level route future) would
+/// after this layer, from a static table: the router's own value is written
+/// for each answer (an allocation, and a free when the answer is done).
+/// Longer answers, and answers to `CONNECT` (which have none), are left to
+/// the router.
 fn set_content_length(request: &RequestState, size: Option<u64>, response: &mut Response) {
     let Some(digits) = size.and_then(static_length) else { return };
     if request.method == http::Method::CONNECT {
         return;
     }
-    let value = http::HeaderValue::from_maybe_shared(Bytes::from_static(digits));
-    let headers = response.headers_mut();
-    if let (Ok(value), false) = (value, headers.contains_key(http::header::CONTENT_LENGTH)) {
-        headers.insert(http::header::CONTENT_LENGTH, value);
+    if let Ok(value) = http::HeaderValue::from_maybe_shared(Bytes::from_static(digits)) {
+        response.headers_mut().insert(http::header::CONTENT_LENGTH, value);
     }
 }
 
