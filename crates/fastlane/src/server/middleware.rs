@@ -154,12 +154,14 @@ impl Service<Request> for Track {
             }
         }
 
-        // No code of the app's runs here: this layer is only ever around
-        // axum's `Route` (see `Layer`), whose `call` only stores the request
-        // in its future (the handler and the app's middleware run when that
-        // future is first polled, in `ResponseFuture::poll`, with the
-        // request entered as the thread's current one and its panics
-        // caught). So nothing is entered for this call.
+        // Nothing of the app's is called here but the `Clone` of its
+        // middleware: this layer is only ever around axum's `Route` (see
+        // `Layer`), whose `call` clones its boxed service and stores it with
+        // the request in its future. The app's middleware and the handler
+        // are called when that future is first polled, in
+        // `ResponseFuture::poll`, with the request entered as the thread's
+        // current one and their panics caught; so nothing is entered for
+        // this call.
         let future = self.inner.call(req);
         ResponseFuture { state: State::Running { future }, request, sleep: None, gate: Gate::default(), span }
     }
