@@ -132,8 +132,8 @@ def main():
         f"counted over {args.seconds} s of `wrk -t1 -c8` on `GET /fast` after a 3 s warm-up, every "
         "thread of the server included, divided by the requests wrk completed. User-space "
         "instructions only: the kernel's share of a request (its `recv` and `send`, the "
-        "wake-ups and switches: 70-75 % of a server's CPU samples under `perf` here) is not counted, and neither are cache misses or context switches, "
-        "so this ranks changes to fastlane's own code exactly but is not throughput (actix-web "
+        "wake-ups and switches: 70-75 % of a server's CPU samples under `perf` here) is not "
+        "counted, and neither are cache misses or context switches, so this ranks changes to fastlane's own code exactly but is not throughput (actix-web "
         "runs more instructions than axum and serves more requests a second).",
         "",
         "| server | instructions per request | × axum |",

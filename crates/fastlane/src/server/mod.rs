@@ -237,7 +237,10 @@ impl Server {
         // `axum::serve` knows, which calls it too).
         let router = router.layer(middleware::TrackLayer { state: state.clone() });
         // Outside the per-request layer, so that what it logs and times is
-        // the handler's response, compressed on its way out.
+        // the handler's response, compressed on its way out. (A layer put
+        // outside the per-request one changes what the runners' HTTP/1 may
+        // write into the head itself: see
+        // `ConnectionService::route_layer_outermost`.)
         let router = if state.config.compression { router.layer(compression()) } else { router };
         let router = router.with_state(());
         let (stop_tx, _) = watch::channel(false);
