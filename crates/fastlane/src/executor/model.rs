@@ -107,7 +107,7 @@ impl Exec {
     fn enqueue(&self, task: u32) {
         let mut queue = self.queue.lock().unwrap();
         queue.tasks.push_back(task);
-        let wake = queue.wake_for_new_task(self.runners, true);
+        let wake = queue.wake_for_new_task(self.runners, || true);
         drop(queue);
         match wake {
             Wake::Sleeper => self.work_ready.notify_one(),

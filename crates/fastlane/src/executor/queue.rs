@@ -78,11 +78,12 @@ impl<T> Queue<T> {
     /// a wake-up that was not sent). A runner about to start takes it, if
     /// fewer than `runners` run and this thread `may_start` one (a thread
     /// started from a low-priority thread would inherit its priority: that
-    /// start is left to the monitor, within a tick); else a sleeper nobody
+    /// start is left to the monitor, within a tick; asked only then, as it
+    /// is a system call and the shared queue's lock is held); else a sleeper nobody
     /// has notified yet; else the holder of a poller role not yet asked to
     /// come back; else nobody (every runner is busy or already on its way).
-    pub(super) fn wake_for_new_task(&mut self, runners: usize, may_start: bool) -> Wake {
-        if self.threads < runners && may_start {
+    pub(super) fn wake_for_new_task(&mut self, runners: usize, may_start: impl FnOnce() -> bool) -> Wake {
+        if self.threads < runners && may_start() {
             self.threads += 1;
             Wake::Start
         } else if self.claim_sleeper() {
@@ -159,8 +160,8 @@ impl Shared {
             return;
         }
         queue.tasks.push_back(runnable);
-        let may_start = monitor::current_nice() <= self.base_nice;
-        let wake = queue.wake_for_new_task(self.config.runners, may_start);
+        let base_nice = self.base_nice;
+        let wake = queue.wake_for_new_task(self.config.runners, || monitor::current_nice() <= base_nice);
         drop(queue);
         match wake {
             Wake::Start => self.start_runner(),
@@ -239,13 +240,14 @@ mod tests {
     #[test]
     fn a_task_starts_a_runner_below_the_count_unless_the_thread_may_not() {
         let mut q = queue(1, 0, 1);
-        assert_eq!(q.wake_for_new_task(2, true), Wake::Start);
+        assert_eq!(q.wake_for_new_task(2, || true), Wake::Start);
         assert_eq!(q.threads, 2);
-        // At the count: nobody is free, so nobody is woken.
-        assert_eq!(q.wake_for_new_task(2, true), Wake::Nobody);
+        // At the count: nobody is free, so nobody is woken; and the
+        // thread's priority (a system call) is not asked.
+        assert_eq!(q.wake_for_new_task(2, || panic!("asked at the count")), Wake::Nobody);
         // A low-priority thread leaves the start to the monitor.
         let mut q = queue(1, 0, 1);
-        assert_eq!(q.wake_for_new_task(2, false), Wake::Nobody);
+        assert_eq!(q.wake_for_new_task(2, || false), Wake::Nobody);
         assert_eq!(q.threads, 1);
     }
 
@@ -253,13 +255,13 @@ mod tests {
     fn each_sleeper_and_each_poller_is_woken_once() {
         let mut q = queue(4, 1, 2);
         q.roles[1].held = true;
-        assert_eq!(q.wake_for_new_task(4, true), Wake::Sleeper);
+        assert_eq!(q.wake_for_new_task(4, || true), Wake::Sleeper);
         assert_eq!(q.waking, 1);
         // The sleeper is on its way: the next task asks the poller.
-        assert_eq!(q.wake_for_new_task(4, true), Wake::Poller(1));
+        assert_eq!(q.wake_for_new_task(4, || true), Wake::Poller(1));
         assert!(q.roles[1].woken);
         // Both asked already: no wake-up is sent twice.
-        assert_eq!(q.wake_for_new_task(4, true), Wake::Nobody);
+        assert_eq!(q.wake_for_new_task(4, || true), Wake::Nobody);
         assert_eq!((q.waking, q.threads), (1, 4));
     }
 
