@@ -2,11 +2,9 @@
 //! `web::block` for sync work. The seeds' bug (`std::thread::sleep` in an
 //! async fn) is left in, as in the demo. Usage: `actix-peer PORT`.
 
-
 use actix_web::{web, App, HttpResponse, HttpServer};
 use futures_util::StreamExt;
 use peer_common::{burn, millis, secs, Action, Chunks, Ms, Profile, Secs};
-
 
 async fn fast() -> &'static str {
     "ok"
