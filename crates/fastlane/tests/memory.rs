@@ -55,7 +55,9 @@ async fn memory_taken_by_idle_connections_is_given_back_when_they_close() {
     rustix::process::setrlimit(rustix::process::Resource::Nofile, raised).expect("raise the soft limit");
     let app = Router::new().route("/fast", get(|| async { "ok" }));
     let server = start(app, Config::default()).await;
-    // A first round settles what stays for good (thread stacks, slabs).
+    let before = rss_mb();
+    // A first round and a pause: what a server keeps for good after a
+    // churn (thread stacks, slabs), printed beside the result.
     churn(server.local_addr()).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let settled = rss_mb();
@@ -64,22 +66,29 @@ async fn memory_taken_by_idle_connections_is_given_back_when_they_close() {
         churn(server.local_addr()).await;
         peak = peak.max(rss_mb());
     }
-    // Given back: at least two thirds of what the churn took above the
-    // settled size (and never asked closer than 12 MB). A fixed 12 MB sat
-    // within a few MB of what glibc keeps after a churn that peaks at
-    // 65-82 MB (16-23 MB measured after it), and failed one clean-clone CI
-    // run at 23; memory that is not given back stays near the peak.
-    let allowed = settled + 12.max(peak.saturating_sub(settled) / 3);
+    // Given back: RSS ends within 25 MB of what the server took before its
+    // first connection, after peaks of 40-76 MB. Measured from there, not
+    // from the size after the first churn: without the trim (`Trim` in the
+    // executor's monitor) glibc keeps the first churn's memory too (34 MB
+    // "settled" against 13-19 with it), so the later churns only reuse it
+    // and a bound from the settled size passed with the trim taken out.
+    // Measured with 2,000 connections from 8 MB: with the trim 11-12 MB
+    // after most churns and up to 28 after some (part of what stays goes
+    // about 5 s later, when the spare runners retire); without it 42-55.
+    let allowed = before + 25;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut after = rss_mb();
     while after > allowed && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
         after = rss_mb();
     }
-    eprintln!("RSS: {settled} MB settled, {peak} MB at the peak, {after} MB after the churn");
+    eprintln!(
+        "RSS: {before} MB before, {settled} MB settled, {peak} MB at the peak, {after} MB after the churn"
+    );
     assert!(
         after <= allowed,
-        "RSS stayed at {after} MB after the connections closed ({settled} MB before, {peak} MB at the peak)"
+        "RSS stayed at {after} MB after the connections closed ({before} MB before any, {settled} MB after the \
+         first churn, {peak} MB at the peak)"
     );
     server.shutdown().await.unwrap();
 }
