@@ -226,7 +226,7 @@ def throughput_section(command, args, names, throughput, logged):
         "with `--no-access-log`. The plain peers log nothing per request. "
         f"`{AXUM_PRODUCTION}` is axum with what a production service adds to every request, done the usual "
         "way (bench/peers/axum-production-peer: tower-http's request id and `TraceLayer` access line through "
-        "tracing-appender's non-blocking writer, to a file; per-route Prometheus metrics on the matched "
+        "tracing-appender's non-blocking writer, buffered, to a file; per-route Prometheus metrics on the matched "
         f"path); the last round wrote {logged.get(AXUM_PRODUCTION, 0):,} lines for `GET /fast`.",
         "",
         "| server | requests/s (median) | rounds | fastlane (access log on) ÷ this | fastlane (access log off) ÷ this |",
