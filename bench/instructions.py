@@ -56,7 +56,7 @@ def wrk(seconds):
     return int(re.search(r"(\d+) requests in", out).group(1))
 
 
-# callgrind's events, in the order of its `events:` line; those reported.
+# The callgrind events reported, by their names in its `events:` line.
 EVENTS = {"Ir": "instructions", "I1mr": "instruction-cache misses", "D1mr": "data-cache read misses",
           "D1mw": "data-cache write misses"}
 

@@ -79,9 +79,10 @@ impl<T> Queue<T> {
     /// fewer than `runners` run and this thread `may_start` one (a thread
     /// started from a low-priority thread would inherit its priority: that
     /// start is left to the monitor, within a tick; asked only then, as it
-    /// is a system call and the shared queue's lock is held); else a sleeper nobody
-    /// has notified yet; else the holder of a poller role not yet asked to
-    /// come back; else nobody (every runner is busy or already on its way).
+    /// is a system call and the shared queue's lock is held); else a
+    /// sleeper nobody has notified yet; else the holder of a poller role not
+    /// yet asked to come back; else nobody (every runner is busy or already
+    /// on its way).
     pub(super) fn wake_for_new_task(&mut self, runners: usize, may_start: impl FnOnce() -> bool) -> Wake {
         if self.threads < runners && may_start() {
             self.threads += 1;
@@ -160,8 +161,7 @@ impl Shared {
             return;
         }
         queue.tasks.push_back(runnable);
-        let base_nice = self.base_nice;
-        let wake = queue.wake_for_new_task(self.config.runners, || monitor::current_nice() <= base_nice);
+        let wake = queue.wake_for_new_task(self.config.runners, || monitor::current_nice() <= self.base_nice);
         drop(queue);
         match wake {
             Wake::Start => self.start_runner(),
